@@ -1,0 +1,45 @@
+// Per-chunk sparsified deltas shared by the merge pass, the L1-norm pass and the
+// magnitude selection (csrc/cpu/delta_merge.cpp, csrc/cpu/magnitude_select.cpp).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace vfuse {
+
+enum Sparsify : int { kKeepAll = 0, kTrim = 1, kDrop = 2 };
+enum Elect : int { kNoElection = 0, kElectSum = 1, kElectCount = 2 };
+
+constexpr int64_t kChunk = 2048;  // elements per work item; a multiple of 4 (Philox words)
+
+struct DeltaInputs {
+  const void* base;
+  int base_dtype;
+  std::vector<const void*> tuned;
+  std::vector<int> tuned_dtypes;
+  int64_t numel;
+  bool tuned_are_deltas;
+  int sparsify;                 // Sparsify
+  std::vector<int64_t> keep_a;  // trim: magnitude key of the threshold; drop: keep threshold on 32 random bits
+  std::vector<int64_t> keep_b;  // trim: last flat index kept among keys equal to the threshold
+  uint64_t seed;
+  int models() const { return int(tuned.size()); }
+};
+
+// Thread-local buffers for one chunk: base values, deltas and keep flags of every model.
+struct ChunkScratch {
+  std::vector<float> base, delta;
+  std::vector<uint8_t> keep;
+  std::vector<uint32_t> bits;
+  explicit ChunkScratch(int models)
+      : base(kChunk), delta(size_t(models) * kChunk), keep(size_t(models) * kChunk), bits(kChunk) {}
+  float* delta_of(int i) { return delta.data() + size_t(i) * kChunk; }
+  uint8_t* keep_of(int i) { return keep.data() + size_t(i) * kChunk; }
+};
+
+// Loads base and computes δᵢ = θᵢ − base (fp32) for elements [start, start+len) of
+// every model; with `with_keep`, also the keep flag of the sparsification.
+void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_keep, ChunkScratch& s);
+
+}  // namespace vfuse

@@ -1,0 +1,87 @@
+// pybind11 bindings of the CPU kernels. Tensors cross as (data pointer, dtype code);
+// the Python layer (vfuse_kernels/_backend.py) checks shapes, dtypes and contiguity.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "delta_merge.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+
+namespace vfuse {
+void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<float>& coefs,
+           const std::vector<float>& weights, int elect, bool normalize, float scale);
+std::vector<double> sparse_l1(const DeltaInputs& in);
+void magnitude_select(const DeltaInputs& in, const std::vector<int64_t>& ks, int64_t* keys_out,
+                      int64_t* cutoffs_out);
+}  // namespace vfuse
+
+using vfuse::DeltaInputs;
+
+static DeltaInputs make_inputs(uintptr_t base, int base_dtype, const std::vector<uintptr_t>& tuned,
+                               const std::vector<int>& tuned_dtypes, int64_t numel, bool tuned_are_deltas,
+                               int sparsify, std::vector<int64_t> keep_a, std::vector<int64_t> keep_b,
+                               uint64_t seed) {
+  DeltaInputs in;
+  in.base = reinterpret_cast<const void*>(base);
+  in.base_dtype = base_dtype;
+  for (uintptr_t p : tuned) in.tuned.push_back(reinterpret_cast<const void*>(p));
+  in.tuned_dtypes = tuned_dtypes;
+  in.numel = numel;
+  in.tuned_are_deltas = tuned_are_deltas;
+  in.sparsify = sparsify;
+  in.keep_a = std::move(keep_a);
+  in.keep_b = std::move(keep_b);
+  in.seed = seed;
+  if (in.tuned_dtypes.size() != in.tuned.size()) throw std::invalid_argument("tuned/tuned_dtypes length");
+  if (sparsify != vfuse::kKeepAll &&
+      (in.keep_a.size() != in.tuned.size() || in.keep_b.size() != in.tuned.size()))
+    throw std::invalid_argument("keep_a/keep_b length");
+  return in;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vfuse_kernels CPU kernels (C++17, OpenMP)";
+
+  m.def("merge",
+        [](uintptr_t out, int out_dtype, uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned,
+           std::vector<int> tuned_dtypes, int64_t numel, bool tuned_are_deltas, int sparsify,
+           std::vector<int64_t> keep_a, std::vector<int64_t> keep_b, uint64_t seed, std::vector<float> coefs,
+           std::vector<float> weights, int elect, bool normalize, float scale) {
+          DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas, sparsify,
+                                       std::move(keep_a), std::move(keep_b), seed);
+          py::gil_scoped_release release;
+          vfuse::merge(reinterpret_cast<void*>(out), out_dtype, in, coefs, weights, elect, normalize, scale);
+        });
+
+  m.def("sparse_l1",
+        [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,
+           int64_t numel, bool tuned_are_deltas, int sparsify, std::vector<int64_t> keep_a,
+           std::vector<int64_t> keep_b, uint64_t seed) {
+          DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas, sparsify,
+                                       std::move(keep_a), std::move(keep_b), seed);
+          py::gil_scoped_release release;
+          return vfuse::sparse_l1(in);
+        });
+
+  m.def("magnitude_select",
+        [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,
+           int64_t numel, bool tuned_are_deltas, std::vector<int64_t> ks) {
+          DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas,
+                                       vfuse::kKeepAll, {}, {}, 0);
+          std::vector<int64_t> keys(in.tuned.size()), cutoffs(in.tuned.size());
+          {
+            py::gil_scoped_release release;
+            vfuse::magnitude_select(in, ks, keys.data(), cutoffs.data());
+          }
+          return py::make_tuple(keys, cutoffs);
+        });
+
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
+  m.def("get_num_threads", []() { return omp_get_max_threads(); });
+#ifdef _OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+}

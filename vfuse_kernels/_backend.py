@@ -1,0 +1,61 @@
+"""Backend selection and the compiled CPU extension.
+
+CUDA tensors run the Triton kernels, CPU tensors the C++ extension (``vfuse_kernels._C``).
+``VFUSE_BACKEND=reference|cpp|triton`` forces one; ``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before triton is imported. A missing or broken extension falls
+back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+# Storage dtype codes shared with csrc/cpu/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def cpu_extension():
+    """The compiled ``_C`` module, or None (with one warning) when it cannot be loaded."""
+    try:
+        from . import _C
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        warnings.warn(
+            f"vfuse_kernels: the C++ extension could not be loaded ({exc}); "
+            "CPU ops fall back to the slow plain-PyTorch reference. Reinstall with "
+            "`pip install -e .` to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend that runs an op on ``device``."""
+    forced = os.environ.get("VFUSE_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"VFUSE_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
+        if forced == "cpp" and device.type != "cpu":
+            raise ValueError(f"VFUSE_BACKEND=cpp runs CPU tensors only, got tensors on {device}")
+        if forced == "triton" and device.type == "cpu" and not triton_interpreted():
+            raise ValueError(
+                "VFUSE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        if forced == "cpp" and cpu_extension() is None:
+            return "reference"
+        return forced
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and cpu_extension() is not None:
+        return "cpp"
+    return "reference"

@@ -1,0 +1,71 @@
+"""Argument checks shared by the public ops: they raise before anything is written."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from .._backend import DTYPE_CODES
+
+SUPPORTED_DTYPES = tuple(DTYPE_CODES)
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {value.dtype}; supported: float32, bfloat16, float16")
+    return value
+
+
+def check_real(name: str, value, *, finite: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def per_model(name: str, value, n: int) -> list[float]:
+    """A float or a sequence of ``n`` floats → list of ``n`` floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} tuned tensors")
+        return [check_real(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [check_real(name, value)] * n
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}={value!r} is not one of {shown}")
+
+
+def check_like(name: str, tensor: torch.Tensor, base: torch.Tensor) -> None:
+    if tensor.shape != base.shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but base has shape {tuple(base.shape)}")
+    if tensor.device != base.device:
+        raise ValueError(f"{name} is on {tensor.device} but base is on {base.device}")
+
+
+def check_merge_inputs(base, tuned, density, tuned_are_deltas) -> tuple[list[torch.Tensor], list[float]]:
+    """Checks base, the tuned tensors, density and tuned_are_deltas; returns (tuned, densities)."""
+    check_tensor("base", base)
+    if isinstance(tuned, torch.Tensor) or not isinstance(tuned, Sequence) or not tuned:
+        raise TypeError("tuned must be a non-empty list or tuple of tensors")
+    tuned = list(tuned)
+    for i, t in enumerate(tuned):
+        check_tensor(f"tuned[{i}]", t)
+        check_like(f"tuned[{i}]", t, base)
+    densities = per_model("density", density, len(tuned))
+    for i, p in enumerate(densities):
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"density[{i}]={p} is outside (0, 1]")
+    if not isinstance(tuned_are_deltas, bool):
+        raise TypeError(f"tuned_are_deltas must be a bool, got {type(tuned_are_deltas).__name__}")
+    return tuned, densities

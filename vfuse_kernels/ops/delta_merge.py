@@ -1,0 +1,195 @@
+"""``delta_merge``: θ = base + scale · combine(wᵢ · sparsify(θᵢ − base)) (DESIGN.md §2.1).
+
+Orchestration shared by the backends (C++ on CPU, Triton on CUDA):
+1. TIES only: exact per-model magnitude selection (or the ``thresholds`` passed in);
+2. ``rescale="l1"`` only: one pass for Σ|δᵢ| and Σ kept |δᵢ|;
+3. one fused pass reading base and every tuned tensor once and writing ``out`` once.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._backend import select_backend
+from ..reference import delta_merge as ref
+from ..reference.philox import dare_keep_threshold
+from ._checks import check_choice, check_like, check_merge_inputs, check_real, check_tensor, per_model
+from .magnitude_threshold import MagnitudeThresholds, _kernels, check_trim_size, magnitude_select_op
+
+# method → (sparsification, sign election, default normalize), as mergekit defines them
+METHODS = {
+    "task_arithmetic": ("none", False, False),
+    "linear": ("none", False, True),
+    "ties": ("trim", True, True),
+    "dare_linear": ("drop", False, False),
+    "dare_ties": ("drop", True, False),
+}
+SPARSIFY_CODES = {"none": 0, "trim": 1, "drop": 2}
+ELECT_CODES = {None: 0, "sum": 1, "count": 2}
+RESCALES = ("density", "l1", None)
+MAX_SEED = 2**63
+
+
+def _merge_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    tuned: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    sparsify: int,
+    elect: int,
+    normalize: bool,
+    scale: float,
+    rescale: str,
+    seed: int,
+    tuned_are_deltas: bool,
+    trim_keys: torch.Tensor | None,
+    trim_cutoffs: torch.Tensor | None,
+) -> None:
+    backend = select_backend(base.device)
+    sparsify_name = {v: k for k, v in SPARSIFY_CODES.items()}[sparsify]
+    elect_name = {v: k for k, v in ELECT_CODES.items()}[elect]
+    rescale = None if rescale == "none" else rescale
+    if backend == "reference":
+        merged = ref.delta_merge(
+            base, tuned, weights, sparsify=sparsify_name, densities=densities, elect=elect_name,
+            normalize=normalize, scale=scale, rescale=rescale, seed=seed, tuned_are_deltas=tuned_are_deltas,
+        )
+        out.copy_(merged)
+        return
+    if base.numel() == 0:
+        return
+    kernels = _kernels(backend)
+    device = base.device
+    base = base.contiguous()
+    tuned = [t.contiguous() for t in tuned]
+    n = len(tuned)
+    if sparsify_name == "trim":
+        if trim_keys is None:
+            ks = [ref.trim_count(p, base.numel()) for p in densities]
+            trim_keys, trim_cutoffs = magnitude_select_op(base, tuned, ks, tuned_are_deltas)
+        keep_a, keep_b = trim_keys.to(device), trim_cutoffs.to(device)
+    elif sparsify_name == "drop":
+        keep_a = torch.tensor([dare_keep_threshold(p) for p in densities], dtype=torch.int64, device=device)
+        keep_b = torch.zeros(n, dtype=torch.int64, device=device)
+    else:
+        keep_a = keep_b = torch.zeros(n, dtype=torch.int64, device=device)
+    factors = torch.ones(n, dtype=torch.float64, device=device)
+    if sparsify_name != "none" and rescale == "l1":
+        sums = kernels.sparse_l1(base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed).to(device)
+        before, after = sums[:, 0], sums[:, 1]
+        small = (before < ref.L1_EPS) | (after < ref.L1_EPS)
+        factors = torch.where(small, 1.0, before / torch.where(small, 1.0, after))
+    elif sparsify_name == "drop" and rescale == "density":
+        factors = torch.tensor([1.0 / p for p in densities], dtype=torch.float64, device=device)
+    w64 = torch.tensor(weights, dtype=torch.float64, device=device)
+    coefs = (w64 * factors).float()
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=device)
+    kernels.merge(
+        target, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, w64.float(), elect,
+        normalize, scale,
+    )
+    if target is not out:
+        out.copy_(target)
+
+
+@torch.library.custom_op("vfuse::delta_merge_", mutates_args=("out",), device_types="cpu")
+def delta_merge_op(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    tuned: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    sparsify: int,
+    elect: int,
+    normalize: bool,
+    scale: float,
+    rescale: str,
+    seed: int,
+    tuned_are_deltas: bool,
+    trim_keys: torch.Tensor | None,
+    trim_cutoffs: torch.Tensor | None,
+) -> None:
+    """Writes the merge into ``out`` (which may be ``base`` or one of ``tuned``)."""
+    _merge_into(out, base, tuned, weights, densities, sparsify, elect, normalize, scale, rescale, seed,
+                tuned_are_deltas, trim_keys, trim_cutoffs)
+
+
+delta_merge_op.register_kernel("cuda")(_merge_into)
+
+
+@delta_merge_op.register_fake
+def _delta_merge_fake(out, base, tuned, *args) -> None:
+    return None
+
+
+def delta_merge(
+    base: torch.Tensor,
+    tuned: Sequence[torch.Tensor],
+    weights: float | Sequence[float],
+    *,
+    method: str = "task_arithmetic",
+    density: float | Sequence[float] = 1.0,
+    normalize: bool | None = None,
+    scale: float = 1.0,
+    consensus: str = "sum",
+    rescale: str | None = "density",
+    seed: int = 0,
+    tuned_are_deltas: bool = False,
+    out: torch.Tensor | None = None,
+    thresholds: MagnitudeThresholds | None = None,
+) -> torch.Tensor:
+    """Merge fine-tuned tensors into ``base``: ``base + scale · combine(wᵢ · sparsify(θᵢ − base))``.
+
+    Methods (mergekit's): ``task_arithmetic`` (Σ wᵢδᵢ), ``linear`` (weighted average),
+    ``ties`` (trim to the top ``density`` by |δᵢ|, sign election, disjoint mean),
+    ``dare_linear`` / ``dare_ties`` (drop with probability 1 − density, rescale).
+    Arithmetic is fp32 whatever the storage dtype; the result is rounded once to
+    ``out``'s dtype (``base``'s when ``out`` is None). ``out=base`` merges in place.
+    ``rescale``: ``"density"`` (DARE: ×1/densityᵢ), ``"l1"`` (keep each sparsified delta's
+    L1 norm; mergekit's ``rescale: true``), or None; TIES honours ``"l1"`` only.
+    ``thresholds`` (TIES) reuses ``ties_thresholds(base, tuned, density)`` across merges.
+
+    >>> base = torch.zeros(4)
+    >>> delta_merge(base, [torch.ones(4), 3 * torch.ones(4)], [0.5, 0.5], method="linear")
+    tensor([2., 2., 2., 2.])
+    """
+    check_choice("method", method, METHODS)
+    sparsify, elects, default_normalize = METHODS[method]
+    tuned, densities = check_merge_inputs(base, tuned, density, tuned_are_deltas)
+    if sparsify == "trim":
+        check_trim_size(base)
+    n = len(tuned)
+    weights = per_model("weights", weights, n)
+    if sparsify == "none" and any(p != 1.0 for p in densities):
+        raise ValueError(f"density={density!r} has no effect with method={method!r}; use ties or dare_*")
+    if normalize is None:
+        normalize = default_normalize
+    elif not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be None or a bool, got {type(normalize).__name__}")
+    scale = check_real("scale", scale)
+    check_choice("consensus", consensus, ("sum", "count"))
+    check_choice("rescale", rescale, RESCALES)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if out is not None:
+        check_tensor("out", out)
+        check_like("out", out, base)
+    trim_keys = trim_cutoffs = None
+    if thresholds is not None:
+        if sparsify != "trim":
+            raise ValueError(f"thresholds apply to method='ties' only, got method={method!r}")
+        trim_keys, trim_cutoffs = (torch.as_tensor(x, dtype=torch.int64, device=base.device) for x in thresholds)
+        if trim_keys.shape != (n,) or trim_cutoffs.shape != (n,):
+            raise ValueError(f"thresholds must hold {n} keys and {n} cutoffs, got {tuple(trim_keys.shape)} "
+                             f"and {tuple(trim_cutoffs.shape)}")
+    target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
+    with torch.no_grad():
+        delta_merge_op(
+            target, base, tuned, weights, densities, SPARSIFY_CODES[sparsify],
+            ELECT_CODES[consensus if elects else None], normalize, scale, str(rescale).lower(), seed,
+            tuned_are_deltas, trim_keys, trim_cutoffs,
+        )
+    return target
+
