@@ -36,5 +36,5 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, co
     cpu_extension().merge(
         out.data_ptr(), DTYPE_CODES[out.dtype], base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes,
         base.numel(), tuned_are_deltas, sparsify, keep_a.tolist(), keep_b.tolist(), seed,
-        coefs.tolist(), weights.tolist(), elect, normalize, scale,
+        coefs.tolist(), weights, elect, normalize, scale,
     )

@@ -87,7 +87,7 @@ def _merge_into(
     coefs = (w64 * factors).float()
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=device)
     kernels.merge(
-        target, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, w64.float(), elect,
+        target, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, weights, elect,
         normalize, scale,
     )
     if target is not out:
