@@ -1,9 +1,18 @@
-// Shared scalar helpers for the CPU kernels: storage-dtype conversions and the
-// Philox 4x32-10 counter-based generator (the same function as the Triton one in
-// vfuse_kernels/triton/philox.py and the reference in vfuse_kernels/reference/philox.py).
+// Shared scalar helpers for the CPU kernels: storage-dtype conversions, chunk loads and
+// stores, and the Philox 4x32-10 generator (the same function as vfuse_kernels/triton/
+// philox.py and the reference vfuse_kernels/reference/philox.py).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+
+// Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load
+// time (GCC/Clang function multiversioning): portable binaries that still use 8-wide SIMD.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define VFUSE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define VFUSE_MULTIVERSION
+#endif
 
 namespace vfuse {
 
@@ -53,48 +62,59 @@ inline uint16_t float_to_fp16(float f) {
   return uint16_t(r | sign);
 }
 
-inline float load_as_float(const void* p, int dtype, int64_t i) {
+inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Calls body(j, fp32 value of src[start + j]) for j < len, src of storage `dtype`.
+template <typename Body>
+inline void for_each_loaded(const void* src, int dtype, int64_t start, int64_t len, Body body) {
+  const uint16_t* half = static_cast<const uint16_t*>(src) + start;
+  const float* single = static_cast<const float*>(src) + start;
   switch (dtype) {
-    case kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case kFloat16: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    case kBFloat16:
+      for (int64_t j = 0; j < len; ++j) body(j, bf16_to_float(half[j]));
+      break;
+    case kFloat16:
+      for (int64_t j = 0; j < len; ++j) body(j, fp16_to_float(half[j]));
+      break;
+    default:
+      for (int64_t j = 0; j < len; ++j) body(j, single[j]);
   }
 }
 
-// Converts src[start, start+len) of storage `dtype` into dst (fp32).
-inline void load_chunk(const void* src, int dtype, int64_t start, int64_t len, float* dst) {
+// dst[j] = fp32(src[start + j]) - minus[j] (minus may be null: plain conversion).
+inline void load_chunk(const void* src, int dtype, int64_t start, int64_t len, const float* minus, float* dst) {
+  if (minus)
+    for_each_loaded(src, dtype, start, len, [=](int64_t j, float v) { dst[j] = v - minus[j]; });
+  else
+    for_each_loaded(src, dtype, start, len, [=](int64_t j, float v) { dst[j] = v; });
+}
+
+// dst[start + j] = round(b[j] + scale * m[j]) in storage `dtype`, for j < len.
+inline void store_chunk(void* dst, int dtype, int64_t start, int64_t len, const float* b, float scale,
+                        const float* m) {
   switch (dtype) {
     case kBFloat16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t j = 0; j < len; ++j) dst[j] = bf16_to_float(s[j]);
+      uint16_t* d = static_cast<uint16_t*>(dst) + start;
+      for (int64_t j = 0; j < len; ++j) d[j] = float_to_bf16(b[j] + scale * m[j]);
       break;
     }
     case kFloat16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src) + start;
-      for (int64_t j = 0; j < len; ++j) dst[j] = fp16_to_float(s[j]);
+      uint16_t* d = static_cast<uint16_t*>(dst) + start;
+      for (int64_t j = 0; j < len; ++j) d[j] = float_to_fp16(b[j] + scale * m[j]);
       break;
     }
-    default:
-      std::memcpy(dst, static_cast<const float*>(src) + start, size_t(len) * 4);
+    default: {
+      float* d = static_cast<float*>(dst) + start;
+      for (int64_t j = 0; j < len; ++j) d[j] = b[j] + scale * m[j];
+    }
   }
 }
 
-// Rounds src (fp32) once into dst[start, start+len) of storage `dtype`.
-inline void store_chunk(void* dst, int dtype, int64_t start, int64_t len, const float* src) {
-  switch (dtype) {
-    case kBFloat16: {
-      uint16_t* d = static_cast<uint16_t*>(dst) + start;
-      for (int64_t j = 0; j < len; ++j) d[j] = float_to_bf16(src[j]);
-      break;
-    }
-    case kFloat16: {
-      uint16_t* d = static_cast<uint16_t*>(dst) + start;
-      for (int64_t j = 0; j < len; ++j) d[j] = float_to_fp16(src[j]);
-      break;
-    }
-    default:
-      std::memcpy(static_cast<float*>(dst) + start, src, size_t(len) * 4);
-  }
+// Software prefetch of the bytes of elements [start, start+len).
+inline void prefetch_chunk(const void* src, int dtype, int64_t start, int64_t len) {
+  const int size = dtype_size(dtype);
+  const char* p = static_cast<const char*>(src) + start * size;
+  for (int64_t offset = 0; offset < len * size; offset += 64) __builtin_prefetch(p + offset, 0, 0);
 }
 
 // Philox 4x32-10 (Salmon et al. 2011): counter (c0..c3), key (k0, k1).

@@ -1,50 +1,147 @@
 // Fused delta merge on the CPU: one pass reads base and every tuned tensor once and
 // writes the output once (fp32 arithmetic, rounding once to the output dtype).
-//   uᵢ = coefᵢ · keepᵢ · δᵢ          (coefᵢ = wᵢ · rescaleᵢ)
+//   uᵢ = (δᵢ · coefᵢ) · keepᵢ          (coefᵢ = wᵢ · rescaleᵢ)
 //   election s = sign(Σ uᵢ) or sign(Σ sign uᵢ) (≥ 0 → +1); agreeᵢ = sign(uᵢ) == s
 //   m = Σ agreeᵢ uᵢ, d = Σ agreeᵢ wᵢ   (without election: m = Σ uᵢ, d = Σ wᵢ)
 //   out = base + scale · (normalize ? m / (d == 0 ? 1 : d) : m)
+// Work is split in chunks of kChunk elements; each chunk runs a few short loops over
+// L1-resident fp32 buffers (vectorised; AVX2 where the CPU has it).
 #include "delta_merge.h"
 
 #include <algorithm>
 #include <cmath>
 
+#include "parallel.h"
+
 namespace vfuse {
 
+VFUSE_MULTIVERSION
 void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_keep, ChunkScratch& s) {
-  load_chunk(in.base, in.base_dtype, start, len, s.base.data());
-  const float* b = s.base.data();
+  const int64_t ahead = start + kPrefetchChunks * kChunk;  // a chunk the same thread reads soon
+  if (ahead < in.numel) {
+    const int64_t ahead_len = std::min(kChunk, in.numel - ahead);
+    prefetch_chunk(in.base, in.base_dtype, ahead, ahead_len);
+    for (int i = 0; i < in.models(); ++i) prefetch_chunk(in.tuned[i], in.tuned_dtypes[i], ahead, ahead_len);
+  }
+  load_chunk(in.base, in.base_dtype, start, len, nullptr, s.base.data());
+  const float* minus = in.tuned_are_deltas ? nullptr : s.base.data();
+  s.keep_all = !with_keep || in.sparsify == kKeepAll;
   for (int i = 0; i < in.models(); ++i) {
     float* d = s.delta_of(i);
-    load_chunk(in.tuned[i], in.tuned_dtypes[i], start, len, d);
-    if (!in.tuned_are_deltas)
-      for (int64_t j = 0; j < len; ++j) d[j] -= b[j];
-    if (!with_keep) continue;
-    uint8_t* keep = s.keep_of(i);
+    load_chunk(in.tuned[i], in.tuned_dtypes[i], start, len, minus, d);
+    if (s.keep_all) continue;
+    float* keep = s.keep_of(i);
     if (in.sparsify == kTrim) {
       const uint32_t key = uint32_t(in.keep_a[i]);
-      const int64_t last = in.keep_b[i] - start;  // cutoff relative to this chunk
-      for (int64_t j = 0; j < len; ++j) {
+      // cutoff relative to this chunk, clamped so the comparison stays in 32 bits
+      const int32_t last = int32_t(std::clamp<int64_t>(in.keep_b[i] - start, -1, kChunk));
+      for (int32_t j = 0; j < int32_t(len); ++j) {
         uint32_t k = magnitude_key(d[j]);
-        keep[j] = k > key || (k == key && j <= last);
+        keep[j] = float(int(k > key) | (int(k == key) & int(j <= last)));
       }
-    } else if (in.sparsify == kDrop) {
+    } else {
       dare_bits_chunk(in.seed, uint32_t(i), start, len, s.bits.data());
       const uint64_t threshold = uint64_t(in.keep_a[i]);
-      for (int64_t j = 0; j < len; ++j) keep[j] = uint64_t(s.bits[j]) < threshold;
-    } else {
-      std::fill(keep, keep + len, uint8_t(1));
+      for (int64_t j = 0; j < len; ++j) keep[j] = float(uint64_t(s.bits[j]) < threshold);
     }
   }
 }
+
+namespace {
+
+struct MergeParams {
+  const float* coefs;
+  const float* weights;
+  int elect;
+  bool normalize;
+  float scale;
+  float weight_sum;
+};
+
+// uᵢ of model i into u (keep flags applied unless everything is kept).
+inline void weighted_delta(const ChunkScratch& s, int i, float coef, int64_t len, float* u) {
+  const float* delta = s.delta_of(i);
+  if (s.keep_all) {
+    for (int64_t j = 0; j < len; ++j) u[j] = delta[j] * coef;
+  } else {
+    const float* keep = s.keep_of(i);
+    for (int64_t j = 0; j < len; ++j) u[j] = (delta[j] * coef) * keep[j];
+  }
+}
+
+// Merges one chunk and stores it, rounded once, into out[start, start+len).
+VFUSE_MULTIVERSION
+void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const MergeParams& p, float* u, float* m,
+                 float* d, float* vote, void* out, int out_dtype) {
+  if (p.elect == kNoElection) {
+    weighted_delta(s, 0, p.coefs[0], len, m);
+    for (int i = 1; i < n; ++i) {
+      weighted_delta(s, i, p.coefs[i], len, u);
+      for (int64_t j = 0; j < len; ++j) m[j] += u[j];
+    }
+    const float divisor = p.weight_sum == 0.f ? 1.f : p.weight_sum;
+    if (p.normalize)
+      for (int64_t j = 0; j < len; ++j) m[j] = m[j] / divisor;
+  } else {
+    std::fill(vote, vote + len, 0.f);
+    for (int i = 0; i < n; ++i) {
+      float* ui = u + size_t(i) * kChunk;
+      weighted_delta(s, i, p.coefs[i], len, ui);
+      if (p.elect == kElectSum)
+        for (int64_t j = 0; j < len; ++j) vote[j] += ui[j];
+      else
+        for (int64_t j = 0; j < len; ++j) vote[j] += float(ui[j] > 0.f) - float(ui[j] < 0.f);
+    }
+    std::fill(m, m + len, 0.f);
+    std::fill(d, d + len, 0.f);
+    for (int i = 0; i < n; ++i) {
+      const float* ui = u + size_t(i) * kChunk;
+      const float w = p.weights[i];
+      for (int64_t j = 0; j < len; ++j) {
+        int positive = vote[j] >= 0.f;
+        float agree = float((positive & int(ui[j] > 0.f)) | ((1 - positive) & int(ui[j] < 0.f)));
+        m[j] += ui[j] * agree;
+        d[j] += w * agree;
+      }
+    }
+    if (p.normalize)
+      for (int64_t j = 0; j < len; ++j) m[j] = m[j] / (d[j] + float(d[j] == 0.f));  // d = 0 counts as 1
+  }
+  store_chunk(out, out_dtype, start, len, s.base.data(), p.scale, m);
+}
+
+// Task arithmetic / linear: no sparsification, no election. Each tuned tensor is
+// converted, subtracted, weighted and accumulated in one loop: m = Σ (θᵢ − b) · coefᵢ.
+VFUSE_MULTIVERSION
+void merge_chunk_dense(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p, float* b, float* m,
+                       void* out, int out_dtype) {
+  load_chunk(in.base, in.base_dtype, start, len, nullptr, b);
+  std::fill(m, m + len, 0.f);
+  for (int i = 0; i < in.models(); ++i) {
+    const float coef = p.coefs[i];
+    if (in.tuned_are_deltas)
+      for_each_loaded(in.tuned[i], in.tuned_dtypes[i], start, len, [=](int64_t j, float v) { m[j] += v * coef; });
+    else
+      for_each_loaded(in.tuned[i], in.tuned_dtypes[i], start, len,
+                      [=](int64_t j, float v) { m[j] += (v - b[j]) * coef; });
+  }
+  if (p.normalize) {
+    const float divisor = p.weight_sum == 0.f ? 1.f : p.weight_sum;
+    for (int64_t j = 0; j < len; ++j) m[j] = m[j] / divisor;
+  }
+  store_chunk(out, out_dtype, start, len, b, p.scale, m);
+}
+
+}  // namespace
 
 void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<float>& coefs,
            const std::vector<float>& weights, int elect, bool normalize, float scale) {
   const int n = in.models();
   const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
-  double weight_sum64 = 0.0;  // Σ wᵢ summed in fp64 like the host, rounded once
-  for (float w : weights) weight_sum64 += double(w);
-  const float weight_sum = float(weight_sum64);
+  double weight_sum = 0.0;  // Σ wᵢ in fp64 like the host, rounded once
+  for (float w : weights) weight_sum += double(w);
+  const MergeParams params{coefs.data(), weights.data(), elect, normalize, scale, float(weight_sum)};
+  const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
 #pragma omp parallel
   {
     ChunkScratch s(n);
@@ -52,47 +149,12 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, in.numel - start);
-      load_deltas(in, start, len, true, s);
-      for (int i = 0; i < n; ++i) {
-        const float* delta = s.delta_of(i);
-        const uint8_t* keep = s.keep_of(i);
-        float* ui = u.data() + size_t(i) * kChunk;
-        const float coef = coefs[i];
-        for (int64_t j = 0; j < len; ++j) ui[j] = keep[j] ? delta[j] * coef : 0.f;
-      }
-      std::fill(m.begin(), m.begin() + len, 0.f);
-      if (elect == kNoElection) {
-        for (int i = 0; i < n; ++i) {
-          const float* ui = u.data() + size_t(i) * kChunk;
-          for (int64_t j = 0; j < len; ++j) m[j] += ui[j];
-        }
-        std::fill(d.begin(), d.begin() + len, weight_sum);
+      if (dense) {
+        merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), out, out_dtype);
       } else {
-        std::fill(vote.begin(), vote.begin() + len, 0.f);
-        for (int i = 0; i < n; ++i) {
-          const float* ui = u.data() + size_t(i) * kChunk;
-          if (elect == kElectSum)
-            for (int64_t j = 0; j < len; ++j) vote[j] += ui[j];
-          else
-            for (int64_t j = 0; j < len; ++j) vote[j] += float(ui[j] > 0.f) - float(ui[j] < 0.f);
-        }
-        std::fill(d.begin(), d.begin() + len, 0.f);
-        for (int i = 0; i < n; ++i) {
-          const float* ui = u.data() + size_t(i) * kChunk;
-          const float w = weights[i];
-          for (int64_t j = 0; j < len; ++j) {
-            bool agree = vote[j] >= 0.f ? ui[j] > 0.f : ui[j] < 0.f;
-            m[j] += agree ? ui[j] : 0.f;
-            d[j] += agree ? w : 0.f;
-          }
-        }
+        load_deltas(in, start, len, true, s);
+        merge_chunk(s, n, start, len, params, u.data(), m.data(), d.data(), vote.data(), out, out_dtype);
       }
-      const float* b = s.base.data();
-      for (int64_t j = 0; j < len; ++j) {
-        float merged = normalize ? m[j] / (d[j] == 0.f ? 1.f : d[j]) : m[j];
-        m[j] = b[j] + scale * merged;
-      }
-      store_chunk(out, out_dtype, start, len, m.data());
     }
   }
 }
@@ -112,12 +174,11 @@ std::vector<double> sparse_l1(const DeltaInputs& in) {
       load_deltas(in, start, len, true, s);
       for (int i = 0; i < n; ++i) {
         const float* delta = s.delta_of(i);
-        const uint8_t* keep = s.keep_of(i);
         double all = 0.0, kept = 0.0;
         for (int64_t j = 0; j < len; ++j) {
           double a = std::fabs(double(delta[j]));
           all += a;
-          kept += keep[j] ? a : 0.0;
+          kept += s.keep_all ? a : a * s.keep_of(i)[j];
         }
         partial[(size_t(c) * n + i) * 2] = all;
         partial[(size_t(c) * n + i) * 2 + 1] = kept;

@@ -11,7 +11,10 @@ namespace vfuse {
 enum Sparsify : int { kKeepAll = 0, kTrim = 1, kDrop = 2 };
 enum Elect : int { kNoElection = 0, kElectSum = 1, kElectCount = 2 };
 
-constexpr int64_t kChunk = 2048;  // elements per work item; a multiple of 4 (Philox words)
+constexpr int64_t kChunk = 512;  // elements per work item: a multiple of 4 (Philox words); small enough
+                                 // that a chunk's buffers for a few models stay in L1
+
+constexpr int64_t kPrefetchChunks = 2;  // prefetch distance, in chunks
 
 struct DeltaInputs {
   const void* base;
@@ -30,16 +33,20 @@ struct DeltaInputs {
 // Thread-local buffers for one chunk: base values, deltas and keep flags of every model.
 struct ChunkScratch {
   std::vector<float> base, delta;
-  std::vector<uint8_t> keep;
+  std::vector<float> keep;  // 1 where the entry survives sparsification, else 0
   std::vector<uint32_t> bits;
+  bool keep_all = true;  // set by load_deltas: no sparsification, keep flags not written
   explicit ChunkScratch(int models)
       : base(kChunk), delta(size_t(models) * kChunk), keep(size_t(models) * kChunk), bits(kChunk) {}
   float* delta_of(int i) { return delta.data() + size_t(i) * kChunk; }
-  uint8_t* keep_of(int i) { return keep.data() + size_t(i) * kChunk; }
+  const float* delta_of(int i) const { return delta.data() + size_t(i) * kChunk; }
+  float* keep_of(int i) { return keep.data() + size_t(i) * kChunk; }
+  const float* keep_of(int i) const { return keep.data() + size_t(i) * kChunk; }
 };
 
 // Loads base and computes δᵢ = θᵢ − base (fp32) for elements [start, start+len) of
-// every model; with `with_keep`, also the keep flag of the sparsification.
+// every model; with `with_keep`, also the keep flags of the sparsification (unless
+// nothing is sparsified: then s.keep_all is set and the flags are not written).
 void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_keep, ChunkScratch& s);
 
 }  // namespace vfuse

@@ -14,6 +14,7 @@ import torch
 from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ..reference.philox import dare_keep_threshold
+from ._library import define
 from ._checks import check_choice, check_like, check_merge_inputs, check_real, check_tensor, per_model
 from .magnitude_threshold import MagnitudeThresholds, _kernels, check_trim_size, magnitude_select_op
 
@@ -94,34 +95,18 @@ def _merge_into(
         out.copy_(target)
 
 
-@torch.library.custom_op("vfuse::delta_merge_", mutates_args=("out",), device_types="cpu")
-def delta_merge_op(
-    out: torch.Tensor,
-    base: torch.Tensor,
-    tuned: list[torch.Tensor],
-    weights: list[float],
-    densities: list[float],
-    sparsify: int,
-    elect: int,
-    normalize: bool,
-    scale: float,
-    rescale: str,
-    seed: int,
-    tuned_are_deltas: bool,
-    trim_keys: torch.Tensor | None,
-    trim_cutoffs: torch.Tensor | None,
-) -> None:
-    """Writes the merge into ``out`` (which may be ``base`` or one of ``tuned``)."""
-    _merge_into(out, base, tuned, weights, densities, sparsify, elect, normalize, scale, rescale, seed,
-                tuned_are_deltas, trim_keys, trim_cutoffs)
-
-
-delta_merge_op.register_kernel("cuda")(_merge_into)
-
-
-@delta_merge_op.register_fake
 def _delta_merge_fake(out, base, tuned, *args) -> None:
     return None
+
+
+define(
+    "delta_merge_(Tensor(a!) out, Tensor base, Tensor[] tuned, float[] weights, float[] densities, int sparsify, "
+    "int elect, bool normalize, float scale, str rescale, int seed, bool tuned_are_deltas, Tensor? trim_keys, "
+    "Tensor? trim_cutoffs) -> ()",
+    _merge_into,
+    _delta_merge_fake,
+)
+delta_merge_op = torch.ops.vfuse.delta_merge_
 
 
 def delta_merge(

@@ -17,6 +17,7 @@ import torch
 from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
+from ._library import define
 
 MAX_TRIM_NUMEL = 2**32  # the (key, index) pairs of the selection hold a 32-bit index
 
@@ -69,22 +70,14 @@ def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_
     return keys.to(base.device), cutoffs.to(base.device)
 
 
-@torch.library.custom_op("vfuse::magnitude_select", mutates_args=(), device_types="cpu")
-def magnitude_select_op(
-    base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_are_deltas: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _select(base, tuned, ks, tuned_are_deltas)
-
-
-@magnitude_select_op.register_kernel("cuda")
-def _magnitude_select_cuda(base, tuned, ks, tuned_are_deltas):
-    return _select(base, tuned, ks, tuned_are_deltas)
-
-
-@magnitude_select_op.register_fake
 def _magnitude_select_fake(base, tuned, ks, tuned_are_deltas):
     n = len(tuned)
     return base.new_empty(n, dtype=torch.int64), base.new_empty(n, dtype=torch.int64)
+
+
+define("magnitude_select(Tensor base, Tensor[] tuned, int[] ks, bool tuned_are_deltas) -> (Tensor, Tensor)",
+       _select, _magnitude_select_fake)
+magnitude_select_op = torch.ops.vfuse.magnitude_select
 
 
 def check_trim_size(base: torch.Tensor) -> None:
