@@ -8,6 +8,7 @@ back to the reference with one warning.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -22,7 +23,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def cpu_extension():
     """The compiled ``_C`` module, or None (with one warning) when it cannot be loaded."""
     try:
-        from . import _C
+        return importlib.import_module("vfuse_kernels._C")
     except ImportError as exc:  # pragma: no cover - depends on the build
         warnings.warn(
             f"vfuse_kernels: the C++ extension could not be loaded ({exc}); "
@@ -32,7 +33,6 @@ def cpu_extension():
             stacklevel=3,
         )
         return None
-    return _C
 
 
 def triton_interpreted() -> bool:

@@ -1,0 +1,215 @@
+"""delta_merge against the fp64 reference: every method × dtype × awkward shape × N."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close_to_reference, backend_device, poisoned_like
+
+import vfuse_kernels as vk
+from vfuse_kernels.reference import delta_merge as ref
+
+WEIGHTS = [0.7, -0.3, 1.1, 0.45]  # mixed signs; no subset sums to ~0
+DENSITIES = [0.3, 0.55, 0.9, 0.2]
+SHAPES = [(0,), (1,), (7,), (13, 17), (3, 5, 7), (1031,)]
+
+
+def make_case(shape, n, dtype, device, seed, noncontiguous=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen)
+
+    if noncontiguous:  # every second column of a wider tensor
+        full = (*shape[:-1], 2 * shape[-1])
+        base = rand(*full).to(dtype)[..., ::2]
+        tuned = [(base.float() + 0.1 * rand(*full)[..., ::2]).to(dtype) for _ in range(n)]
+    else:
+        base = rand(*shape).to(dtype)
+        tuned = [(base.float() + 0.1 * rand(*shape)).to(dtype) for _ in range(n)]
+    return base.to(device), [t.to(device) for t in tuned]
+
+
+def reference(base, tuned, weights, method, density, **kw):
+    sparsify, elects, normalize = vk.METHODS[method]
+    n = len(tuned)
+    densities = density if isinstance(density, list) else [density] * n
+    args = dict(sparsify=sparsify, densities=densities, elect="sum" if elects else None, normalize=normalize,
+                scale=1.0, rescale="density", seed=0, tuned_are_deltas=False)
+    args.update(kw)
+    return ref.delta_merge(base, tuned, weights, **args)
+
+
+def _densities(method, n):
+    return 1.0 if method in ("task_arithmetic", "linear") else DENSITIES[:n]
+
+
+@pytest.mark.parametrize("method", list(vk.METHODS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_matches_reference_cpp(method, dtype, shape, n, monkeypatch):
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    _check_parity(method, dtype, shape, n, torch.device("cpu"), seed=hash((method, str(dtype), shape, n)) % 10**6)
+
+
+@pytest.mark.parametrize("method", list(vk.METHODS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (13, 17), (1031,)], ids=str)
+@pytest.mark.parametrize("n", [1, 3])
+def test_matches_reference_triton(method, dtype, shape, n, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    _check_parity(method, dtype, shape, n, backend_device("triton"), seed=hash((method, str(dtype), shape, n)) % 10**6)
+
+
+def _check_parity(method, dtype, shape, n, device, seed):
+    base, tuned = make_case(shape, n, dtype, device, seed)
+    weights, density = WEIGHTS[:n], _densities(method, n)
+    out = poisoned_like(base)
+    result = vk.delta_merge(base, tuned, weights, method=method, density=density, out=out)
+    assert result is out
+    assert_close_to_reference(out, reference(base, tuned, weights, method, density), n_terms=n)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_noncontiguous_inputs_and_output(backend, method):
+    device = backend_device(backend)
+    base, tuned = make_case((6, 11), 2, torch.bfloat16, device, seed=3, noncontiguous=True)
+    assert not base.is_contiguous()
+    out = poisoned_like(torch.empty(6, 22, device=device))[:, ::2]
+    vk.delta_merge(base, tuned, WEIGHTS[:2], method=method, density=_densities(method, 2), out=out)
+    assert_close_to_reference(out, reference(base, tuned, WEIGHTS[:2], method, _densities(method, 2)), 2)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_consensus_and_normalize(backend, consensus, normalize, method):
+    base, tuned = make_case((257,), 4, torch.float32, backend_device(backend), seed=11)
+    out = vk.delta_merge(base, tuned, WEIGHTS, method=method, density=DENSITIES, consensus=consensus,
+                         normalize=normalize, scale=0.8, seed=99)
+    expected = reference(base, tuned, WEIGHTS, method, DENSITIES, elect=consensus, normalize=normalize, scale=0.8,
+                         seed=99)
+    assert_close_to_reference(out, expected, 4)
+
+
+@pytest.mark.parametrize("rescale", ["density", "l1", None])
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_rescale_modes(backend, rescale, method):
+    base, tuned = make_case((613,), 3, torch.float32, backend_device(backend), seed=5)
+    out = vk.delta_merge(base, tuned, WEIGHTS[:3], method=method, density=DENSITIES[:3], rescale=rescale, seed=4)
+    assert_close_to_reference(out, reference(base, tuned, WEIGHTS[:3], method, DENSITIES[:3], rescale=rescale,
+                                             seed=4), 3)
+
+
+def test_tuned_are_deltas(backend):
+    base, tuned = make_case((301,), 3, torch.float32, backend_device(backend), seed=8)
+    deltas = [t - base for t in tuned]
+    for method in vk.METHODS:
+        density = _densities(method, 3)
+        from_deltas = vk.delta_merge(base, deltas, WEIGHTS[:3], method=method, density=density, tuned_are_deltas=True)
+        expected = reference(base, deltas, WEIGHTS[:3], method, density, tuned_are_deltas=True)
+        assert_close_to_reference(from_deltas, expected, 3)
+
+
+def test_linear_is_weighted_average(backend):
+    base, tuned = make_case((97,), 3, torch.float32, backend_device(backend), seed=1)
+    w = [1.0, 2.0, 5.0]
+    out = vk.delta_merge(base, tuned, w, method="linear")
+    average = sum(wi * t.double() for wi, t in zip(w, tuned)) / sum(w)
+    torch.testing.assert_close(out.double(), average, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_weight_sum_counts_as_one(backend):
+    base, tuned = make_case((50,), 2, torch.float32, backend_device(backend), seed=2)
+    out = vk.delta_merge(base, tuned, [1.0, -1.0], method="linear")
+    expected = base.double() + (tuned[0].double() - tuned[1].double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+def test_mixed_storage_dtypes(backend, in_dtype, out_dtype):
+    base, tuned = make_case((129,), 2, in_dtype, backend_device(backend), seed=6)
+    tuned[1] = tuned[1].float()  # the tuned tensors need not share base's dtype
+    out = poisoned_like(base, dtype=out_dtype)
+    vk.delta_merge(base, tuned, WEIGHTS[:2], method="ties", density=DENSITIES[:2], out=out)
+    assert_close_to_reference(out, reference(base, tuned, WEIGHTS[:2], "ties", DENSITIES[:2]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_store_rounds_to_nearest_even(dtype):
+    """CPU conversions: weight 0 returns base rounded once (finite inputs: b + 0·(θ − b) = b);
+    every finite fp16 value round-trips through fp32."""
+    x = torch.cat([torch.randn(20000) * 1e3, torch.randn(20000) * 1e-6,
+                   torch.tensor([65504.0, 65519.0, 65520.0, -7e4, 6e-8, 2.9e-8, 3e-8, 0.0])])
+    out = vk.delta_merge(x, [x], 0.0, out=torch.empty(x.shape, dtype=dtype))
+    assert torch.equal(out.view(torch.int16), x.to(dtype).view(torch.int16))
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every) & (every.view(torch.int16) != -32768)]  # -0 + 0 is +0
+    back = vk.delta_merge(every, [every], 0.0, out=torch.empty(every.shape))
+    assert torch.equal(back, every.float())
+
+
+def test_in_place_into_base_and_into_tuned(backend):
+    device = backend_device(backend)
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        base, tuned = make_case((211,), 3, torch.bfloat16, device, seed=9)
+        density = _densities(method, 3)
+        expected = vk.delta_merge(base, tuned, WEIGHTS[:3], method=method, density=density)
+        work = base.clone()
+        assert vk.delta_merge(work, tuned, WEIGHTS[:3], method=method, density=density, out=work) is work
+        assert torch.equal(work, expected)
+        into_tuned = [t.clone() for t in tuned]
+        vk.delta_merge(base, into_tuned, WEIGHTS[:3], method=method, density=density, out=into_tuned[1])
+        assert torch.equal(into_tuned[1], expected)
+
+
+def test_precomputed_thresholds_reused(backend):
+    base, tuned = make_case((503,), 3, torch.bfloat16, backend_device(backend), seed=12)
+    thresholds = vk.ties_thresholds(base, tuned, DENSITIES[:3])
+    for weights in ([1.0, 1.0, 1.0], WEIGHTS[:3]):
+        direct = vk.delta_merge(base, tuned, weights, method="ties", density=DENSITIES[:3])
+        reused = vk.delta_merge(base, tuned, weights, method="ties", density=DENSITIES[:3], thresholds=thresholds)
+        assert torch.equal(direct, reused)
+
+
+def test_empty_tensor(backend):
+    base = torch.empty(0, 3, device=backend_device(backend))
+    for method in vk.METHODS:
+        out = vk.delta_merge(base, [base.clone(), base.clone()], [0.5, 0.5], method=method,
+                             density=_densities(method, 2))
+        assert out.shape == (0, 3)
+
+
+def test_reference_backend_forced(monkeypatch):
+    monkeypatch.setenv("VFUSE_BACKEND", "reference")
+    base, tuned = make_case((33,), 2, torch.float16, torch.device("cpu"), seed=13)
+    out = vk.delta_merge(base, tuned, WEIGHTS[:2], method="dare_ties", density=DENSITIES[:2], seed=3)
+    expected = reference(base, tuned, WEIGHTS[:2], "dare_ties", DENSITIES[:2], seed=3)
+    assert torch.equal(out, expected.to(torch.float16))
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    monkeypatch.setenv("VFUSE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="VFUSE_BACKEND"):
+        vk.delta_merge(torch.zeros(3), [torch.ones(3)], 1.0)
+
+
+def test_compiled_fullgraph():
+    base, tuned = make_case((64,), 2, torch.float32, torch.device("cpu"), seed=14)
+
+    def merge(b, t0, t1):
+        return vk.delta_merge(b, [t0, t1], [0.5, 0.25], method="ties", density=0.5)
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(base, *tuned), merge(base, *tuned))
+
+
+def test_opcheck():
+    base, tuned = make_case((37,), 2, torch.float32, torch.device("cpu"), seed=15)
+    torch.library.opcheck(torch.ops.vfuse.magnitude_select.default, (base, tuned, [5, 11], False))
+    for sparsify, elect in ((0, 0), (1, 1), (2, 2)):
+        args = (torch.empty_like(base), base, tuned, [0.5, -0.25], [0.5, 0.7], sparsify, elect, True, 1.0,
+                "density", 7, False, None, None)
+        torch.library.opcheck(torch.ops.vfuse.delta_merge_.default, args)
