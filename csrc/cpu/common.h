@@ -5,6 +5,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 // Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load
 // time (GCC/Clang function multiversioning): portable binaries that still use 8-wide SIMD.
@@ -12,6 +15,13 @@
 #define VFUSE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define VFUSE_MULTIVERSION
+#endif
+// Helpers of multiversioned functions are forced inline so that each clone compiles them
+// for its own target.
+#if defined(__GNUC__)
+#define VFUSE_INLINE inline __attribute__((always_inline))
+#else
+#define VFUSE_INLINE inline
 #endif
 
 namespace vfuse {
@@ -66,7 +76,7 @@ inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // Calls body(j, fp32 value of src[start + j]) for j < len, src of storage `dtype`.
 template <typename Body>
-inline void for_each_loaded(const void* src, int dtype, int64_t start, int64_t len, Body body) {
+VFUSE_INLINE void for_each_loaded(const void* src, int dtype, int64_t start, int64_t len, Body body) {
   const uint16_t* half = static_cast<const uint16_t*>(src) + start;
   const float* single = static_cast<const float*>(src) + start;
   switch (dtype) {
@@ -82,7 +92,7 @@ inline void for_each_loaded(const void* src, int dtype, int64_t start, int64_t l
 }
 
 // dst[j] = fp32(src[start + j]) - minus[j] (minus may be null: plain conversion).
-inline void load_chunk(const void* src, int dtype, int64_t start, int64_t len, const float* minus, float* dst) {
+VFUSE_INLINE void load_chunk(const void* src, int dtype, int64_t start, int64_t len, const float* minus, float* dst) {
   if (minus)
     for_each_loaded(src, dtype, start, len, [=](int64_t j, float v) { dst[j] = v - minus[j]; });
   else
@@ -90,7 +100,7 @@ inline void load_chunk(const void* src, int dtype, int64_t start, int64_t len, c
 }
 
 // dst[start + j] = round(b[j] + scale * m[j]) in storage `dtype`, for j < len.
-inline void store_chunk(void* dst, int dtype, int64_t start, int64_t len, const float* b, float scale,
+VFUSE_INLINE void store_chunk(void* dst, int dtype, int64_t start, int64_t len, const float* b, float scale,
                         const float* m) {
   switch (dtype) {
     case kBFloat16: {
@@ -108,6 +118,29 @@ inline void store_chunk(void* dst, int dtype, int64_t start, int64_t len, const 
       for (int64_t j = 0; j < len; ++j) d[j] = b[j] + scale * m[j];
     }
   }
+}
+
+// memcpy that bypasses the caches (non-temporal stores) where dst is 16-byte aligned:
+// an output written once is not read first (no read-for-ownership traffic). Callers
+// issue stream_fence() before the data is read by another thread.
+inline void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    size_t vec = bytes & ~size_t(15);
+    auto* d = static_cast<__m128i*>(dst);
+    auto* s = static_cast<const __m128i*>(src);
+    for (size_t i = 0; i < vec / 16; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+    std::memcpy(static_cast<char*>(dst) + vec, static_cast<const char*>(src) + vec, bytes - vec);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // Software prefetch of the bytes of elements [start, start+len).

@@ -50,6 +50,9 @@ void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_ke
 namespace {
 
 struct MergeParams {
+  void* out;
+  int out_dtype;
+  bool stream_out;  // out aliases no input: write it with non-temporal stores
   const float* coefs;
   const float* weights;
   int elect;
@@ -58,8 +61,20 @@ struct MergeParams {
   float weight_sum;
 };
 
+// out[start, start+len) = round(b + scale · m); `staged` holds kChunk outputs of 4 bytes.
+VFUSE_INLINE void store_result(const MergeParams& p, int64_t start, int64_t len, const float* b, const float* m,
+                         unsigned char* staged) {
+  if (!p.stream_out) {
+    store_chunk(p.out, p.out_dtype, start, len, b, p.scale, m);
+    return;
+  }
+  const int size = dtype_size(p.out_dtype);
+  store_chunk(staged, p.out_dtype, 0, len, b, p.scale, m);
+  stream_copy(static_cast<char*>(p.out) + start * size, staged, size_t(len) * size);
+}
+
 // uᵢ of model i into u (keep flags applied unless everything is kept).
-inline void weighted_delta(const ChunkScratch& s, int i, float coef, int64_t len, float* u) {
+VFUSE_INLINE void weighted_delta(const ChunkScratch& s, int i, float coef, int64_t len, float* u) {
   const float* delta = s.delta_of(i);
   if (s.keep_all) {
     for (int64_t j = 0; j < len; ++j) u[j] = delta[j] * coef;
@@ -72,7 +87,7 @@ inline void weighted_delta(const ChunkScratch& s, int i, float coef, int64_t len
 // Merges one chunk and stores it, rounded once, into out[start, start+len).
 VFUSE_MULTIVERSION
 void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const MergeParams& p, float* u, float* m,
-                 float* d, float* vote, void* out, int out_dtype) {
+                 float* d, float* vote, unsigned char* staged) {
   if (p.elect == kNoElection) {
     weighted_delta(s, 0, p.coefs[0], len, m);
     for (int i = 1; i < n; ++i) {
@@ -107,14 +122,91 @@ void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const Merge
     if (p.normalize)
       for (int64_t j = 0; j < len; ++j) m[j] = m[j] / (d[j] + float(d[j] == 0.f));  // d = 0 counts as 1
   }
-  store_chunk(out, out_dtype, start, len, s.base.data(), p.scale, m);
+  store_result(p, start, len, s.base.data(), m, staged);
 }
 
-// Task arithmetic / linear: no sparsification, no election. Each tuned tensor is
-// converted, subtracted, weighted and accumulated in one loop: m = Σ (θᵢ − b) · coefᵢ.
+// Storage codecs for the fused dense loop.
+struct Bf16 {
+  using T = uint16_t;
+  static float load(T v) { return bf16_to_float(v); }
+  static T store(float f) { return float_to_bf16(f); }
+};
+struct Fp16 {
+  using T = uint16_t;
+  static float load(T v) { return fp16_to_float(v); }
+  static T store(float f) { return float_to_fp16(f); }
+};
+struct Fp32 {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float f) { return f; }
+};
+
+// Task arithmetic / linear with every tensor in one storage dtype and N models known at
+// compile time: one loop, each element loaded, merged in registers and stored once.
+// out may be base or a tuned tensor: element j is read before it is written and no
+// iteration depends on another (ivdep), so vectorising is safe with that aliasing.
+template <typename C, int N, bool kDeltas, bool kNormalize>
+VFUSE_INLINE void dense_fused(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  using T = typename C::T;
+  const T* base = static_cast<const T*>(in.base) + start;
+  const T* tuned[N];
+  float coef[N];
+  for (int i = 0; i < N; ++i) {
+    tuned[i] = static_cast<const T*>(in.tuned[i]) + start;
+    coef[i] = p.coefs[i];
+  }
+  T* out = static_cast<T*>(p.out) + start;
+  const float divisor = p.weight_sum == 0.f ? 1.f : p.weight_sum;
+  const float scale = p.scale;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < len; ++j) {
+    const float b = C::load(base[j]);
+    float m = 0.f;
+    for (int i = 0; i < N; ++i) m += (kDeltas ? C::load(tuned[i][j]) : C::load(tuned[i][j]) - b) * coef[i];
+    out[j] = C::store(b + scale * (kNormalize ? m / divisor : m));
+  }
+}
+
+template <typename C, bool kDeltas, bool kNormalize>
+VFUSE_INLINE void dense_fused_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  switch (in.models()) {
+    case 1: return dense_fused<C, 1, kDeltas, kNormalize>(in, p, start, len);
+    case 2: return dense_fused<C, 2, kDeltas, kNormalize>(in, p, start, len);
+    case 3: return dense_fused<C, 3, kDeltas, kNormalize>(in, p, start, len);
+    default: return dense_fused<C, 4, kDeltas, kNormalize>(in, p, start, len);
+  }
+}
+
+template <typename C>
+VFUSE_INLINE void dense_fused_dtype(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  if (in.tuned_are_deltas)
+    p.normalize ? dense_fused_n<C, true, true>(in, p, start, len) : dense_fused_n<C, true, false>(in, p, start, len);
+  else
+    p.normalize ? dense_fused_n<C, false, true>(in, p, start, len) : dense_fused_n<C, false, false>(in, p, start, len);
+}
+
+// Whether the fused dense loop applies: one storage dtype everywhere and 1 to 4 models.
+bool dense_fusable(const DeltaInputs& in, int out_dtype) {
+  if (in.models() > 4 || in.base_dtype != out_dtype) return false;
+  for (int dtype : in.tuned_dtypes)
+    if (dtype != out_dtype) return false;
+  return true;
+}
+
+// Task arithmetic / linear: no sparsification, no election. The fused loop where it
+// applies; otherwise each tuned tensor is converted, subtracted, weighted and
+// accumulated in one loop over the chunk: m = Σ (θᵢ − b) · coefᵢ.
 VFUSE_MULTIVERSION
-void merge_chunk_dense(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p, float* b, float* m,
-                       void* out, int out_dtype) {
+void merge_chunk_dense(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p, float* b,
+                       float* m, unsigned char* staged) {
+  if (dense_fusable(in, p.out_dtype)) {
+    switch (p.out_dtype) {
+      case kBFloat16: dense_fused_dtype<Bf16>(in, p, start, len); return;
+      case kFloat16: dense_fused_dtype<Fp16>(in, p, start, len); return;
+      default: dense_fused_dtype<Fp32>(in, p, start, len); return;
+    }
+  }
   load_chunk(in.base, in.base_dtype, start, len, nullptr, b);
   std::fill(m, m + len, 0.f);
   for (int i = 0; i < in.models(); ++i) {
@@ -129,7 +221,7 @@ void merge_chunk_dense(const DeltaInputs& in, int64_t start, int64_t len, const 
     const float divisor = p.weight_sum == 0.f ? 1.f : p.weight_sum;
     for (int64_t j = 0; j < len; ++j) m[j] = m[j] / divisor;
   }
-  store_chunk(out, out_dtype, start, len, b, p.scale, m);
+  store_result(p, start, len, b, m, staged);
 }
 
 }  // namespace
@@ -140,22 +232,27 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
   double weight_sum = 0.0;  // Σ wᵢ in fp64 like the host, rounded once
   for (float w : weights) weight_sum += double(w);
-  const MergeParams params{coefs.data(), weights.data(), elect, normalize, scale, float(weight_sum)};
+  bool aliased = out == in.base;
+  for (const void* t : in.tuned) aliased = aliased || out == t;
+  const MergeParams params{out, out_dtype, !aliased, coefs.data(), weights.data(), elect, normalize, scale,
+                           float(weight_sum)};
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
 #pragma omp parallel
   {
     ChunkScratch s(n);
     std::vector<float> u(size_t(n) * kChunk), m(kChunk), d(kChunk), vote(kChunk);
+    std::vector<unsigned char> staged(size_t(kChunk) * 4);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, in.numel - start);
       if (dense) {
-        merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), out, out_dtype);
+        merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), staged.data());
       } else {
         load_deltas(in, start, len, true, s);
-        merge_chunk(s, n, start, len, params, u.data(), m.data(), d.data(), vote.data(), out, out_dtype);
+        merge_chunk(s, n, start, len, params, u.data(), m.data(), d.data(), vote.data(), staged.data());
       }
     }
+    stream_fence();
   }
 }
 
