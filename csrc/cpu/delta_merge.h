@@ -11,8 +11,9 @@ namespace vfuse {
 enum Sparsify : int { kKeepAll = 0, kTrim = 1, kDrop = 2 };
 enum Elect : int { kNoElection = 0, kElectSum = 1, kElectCount = 2 };
 
-constexpr int64_t kChunk = 512;  // elements per work item: a multiple of 4 (Philox words); small enough
-                                 // that a chunk's buffers for a few models stay in L1
+// Elements per work item: a multiple of 4 (Philox makes 4 words per counter), small
+// enough that a chunk's buffers for a few models stay in L1.
+constexpr int64_t kChunk = 512;
 
 constexpr int64_t kPrefetchChunks = 2;  // prefetch distance, in chunks
 
