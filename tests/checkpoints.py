@@ -1,0 +1,92 @@
+"""Tiny real checkpoints for the merge tests: random models from transformers configs, saved
+with ``save_pretrained`` (sharded), and fine-tunes made by small seeded perturbations."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=99, tie_word_embeddings=False)
+
+
+def llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TEXT))
+
+
+def qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**TEXT))
+
+
+def qwen2_vl(seed: int = 0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2, spatial_merge_size=1,
+                  temporal_patch_size=1, in_channels=3)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=1, video_token_id=2,
+                           vision_start_token_id=3, tie_word_embeddings=False)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A 'fine-tune': every floating tensor plus seeded Gaussian noise."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model
+
+
+def save(model, path: str, dtype=torch.float32, shard_size: str = "40KB") -> str:
+    model.to(dtype).save_pretrained(path, max_shard_size=shard_size)
+    return path
+
+
+def save_state_dict(model, path: str, dtype=torch.float32) -> str:
+    """Single-file checkpoint with the in-memory tensor names (e.g. VLMs' model.language_model.*)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(os.path.join(path, "config.json"))
+    return path
+
+
+def family(root: str, make, n: int = 2, dtype=torch.float32) -> tuple[str, list[str]]:
+    """A base checkpoint and n perturbed fine-tunes of it under root."""
+    base = save(make(0), os.path.join(root, "base"), dtype)
+    tuned = []
+    for i in range(n):
+        model = make(0)
+        tuned.append(save(perturbed(model, 100 + i), os.path.join(root, f"ft{i}"), dtype))
+    return base, tuned
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def write_yaml(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def index_of(path: str) -> dict:
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        return json.load(f)

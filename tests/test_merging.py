@@ -1,0 +1,434 @@
+"""The streaming checkpoint merge on real (tiny) checkpoints: parity with mergekit on the
+same YAML, schedules and filters, keep rules, VLM↔LLM name maps, in-place merges into a
+loaded model, resume after a killed run, and clean failures on bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from checkpoints import (family, index_of, llama, load_tensors, perturbed, qwen2, qwen2_vl, save, save_state_dict,
+                         write_yaml)
+
+import vfuse_kernels as vk
+from vfuse_kernels.cli import main as cli_main
+from vfuse_kernels.merging import (CheckpointError, ConfigError, load_config, merge_checkpoints, merge_into_,
+                                   parse_config)
+from vfuse_kernels.merging.checkpoint import Checkpoint
+from vfuse_kernels.merging.plan import build_plan
+
+
+@pytest.fixture(scope="module")
+def llama_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    base, tuned = family(str(root), llama, n=3)
+    return root, base, tuned
+
+
+PARITY_CONFIGS = {
+    "linear": """
+        merge_method: linear
+        models:
+          - {model: BASE, parameters: {weight: 0.2}}
+          - {model: FT0, parameters: {weight: 0.5}}
+          - {model: FT1, parameters: {weight: [0.1, 0.9]}}
+        dtype: float32
+    """,
+    "task_arithmetic": """
+        merge_method: task_arithmetic
+        base_model: BASE
+        models:
+          - model: FT0
+            parameters:
+              weight:
+                - {filter: self_attn, value: [0.2, 0.6, 1.0]}
+                - {filter: mlp, value: 0.3}
+                - {value: 0.5}
+          - {model: FT1, parameters: {weight: 0.7}}
+          - {model: FT2, parameters: {weight: -0.2}}
+        parameters: {lambda: 0.9}
+        dtype: float32
+    """,
+    "ties": """
+        merge_method: ties
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: [0.2, 0.8], density: 0.5}}
+          - model: FT1
+            parameters:
+              weight: [{filter: self_attn, value: 0.3}, {value: 0.6}]
+              density: [0.3, 0.9]
+          - {model: FT2, parameters: {weight: 0.4}}
+        parameters: {normalize: true, density: 0.6, int8_mask: true}
+        dtype: float32
+    """,
+    "ties_l1": """
+        merge_method: ties
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: 1.0, density: 0.4}}
+          - {model: FT1, parameters: {weight: 0.5, density: 0.7}}
+        parameters: {rescale: true, normalize: false}
+        dtype: float32
+    """,
+}
+
+
+def _config_text(name, base, tuned):
+    text = textwrap.dedent(PARITY_CONFIGS[name])
+    text = text.replace("BASE", base)
+    for i, t in enumerate(tuned):
+        text = text.replace(f"FT{i}", t)
+    return text
+
+
+MERGEKIT_SCRIPT = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+for config_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    with open(config_path) as f:
+        config = MergeConfiguration.model_validate(yaml.safe_load(f))
+    run_merge(config, out, options=MergeOptions(write_model_card=False, copy_tokenizer=False))
+"""
+
+
+def test_parity_with_mergekit(llama_family, tmp_path):
+    pytest.importorskip("mergekit")
+    root, base, tuned = llama_family
+    jobs = []
+    for name in PARITY_CONFIGS:
+        config = write_yaml(str(tmp_path / f"{name}.yml"), _config_text(name, base, tuned))
+        jobs += [config, str(tmp_path / f"mergekit-{name}")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", MERGEKIT_SCRIPT, *jobs], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in PARITY_CONFIGS:
+        ours = str(tmp_path / f"vfuse-{name}")
+        merge_checkpoints(str(tmp_path / f"{name}.yml"), ours, progress=False)
+        expected, got = load_tensors(str(tmp_path / f"mergekit-{name}")), load_tensors(ours)
+        assert set(got) == set(expected), name
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype, (name, key)
+            torch.testing.assert_close(got[key], expected[key], rtol=2e-6, atol=2e-7, msg=f"{name}: {key}")
+
+
+def test_output_loads_in_transformers_and_is_sharded(llama_family, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: dare_ties
+base_model: {base}
+models:
+  - {{model: {tuned[0]}, parameters: {{weight: 0.6, density: 0.5}}}}
+  - {{model: {tuned[1]}, parameters: {{weight: 0.4, density: 0.5}}}}
+out_dtype: bfloat16
+""")
+    out = str(tmp_path / "out")
+    summary = merge_checkpoints(config, out, out_shard_size="20KB", progress=False)
+    index = index_of(out)
+    assert summary.shards == len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in load_tensors(out).values())
+    model = LlamaForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    logits = model(torch.tensor([[1, 5, 7, 9]])).logits
+    assert torch.isfinite(logits.float()).all()
+    again = str(tmp_path / "again")
+    merge_checkpoints(config, again, out_shard_size="20KB", progress=False)
+    assert all(torch.equal(load_tensors(out)[k], v) for k, v in load_tensors(again).items())  # DARE is seeded
+
+
+def test_loglinear_schedule_keep_rule_and_regex_filter(llama_family, tmp_path):
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {tuned[0]}
+    parameters:
+      weight:
+        - {{filter: "re:layers\\\\.\\\\d+\\\\.mlp\\\\.", value: 0.0}}
+        - {{value: {{schedule: loglinear, start: 0.1, end: 0.9}}}}
+parameters: {{lambda: 1.0}}
+vfuse:
+  keep:
+    - {{filter: embed_tokens}}
+    - {{filter: lm_head, model: {tuned[0]}}}
+""")
+    out = str(tmp_path / "out")
+    merge_checkpoints(config, out, progress=False)
+    got, b, t0 = load_tensors(out), load_tensors(base), load_tensors(tuned[0])
+    assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.equal(got["lm_head.weight"], t0["lm_head.weight"])
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    for layer, t in ((0, 0.0), (1, 0.5), (2, 1.0)):
+        w = 0.1 * (0.9 / 0.1) ** t  # exp(ln a + (ln b − ln a)·t)
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        torch.testing.assert_close(got[key].double(), b[key].double() + w * (t0[key].double() - b[key].double()),
+                                   rtol=1e-6, atol=1e-7)
+    key = "model.norm.weight"  # outside the layers: the schedule's start (t = 0)
+    torch.testing.assert_close(got[key].double(), b[key].double() + 0.1 * (t0[key].double() - b[key].double()),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_vlm_llm_merge_with_name_map(tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    vlm_dir = save_state_dict(qwen2_vl(0), str(tmp_path / "vlm"))  # model.language_model.*, model.visual.*
+    llm = qwen2(1)
+    llm_dir = save(perturbed(llm, 7), str(tmp_path / "llm"))  # model.*, lm_head
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: linear
+base_model: {vlm_dir}
+models:
+  - {{model: {vlm_dir}, parameters: {{weight: 0.7}}}}
+  - {{model: {llm_dir}, parameters: {{weight: 0.3}}}}
+vfuse:
+  name_map:
+    {llm_dir}: {{"model.": "model.language_model."}}
+  keep:
+    - {{filter: embed_tokens}}
+""")
+    out = str(tmp_path / "out")
+    summary = merge_checkpoints(config, out, progress=False)
+    got, vlm, llm_t = load_tensors(out), load_tensors(vlm_dir), load_tensors(llm_dir)
+    assert set(got) == set(vlm)
+    visual = [k for k in vlm if ".visual." in k]
+    assert visual and all(torch.equal(got[k], vlm[k]) for k in visual)  # only the VLM has them
+    assert torch.equal(got["model.language_model.embed_tokens.weight"], vlm["model.language_model.embed_tokens.weight"])
+    for out_key, llm_key in (("model.language_model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
+                             ("lm_head.weight", "lm_head.weight")):
+        torch.testing.assert_close(got[out_key], 0.7 * vlm[out_key] + 0.3 * llm_t[llm_key], rtol=1e-6, atol=1e-6)
+    assert summary.copied == len(visual) + 1
+    model = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_merge_into_loaded_model_equals_checkpoint_merge(llama_family, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: ties
+base_model: {base}
+models:
+  - {{model: {tuned[0]}, parameters: {{weight: 0.7, density: 0.4}}}}
+  - {{model: {tuned[1]}, parameters: {{weight: 0.5, density: 0.4}}}}
+""")
+    merge_checkpoints(config, str(tmp_path / "out"), progress=False)
+    model = LlamaForCausalLM.from_pretrained(base)
+    counts = merge_into_(model, tuned[:2], [0.7, 0.5], method="ties", density=0.4)
+    assert counts["merged"] == len(load_tensors(base))
+    expected = load_tensors(str(tmp_path / "out"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monkeypatch):
+    from vfuse_kernels.merging import engine
+
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}
+""")
+    reference = str(tmp_path / "reference")
+    merge_checkpoints(config, reference, out_shard_size="20KB", progress=False)
+    original = engine._Runner.compute
+    calls = {"n": 0}
+
+    def failing(self, task, loaded):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("disk on fire")
+        return original(self, task, loaded)
+
+    monkeypatch.setattr(engine._Runner, "compute", failing)
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        merge_checkpoints(config, out, out_shard_size="20KB", progress=False)
+    monkeypatch.setattr(engine._Runner, "compute", original)
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))
+    finished = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert finished
+    summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False)
+    assert summary.skipped > 0
+    assert index_of(out)["weight_map"] == index_of(reference)["weight_map"]
+    assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
+
+
+KILL_SCRIPT = """
+import sys, time
+from vfuse_kernels.merging import engine
+original = engine._Runner.compute
+def slow(self, task, loaded):
+    time.sleep(0.05)
+    return original(self, task, loaded)
+engine._Runner.compute = slow
+engine.merge_checkpoints(sys.argv[1], sys.argv[2], out_shard_size="20KB", progress=False)
+"""
+
+
+def test_killed_run_is_not_complete_and_resumes(llama_family, tmp_path):
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {tuned[1]}, parameters: {{weight: 0.3}}}}
+""")
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, config, out])
+    state = os.path.join(out, ".vfuse-merge-state.json")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(state):
+            with open(state) as f:
+                try:
+                    if json.load(f)["shards"]:
+                        break
+                except ValueError:
+                    pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False)
+    assert summary.skipped > 0
+    reference = str(tmp_path / "reference")
+    merge_checkpoints(config, reference, out_shard_size="20KB", progress=False)
+    assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
+
+
+def _rewrite(path, drop=None, reshape=None):
+    """Rewrites the single-file checkpoint copy at path without/with a changed tensor."""
+    from safetensors.torch import save_file
+
+    tensors = load_tensors(path)
+    for f in os.listdir(path):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(path, f))
+    if drop:
+        del tensors[drop]
+    if reshape:
+        tensors[reshape] = tensors[reshape][:-1].clone()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "has no tensor 'model.layers.1.mlp.up_proj.weight'"),
+    ("shape", r"has shape \(36, 32\), the base has \(37, 32\)"),
+    ("truncated", "truncated"),
+    ("extra", "has tensor 'extra.weight' that"),
+])
+def test_bad_checkpoints_fail_before_any_output(llama_family, tmp_path, damage, message):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root, base, tuned = llama_family
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tuned[0], bad)
+    if damage == "missing":
+        _rewrite(bad, drop="model.layers.1.mlp.up_proj.weight")
+    elif damage == "shape":
+        _rewrite(bad, reshape="model.layers.1.mlp.up_proj.weight")
+    elif damage == "truncated":
+        shard = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[-1]
+        with open(os.path.join(bad, shard), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(bad, shard)) - 10)
+    else:
+        tensors = load_tensors(bad)
+        tensors["extra.weight"] = torch.ones(3)
+        _rewrite(bad)
+        save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {bad}, parameters: {{weight: 0.5}}}}
+""")
+    out = str(tmp_path / "out")
+    with pytest.raises(CheckpointError, match=message):
+        merge_checkpoints(config, out, progress=False)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("merge_method: slerp", "merge_method='slerp' is not supported"),
+    ("merge_method: ties\nmodels: [{model: FT0}]", "base_model is required"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0}]", r"models\[0\] .* has no weight"),
+    ("merge_method: ties\nbase_model: BASE\nslices: []\nmodels: [{model: FT0}]", "unsupported key 'slices'"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: 1, epsilon: 0.1}}]",
+     r"models\[0\].parameters.epsilon is not a parameter of ties"),
+    ("merge_method: linear\nmodels: [{model: FT0, parameters: {weight: 1, density: 0.5}}]",
+     "density is not a parameter of linear"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: 1}}]\ndtype: float8",
+     "dtype='float8'"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: missing/path, parameters: {weight: 1}}]",
+     "no such checkpoint"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: {schedule: cubic}}}]",
+     "schedule='cubic'"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: 1}}]\nvfuse: {color: red}",
+     "vfuse.color is not a vfuse option"),
+])
+def test_config_errors_name_the_key(llama_family, tmp_path, text, message):
+    root, base, tuned = llama_family
+    path = write_yaml(str(tmp_path / "c.yml"), text.replace("BASE", base).replace("FT0", tuned[0]))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_density_out_of_range_is_reported_before_work(llama_family, tmp_path):
+    root, base, tuned = llama_family
+    config = parse_config({"merge_method": "ties", "base_model": base,
+                           "models": [{"model": tuned[0], "parameters": {"weight": 1, "density": [0.5, 1.5]}}]})
+    with pytest.raises(ValueError, match="density 1.5 for tensor 'model.layers.2"):
+        build_plan(config)
+
+
+def test_cli_merge_prints_summary_and_refuses_to_overwrite(llama_family, tmp_path, capsys):
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}
+""")
+    out = str(tmp_path / "out")
+    assert cli_main(["merge", config, out, "--threads", "1", "--out-shard-size", "30KB"]) == 0
+    captured = capsys.readouterr()
+    assert "merged 30 tensors" in captured.out and "GB/s" in captured.out
+    assert "vfuse merge" in captured.err  # the progress bar
+    assert cli_main(["merge", config, out, "--quiet"]) == 2
+    assert "already holds a complete merge" in capsys.readouterr().err
+
+
+def test_checkpoint_reads_match_safetensors(llama_family):
+    root, base, tuned = llama_family
+    expected = load_tensors(base)
+    with Checkpoint(base) as ck:
+        assert set(ck.tensors) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(ck.read(name), tensor)
+
+
+def test_linear_merge_of_deltas_api(llama_family):
+    """The engine's linear path (zero base, the tuned tensors as deltas) is the weighted average."""
+    root, base, tuned = llama_family
+    a, b = load_tensors(tuned[0]), load_tensors(tuned[1])
+    key = "model.layers.0.mlp.gate_proj.weight"
+    out = vk.delta_merge(torch.zeros_like(a[key]), [a[key], b[key]], [1.0, 3.0], method="linear",
+                         tuned_are_deltas=True)
+    torch.testing.assert_close(out, (a[key] + 3 * b[key]) / 4, rtol=1e-6, atol=1e-7)
