@@ -69,3 +69,33 @@ def check_merge_inputs(base, tuned, density, tuned_are_deltas) -> tuple[list[tor
     if not isinstance(tuned_are_deltas, bool):
         raise TypeError(f"tuned_are_deltas must be a bool, got {type(tuned_are_deltas).__name__}")
     return tuned, densities
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_float_tensor(name: str, value, ndim: int | None = None, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
+    """A floating tensor of one of ``dtypes`` and (when given) ``ndim`` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        shown = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {value.dtype}; supported: {shown}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_count(name: str, value, low: int, high: int) -> int:
+    """An int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is outside [{low}, {high}]")
+    return value
+
+
+def check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {ref.device}")
