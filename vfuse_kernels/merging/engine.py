@@ -6,9 +6,11 @@ buffers and copies on a side stream) while the main thread merges the current te
 with ``delta_merge`` (C++ on CPU, Triton on CUDA) into a pooled output buffer, and a
 writer thread streams finished tensors into the output shard being written. Used input
 pages are dropped from the process (MADV_DONTNEED) and at most ``WRITE_QUEUE`` outputs
-wait for the writer, so peak memory is a few of the largest tensors, not the model. Shards are written as ``<name>.tmp`` and renamed when complete; the index is
-written last, so a failed or killed run never leaves a complete-looking output, and
-``resume=True`` keeps the shards a previous run finished (checked by CRC-32).
+wait for the writer, so peak memory is a few of the largest tensors, not the model.
+Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last, so a failed or killed run never leaves a complete-looking output, and
+``resume=True`` keeps the shards a previous run finished (checked by CRC-32). ``_run`` can
+be restricted to some of the shards (each rank of a distributed merge writes its own, with
+its own state file), and ``_finish_out_dir`` publishes the folder once all shards exist.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,9 +34,10 @@ from .checkpoint import INDEX_NAME, ShardWriter, file_crc32, parse_size, plan_sh
 from .config import MergeConfig, load_config
 from .plan import MergePlan, TensorTask, build_plan
 
-PREFETCH = 2  # tensors whose inputs are read ahead
-WRITE_QUEUE = 2  # merged tensors waiting for the writer
-STATE_NAME = ".vfuse-merge-state.json"
+PREFETCH = 1  # tensors whose inputs are read ahead
+WRITE_QUEUE = 1  # merged tensors waiting for the writer
+STATE_PREFIX = ".vfuse-merge-state"
+STATE_NAME = STATE_PREFIX + ".json"
 # Linux ≥ 5.14: read the pages in and map them now, on the loading thread, so the merge
 # takes no page faults; older kernels fall back to MADV_WILLNEED (read-ahead only).
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -175,24 +179,35 @@ class _Runner:
         return self.pool.take(task.shape, task.out_dtype)
 
 
+def rank_state_name(rank: int) -> str:
+    """The state file one rank of a distributed merge records its finished shards in."""
+    return f"{STATE_PREFIX}.rank{rank}.json"
+
+
+def _state_files(out_dir: str) -> list[str]:
+    return sorted(n for n in os.listdir(out_dir) if n.startswith(STATE_PREFIX) and n.endswith(".json"))
+
+
 def _prepare_out_dir(out_dir: str, fingerprint: str, resume: bool) -> dict[str, str]:
     """Creates the folder; returns the shards (name → CRC-32) a previous run completed and
-    that resume may keep. Refuses to overwrite a complete merge."""
+    that resume may keep (from its state files: the single-process one and any per-rank
+    ones, folded into one). Refuses to overwrite a complete merge."""
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, INDEX_NAME)):
         raise FileExistsError(f"{out_dir} already holds a complete merge ({INDEX_NAME}); choose another folder")
     for name in os.listdir(out_dir):
         if name.endswith(".tmp"):
             os.remove(os.path.join(out_dir, name))
-    state_path = os.path.join(out_dir, STATE_NAME)
-    done: dict[str, str] = {}
-    if resume and os.path.exists(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("fingerprint") == fingerprint:
-            done = {name: digest for name, digest in state.get("shards", {}).items()
-                    if os.path.exists(os.path.join(out_dir, name))
-                    and file_crc32(os.path.join(out_dir, name)) == digest}
+    recorded: dict[str, str] = {}
+    for name in _state_files(out_dir):
+        if resume:
+            with open(os.path.join(out_dir, name)) as f:
+                state = json.load(f)
+            if state.get("fingerprint") == fingerprint:
+                recorded.update(state.get("shards", {}))
+        os.remove(os.path.join(out_dir, name))
+    done = {name: digest for name, digest in recorded.items()
+            if os.path.exists(os.path.join(out_dir, name)) and file_crc32(os.path.join(out_dir, name)) == digest}
     if not done:
         for name in os.listdir(out_dir):
             if name.startswith("model-") and name.endswith(".safetensors"):
@@ -201,15 +216,22 @@ def _prepare_out_dir(out_dir: str, fingerprint: str, resume: bool) -> dict[str, 
     return done
 
 
-def _write_state(out_dir: str, fingerprint: str, shards: dict[str, str]) -> None:
-    tmp = os.path.join(out_dir, STATE_NAME + ".tmp")
+def _write_state(out_dir: str, fingerprint: str, shards: dict[str, str], name: str = STATE_NAME) -> None:
+    tmp = os.path.join(out_dir, name + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"fingerprint": fingerprint, "shards": shards}, f)
-    os.replace(tmp, os.path.join(out_dir, STATE_NAME))
+    os.replace(tmp, os.path.join(out_dir, name))
 
 
-def _finish_out_dir(plan: MergePlan, out_dir: str, layouts, tasks_by_name) -> None:
-    """Copies the reference model's config and tokenizer files, then writes the index."""
+def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
+    """Checks that every shard is in place, copies the reference model's config and
+    tokenizer files, then writes the index and removes the state files."""
+    for layout in layouts:
+        path = os.path.join(out_dir, layout.filename)
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != layout.size:
+            found = "is missing" if size is None else f"has {size} bytes, expected {layout.size}"
+            raise RuntimeError(f"{out_dir}: shard {layout.filename} {found}; not writing {INDEX_NAME}")
     source = plan.checkpoints[plan.reference].folder
     for name in os.listdir(source):
         path = os.path.join(source, name)
@@ -224,6 +246,7 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts, tasks_by_name) -> No
             config[key] = out_dtype
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
+    tasks_by_name = {t.name: t for t in plan.tasks}
     total = sum(tasks_by_name[n].nbytes for layout in layouts for n in layout.names)
     index = {"metadata": {"total_size": total, "merged_by": "vfuse_kernels"},
              "weight_map": {n: layout.filename for layout in layouts for n in layout.names}}
@@ -231,7 +254,8 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts, tasks_by_name) -> No
     with open(tmp, "w") as f:
         json.dump(index, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
-    os.remove(os.path.join(out_dir, STATE_NAME))
+    for name in _state_files(out_dir):
+        os.remove(os.path.join(out_dir, name))
 
 
 def merge_checkpoints(
@@ -257,18 +281,23 @@ def merge_checkpoints(
         layouts = plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(out_shard_size))
         fingerprint = plan.fingerprint()
         done = _prepare_out_dir(out_dir, fingerprint, resume)
-        return _run(plan, layouts, fingerprint, done, out_dir, device, progress, start)
+        summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start)
+        _finish_out_dir(plan, out_dir, layouts)
+        return summary
     finally:
         plan.close()
 
 
 def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_dir: str, device, progress: bool,
-         start: float):
+         start: float, shards: Collection[str] | None = None, state_name: str = STATE_NAME) -> MergeSummary:
+    """Writes the shards of ``layouts`` not in ``done`` (only those named in ``shards``, when
+    given), recording each finished one in the state file ``state_name``."""
     tasks_by_name = {t.name: t for t in plan.tasks}
-    todo = [(layout, tasks_by_name[n]) for layout in layouts if layout.filename not in done for n in layout.names]
-    skipped = sum(len(layout.names) for layout in layouts if layout.filename in done)
+    mine = [layout for layout in layouts if shards is None or layout.filename in shards]
+    todo = [(layout, tasks_by_name[n]) for layout in mine if layout.filename not in done for n in layout.names]
+    skipped = sum(len(layout.names) for layout in mine if layout.filename in done)
     largest = max((t.nbytes for t in plan.tasks), default=0)
-    runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 2) * largest))
+    runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest))
     completed = dict(done)
     state = {"writer": None, "written": 0}
 
@@ -284,7 +313,7 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
         if writer.complete:
             completed[layout.filename] = writer.finish()
             state["writer"] = None
-            _write_state(out_dir, fingerprint, completed)
+            _write_state(out_dir, fingerprint, completed, state_name)
 
     bar = None
     if progress:
@@ -321,6 +350,5 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
     finally:
         if bar is not None:
             bar.close()
-    _finish_out_dir(plan, out_dir, layouts, tasks_by_name)
-    return MergeSummary(out_dir, merged, copied, skipped, len(layouts), state["written"], time.perf_counter() - start,
+    return MergeSummary(out_dir, merged, copied, skipped, len(mine), state["written"], time.perf_counter() - start,
                         peak_rss_bytes())
