@@ -90,3 +90,25 @@ def write_yaml(path: str, text: str) -> str:
 def index_of(path: str) -> dict:
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         return json.load(f)
+
+
+def llava(seed: int, *, vision=None, text=None, feature_layer=-2, strategy="default", act="gelu", base_lm=None,
+          image_token_id=0):
+    """A tiny LLaVA model; its language model copied (and perturbed) from ``base_lm`` if given."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(dict(image_size=8, patch_size=2, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4), **(vision or {}))
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**dict(TEXT, **(text or {}))),
+                         image_token_id=image_token_id, vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy=strategy, projector_hidden_act=act)
+    model = LlavaForConditionalGeneration(config)
+    if base_lm is not None:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            for p, q in zip(model.model.language_model.parameters(), base_lm.model.parameters()):
+                p.copy_(q + 0.05 * torch.randn(q.shape, generator=gen))
+            model.lm_head.weight.copy_(base_lm.lm_head.weight + 0.05 * torch.randn(base_lm.lm_head.weight.shape,
+                                                                                   generator=gen))
+    return model

@@ -80,6 +80,12 @@ PARITY_CONFIGS = {
 }
 
 
+def task_arithmetic_config(tmp_path, base: str, model: str, weight: float) -> str:
+    """A one-model task-arithmetic config file."""
+    return write_yaml(str(tmp_path / "c.yml"), f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                               f"  - {{model: {model}, parameters: {{weight: {weight}}}}}\n")
+
+
 def _config_text(name, base, tuned):
     text = textwrap.dedent(PARITY_CONFIGS[name])
     text = text.replace("BASE", base)
@@ -236,12 +242,7 @@ def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monk
     from vfuse_kernels.merging import engine
 
     root, base, tuned = llama_family
-    config = write_yaml(str(tmp_path / "c.yml"), f"""
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}
-""")
+    config = task_arithmetic_config(tmp_path, base, tuned[0], 0.5)
     reference = str(tmp_path / "reference")
     merge_checkpoints(config, reference, out_shard_size="20KB", progress=False)
     original = engine._Runner.compute
@@ -282,12 +283,7 @@ engine.merge_checkpoints(sys.argv[1], sys.argv[2], out_shard_size="20KB", progre
 
 def test_killed_run_is_not_complete_and_resumes(llama_family, tmp_path):
     root, base, tuned = llama_family
-    config = write_yaml(str(tmp_path / "c.yml"), f"""
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - {{model: {tuned[1]}, parameters: {{weight: 0.3}}}}
-""")
+    config = task_arithmetic_config(tmp_path, base, tuned[1], 0.3)
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, config, out])
     state = os.path.join(out, ".vfuse-merge-state.json")
@@ -353,12 +349,7 @@ def test_bad_checkpoints_fail_before_any_output(llama_family, tmp_path, damage, 
         tensors["extra.weight"] = torch.ones(3)
         _rewrite(bad)
         save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
-    config = write_yaml(str(tmp_path / "c.yml"), f"""
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - {{model: {bad}, parameters: {{weight: 0.5}}}}
-""")
+    config = task_arithmetic_config(tmp_path, base, bad, 0.5)
     out = str(tmp_path / "out")
     with pytest.raises(CheckpointError, match=message):
         merge_checkpoints(config, out, progress=False)
@@ -400,12 +391,7 @@ def test_density_out_of_range_is_reported_before_work(llama_family, tmp_path):
 
 def test_cli_merge_prints_summary_and_refuses_to_overwrite(llama_family, tmp_path, capsys):
     root, base, tuned = llama_family
-    config = write_yaml(str(tmp_path / "c.yml"), f"""
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}
-""")
+    config = task_arithmetic_config(tmp_path, base, tuned[0], 0.5)
     out = str(tmp_path / "out")
     assert cli_main(["merge", config, out, "--threads", "1", "--out-shard-size", "30KB"]) == 0
     captured = capsys.readouterr()

@@ -1,10 +1,12 @@
 """The ``vfuse`` command line.
 
     vfuse merge CONFIG.yml OUT_DIR [--device cpu|cuda] [--threads N] [--out-shard-size SIZE] [--resume]
+                [--distributed [--timeout SECONDS]]   # under torchrun: the ranks split the shards
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -13,6 +15,8 @@ def _merge(args) -> int:
 
     from .merging import CheckpointError, ConfigError, merge_checkpoints
 
+    if args.timeout is not None and (not args.distributed or args.timeout <= 0):
+        raise SystemExit("vfuse merge: --timeout needs --distributed and a positive number of seconds")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("vfuse merge: --threads must be at least 1")
@@ -22,14 +26,35 @@ def _merge(args) -> int:
         ext = cpu_extension()
         if ext is not None:
             ext.set_num_threads(args.threads)
+    options = dict(device=args.device, out_shard_size=args.out_shard_size, resume=args.resume, progress=not args.quiet)
     try:
-        summary = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
-                                    resume=args.resume, progress=not args.quiet)
+        if args.distributed:
+            from .merging.distributed import DEFAULT_TIMEOUT, DistributedMergeError, merge_distributed
+
+            try:
+                summary = merge_distributed(args.config, args.out_dir, timeout=args.timeout or DEFAULT_TIMEOUT,
+                                            **options)
+            except DistributedMergeError as exc:
+                rank = int(os.environ.get("RANK", "0"))
+                if rank == 0 or rank in exc.failed or not exc.failed:  # one report per failure, not per rank
+                    print(f"vfuse merge: error: {exc}", file=sys.stderr)
+                return 1
+        else:
+            summary = merge_checkpoints(args.config, args.out_dir, **options)
     except (ConfigError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"vfuse merge: error: {exc}", file=sys.stderr)
         return 2
-    print(summary.line())
+    if summary is not None:  # a distributed merge reports on rank 0
+        print(summary.line())
     return 0
+
+
+def _demo(args) -> int:
+    from .pipeline.demo import run_demo
+
+    keep = None if args.keep <= 0 or args.keep >= 1 else args.keep
+    result = run_demo(device=args.device, cache_dir=args.cache_dir, keep=keep, max_new_tokens=args.max_new_tokens)
+    return 0 if result["parity"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out-shard-size", default="5GB", help="maximum bytes per output shard (e.g. 5GB, 500MiB)")
     merge.add_argument("--resume", action="store_true", help="keep the shards a killed run already finished")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--distributed", action="store_true",
+                       help="launched by torchrun: the ranks split the output shards (OUT on a shared filesystem)")
+    merge.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="--distributed: how long a rank waits for the others at each step (default 1800)")
     merge.set_defaults(run=_merge)
+    demo = commands.add_parser("demo", help="build a small LLaVA family offline and run VisionFuse on it",
+                               description="Builds (once, cached) a base LLM and three LLaVA-style members as real "
+                                           "checkpoints, merges their language models, fuses their visual tokens "
+                                           "and generates text; checks M=1 parity with transformers.")
+    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo.add_argument("--cache-dir", help="where the demo checkpoints live (default ~/.cache/vfuse/demo)")
+    demo.add_argument("--keep", type=float, default=0.5, help="ratio of visual tokens kept (1: no pruning)")
+    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,0 +1,320 @@
+"""Reference VisionFuse pipeline on HF transformers LLaVA-family models (arXiv 2412.01289).
+
+M MLLMs that share a base LLM → one model: their language models merged into one (in
+place, streaming the other checkpoints tensor by tensor: one LLM resident at a time),
+every member's vision tower and projector kept. An image goes through each tower with
+that tower's own preprocessing and feature layer(s); ``project_concat`` projects every
+encoder's (optionally pruned) tokens straight into one ``[B, ΣKⱼ, H]`` sequence, which
+replaces the prompt's ``<image>`` placeholder.
+
+Documented choices:
+- encoder order is ``model_paths`` order; the tokens of encoder j follow those of j − 1
+  with no separator tokens, and positions are sequential (as LLaVA numbers image tokens);
+- the prompt holds one ``<image>`` token (prepended when missing), expanded to ΣKⱼ
+  placeholders;
+- pruning (``keep``: tokens per image or a ratio of ΣNⱼ) scores each encoder's tokens by
+  its [CLS] attention in the tower layer that produces its last selected feature
+  (VisionZip) and splits the budget with ``TokenPruner`` (``prune_mode``).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..merging.checkpoint import Checkpoint
+from ..merging.inplace import merge_into_
+from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
+from ..ops import project_concat
+from ..ops.query_key_scores import cls_attention
+from ..patch import _encoder_layers
+from .preprocess import ImagePreprocessor
+
+LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+HEAD_PREFIXES = ("lm_head.", "language_model.lm_head.")
+FAMILY_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size")
+
+
+class Encoder(nn.Module):
+    """One member's visual path: tower, feature-layer selection, projector, preprocessing."""
+
+    def __init__(self, name: str, tower: nn.Module, projector: nn.Module, fusion: MultiLayerFeatureFusion,
+                 preprocess: ImagePreprocessor):
+        super().__init__()
+        self.name, self.tower, self.projector, self.fusion, self.preprocess = name, tower, projector, fusion, preprocess
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens per image before pruning."""
+        cfg = self.tower.config
+        patches = (cfg.image_size // cfg.patch_size) ** 2
+        return patches if self.fusion.select_strategy == "default" else patches + 1
+
+
+@dataclass
+class MergeStats:
+    seconds: float = 0.0
+    bytes_read: int = 0
+    tensors: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / max(self.seconds, 1e-9) / 1e9
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    visual_tokens: list[tuple[int, int]]  # per encoder: (tokens, kept)
+    prefill_seconds: float
+    decode_seconds: float
+    timings: dict = field(default_factory=dict)
+
+
+def _llava_class():
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def _text_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).get_text_config()
+
+
+def check_family(paths: Sequence[str]) -> None:
+    """All members must share the language model's shape; raises naming what differs."""
+    configs = [_text_config(p) for p in paths]
+    for key in FAMILY_KEYS:
+        values = [getattr(c, key, None) for c in configs]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"{v} ({p})" for v, p in zip(values, paths))
+            raise ValueError(f"the models are not one family: text {key} differs: {shown}")
+
+
+def _prefix(checkpoint: Checkpoint, candidates: Sequence[str], probe: str) -> str | None:
+    return next((p for p in candidates if p + probe in checkpoint.tensors), None)
+
+
+def language_prefix_map(checkpoint: Checkpoint) -> dict[str, str]:
+    """Maps the merged module's names ('lm.', 'head.') to the checkpoint's tensor names."""
+    lm = _prefix(checkpoint, LM_PREFIXES, "embed_tokens.weight")
+    if lm is None:
+        raise ValueError(f"{checkpoint.path}: no language model found (no *embed_tokens.weight under "
+                         f"{', '.join(LM_PREFIXES)})")
+    head = _prefix(checkpoint, HEAD_PREFIXES, "weight") or "lm_head."
+    return {"lm.": lm, "head.": head}
+
+
+class VisionFuse(nn.Module):
+    """The fused model: one language model, M visual encoders."""
+
+    def __init__(self, host: nn.Module, encoders: Sequence[Encoder], tokenizer=None, *,
+                 keep: int | float | None = None, prune_mode: str = "proportional"):
+        super().__init__()
+        self.host = host
+        self.encoders = nn.ModuleList(encoders)
+        self.tokenizer = tokenizer
+        self.language_model = host.model.language_model
+        self.lm_head = host.lm_head
+        config = host.config
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = config.image_token_index
+        self.pruner = TokenPruner(keep, source="scores", mode=prune_mode) if keep is not None else None
+        self.merge_stats = MergeStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, model_paths: Sequence[str], base_model: str | None = None,
+                        weights: Sequence[float] | None = None, method: str = "task_arithmetic", *,
+                        density: float | Sequence[float] = 1.0, keep: int | float | None = None,
+                        prune_mode: str = "proportional", device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **merge_kwargs) -> "VisionFuse":
+        """Loads M LLaVA-family checkpoints and merges their language models.
+
+        ``weights`` default to 1/M each. With a ``base_model`` (an LLM or MLLM checkpoint
+        of the shared base) the language model is ``base + combine(wᵢ·(θᵢ − base))``
+        with ``method``; without one, ``method`` must be ``"linear"`` (the weighted
+        average). One model with weight 1 is used as is.
+        """
+        paths = list(model_paths)
+        if not paths:
+            raise ValueError("model_paths must name at least one LLaVA-family checkpoint")
+        weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(paths):
+            raise ValueError(f"{len(paths)} models but {len(weights)} weights")
+        check_family(paths + ([base_model] if base_model else []))
+        device = torch.device(device)
+        llava = _llava_class()
+        host = llava.from_pretrained(paths[0], dtype=dtype).to(device).eval()
+        encoders = [cls._encoder(paths[0], host)]
+        for path in paths[1:]:
+            member = llava.from_pretrained(path, dtype=dtype)
+            encoders.append(cls._encoder(path, member, device))
+            del member
+        tokenizer = _tokenizer(paths[0])
+        model = cls(host, encoders, tokenizer, keep=keep, prune_mode=prune_mode)
+        if not (len(paths) == 1 and weights == [1.0]):
+            model.merge_stats = model._merge_language_models(paths, base_model, weights, method, density, merge_kwargs)
+        return model
+
+    @staticmethod
+    def _encoder(path: str, llava: nn.Module, device=None) -> Encoder:
+        inner = llava.model
+        tower, projector = inner.vision_tower, inner.multi_modal_projector
+        if device is not None:
+            tower, projector = tower.to(device), projector.to(device)
+        fusion = MultiLayerFeatureFusion.from_config(llava.config)
+        preprocess = ImagePreprocessor.from_pretrained(path, default_size=llava.config.vision_config.image_size)
+        return Encoder(path, tower.eval(), projector.eval(), fusion, preprocess)
+
+    def _language_module(self) -> nn.Module:
+        return nn.ModuleDict({"lm": self.language_model, "head": self.lm_head})
+
+    def _merge_language_models(self, paths, base_model, weights, method, density, merge_kwargs) -> MergeStats:
+        start = time.perf_counter()
+        module = self._language_module()
+        sources = [Checkpoint(p) for p in paths]
+        prefix_map = language_prefix_map(sources[0])
+        for ck in sources[1:]:
+            if language_prefix_map(ck) != prefix_map:
+                raise ValueError(f"{ck.path} names its language model differently from {sources[0].path}")
+        if base_model is not None:
+            base = Checkpoint(base_model)
+            copied = _copy_into_(module, base, language_prefix_map(base))
+            bytes_read = copied
+        elif method != "linear":
+            raise ValueError(f"method={method!r} needs a base_model (the shared base LLM); "
+                             "without one use method='linear'")
+        else:
+            bytes_read = 0
+        counts = merge_into_(module, sources, weights, method=method, density=density, prefix_map=prefix_map,
+                             **merge_kwargs)
+        bytes_read += sum(info.nbytes for ck in sources for info in ck.tensors.values()
+                          if any(info.name.startswith(p) for p in prefix_map.values()))
+        for ck in sources:
+            ck.close()
+        return MergeStats(time.perf_counter() - start, bytes_read, counts["merged"])
+
+    @torch.no_grad()
+    def image_tokens(self, images=None, pixel_values: Sequence[torch.Tensor] | None = None):
+        """[B, ΣKⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder. ``pixel_values[j]`` (already
+        preprocessed for tower j) bypasses the towers' own preprocessing of ``images``."""
+        features, scores = [], []
+        for j, enc in enumerate(self.encoders):
+            pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
+            pv = pv.to(self.device, self.dtype)
+            hidden = enc.tower(pv, output_hidden_states=True).hidden_states
+            features.append(enc.fusion(hidden))
+            if self.pruner is not None:
+                layer = enc.fusion.attention_layer(len(hidden))
+                q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
+                s = cls_attention(q, k, scale=scale)
+                scores.append(s[:, 1:] if enc.fusion.select_strategy == "default" else s)
+        keep = self.pruner(scores).keep if self.pruner is not None else None
+        tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
+        counts = [(f[0].shape[1] if isinstance(f, list) else f.shape[1]) for f in features]
+        kept = [k.shape[1] for k in keep] if keep is not None else counts
+        return tokens, list(zip(counts, kept))
+
+    def expand_prompt(self, prompt: str | Sequence[int], num_visual: int) -> torch.Tensor:
+        """[1, L] input ids: the prompt with its one ``<image>`` token expanded to ``num_visual``."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
+        count = ids.count(self.image_token_id)
+        if count == 0:
+            ids = [self.image_token_id] + ids
+        elif count > 1:
+            raise ValueError(f"the prompt holds {count} <image> tokens; VisionFuse takes one image per prompt")
+        at = ids.index(self.image_token_id)
+        ids = ids[:at] + [self.image_token_id] * num_visual + ids[at + 1:]
+        return torch.tensor([ids], device=self.device)
+
+    def _embed(self, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != tokens.shape[0] * tokens.shape[1]:
+            raise ValueError(f"the prompt has {int(mask.sum())} image placeholders for "
+                             f"{tokens.shape[0] * tokens.shape[1]} visual tokens")
+        embeds[mask] = tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, images=None, pixel_values=None) -> torch.Tensor:
+        """Logits [B, L, V] for ``input_ids`` that already hold ΣKⱼ image placeholders."""
+        tokens, _ = self.image_tokens(images, pixel_values)
+        hidden = self.language_model(inputs_embeds=self._embed(input_ids, tokens)).last_hidden_state
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def generate(self, images, prompt: str | Sequence[int], max_new_tokens: int = 16) -> Generation:
+        """Greedy decoding with a KV cache; returns the text, ids, token counts and timings."""
+        start = time.perf_counter()
+        tokens, counts = self.image_tokens(images)
+        visual_seconds = time.perf_counter() - start
+        input_ids = self.expand_prompt(prompt, tokens.shape[1])
+        start = time.perf_counter()
+        out = self.language_model(inputs_embeds=self._embed(input_ids, tokens), use_cache=True)
+        next_id = self.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        prefill = time.perf_counter() - start
+        generated = [int(next_id)]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        start = time.perf_counter()
+        cache_arg = _cache_argument(self.language_model)
+        past = getattr(out, cache_arg)
+        while len(generated) < max_new_tokens and generated[-1] != eos:
+            embeds = self.language_model.get_input_embeddings()(next_id[:, None])
+            out = self.language_model(inputs_embeds=embeds, use_cache=True, **{cache_arg: past})
+            past = getattr(out, cache_arg)
+            next_id = self.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+            generated.append(int(next_id))
+        decode = time.perf_counter() - start
+        text = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return Generation(text, generated, counts, prefill, decode,
+                          {"visual_seconds": visual_seconds, "prompt_tokens": input_ids.shape[1]})
+
+
+def _copy_into_(module: nn.Module, checkpoint: Checkpoint, prefix_map: dict[str, str]) -> int:
+    """Overwrites ``module``'s tensors with the checkpoint's (renamed by prefix); returns bytes read."""
+    read = 0
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            prefix = next((p for p in prefix_map if name.startswith(p)), None)
+            source = prefix_map[prefix] + name[len(prefix):] if prefix is not None else name
+            if source not in checkpoint.tensors:
+                continue
+            value = checkpoint.read(source)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(f"{checkpoint.path}: {source!r} has shape {tuple(value.shape)}, "
+                                 f"the model's {name!r} has {tuple(tensor.shape)}")
+            tensor.copy_(value)
+            read += value.numel() * value.element_size()
+    return read
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The KV-cache keyword of this transformers version ('cache' since 5.x, else 'past_key_values')."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _tokenizer(path: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
