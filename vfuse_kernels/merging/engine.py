@@ -7,7 +7,8 @@ with ``delta_merge`` (C++ on CPU, Triton on CUDA) into a pooled output buffer, a
 writer thread streams finished tensors into the output shard being written. Used input
 pages are dropped from the process (MADV_DONTNEED) and at most ``WRITE_QUEUE`` outputs
 wait for the writer, so peak memory is a few of the largest tensors, not the model.
-Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last, so a failed or killed run never leaves a complete-looking output, and
+Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last,
+so a failed or killed run never leaves a complete-looking output, and
 ``resume=True`` keeps the shards a previous run finished (checked by CRC-32). ``_run`` can
 be restricted to some of the shards (each rank of a distributed merge writes its own, with
 its own state file), and ``_finish_out_dir`` publishes the folder once all shards exist.
