@@ -41,11 +41,12 @@ def run(numel: int, models: int, dtype: torch.dtype, device: torch.device, metho
     itemsize = base.element_size()
     ideal_bytes = (models + 2) * numel * itemsize
     copy_dst = torch.empty_like(base)
-    copy_ms = time_ms(lambda: copy_dst.copy_(base), device, reps=reps)[0]
+    copy_ms, copy_p20, copy_p80 = time_ms(lambda: copy_dst.copy_(base), device, reps=reps)
     copy_gbps = 2 * numel * itemsize / copy_ms / 1e6
     out = torch.empty_like(base)
-    rows = [{"method": "copy", "impl": "torch.Tensor.copy_", "median_ms": copy_ms, "GB/s": copy_gbps,
-             "pct_of_copy": 100.0}]
+    rows = [{"op": "copy", "method": "copy", "impl": "torch.Tensor.copy_", "numel": numel,
+             "dtype": str(dtype).removeprefix("torch."), "median_ms": copy_ms, "p20_ms": copy_p20,
+             "p80_ms": copy_p80, "GB/s": copy_gbps, "pct_of_copy": 100.0}]
     for method in methods:
         sparse = method in ("ties", "dare_linear", "dare_ties")
         p = density if sparse else 1.0

@@ -204,6 +204,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--ops", nargs="+", choices=["project", "scores"], default=["project", "scores"],
+                        help="which op families to run (project_concat + selection, query_key_scores)")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke test)")
     parser.add_argument("--json", help="write the rows (with device, versions, date, commit) here")
     args = parser.parse_args(argv)
@@ -215,6 +217,7 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16
     env = environment(device)
     configs = list(itertools.product(args.encoders, args.tokens, args.batch, args.keep))
+    configs = configs if "project" in args.ops else []
     project_rows = []
     for m, n, batch, keep in configs:
         project_rows += bench_project(m, n, batch, keep, args.dim, args.hidden, dtype, device, args.reps,
@@ -225,12 +228,13 @@ def main(argv=None) -> list[dict]:
                                           ["torch.compile"])
     project_rows = add_ratios(project_rows)
     score_rows = []
-    for length in args.score_lengths:
+    for length in args.score_lengths if "scores" in args.ops else []:
         score_rows += bench_scores(length, args.heads, args.head_dim, dtype, device, args.reps)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | bf16 | D={args.dim} H={args.hidden}")
-    print_table(project_rows, PROJECT_COLUMNS)
-    print()
-    print_table(score_rows, SCORE_COLUMNS)
+    for table, columns in ((project_rows, PROJECT_COLUMNS), (score_rows, SCORE_COLUMNS)):
+        if table:
+            print_table(table, columns)
+            print()
     rows = project_rows + score_rows
     if args.json:
         write_json(args.json, env, rows)

@@ -2,6 +2,9 @@
 
     vfuse merge CONFIG.yml OUT_DIR [--device cpu|cuda] [--threads N] [--out-shard-size SIZE] [--resume]
                 [--distributed [--timeout SECONDS]]   # under torchrun: the ranks split the shards
+    vfuse demo [--device cpu|cuda] [--keep RATIO]
+    vfuse bench [merge|tokens|scores|all] [--quick] [--device cpu|cuda] [--json PATH]
+    vfuse profile-sequence [--device cpu|cuda] [--out DIR] [--quick]
 """
 from __future__ import annotations
 
@@ -57,6 +60,29 @@ def _demo(args) -> int:
     return 0 if result["parity"] else 1
 
 
+def _bench(args) -> int:
+    from .bench import run
+
+    suites = ["merge", "tokens", "scores"] if args.suite == "all" else [args.suite]
+    try:
+        run(suites, device=args.device, quick=args.quick, json_path=args.json)
+    except FileNotFoundError as exc:
+        print(f"vfuse bench: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _profile_sequence(args) -> int:
+    from .profile import profile_sequence
+
+    try:
+        profile_sequence(args.out, device=args.device, quick=args.quick, cache_dir=args.cache_dir)
+    except ImportError as exc:
+        print(f"vfuse profile-sequence: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfuse", description="Fused kernels for training-free MLLM fusion")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=0.5, help="ratio of visual tokens kept (1: no pruning)")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(run=_demo)
+    bench = commands.add_parser("bench", help="run the kernel benchmarks (needs the source checkout's benchmarks/)",
+                                description="Times the kernels against their baselines (benchmarks/bench_merge.py, "
+                                            "bench_tokens.py), prints a table per op and optionally writes JSON rows.")
+    bench.add_argument("suite", nargs="?", default="all", choices=["merge", "tokens", "scores", "all"])
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions, no torch.compile baseline")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--json", metavar="PATH", help="write the rows and the environment here")
+    bench.set_defaults(run=_bench)
+    profile = commands.add_parser("profile-sequence", help="time and memory per visual-path stage vs visual tokens",
+                                  description="Sweeps encoders x tokens per encoder x keep ratio x batch through "
+                                              "the demo family's visual path and the merged LLM's prefill; writes "
+                                              "profile.csv and profile.png (needs matplotlib).")
+    profile.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    profile.add_argument("--out", default="profile-sequence", help="output folder")
+    profile.add_argument("--quick", action="store_true", help="a small sweep, one timed run per point")
+    profile.add_argument("--cache-dir", help="where the demo checkpoints live (default ~/.cache/vfuse/demo)")
+    profile.set_defaults(run=_profile_sequence)
     return parser
 
 

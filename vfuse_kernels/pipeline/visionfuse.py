@@ -18,6 +18,7 @@ Documented choices:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Sequence
@@ -212,22 +213,30 @@ class VisionFuse(nn.Module):
         return MergeStats(time.perf_counter() - start, bytes_read, counts["merged"])
 
     @torch.no_grad()
-    def image_tokens(self, images=None, pixel_values: Sequence[torch.Tensor] | None = None):
+    def image_tokens(self, images=None, pixel_values: Sequence[torch.Tensor] | None = None, stage=None):
         """[B, ΣKⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder. ``pixel_values[j]`` (already
-        preprocessed for tower j) bypasses the towers' own preprocessing of ``images``."""
+        preprocessed for tower j) bypasses the towers' own preprocessing of ``images``.
+        ``stage(name)``, when given, returns a context manager wrapped around each stage
+        ("towers", "scoring", "pruning", "projection"; per encoder for the first two): a
+        profiling hook."""
+        stage = stage or (lambda name: contextlib.nullcontext())
         features, scores = [], []
         for j, enc in enumerate(self.encoders):
-            pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
-            pv = pv.to(self.device, self.dtype)
-            hidden = enc.tower(pv, output_hidden_states=True).hidden_states
-            features.append(enc.fusion(hidden))
+            with stage("towers"):
+                pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
+                pv = pv.to(self.device, self.dtype)
+                hidden = enc.tower(pv, output_hidden_states=True).hidden_states
+                features.append(enc.fusion(hidden))
             if self.pruner is not None:
-                layer = enc.fusion.attention_layer(len(hidden))
-                q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
-                s = cls_attention(q, k, scale=scale)
-                scores.append(s[:, 1:] if enc.fusion.select_strategy == "default" else s)
-        keep = self.pruner(scores).keep if self.pruner is not None else None
-        tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
+                with stage("scoring"):
+                    layer = enc.fusion.attention_layer(len(hidden))
+                    q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
+                    s = cls_attention(q, k, scale=scale)
+                    scores.append(s[:, 1:] if enc.fusion.select_strategy == "default" else s)
+        with stage("pruning"):
+            keep = self.pruner(scores).keep if self.pruner is not None else None
+        with stage("projection"):
+            tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
         counts = [(f[0].shape[1] if isinstance(f, list) else f.shape[1]) for f in features]
         kept = [k.shape[1] for k in keep] if keep is not None else counts
         return tokens, list(zip(counts, kept))
