@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vfuse_kernels as vk  # noqa: E402
+from vfuse_kernels.ops import SPARSE_METHODS  # noqa: E402
 from baselines import eager_merge, mergekit_merge, uses_mergekit  # noqa: E402
 from common import environment, print_table, time_ms, write_json  # noqa: E402
 
@@ -48,7 +49,7 @@ def run(numel: int, models: int, dtype: torch.dtype, device: torch.device, metho
              "dtype": str(dtype).removeprefix("torch."), "median_ms": copy_ms, "p20_ms": copy_p20,
              "p80_ms": copy_p80, "GB/s": copy_gbps, "pct_of_copy": 100.0}]
     for method in methods:
-        sparse = method in ("ties", "dare_linear", "dare_ties")
+        sparse = method in SPARSE_METHODS
         p = density if sparse else 1.0
         normalize = vk.METHODS[method][2]
         impls = {"vfuse": lambda: vk.delta_merge(base, tuned, weights, method=method, density=p, out=out)}

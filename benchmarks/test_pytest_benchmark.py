@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_tokens  # noqa: E402
 import vfuse_kernels as vk  # noqa: E402
+from vfuse_kernels.ops import SPARSE_METHODS  # noqa: E402
 from bench_merge import make_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,7 +33,7 @@ def _sync(fn):
 @pytest.mark.parametrize("method", list(vk.METHODS))
 def test_delta_merge(benchmark, method):
     base, tuned = make_inputs(1 << 16, 2, torch.bfloat16, DEVICE)
-    density = 0.3 if method in ("ties", "dare_linear", "dare_ties") else 1.0
+    density = 0.3 if method in SPARSE_METHODS else 1.0
     out = torch.empty_like(base)
     benchmark(_sync(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], method=method, density=density, out=out)))
 

@@ -36,3 +36,11 @@ def test_docstring_examples():
         module = importlib.import_module(name)
         result = doctest.testmod(module, extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_readme_token_fusion_example_runs(monkeypatch):
+    monkeypatch.delenv("VFUSE_BACKEND", raising=False)
+    example = re.search(r"## Token fusion\s+```python\n(.+?)```", _read("README.md"), re.S).group(1)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["tokens"].shape == (2, 288 + 100, 64)

@@ -1,8 +1,10 @@
 """Streaming checkpoint merge: bounded memory, overlapped I/O, crash-safe output.
 
-Pipeline: the inputs of the next ``PREFETCH`` tensors are requested ahead (on the CPU:
-zero-copy views of the files' pages with MADV_WILLNEED; on CUDA: ``preadv`` into pinned
-buffers and copies on a side stream) while the main thread merges the current tensor
+Pipeline: the inputs of the next tensor are requested ahead (on the CPU:
+zero-copy views of the files' pages, populated ahead; on CUDA: ``preadv`` into pinned
+buffers and copies on a side stream) — unless the two tensors' inputs together would
+exceed the largest single tensor's, so two huge tensors (embeddings, lm_head) are never
+in flight at once — while the main thread merges the current tensor
 with ``delta_merge`` (C++ on CPU, Triton on CUDA) into a pooled output buffer, and a
 writer thread streams finished tensors into the output shard being written. Used input
 pages are dropped from the process (MADV_DONTNEED) and at most ``WRITE_QUEUE`` outputs
@@ -35,7 +37,6 @@ from .checkpoint import INDEX_NAME, ShardWriter, file_crc32, parse_size, plan_sh
 from .config import MergeConfig, load_config
 from .plan import MergePlan, TensorTask, build_plan
 
-PREFETCH = 1  # tensors whose inputs are read ahead
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
 STATE_PREFIX = ".vfuse-merge-state"
 STATE_NAME = STATE_PREFIX + ".json"
@@ -140,6 +141,9 @@ class _Runner:
             ready.record(self.copy_stream)
         return on_device, (ready, host)  # host buffers stay referenced until the copy is done
 
+    def input_bytes(self, task: TensorTask) -> int:
+        return sum(self.plan.checkpoints[m].tensors[n].nbytes for m, n in self.sources(task))
+
     def release(self, mapped: list[tuple[str, str]]) -> None:
         for model, name in mapped:
             self.plan.checkpoints[model].advise(name, mmap.MADV_DONTNEED)
@@ -163,7 +167,7 @@ class _Runner:
                 base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=tensors[0].device), tensors
             else:
                 base, tuned = tensors[0], tensors[1:]
-            sparse = plan.method in ("ties", "dare_linear", "dare_ties")
+            sparse = plan.method in ops.SPARSE_METHODS
             out = ops.delta_merge(
                 base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
                 normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
@@ -326,12 +330,16 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="vfuse-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
-            reads = deque(readers.submit(runner.load, task) for _, task in todo[:PREFETCH])
+            inputs = [runner.input_bytes(task) for _, task in todo]
+            budget = max(inputs, default=0)  # read ahead only within the largest tensor's inputs
+            reads: deque = deque()
             writes: deque = deque()
             for i, (layout, task) in enumerate(todo):
+                if not reads:
+                    reads.append(readers.submit(runner.load, task))
                 loaded = reads.popleft().result()
-                if i + PREFETCH < len(todo):
-                    reads.append(readers.submit(runner.load, todo[i + PREFETCH][1]))
+                if i + 1 < len(todo) and inputs[i] + inputs[i + 1] <= budget:
+                    reads.append(readers.submit(runner.load, todo[i + 1][1]))
                 result = runner.compute(task, loaded)
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)

@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from .checkpoint import Checkpoint, CheckpointError
-from .plan import FLOAT_DTYPES, tensor_seed
+from .plan import FLOAT_DTYPES, rewrite_prefix, tensor_seed
 
 
 def merge_into_(
@@ -51,7 +51,7 @@ def merge_into_(
                 counts["untouched"] += 1
                 continue
             seen.add(data.data_ptr())
-            src = _rename(name, prefix_map)
+            src = rewrite_prefix(name, prefix_map)
             present = [(i, ck) for i, ck in enumerate(checkpoints) if src in ck.tensors]
             if not present:
                 counts["untouched"] += 1
@@ -64,15 +64,8 @@ def merge_into_(
                                           f"the model's {name!r} has {tuple(data.shape)}")
                 tuned.append(ck.read(src).to(data.device, non_blocking=True))
             ops.delta_merge(data, tuned, [weights[i] for i, _ in present], method=method,
-                            density=[densities[i] for i, _ in present] if method in (
-                                "ties", "dare_linear", "dare_ties") else 1.0,
+                            density=[densities[i] for i, _ in present] if method in ops.SPARSE_METHODS else 1.0,
                             seed=tensor_seed(seed, name), out=data, **merge_kwargs)
             counts["merged"] += 1
     return counts
 
-
-def _rename(name: str, prefix_map: Mapping[str, str]) -> str:
-    for model_prefix, source_prefix in sorted(prefix_map.items(), key=lambda kv: -len(kv[0])):
-        if name.startswith(model_prefix):
-            return source_prefix + name[len(model_prefix):]
-    return name

@@ -88,15 +88,21 @@ def layer_position(name: str, layers: int) -> float:
     return index / (layers - 1) if layers > 1 else 1.0
 
 
+def rewrite_prefix(name: str, prefixes: dict[str, str]) -> str:
+    """``name`` with its longest matching key prefix replaced by that key's value
+    (unchanged when no key is a prefix of it)."""
+    for old, new in sorted(prefixes.items(), key=lambda kv: -len(kv[0])):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def source_name(config: MergeConfig, model: str, name: str) -> str:
     """The name of output tensor ``name`` in ``model`` (through its name map)."""
     prefixes = config.name_map.get(model)
     if not prefixes:
         return name
-    for src, out in sorted(prefixes.items(), key=lambda kv: -len(kv[1])):
-        if name.startswith(out):
-            return src + name[len(out):]
-    return name
+    return rewrite_prefix(name, {out: src for src, out in prefixes.items()})
 
 
 def build_plan(config: MergeConfig) -> MergePlan:

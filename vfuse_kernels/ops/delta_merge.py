@@ -26,6 +26,7 @@ METHODS = {
     "dare_linear": ("drop", False, False),
     "dare_ties": ("drop", True, False),
 }
+SPARSE_METHODS = tuple(m for m, (sparsify, _, _) in METHODS.items() if sparsify != "none")  # take a density
 SPARSIFY_CODES = {"none": 0, "trim": 1, "drop": 2}
 ELECT_CODES = {None: 0, "sum": 1, "count": 2}
 RESCALES = ("density", "l1", None)

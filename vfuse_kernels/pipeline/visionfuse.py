@@ -29,6 +29,7 @@ from torch import nn
 
 from ..merging.checkpoint import Checkpoint
 from ..merging.inplace import merge_into_
+from ..merging.plan import rewrite_prefix
 from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
 from ..ops import project_concat
 from ..ops.query_key_scores import cls_attention
@@ -302,8 +303,7 @@ def _copy_into_(module: nn.Module, checkpoint: Checkpoint, prefix_map: dict[str,
     read = 0
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            prefix = next((p for p in prefix_map if name.startswith(p)), None)
-            source = prefix_map[prefix] + name[len(prefix):] if prefix is not None else name
+            source = rewrite_prefix(name, prefix_map)
             if source not in checkpoint.tensors:
                 continue
             value = checkpoint.read(source)
