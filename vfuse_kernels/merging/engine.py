@@ -328,18 +328,17 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
                    dynamic_ncols=True)
     merged = copied = 0
     try:
-        with ThreadPoolExecutor(2, thread_name_prefix="vfuse-read") as readers, \
+        with ThreadPoolExecutor(1, thread_name_prefix="vfuse-read") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
             inputs = [runner.input_bytes(task) for _, task in todo]
             budget = max(inputs, default=0)  # read ahead only within the largest tensor's inputs
-            reads: deque = deque()
+            ahead = None  # the next task's load, when it was started early
             writes: deque = deque()
             for i, (layout, task) in enumerate(todo):
-                if not reads:
-                    reads.append(readers.submit(runner.load, task))
-                loaded = reads.popleft().result()
+                loaded = (ahead or reader.submit(runner.load, task)).result()
+                ahead = None
                 if i + 1 < len(todo) and inputs[i] + inputs[i + 1] <= budget:
-                    reads.append(readers.submit(runner.load, todo[i + 1][1]))
+                    ahead = reader.submit(runner.load, todo[i + 1][1])
                 result = runner.compute(task, loaded)
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)
