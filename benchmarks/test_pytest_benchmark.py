@@ -3,19 +3,15 @@
     pip install pytest-benchmark
     python -m pytest benchmarks/test_pytest_benchmark.py --benchmark-only
 """
-import os
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_tokens  # noqa: E402
 import vfuse_kernels as vk  # noqa: E402
+from vfuse_kernels.bench import tokens as bench_tokens  # noqa: E402
+from vfuse_kernels.bench.merge import make_inputs  # noqa: E402
 from vfuse_kernels.ops import SPARSE_METHODS  # noqa: E402
-from bench_merge import make_inputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

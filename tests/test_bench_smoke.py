@@ -1,13 +1,9 @@
 """The merge benchmark runs end to end (tiny sizes) and writes well-formed JSON rows."""
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import bench_merge  # noqa: E402
+from vfuse_kernels.bench import merge as bench_merge
 
 
 def test_bench_merge_quick(tmp_path, monkeypatch):

@@ -3,14 +3,10 @@ token ops' docstring examples run."""
 import doctest
 import importlib
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import bench_tokens  # noqa: E402
+from vfuse_kernels.bench import tokens as bench_tokens
 
 
 def test_bench_tokens_tiny(tmp_path, monkeypatch):

@@ -64,11 +64,7 @@ def _bench(args) -> int:
     from .bench import run
 
     suites = ["merge", "tokens", "scores"] if args.suite == "all" else [args.suite]
-    try:
-        run(suites, device=args.device, quick=args.quick, json_path=args.json)
-    except FileNotFoundError as exc:
-        print(f"vfuse bench: error: {exc}", file=sys.stderr)
-        return 2
+    run(suites, device=args.device, quick=args.quick, json_path=args.json)
     return 0
 
 
@@ -111,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=0.5, help="ratio of visual tokens kept (1: no pruning)")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(run=_demo)
-    bench = commands.add_parser("bench", help="run the kernel benchmarks (needs the source checkout's benchmarks/)",
-                                description="Times the kernels against their baselines (benchmarks/bench_merge.py, "
-                                            "bench_tokens.py), prints a table per op and optionally writes JSON rows.")
+    bench = commands.add_parser("bench", help="run the kernel benchmarks",
+                                description="Times the kernels against their baselines (vfuse_kernels.bench.merge, "
+                                            "bench.tokens), prints a table per op and optionally writes JSON rows.")
     bench.add_argument("suite", nargs="?", default="all", choices=["merge", "tokens", "scores", "all"])
     bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions, no torch.compile baseline")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -1,0 +1,144 @@
+"""Whole-checkpoint merge: ``vfuse merge`` vs ``mergekit-yaml`` on the same synthetic
+checkpoints and YAML, in one run: wall time and peak RSS of each command.
+
+Checkpoints are Qwen2-shaped (a ~0.5B configuration by default: hidden 896, 24 layers,
+vocab 151936), written as sharded bf16 safetensors: a base and fine-tunes made by small
+seeded perturbations. Each command runs in its own process; peak RSS is that process's.
+
+    python -m vfuse_kernels.bench.checkpoint                       # 0.5B × 3, ties + task_arithmetic
+    python -m vfuse_kernels.bench.checkpoint --layers 12 24        # RSS as the model grows
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .common import environment, print_table, write_json  # noqa: E402
+
+QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                 vocab_size=151936, tie_word_embeddings=False)
+CONFIGS = {
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\n"
+            "dtype: bfloat16\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n",
+}
+
+
+def write_checkpoints(root: str, layers: int, tuned: int, shard_bytes: int = 1 << 30) -> tuple[str, list[str]]:
+    """A base and ``tuned`` fine-tunes, tensor by tensor (never a whole model in memory)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(num_hidden_layers=layers, architectures=["Qwen2ForCausalLM"], **QWEN2_05B)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+    paths = [os.path.join(root, name) for name in ["base"] + [f"ft{i}" for i in range(tuned)]]
+    for model_index, path in enumerate(paths):
+        os.makedirs(path, exist_ok=True)
+        config.to_json_file(os.path.join(path, "config.json"))
+        shard, used, count, weight_map = {}, 0, 0, {}
+
+        def flush():
+            nonlocal shard, used, count
+            if shard:
+                count += 1
+                name = f"model-{count:05d}.safetensors"
+                save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+                shard, used = {}, 0
+
+        for i, (name, shape) in enumerate(shapes.items()):
+            gen = torch.Generator().manual_seed(i)
+            tensor = torch.randn(shape, generator=gen) * 0.02
+            if model_index:
+                noise = torch.Generator().manual_seed(1000 * model_index + i)
+                tensor += 0.002 * torch.randn(shape, generator=noise)
+            shard[name] = tensor.to(torch.bfloat16)
+            used += shard[name].numel() * 2
+            if used >= shard_bytes:
+                flush()
+        flush()
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return paths[0], paths[1:]
+
+
+MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+           "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+           "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
+           "'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
+
+
+def measure(command: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result['rc']}")
+    return result
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[24], help="decoder layers (24: ~0.5B params)")
+    parser.add_argument("--tuned", type=int, default=2, help="fine-tunes besides the base")
+    parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--workdir", help="where checkpoints go (default: a temporary folder, removed after)")
+    parser.add_argument("--json", help="write rows (with device, versions, date, commit) here")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vfuse-bench-")
+    vfuse = shutil.which("vfuse") or sys.executable
+    rows = []
+    try:
+        for layers in args.layers:
+            root = os.path.join(workdir, f"L{layers}")
+            base, tuned = write_checkpoints(root, layers, args.tuned)
+            size = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
+            for method in args.methods:
+                models = "\n".join(f"  - {{model: {t}, parameters: {{weight: {1 / len(tuned):.4f}, density: 0.5}}}}"
+                                   if method == "ties" else f"  - {{model: {t}, parameters: {{weight: 0.5}}}}"
+                                   for t in tuned)
+                config = os.path.join(root, f"{method}.yml")
+                with open(config, "w") as f:
+                    f.write(CONFIGS[method].format(base=base, models=models))
+                tools = {"vfuse merge": ([vfuse] if vfuse != sys.executable else [vfuse, "-m", "vfuse_kernels.cli"])
+                         + ["merge", config, os.path.join(root, f"vfuse-{method}"), "--quiet"]}
+                if not args.no_mergekit and shutil.which("mergekit-yaml"):
+                    tools["mergekit-yaml"] = ["mergekit-yaml", config, os.path.join(root, f"mergekit-{method}"),
+                                              "--no-write-model-card", "--no-copy-tokenizer"]
+                results = {tool: measure(cmd) for tool, cmd in tools.items()}
+                for tool, r in results.items():
+                    row = {"op": "merge_checkpoint", "method": method, "tool": tool, "layers": layers,
+                           "models": 1 + len(tuned), "checkpoint_GB": size / 1e9, "seconds": r["seconds"],
+                           "peak_rss_GB": r["peak_rss_bytes"] / 1e9}
+                    if tool == "vfuse merge" and "mergekit-yaml" in results:
+                        row["speedup_vs_mergekit"] = results["mergekit-yaml"]["seconds"] / r["seconds"]
+                        row["rss_ratio_vs_mergekit"] = r["peak_rss_bytes"] / results["mergekit-yaml"]["peak_rss_bytes"]
+                    rows.append(row)
+                for tool in tools:
+                    shutil.rmtree(os.path.join(root, ("vfuse-" if tool == "vfuse merge" else "mergekit-") + method),
+                                  ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    env = environment(torch.device("cpu"))
+    print(f"# {env['device']} | torch {env['torch']} | {args.tuned + 1} bf16 checkpoints per merge")
+    print_table(rows, ["method", "tool", "layers", "checkpoint_GB", "seconds", "peak_rss_GB", "speedup_vs_mergekit",
+                       "rss_ratio_vs_mergekit"])
+    if args.json:
+        write_json(args.json, env, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
