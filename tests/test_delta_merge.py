@@ -19,13 +19,13 @@ def make_case(shape, n, dtype, device, seed, noncontiguous=False):
     def rand(*s):
         return torch.randn(*s, generator=gen)
 
-    if noncontiguous:  # every second column of a wider tensor
+    if noncontiguous:  # every second column of a wider tensor (sliced on the device: a copy is contiguous)
         full = (*shape[:-1], 2 * shape[-1])
-        base = rand(*full).to(dtype)[..., ::2]
-        tuned = [(base.float() + 0.1 * rand(*full)[..., ::2]).to(dtype) for _ in range(n)]
-    else:
-        base = rand(*shape).to(dtype)
-        tuned = [(base.float() + 0.1 * rand(*shape)).to(dtype) for _ in range(n)]
+        base = rand(*full).to(dtype)
+        tuned = [(base.float() + 0.1 * rand(*full)).to(dtype) for _ in range(n)]
+        return base.to(device)[..., ::2], [t.to(device)[..., ::2] for t in tuned]
+    base = rand(*shape).to(dtype)
+    tuned = [(base.float() + 0.1 * rand(*shape)).to(dtype) for _ in range(n)]
     return base.to(device), [t.to(device) for t in tuned]
 
 
@@ -213,3 +213,37 @@ def test_opcheck():
         args = (torch.empty_like(base), base, tuned, [0.5, -0.25], [0.5, 0.7], sparsify, elect, True, 1.0,
                 "density", 7, False, None, None)
         torch.library.opcheck(torch.ops.vfuse.delta_merge_.default, args)
+
+
+FOREACH_SHAPES = [(7,), (0,), (33, 65), (1,), (1031,), (2, 3, 5)]
+
+
+@pytest.mark.parametrize("method", list(vk.METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_foreach_equals_per_tensor_merges(backend, method, dtype):
+    """One fused launch over tensors of mixed shapes (0 and 1 elements among them), per-tensor
+    weights, densities and seeds, a non-contiguous output: bit for bit the per-tensor merges."""
+    device = backend_device(backend)
+    cases = [make_case(shape, 3, dtype, device, seed=20 + j) for j, shape in enumerate(FOREACH_SHAPES)]
+    bases, tuned = [c[0] for c in cases], [c[1] for c in cases]
+    weights = [[0.7, -0.3, 1.1], [0.2, 0.5, 0.3]] * 3
+    density = 1.0 if method in ("task_arithmetic", "linear") else [[0.3, 0.55, 0.9], [0.6, 0.2, 0.4]] * 3
+    seeds = [5, 6, 7, 8, 9, 10]
+    outs = [poisoned_like(b) for b in bases]
+    outs[2] = poisoned_like(torch.empty(33, 130, dtype=dtype, device=device))[:, ::2]
+    got = vk.delta_merge_foreach(bases, tuned, weights, method=method, density=density, seed=seeds, outs=outs)
+    assert all(g is o for g, o in zip(got, outs))
+    for j, base in enumerate(bases):
+        expected = vk.delta_merge(base, tuned[j], weights[j], method=method,
+                                  density=density if density == 1.0 else density[j], seed=seeds[j])
+        assert torch.equal(got[j], expected), FOREACH_SHAPES[j]
+
+
+def test_foreach_rejects_mismatched_lists():
+    base = torch.zeros(3)
+    with pytest.raises(ValueError, match="one list of tensors per base"):
+        vk.delta_merge_foreach([base, base], [[base]], 1.0)
+    with pytest.raises(ValueError, match="per-tensor entries"):
+        vk.delta_merge_foreach([base, base], [[base], [base]], [[1.0]])
+    with pytest.raises(ValueError, match="tuned\\[0\\] has shape"):
+        vk.delta_merge_foreach([base], [[torch.zeros(4)]], 1.0)

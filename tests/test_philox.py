@@ -2,6 +2,7 @@
 and the CPU and Triton DARE masks against the reference, bit for bit."""
 import pytest
 import torch
+from conftest import backend_device
 
 import vfuse_kernels as vk
 from vfuse_kernels.reference.philox import dare_keep_threshold, dare_random_bits, philox4x32_10
@@ -34,13 +35,14 @@ def test_dare_bits_layout():
 def test_dare_mask_matches_reference_bits(backend, numel, seed):
     """With base 0, deltas given, weight 1 and no rescale, the output is δ where kept and 0
     elsewhere: the kept set must be exactly bits < floor(p · 2^32) of the reference stream."""
+    device = backend_device(backend)
     gen = torch.Generator().manual_seed(seed % 1000)
-    deltas = [torch.randn(numel, generator=gen).abs() + 0.5 for _ in range(3)]
-    base = torch.zeros(numel)
+    deltas = [(torch.randn(numel, generator=gen).abs() + 0.5).to(device) for _ in range(3)]
+    base = torch.zeros(numel, device=device)
     p = 0.37
     for i in range(3):  # model index i keys the stream: merge model i alone at position i
         weights = [1.0 if j == i else 0.0 for j in range(3)]
         out = vk.delta_merge(base, deltas, weights, method="dare_linear", density=p, rescale=None, seed=seed,
                              tuned_are_deltas=True)
         expected_keep = dare_random_bits(numel, seed, i) < dare_keep_threshold(p)
-        assert torch.equal(out != 0, expected_keep)
+        assert torch.equal((out != 0).cpu(), expected_keep)

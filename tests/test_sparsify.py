@@ -8,6 +8,7 @@ from conftest import backend_device
 
 import vfuse_kernels as vk
 from vfuse_kernels._backend import cpu_extension
+from vfuse_kernels.ops import magnitude_select as ms
 from vfuse_kernels.reference import delta_merge as ref
 
 
@@ -45,7 +46,7 @@ def test_magnitude_threshold(backend, dtype):
         got = vk.magnitude_threshold(delta, density)
         assert got.dim() == 0 and got.dtype == dtype
         assert got.item() == ref.magnitude_threshold(delta.cpu(), density).item()
-    assert vk.magnitude_threshold(torch.tensor([0.5, -2.0, 1.0, -0.25]), 0.5).item() == 1.0
+    assert vk.magnitude_threshold(torch.tensor([0.5, -2.0, 1.0, -0.25], device=device), 0.5).item() == 1.0
 
 
 def test_ties_thresholds_match_reference_selection(backend):
@@ -62,48 +63,113 @@ def test_ties_thresholds_match_reference_selection(backend):
         assert torch.equal(rebuilt, keep)
 
 
-@pytest.fixture
-def triton_select(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("VFUSE_BACKEND", "triton")
-    from vfuse_kernels.triton import magnitude_select
-
-    return magnitude_select
-
-
-def _select_case(numel=6000, models=2):
-    gen = torch.Generator().manual_seed(3)
-    base = torch.randn(numel, generator=gen).bfloat16()
-    tuned = [(base.float() + 0.02 * torch.randn(numel, generator=gen)).bfloat16() for _ in range(models)]
-    device = backend_device("triton")
+def _tie_heavy(numel, models, dtype=torch.bfloat16, seed=3, device="cpu"):
+    """Fine-tunes whose deltas take few distinct values (θ and base both rounded to dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=gen).to(dtype)
+    steps = torch.randint(-4, 5, (models, numel), generator=gen).float() * 2.0**-7
+    tuned = [(base.float() + s).to(dtype) for s in steps]
     return base.to(device), [t.to(device) for t in tuned]
 
 
-def _assert_thresholds_exact(base, tuned, densities):
-    got = vk.ties_thresholds(base, tuned, densities)
+def _assert_exact_selection(base, tuned, densities, got, tuned_are_deltas=False):
+    """(K, C) against the definition, in O(n): keys above K number fewer than k, and with the
+    equal keys up to index C they number exactly k; C itself holds key K."""
+    b = 0 if tuned_are_deltas else base.reshape(-1).float().cpu()
     for i, (t, p) in enumerate(zip(tuned, densities)):
-        delta = t.float().cpu() - base.float().cpu()
-        k = ref.trim_count(p, delta.numel())
-        keep = ref.top_magnitude_mask(delta, k)
-        assert got.keys[i].item() == delta.abs()[keep].min().view(torch.int32).item()
-        tied = keep & (delta.abs() == delta.abs()[keep].min())
-        assert got.cutoffs[i].item() == torch.nonzero(tied).max().item()
+        key = ((t.reshape(-1).float().cpu() - b).view(torch.int32).long() & 0x7FFFFFFF)
+        k, numel = ref.trim_count(p, key.numel()), key.numel()
+        K, C = got.keys[i].item(), got.cutoffs[i].item()
+        if k == numel:
+            assert (K, C) == (0, numel - 1)
+            continue
+        above = int((key > K).sum())
+        assert above < k and key[C].item() == K
+        assert above + int((key[: C + 1] == K).sum()) == k
 
 
-def test_triton_select_sampled_bracket(triton_select, monkeypatch):
-    """The sampling path (normally for tensors over 4·SAMPLE elements) on a small tensor."""
-    monkeypatch.setattr(triton_select, "SAMPLE", 512)
-    base, tuned = _select_case()
-    _assert_thresholds_exact(base, tuned, [0.05, 0.6])
+@pytest.fixture
+def select_passes(monkeypatch):
+    """Records the models of every bracket pass of the selection (ops/magnitude_select.py)."""
+    passes = []
+    original = ms._run_pass
+
+    def recorded(base, tuned, models, *args):
+        passes.append(len(models))
+        return original(base, tuned, models, *args)
+
+    monkeypatch.setattr(ms, "_run_pass", recorded)
+    return passes
 
 
-def test_triton_select_histogram_fallback(triton_select, monkeypatch):
-    """Brackets that miss the k-th largest (too high, too narrow) fall back to the histogram pass."""
-    monkeypatch.setattr(triton_select, "SAMPLE", 512)
-    wrong = lambda base, tuned, ks, deltas: ([0x7F000000, 0], [0x7F7FFFFF, 0], [8, 8])  # noqa: E731
-    monkeypatch.setattr(triton_select, "_sample_brackets", wrong)
-    base, tuned = _select_case()
-    _assert_thresholds_exact(base, tuned, [0.05, 0.6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_selection_sampled_one_pass(backend, dtype, select_passes, monkeypatch):
+    """Sampled brackets on tie-heavy data: every density edge exact, in one pass."""
+    monkeypatch.setattr(ms, "SMALL", 1024)
+    numel = 200_003 if backend == "cpp" else 40_009
+    base, tuned = _tie_heavy(numel, 4, dtype, device=backend_device(backend))
+    densities = [1e-9, 0.01, 0.5, 0.99]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+    densities = [0.3, 0.9, 1.0, 2.0 / numel]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+    assert select_passes == [4, 3]  # density 1 needs no selection
+
+
+@pytest.mark.parametrize("miss", ["above", "below", "inside"])
+def test_selection_recovers_from_a_missed_sample(backend, miss, select_passes, monkeypatch):
+    """A sample that misses (K above or below the bracket, or far more keys inside than expected)
+    costs more passes, never exactness."""
+    base, tuned = _tie_heavy(30_011, 2, device=backend_device(backend))
+    deltas = [t.float() - base.float() for t in tuned]
+    keys = [(d.view(torch.int32).long() & 0x7FFFFFFF).sort(descending=True).values for d in deltas]
+
+    def wrong_sample(base, tuned, tuned_are_deltas):
+        if miss == "inside":  # half the sample at the top key, half at the bottom: a narrow bracket
+            return torch.stack([torch.cat([k[0].expand(32), k[-1].expand(32)]) for k in keys])
+        pick = 0 if miss == "below" else -1  # all sample keys at the top (or bottom) key
+        return torch.stack([k[pick].expand(64) for k in keys])
+
+    monkeypatch.setattr(ms, "_sorted_sample", wrong_sample)
+    monkeypatch.setattr(ms, "sample_size", lambda numel, device: 512)
+    monkeypatch.setattr(ms, "SMALL", 1024)  # sample tensors of this size
+    monkeypatch.setattr(ms, "Z", 0.5)  # margins narrow enough that the 64 keys do not span everything
+    monkeypatch.setattr(ms, "SLACK", 0)
+    densities = [0.3, 0.6]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+    assert len(select_passes) >= 2
+
+
+def test_selection_all_zero_deltas_and_single_element(backend):
+    device = backend_device(backend)
+    base = torch.randn(70_001).to(device)
+    for tuned in ([base.clone()], [base.clone(), base + 1.0]):
+        got = vk.ties_thresholds(base, tuned, 0.25)
+        _assert_exact_selection(base, tuned, [0.25] * len(tuned), got)
+    one = torch.tensor([0.5], device=device)
+    got = vk.ties_thresholds(one, [one + 1], 0.5)
+    assert got.keys.tolist() == [0] and got.cutoffs.tolist() == [0]
+
+
+def test_selection_deltas_noncontiguous_and_repeated(backend):
+    """tuned_are_deltas, non-contiguous views, and one tensor listed twice with two densities
+    (a top and a bottom cut)."""
+    device = backend_device(backend)
+    base, tuned = _tie_heavy(2 * 50_021, 2, device=device)
+    deltas = [(t.float() - base.float()).reshape(2, -1).t() for t in tuned]  # non-contiguous
+    assert not deltas[0].is_contiguous()
+    zero = torch.zeros_like(deltas[0])
+    got = vk.ties_thresholds(zero, [deltas[0], deltas[0], deltas[1]], [0.1, 0.9, 0.5], tuned_are_deltas=True)
+    flat = [d.contiguous() for d in (deltas[0], deltas[0], deltas[1])]
+    _assert_exact_selection(zero.contiguous(), flat, [0.1, 0.9, 0.5], got, tuned_are_deltas=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_selection_at_scale(dtype, select_passes):
+    """2^27 elements, tie-heavy: exact, one pass."""
+    base, tuned = _tie_heavy(1 << 27, 2, dtype, seed=9)
+    densities = [0.01, 0.5]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+    assert select_passes == [2]
 
 
 def test_dare_keep_rate_and_density_rescale(backend):

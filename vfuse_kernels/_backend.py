@@ -59,3 +59,10 @@ def select_backend(device: torch.device) -> str:
     if device.type == "cpu" and cpu_extension() is not None:
         return "cpp"
     return "reference"
+
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host ``values`` on ``device``, without waiting for the device: a
+    non-blocking copy from pinned memory (``torch.tensor(values, device=cuda)`` synchronises)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

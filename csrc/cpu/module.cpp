@@ -12,8 +12,8 @@ namespace vfuse {
 void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<float>& coefs,
            const std::vector<float>& weights, int elect, bool normalize, float scale);
 std::vector<double> sparse_l1(const DeltaInputs& in);
-void magnitude_select(const DeltaInputs& in, const std::vector<int64_t>& ks, int64_t* keys_out,
-                      int64_t* cutoffs_out);
+void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
+                  int32_t* counts, int64_t* cand, int64_t* fill);
 }  // namespace vfuse
 
 using vfuse::DeltaInputs;
@@ -64,17 +64,17 @@ PYBIND11_MODULE(_C, m) {
           return vfuse::sparse_l1(in);
         });
 
-  m.def("magnitude_select",
+  m.def("bracket_pass",
         [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,
-           int64_t numel, bool tuned_are_deltas, std::vector<int64_t> ks) {
+           int64_t numel, bool tuned_are_deltas, std::vector<int64_t> lo, std::vector<int64_t> hi,
+           std::vector<int64_t> rate, int64_t cap, uintptr_t counts, uintptr_t cand, uintptr_t fill) {
           DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas,
                                        vfuse::kKeepAll, {}, {}, 0);
-          std::vector<int64_t> keys(in.tuned.size()), cutoffs(in.tuned.size());
-          {
-            py::gil_scoped_release release;
-            vfuse::magnitude_select(in, ks, keys.data(), cutoffs.data());
-          }
-          return py::make_tuple(keys, cutoffs);
+          if (lo.size() != in.tuned.size() || hi.size() != in.tuned.size() || rate.size() != in.tuned.size())
+            throw std::invalid_argument("lo/hi/rate length");
+          py::gil_scoped_release release;
+          vfuse::bracket_pass(in, lo.data(), hi.data(), rate.data(), cap, reinterpret_cast<int32_t*>(counts),
+                              reinterpret_cast<int64_t*>(cand), reinterpret_cast<int64_t*>(fill));
         });
 
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });

@@ -14,27 +14,37 @@ def _pointers(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     return [t.data_ptr() for t in tensors], [DTYPE_CODES[t.dtype] for t in tensors]
 
 
-def magnitude_select(base, tuned, ks, tuned_are_deltas):
+def bracket_pass(base, tuned, lo, hi, rate, cap, tuned_are_deltas, counts, cand, fill):
+    """The magnitude selection's bracket pass (ops/magnitude_select.py) into ``counts``, ``cand``, ``fill``."""
     ptrs, codes = _pointers(tuned)
-    keys, cutoffs = cpu_extension().magnitude_select(
-        base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas, list(ks)
+    cpu_extension().bracket_pass(
+        base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas, lo.tolist(),
+        hi.tolist(), rate.tolist(), cap, counts.data_ptr(), cand.data_ptr(), fill.data_ptr(),
     )
-    return torch.tensor(keys, dtype=torch.int64), torch.tensor(cutoffs, dtype=torch.int64)
 
 
-def sparse_l1(base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed):
+def _keep_lists(n, dare_thresholds, trim):
+    if trim is not None:
+        return trim[0].tolist(), trim[1].tolist()
+    return list(dare_thresholds), [0] * n
+
+
+def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed):
     ptrs, codes = _pointers(tuned)
+    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim)
     sums = cpu_extension().sparse_l1(
         base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas,
-        sparsify, keep_a.tolist(), keep_b.tolist(), seed,
+        sparsify, keep_a, keep_b, seed,
     )
     return torch.tensor(sums, dtype=torch.float64).reshape(len(tuned), 2)
 
 
-def merge(out, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, weights, elect, normalize, scale):
+def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
+          trim, seed):
     ptrs, codes = _pointers(tuned)
+    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim)
+    coefs = coefs.float().tolist() if isinstance(coefs, torch.Tensor) else coefs
     cpu_extension().merge(
         out.data_ptr(), DTYPE_CODES[out.dtype], base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes,
-        base.numel(), tuned_are_deltas, sparsify, keep_a.tolist(), keep_b.tolist(), seed,
-        coefs.tolist(), weights, elect, normalize, scale,
+        base.numel(), tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, weights, elect, normalize, scale,
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import select_backend
+from .._backend import host_to_device, select_backend
 from ..reference import delta_merge as ref
 from ..reference.philox import dare_keep_threshold
 from ._library import define
@@ -33,6 +33,34 @@ RESCALES = ("density", "l1", None)
 MAX_SEED = 2**63
 
 
+def _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, rescale, seed, tuned_are_deltas,
+                         trim_keys, trim_cutoffs):
+    """(trim, DARE thresholds, coefficients) of one merge on contiguous inputs: the TIES
+    selection (unless thresholds are given), the DARE keep thresholds, and cᵢ = wᵢ · rescaleᵢ
+    (host floats, or a device tensor for the L1 rescale — computed there, without a sync)."""
+    sparsify_name = {v: k for k, v in SPARSIFY_CODES.items()}[sparsify]
+    device, n = base.device, len(tuned)
+    trim, dare_thresholds = None, [0] * n
+    if sparsify_name == "trim":
+        if trim_keys is None:
+            ks = [ref.trim_count(p, base.numel()) for p in densities]
+            trim_keys, trim_cutoffs = magnitude_select_op(base, tuned, ks, tuned_are_deltas)
+        trim = trim_keys.to(device), trim_cutoffs.to(device)
+    elif sparsify_name == "drop":
+        dare_thresholds = [dare_keep_threshold(p) for p in densities]
+    if sparsify_name != "none" and rescale == "l1":
+        sums = kernels.sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed).to(device)
+        before, after = sums[:, 0], sums[:, 1]
+        small = (before < ref.L1_EPS) | (after < ref.L1_EPS)
+        factors = torch.where(small, 1.0, before / torch.where(small, 1.0, after))
+        coefs = factors * host_to_device(weights, torch.float64, device)
+    elif sparsify_name == "drop" and rescale == "density":
+        coefs = [w * (1.0 / p) for w, p in zip(weights, densities)]
+    else:
+        coefs = [float(w) for w in weights]
+    return trim, dare_thresholds, coefs
+
+
 def _merge_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -50,48 +78,25 @@ def _merge_into(
     trim_cutoffs: torch.Tensor | None,
 ) -> None:
     backend = select_backend(base.device)
-    sparsify_name = {v: k for k, v in SPARSIFY_CODES.items()}[sparsify]
-    elect_name = {v: k for k, v in ELECT_CODES.items()}[elect]
     rescale = None if rescale == "none" else rescale
     if backend == "reference":
         merged = ref.delta_merge(
-            base, tuned, weights, sparsify=sparsify_name, densities=densities, elect=elect_name,
-            normalize=normalize, scale=scale, rescale=rescale, seed=seed, tuned_are_deltas=tuned_are_deltas,
+            base, tuned, weights, sparsify={v: k for k, v in SPARSIFY_CODES.items()}[sparsify],
+            densities=densities, elect={v: k for k, v in ELECT_CODES.items()}[elect], normalize=normalize,
+            scale=scale, rescale=rescale, seed=seed, tuned_are_deltas=tuned_are_deltas,
         )
         out.copy_(merged)
         return
     if base.numel() == 0:
         return
     kernels = _kernels(backend)
-    device = base.device
     base = base.contiguous()
     tuned = [t.contiguous() for t in tuned]
-    n = len(tuned)
-    if sparsify_name == "trim":
-        if trim_keys is None:
-            ks = [ref.trim_count(p, base.numel()) for p in densities]
-            trim_keys, trim_cutoffs = magnitude_select_op(base, tuned, ks, tuned_are_deltas)
-        keep_a, keep_b = trim_keys.to(device), trim_cutoffs.to(device)
-    elif sparsify_name == "drop":
-        keep_a = torch.tensor([dare_keep_threshold(p) for p in densities], dtype=torch.int64, device=device)
-        keep_b = torch.zeros(n, dtype=torch.int64, device=device)
-    else:
-        keep_a = keep_b = torch.zeros(n, dtype=torch.int64, device=device)
-    factors = torch.ones(n, dtype=torch.float64, device=device)
-    if sparsify_name != "none" and rescale == "l1":
-        sums = kernels.sparse_l1(base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed).to(device)
-        before, after = sums[:, 0], sums[:, 1]
-        small = (before < ref.L1_EPS) | (after < ref.L1_EPS)
-        factors = torch.where(small, 1.0, before / torch.where(small, 1.0, after))
-    elif sparsify_name == "drop" and rescale == "density":
-        factors = torch.tensor([1.0 / p for p in densities], dtype=torch.float64, device=device)
-    w64 = torch.tensor(weights, dtype=torch.float64, device=device)
-    coefs = (w64 * factors).float()
-    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=device)
-    kernels.merge(
-        target, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, weights, elect,
-        normalize, scale,
-    )
+    trim, dare_thresholds, coefs = _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, rescale,
+                                                        seed, tuned_are_deltas, trim_keys, trim_cutoffs)
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=base.device)
+    kernels.merge(target, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs,
+                  dare_thresholds, trim, seed)
     if target is not out:
         out.copy_(target)
 
@@ -141,6 +146,19 @@ def delta_merge(
     >>> delta_merge(base, [torch.ones(4), 3 * torch.ones(4)], [0.5, 0.5], method="linear")
     tensor([2., 2., 2., 2.])
     """
+    tuned, args = merge_arguments(base, tuned, weights, method=method, density=density, normalize=normalize,
+                                  scale=scale, consensus=consensus, rescale=rescale, seed=seed,
+                                  tuned_are_deltas=tuned_are_deltas, out=out, thresholds=thresholds)
+    target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
+    with torch.no_grad():
+        delta_merge_op(target, base, tuned, *args)
+    return target
+
+
+def merge_arguments(base, tuned, weights, *, method, density, normalize, scale, consensus, rescale, seed,
+                    tuned_are_deltas, out, thresholds) -> tuple[list[torch.Tensor], tuple]:
+    """Checks ``delta_merge``'s arguments (nothing is written when one is rejected); returns the
+    tuned list and the ``vfuse::delta_merge_`` arguments after (out, base, tuned)."""
     check_choice("method", method, METHODS)
     sparsify, elects, default_normalize = METHODS[method]
     tuned, densities = check_merge_inputs(base, tuned, density, tuned_are_deltas)
@@ -170,12 +188,5 @@ def delta_merge(
         if trim_keys.shape != (n,) or trim_cutoffs.shape != (n,):
             raise ValueError(f"thresholds must hold {n} keys and {n} cutoffs, got {tuple(trim_keys.shape)} "
                              f"and {tuple(trim_cutoffs.shape)}")
-    target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
-    with torch.no_grad():
-        delta_merge_op(
-            target, base, tuned, weights, densities, SPARSIFY_CODES[sparsify],
-            ELECT_CODES[consensus if elects else None], normalize, scale, str(rescale).lower(), seed,
-            tuned_are_deltas, trim_keys, trim_cutoffs,
-        )
-    return target
-
+    return tuned, (weights, densities, SPARSIFY_CODES[sparsify], ELECT_CODES[consensus if elects else None],
+                   normalize, scale, str(rescale).lower(), seed, tuned_are_deltas, trim_keys, trim_cutoffs)

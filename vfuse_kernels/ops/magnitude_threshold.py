@@ -1,11 +1,12 @@
-"""Exact per-model magnitude top-k (the TIES trim), and ``magnitude_threshold``.
+"""The TIES trim thresholds (``ties_thresholds``), ``magnitude_threshold``, and the
+``vfuse::magnitude_select`` op behind them.
 
-For each model i with kᵢ = max(1, int(densityᵢ · numel)) the selection returns the
-magnitude key Kᵢ (the fp32 bits of the kᵢ-th largest |δᵢ|) and the cutoff Cᵢ, the last
-flat index kept among elements whose |δᵢ| equals it: element e is kept iff
-``key(e) > Kᵢ or (key(e) == Kᵢ and e <= Cᵢ)`` — exactly kᵢ elements, ties going to the
-lower flat index. Thresholds do not depend on merge weights, so one selection can serve
-many merges (``delta_merge(..., thresholds=ties_thresholds(...))``).
+For each model i with kᵢ = max(1, int(densityᵢ · numel)) the selection
+(ops/magnitude_select.py) returns the magnitude key Kᵢ (the fp32 bits of the kᵢ-th largest
+|δᵢ|) and the cutoff Cᵢ, the last flat index kept among elements whose |δᵢ| equals it:
+element e is kept iff ``key(e) > Kᵢ or (key(e) == Kᵢ and e <= Cᵢ)`` — exactly kᵢ elements,
+ties going to the lower flat index. Thresholds do not depend on merge weights, so one
+selection can serve many merges (``delta_merge(..., thresholds=ties_thresholds(...))``).
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
 from ._library import define
-
-MAX_TRIM_NUMEL = 2**32  # the (key, index) pairs of the selection hold a 32-bit index
+from .magnitude_select import MAX_NUMEL, magnitude_select
 
 
 class MagnitudeThresholds(NamedTuple):
@@ -53,21 +53,24 @@ def _reference_select(base, tuned, ks, tuned_are_deltas):
 
 
 def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_are_deltas: bool):
+    """(keys, cutoffs) int64 [N] on base's device; k == numel keeps everything (key 0, cutoff numel − 1)."""
     backend = select_backend(base.device)
-    numel = base.numel()
-    keys = torch.zeros(len(tuned), dtype=torch.int64)
-    cutoffs = torch.full((len(tuned),), numel - 1, dtype=torch.int64)
-    active = [i for i, k in enumerate(ks) if k < numel]  # k == numel keeps everything
-    if active and numel:
-        sub = [tuned[i].contiguous() for i in active]
-        sub_ks = [ks[i] for i in active]
+    numel, device = base.numel(), base.device
+    active = [i for i, k in enumerate(ks) if k < numel]
+    keys = torch.zeros(len(tuned), dtype=torch.int64, device=device)
+    cutoffs = torch.full((len(tuned),), numel - 1, dtype=torch.int64, device=device)
+    if active:
+        sub, sub_ks = [tuned[i].contiguous() for i in active], [ks[i] for i in active]
         if backend == "reference":
             k_sel, c_sel = _reference_select(base, sub, sub_ks, tuned_are_deltas)
         else:
-            k_sel, c_sel = _kernels(backend).magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas)
-        keys = keys.to(base.device).index_copy(0, torch.tensor(active, device=base.device), k_sel.to(base.device))
-        cutoffs = cutoffs.to(base.device).index_copy(0, torch.tensor(active, device=base.device), c_sel.to(base.device))
-    return keys.to(base.device), cutoffs.to(base.device)
+            k_sel, c_sel = magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas,
+                                            _kernels(backend).bracket_pass)
+        if len(active) == len(tuned):
+            return k_sel, c_sel
+        for j, i in enumerate(active):
+            keys[i], cutoffs[i] = k_sel[j], c_sel[j]
+    return keys, cutoffs
 
 
 def _magnitude_select_fake(base, tuned, ks, tuned_are_deltas):
@@ -81,8 +84,8 @@ magnitude_select_op = torch.ops.vfuse.magnitude_select
 
 
 def check_trim_size(base: torch.Tensor) -> None:
-    if base.numel() >= MAX_TRIM_NUMEL:
-        raise ValueError(f"magnitude trimming supports tensors under 2^32 elements, got {base.numel()}")
+    if base.numel() >= MAX_NUMEL:
+        raise ValueError(f"magnitude trimming supports tensors under 2^33 elements, got {base.numel()}")
 
 
 def check_trim_inputs(base, tuned, density, tuned_are_deltas) -> tuple[list[torch.Tensor], list[int]]:

@@ -5,6 +5,10 @@ computes the sparsified deltas, the sign election and the combination in fp32 re
 and stores the output once (DESIGN.md §2.1; formulas in ops/delta_merge.py).
 ``enable_fp_fusion=False`` keeps every rounding step identical to the reference, so the
 discrete decisions (trim, vote, agreement) match it bit for bit.
+
+Per-model scalars travel in one small fp64 tensor (``params``: coefficients, weights, DARE
+thresholds, seed words) copied from pinned memory without blocking, and the TIES thresholds
+stay on the device where the selection left them: a launch never waits for the GPU.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .magnitude_select import load_delta, magnitude_select  # noqa: F401  (re-exported launcher)
+from .._backend import host_to_device
+from .magnitude_select import bracket_pass, load_base, load_delta, magnitude_key  # noqa: F401  (re-exported)
 from .philox import dare_bits
 
 BLOCK = 1024
@@ -20,39 +25,44 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def sparse_delta(tuned_ptr, b, offs, mask, start, model, keep_a_ptr, keep_b_ptr, seed_ptr,
-                 SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
+def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
+                 N: tl.constexpr, SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
     """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C);
     drop keeps random bits < threshold."""
     delta = load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)
     if SPARSIFY == 1:
-        key = (delta.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        threshold = tl.load(keep_a_ptr + model)
-        keep = (key > threshold) | ((key == threshold) & (offs <= tl.load(keep_b_ptr + model)))
+        key = magnitude_key(delta)
+        threshold = tl.load(trim_ptr + model)
+        keep = (key > threshold) | ((key == threshold) & (offs <= tl.load(trim_ptr + N + model)))
     elif SPARSIFY == 2:
-        keep = dare_bits(seed_ptr, model, start, BLOCK).to(tl.int64) < tl.load(keep_a_ptr + model)
+        k0 = tl.load(params_ptr + 3 * N).to(tl.int64).to(tl.uint32)
+        k1 = tl.load(params_ptr + 3 * N + 1).to(tl.int64).to(tl.uint32)
+        threshold = tl.load(params_ptr + 2 * N + model).to(tl.int64)
+        keep = dare_bits(k0, k1, model, start, BLOCK).to(tl.int64) < threshold
     else:
         keep = tl.full([BLOCK], 1, tl.int1)
     return delta, keep
 
 
 @triton.jit
-def _merge_kernel(out_ptr, base_ptr, tuned, coef_ptr, weight_ptr, keep_a_ptr, keep_b_ptr, seed_ptr,
-                  numel, scale, weight_sum,
-                  N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
-                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, weight_sum,
+                 N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                 NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
+                 TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
+    """combine(uᵢ) of one block in fp32, divided by the divisor when normalising; the tuned
+    pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row."""
     rows = tl.arange(0, N_PAD)[:, None]
     stacked = tl.zeros([N_PAD, BLOCK], dtype=tl.float32)  # uᵢ kept for the agreement pass
     vote = tl.zeros([BLOCK], dtype=tl.float32)
     merged = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
-        delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, keep_a_ptr, keep_b_ptr, seed_ptr,
-                                   SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
-        u = tl.where(keep, delta * tl.load(coef_ptr + i), 0.0)
+        if FOREACH:
+            tuned_ptr = tl.load(table_row + 2 + i).to(tl.pointer_type(TUNED_TY))
+        else:
+            tuned_ptr = tuned[i]
+        delta, keep = sparse_delta(tuned_ptr, b, offs, mask, start, i, params_ptr, trim_ptr,
+                                   N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
+        u = tl.where(keep, delta * tl.load(params_ptr + i).to(tl.float32), 0.0)
         if ELECT == 0:
             merged += u
         else:
@@ -70,55 +80,138 @@ def _merge_kernel(out_ptr, base_ptr, tuned, coef_ptr, weight_ptr, keep_a_ptr, ke
             u = tl.sum(tl.where(rows == i, stacked, 0.0), axis=0)
             agree = tl.where(positive, u > 0, u < 0)
             merged += tl.where(agree, u, 0.0)
-            divisor += tl.where(agree, tl.load(weight_ptr + i), 0.0)
+            divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
     if NORMALIZE:
         merged = merged / tl.where(divisor == 0, 1.0, divisor)
-    result = b + scale * merged
-    tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+    return merged
 
 
 @triton.jit
-def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, keep_a_ptr, keep_b_ptr, seed_ptr, numel,
+def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale, weight_sum,
+                  N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr, weight_sum,
+                          N, N_PAD, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
+    tl.store(out_ptr + offs, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["tensors"])
+def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tensors, scale,
+                          N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                          NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, OUT_TY: tl.constexpr,
+                          BASE_TY: tl.constexpr, TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
+    """Many tensors in one launch: row j of the table holds (out, base, tuned₀ … tuned_N−1,
+    numel) as int64; tensor j owns programs [block_start[j], block_start[j + 1])."""
+    pid = tl.program_id(0)
+    low = 0  # the last tensor whose first program is <= pid (binary search)
+    high = tensors
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tl.load(block_start_ptr + middle) <= pid:
+            low = middle
+        else:
+            high = middle
+    row = table_ptr + low.to(tl.int64) * (N + 3)
+    start = (pid - tl.load(block_start_ptr + low)).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < tl.load(row + 2 + N)
+    base_ptr = tl.load(row + 1).to(tl.pointer_type(BASE_TY))
+    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    params = params_ptr + low.to(tl.int64) * (3 * N + 3)
+    merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
+                          tl.load(params + 3 * N + 2).to(tl.float32), N, N_PAD, SPARSIFY, ELECT, NORMALIZE,
+                          TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
+    out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
+    tl.store(out_ptr + offs, (b + scale * merged).to(OUT_TY), mask=mask)
+
+
+@triton.jit
+def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
                       N: tl.constexpr, SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr,
                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
     for i in tl.static_range(N):
-        delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, keep_a_ptr, keep_b_ptr, seed_ptr,
-                                   SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
+        delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, params_ptr, trim_ptr,
+                                   N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
         magnitude = tl.abs(delta)
         tl.store(partial_ptr + (pid * N + i) * 2, tl.sum(magnitude, axis=0))
         tl.store(partial_ptr + (pid * N + i) * 2 + 1, tl.sum(tl.where(keep, magnitude, 0.0), axis=0))
 
 
-def _seed_words(seed: int, device) -> torch.Tensor:
-    return torch.tensor([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], dtype=torch.int64, device=device)
+def _params(device, coefs, weights, dare_thresholds, seed) -> torch.Tensor:
+    """fp64 [3N + 2] on ``device``: coefficients, weights, DARE keep thresholds, the two seed
+    words — one non-blocking copy from pinned memory (exact: every value fits 53 bits).
+    ``coefs`` may be a device tensor (the L1 rescale computes them there)."""
+    n = len(weights)
+    host_coefs = [0.0] * n if isinstance(coefs, torch.Tensor) else coefs
+    values = [*host_coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
+    params = host_to_device(values, torch.float64, device)
+    if isinstance(coefs, torch.Tensor):
+        params[:n] = coefs
+    return params
 
 
-def sparse_l1(base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed):
-    """[N, 2] fp64: Σ|δᵢ| and Σ kept |δᵢ| (per-block fp32 sums added in fp64)."""
+def _trim(base, trim):
+    """int64 [2N] keys then cutoffs (TIES), or any tensor as an unread placeholder."""
+    return base if trim is None else torch.cat(trim)
+
+
+def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed):
+    """[N, 2] fp64 on the device: Σ|δᵢ| and Σ kept |δᵢ| (per-block fp32 sums added in fp64)."""
     n, numel = len(tuned), base.numel()
     grid = triton.cdiv(numel, BLOCK)
     partial = torch.empty(grid, n, 2, dtype=torch.float32, device=base.device)
+    params = _params(base.device, [0.0] * n, [0.0] * n, dare_thresholds, seed)
     _sparse_l1_kernel[(grid,)](
-        partial, base, tuple(tuned), keep_a, keep_b, _seed_words(seed, base.device), numel,
+        partial, base, tuple(tuned), params, _trim(base, trim), numel,
         N=n, SPARSIFY=sparsify, TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return partial.double().sum(dim=0)
 
 
-def merge(out, base, tuned, tuned_are_deltas, sparsify, keep_a, keep_b, seed, coefs, weights, elect, normalize,
-          scale):
+def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
+          trim, seed):
     """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out``."""
     n, numel = len(tuned), base.numel()
+    params = _params(base.device, coefs, weights, dare_thresholds, seed)
     weight_sum = float(torch.tensor(weights, dtype=torch.float32).double().sum())
-    weights = torch.tensor(weights, dtype=torch.float32, device=base.device)
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
-        out, base, tuple(tuned), coefs, weights, keep_a, keep_b, _seed_words(seed, base.device), numel,
-        float(scale), weight_sum,
+        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale), weight_sum,
         N=n, N_PAD=triton.next_power_of_2(n), SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+
+
+TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs,
+                  dare_thresholds, trims, seeds):
+    """One launch merging tensor j of every list (contiguous; one dtype per role, N models each)."""
+    count, n, device = len(bases), len(tuned[0]), bases[0].device
+    table, starts, params, blocks = [], [], [], 0
+    for j, base in enumerate(bases):
+        table += [outs[j].data_ptr(), base.data_ptr(), *(t.data_ptr() for t in tuned[j]), base.numel()]
+        starts.append(blocks)
+        blocks += triton.cdiv(base.numel(), BLOCK)
+        seed = seeds[j]
+        weight_sum = float(torch.tensor(weights[j], dtype=torch.float32).double().sum())
+        params += [*coefs[j], *weights[j], *dare_thresholds[j], seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+                   weight_sum]
+    table_t = host_to_device(table, torch.int64, device)
+    trim = torch.cat([torch.cat(t) for t in trims]) if sparsify == 1 else table_t
+    _merge_foreach_kernel[(blocks,)](
+        table_t, host_to_device(starts, torch.int32, device), host_to_device(params, torch.float64, device), trim,
+        count, float(scale),
+        N=n, N_PAD=triton.next_power_of_2(n), SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
+        TUNED_ARE_DELTAS=tuned_are_deltas, OUT_TY=TL_TYPES[outs[0].dtype], BASE_TY=TL_TYPES[bases[0].dtype],
+        TUNED_TY=TL_TYPES[tuned[0][0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

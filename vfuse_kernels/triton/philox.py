@@ -23,11 +23,9 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def dare_bits(seed_ptr, model, start, BLOCK: tl.constexpr):
+def dare_bits(k0, k1, model, start, BLOCK: tl.constexpr):
     """32 random bits for flat elements [start, start + BLOCK), start % 4 == 0: element e
-    takes word e % 4 of Philox(counter=(e//4 low, e//4 high, model, 0), key=seed words)."""
-    k0 = tl.load(seed_ptr).to(tl.uint32)
-    k1 = tl.load(seed_ptr + 1).to(tl.uint32)
+    takes word e % 4 of Philox(counter=(e//4 low, e//4 high, model, 0), key=(k0, k1) uint32)."""
     group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     c0 = (group & 0xFFFFFFFF).to(tl.uint32)
     c1 = (group >> 32).to(tl.uint32)

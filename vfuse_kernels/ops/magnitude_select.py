@@ -1,0 +1,207 @@
+"""Exact per-model magnitude top-k: the TIES trim, and any other "keep the k largest |δ|" cut.
+
+For model i and kᵢ ∈ [1, numel) the selection returns the magnitude key Kᵢ (the fp32 bits of
+the kᵢ-th largest |δᵢ|) and the cutoff Cᵢ, the last flat index kept among the elements whose
+key equals Kᵢ: element e is kept iff ``key(e) > Kᵢ or (key(e) == Kᵢ and e <= Cᵢ)`` — exactly
+kᵢ elements, ties going to the lower flat index. The same tensor may appear several times
+with different k (a top and a bottom cut).
+
+Algorithm, shared by the backends (each provides the bracket pass: Triton on CUDA, C++ on CPU):
+
+1. Sample: S keys per model (runs of 16 contiguous elements at random positions), sorted.
+   The kᵢ-th largest lies, with overwhelming probability, between the sample keys at ranks
+   r ± m (r = S·kᵢ/numel, m = 4 binomial standard deviations + 64): the bracket [lo, hi].
+2. One bracket pass reads base and every tuned tensor once: per block of 4096 elements the
+   counts of key > hi, key == hi, key == lo and lo < key < hi; the elements strictly inside
+   (about 2m/S of the tensor) are compacted. Equal keys at the bracket ends are counted, never
+   compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
+3. Resolve, with one host synchronisation per pass for all models: K = hi or lo → C is the
+   r-th equal key in flat order, found from the per-block counts and one block; K inside →
+   the candidates sorted by (key desc, index asc) give K and C at rank k.
+4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
+   compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
+   from it resolves — about two more passes; the region shrinks every two passes, so every
+   input finishes.
+
+Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≈ 0.5% of the elements at
+S = 2^21) plus 16 bytes per 4096 elements. Largest tensor: numel < 2^33 (the packed index).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RUN = 16  # sample run length (contiguous elements: coalesced / cache-friendly gathers)
+Z = 4.0  # bracket half-width in binomial standard deviations
+SLACK = 64  # ... plus this many sample ranks
+MAX_KEY = 0x7FFFFFFF
+FULL_RATE = 1 << 32  # subsample threshold on a 32-bit hash: keep every element
+KEY_BIAS, INDEX_BITS = 1 << 30, 33  # candidate = (key − 2^30) << 33 | (2^33 − 1 − index)
+INDEX_MASK = (1 << INDEX_BITS) - 1
+MAX_NUMEL = 1 << INDEX_BITS
+BLOCK = 4096  # elements per block of the bracket pass's tie counts (both backends)
+MAX_PASSES = 64
+SMALL = 1 << 16  # up to this many elements, no sample
+
+
+def sample_size(numel: int, device: torch.device) -> int:
+    """Sample keys per model: ~numel/64 on GPU (at most 2^21), ~numel/256 on CPU (at most 2^16)."""
+    top, share = (1 << 21, 64) if device.type == "cuda" else (1 << 16, 256)
+    return max(RUN, min(top, numel // share) // RUN * RUN)
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """|x| of fp32 values as int64 keys (the fp32 bits without the sign)."""
+    return (values.contiguous().view(torch.int32).long() & MAX_KEY)
+
+
+def _deltas_at(base, t, idx, tuned_are_deltas):
+    values = t.reshape(-1)[idx].float()
+    return values if tuned_are_deltas else values - base.reshape(-1)[idx].float()
+
+
+def _sorted_sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
+    """[N, S] keys of a random sample (fixed seed), in descending order."""
+    numel, device = base.numel(), base.device
+    size = sample_size(numel, device)
+    gen = torch.Generator(device=device).manual_seed(0x5EED)
+    starts = torch.randint(0, numel - RUN + 1, (size // RUN, 1), generator=gen, device=device)
+    idx = (starts + torch.arange(RUN, device=device)).reshape(-1)
+    keys = torch.stack([magnitude_keys(_deltas_at(base, t, idx, tuned_are_deltas)) for t in tuned])
+    return torch.sort(keys, dim=1, descending=True).values
+
+
+class _Model:
+    """One model's search state: the key region [low, high] known to hold K, with exact counts."""
+
+    def __init__(self, k: int, numel: int):
+        self.k, self.numel = k, numel
+        self.low, self.high = 0, MAX_KEY
+        self.above = self.below = 0  # keys > high, keys < low
+        self.sample = None  # sorted (desc) keys of a uniform sample of the region, when known
+        self.result = None  # (key, cutoff): ints or 0-dim tensors
+
+    @property
+    def population(self) -> int:
+        return self.numel - self.above - self.below
+
+
+def _bracket(model: _Model, sample: torch.Tensor) -> tuple:
+    """(lo, hi, expected share of the region strictly inside) around the target rank."""
+    size = sample.numel()
+    p = (model.k - model.above) / model.population
+    rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
+    hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    hi = sample[hi_rank] if hi_rank >= 0 else model.high + 1
+    lo = sample[lo_rank] if lo_rank < size else model.low - 1
+    return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
+
+
+def _tie_cutoff(base, t, key: int, rank: int, block_counts: torch.Tensor, tuned_are_deltas):
+    """Flat index of the rank-th (1-based) element with key ``key``, from per-block counts."""
+    device, numel = base.device, base.numel()
+    cum = block_counts.cumsum(0)
+    block = torch.searchsorted(cum, torch.full((1,), rank, dtype=cum.dtype, device=device))
+    before = torch.where(block > 0, cum[(block - 1).clamp(min=0)], 0)
+    offs = block * BLOCK + torch.arange(BLOCK, device=device)
+    valid = offs < numel
+    offs = offs.clamp(max=numel - 1)
+    equal = (magnitude_keys(_deltas_at(base, t, offs, tuned_are_deltas)) == key) & valid
+    nth = equal & (equal.long().cumsum(0) == rank - before)
+    return offs[torch.argmax(nth.to(torch.int32))]
+
+
+def _candidate_rank(cand: torch.Tensor, rank: int):
+    """(key, cutoff) of the rank-th (1-based) largest packed candidate."""
+    packed = torch.sort(cand, descending=True).values[rank - 1]
+    return (packed >> INDEX_BITS) + KEY_BIAS, INDEX_MASK - (packed & INDEX_MASK)
+
+
+def _candidate_keys(cand: torch.Tensor) -> torch.Tensor:
+    return torch.sort((cand >> INDEX_BITS) + KEY_BIAS, descending=True).values
+
+
+def _scalar(value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).to(torch.int64)
+    return torch.full((), value, dtype=torch.int64, device=device)
+
+
+def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_size=None):
+    """(keys, cutoffs), int64 [N] on base's device, of the top-kᵢ |δᵢ| of each model.
+
+    ``bracket_pass(base, tuned, lo, hi, rate, cap, tuned_are_deltas, counts, cand, fill)`` is the
+    backend's pass (triton/magnitude_select.py, csrc/cpu/magnitude_select.cpp); contiguous inputs,
+    1 <= kᵢ < numel < 2^33.
+    """
+    device, numel = base.device, base.numel()
+    if numel >= MAX_NUMEL:
+        raise ValueError(f"magnitude selection supports tensors under 2^{INDEX_BITS} elements, got {numel}")
+    models = [_Model(k, numel) for k in ks]
+    subsample = subsample_size or sample_size(numel, device)
+    if numel > SMALL:  # small tensors: the first pass compacts every element
+        for model, row in zip(models, _sorted_sample(base, tuned, tuned_are_deltas)):
+            model.sample = row
+    for _ in range(MAX_PASSES):
+        pending = [m for m in models if m.result is None]
+        if not pending:
+            break
+        _run_pass(base, [tuned[models.index(m)] for m in pending], pending, tuned_are_deltas, bracket_pass,
+                  subsample)
+    else:  # pragma: no cover - the region shrinks every two passes
+        raise RuntimeError("magnitude_select did not converge")
+    keys = torch.stack([_scalar(m.result[0], device) for m in models])
+    cutoffs = torch.stack([_scalar(m.result[1], device) for m in models])
+    return keys, cutoffs
+
+
+def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
+    device, numel, n = base.device, base.numel(), len(models)
+    los, his, rates, caps = [], [], [], []
+    for m in models:
+        if m.sample is not None:  # bracket around the target from a sample of the region
+            lo, hi, share = _bracket(m, m.sample)
+            rate = FULL_RATE
+        else:  # collect a uniform subsample of the region (all of it when small)
+            lo, hi = m.low - 1, m.high + 1
+            share = 1.0 if m.population <= max(subsample, SMALL) else subsample / m.population
+            rate = min(FULL_RATE, math.ceil(share * FULL_RATE))
+        los.append(lo)
+        his.append(hi)
+        rates.append(rate)
+        caps.append(min(m.population, int(1.25 * share * m.population) + 8192))
+    lo_t = torch.stack([_scalar(v, device) for v in los])
+    hi_t = torch.stack([_scalar(v, device) for v in his])
+    rate_t = torch.stack([_scalar(v, device) for v in rates])
+    cap = max(caps)
+    blocks = -(-numel // BLOCK)
+    counts = torch.empty(blocks, n, 4, dtype=torch.int32, device=device)
+    cand = torch.empty(n, cap, dtype=torch.int64, device=device)
+    fill = torch.zeros(n, dtype=torch.int64, device=device)
+    bracket_pass(base, tuned, lo_t, hi_t, rate_t, cap, tuned_are_deltas, counts, cand, fill)
+    totals = counts.sum(0, dtype=torch.int64)
+    host = torch.cat([totals.reshape(-1), fill, lo_t, hi_t]).tolist()  # the pass's one synchronisation
+    for i, m in enumerate(models):
+        gt, eq_hi, eq_lo, inside = host[4 * i: 4 * i + 4]
+        stored, lo, hi = host[4 * n + i], host[5 * n + i], host[6 * n + i]
+        if lo == hi:
+            eq_lo = inside = 0
+        k = m.k
+        m.sample = None
+        if k <= gt:  # K above the bracket
+            m.below, m.low = numel - gt, hi + 1
+        elif k <= gt + eq_hi:
+            m.result = hi, _tie_cutoff(base, tuned[i], hi, k - gt, counts[:, i, 1], tuned_are_deltas)
+        elif k <= gt + eq_hi + inside:
+            if stored == inside and stored <= cap:
+                m.result = _candidate_rank(cand[i, :stored], k - gt - eq_hi)
+            else:
+                m.above, m.below, m.low, m.high = gt + eq_hi, numel - gt - eq_hi - inside, lo + 1, hi - 1
+                if rates[i] < FULL_RATE:  # a uniform subsample of the new region
+                    m.sample = _candidate_keys(cand[i, :min(stored, cap)])
+        elif k <= gt + eq_hi + inside + eq_lo:
+            m.result = lo, _tie_cutoff(base, tuned[i], lo, k - gt - eq_hi - inside, counts[:, i, 2],
+                                       tuned_are_deltas)
+        else:  # K below the bracket
+            m.above, m.high = gt + eq_hi + inside + eq_lo, lo - 1
