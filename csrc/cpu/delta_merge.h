@@ -17,9 +17,6 @@ constexpr int64_t kChunk = 512;
 
 constexpr int64_t kPrefetchChunks = 2;  // prefetch distance, in chunks
 
-// Elements per block of the magnitude selection's tie counts (ops/magnitude_select.py BLOCK).
-constexpr int64_t kSelectBlock = 4096;
-
 struct DeltaInputs {
   const void* base;
   int base_dtype;

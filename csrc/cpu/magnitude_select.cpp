@@ -1,7 +1,7 @@
 // The bracket pass of the exact magnitude selection on the CPU (the algorithm and its
 // resolution are in vfuse_kernels/ops/magnitude_select.py; the GPU pass is
 // vfuse_kernels/triton/magnitude_select.py). One pass over base and every tuned tensor:
-// per block of kSelectBlock elements and model, the counts of key > hi, key == hi,
+// per block of `block` elements and model, the counts of key > hi, key == hi,
 // key == lo and lo < key < hi (a vectorised counting loop), and the inside elements whose
 // index hash is below the model's rate, packed as (key − 2^30) << 33 | (2^33 − 1 − index).
 #include "parallel.h"
@@ -53,9 +53,9 @@ inline uint32_t subsample_hash(int64_t e) {
 }  // namespace
 
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
-                  int32_t* counts, int64_t* cand, int64_t* fill) {
+                  int64_t block, int32_t* counts, int64_t* cand, int64_t* fill) {
   const int n = in.models();
-  const int64_t blocks = (in.numel + kSelectBlock - 1) / kSelectBlock;
+  const int64_t blocks = (in.numel + block - 1) / block;
   const int threads = omp_get_max_threads();
   std::vector<std::vector<std::vector<int64_t>>> picked(threads, std::vector<std::vector<int64_t>>(n));
 #pragma omp parallel num_threads(threads)
@@ -67,8 +67,8 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       std::fill(c.begin(), c.end(), 0);
-      const int64_t end = std::min(in.numel, (blk + 1) * kSelectBlock);
-      for (int64_t start = blk * kSelectBlock; start < end; start += kChunk) {
+      const int64_t end = std::min(in.numel, (blk + 1) * block);
+      for (int64_t start = blk * block; start < end; start += kChunk) {
         const int64_t len = std::min(kChunk, end - start);
         load_deltas(in, start, len, false, s);
         for (int i = 0; i < n; ++i) {

@@ -13,7 +13,7 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
            const std::vector<float>& weights, int elect, bool normalize, float scale);
 std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
-                  int32_t* counts, int64_t* cand, int64_t* fill);
+                  int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
 }  // namespace vfuse
 
 using vfuse::DeltaInputs;
@@ -67,13 +67,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("bracket_pass",
         [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,
            int64_t numel, bool tuned_are_deltas, std::vector<int64_t> lo, std::vector<int64_t> hi,
-           std::vector<int64_t> rate, int64_t cap, uintptr_t counts, uintptr_t cand, uintptr_t fill) {
+           std::vector<int64_t> rate, int64_t cap, int64_t block, uintptr_t counts, uintptr_t cand, uintptr_t fill) {
           DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas,
                                        vfuse::kKeepAll, {}, {}, 0);
           if (lo.size() != in.tuned.size() || hi.size() != in.tuned.size() || rate.size() != in.tuned.size())
             throw std::invalid_argument("lo/hi/rate length");
+          if (block <= 0) throw std::invalid_argument("block must be positive");
           py::gil_scoped_release release;
-          vfuse::bracket_pass(in, lo.data(), hi.data(), rate.data(), cap, reinterpret_cast<int32_t*>(counts),
+          vfuse::bracket_pass(in, lo.data(), hi.data(), rate.data(), cap, block, reinterpret_cast<int32_t*>(counts),
                               reinterpret_cast<int64_t*>(cand), reinterpret_cast<int64_t*>(fill));
         });
 

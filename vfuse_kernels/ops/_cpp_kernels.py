@@ -14,12 +14,12 @@ def _pointers(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     return [t.data_ptr() for t in tensors], [DTYPE_CODES[t.dtype] for t in tensors]
 
 
-def bracket_pass(base, tuned, lo, hi, rate, cap, tuned_are_deltas, counts, cand, fill):
+def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
     """The magnitude selection's bracket pass (ops/magnitude_select.py) into ``counts``, ``cand``, ``fill``."""
     ptrs, codes = _pointers(tuned)
     cpu_extension().bracket_pass(
         base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas, lo.tolist(),
-        hi.tolist(), rate.tolist(), cap, counts.data_ptr(), cand.data_ptr(), fill.data_ptr(),
+        hi.tolist(), rate.tolist(), cap, block, counts.data_ptr(), cand.data_ptr(), fill.data_ptr(),
     )
 
 

@@ -11,7 +11,7 @@ Algorithm, shared by the backends (each provides the bracket pass: Triton on CUD
 1. Sample: S keys per model (runs of 16 contiguous elements at random positions), sorted.
    The kᵢ-th largest lies, with overwhelming probability, between the sample keys at ranks
    r ± m (r = S·kᵢ/numel, m = 4 binomial standard deviations + 64): the bracket [lo, hi].
-2. One bracket pass reads base and every tuned tensor once: per block of 4096 elements the
+2. One bracket pass reads base and every tuned tensor once: per block of 2048 elements the
    counts of key > hi, key == hi, key == lo and lo < key < hi; the elements strictly inside
    (about 2m/S of the tensor) are compacted. Equal keys at the bracket ends are counted, never
    compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
@@ -24,7 +24,7 @@ Algorithm, shared by the backends (each provides the bracket pass: Triton on CUD
    input finishes.
 
 Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≈ 0.5% of the elements at
-S = 2^21) plus 16 bytes per 4096 elements. Largest tensor: numel < 2^33 (the packed index).
+S = 2^21) plus 16 bytes per 2048 elements. Largest tensor: numel < 2^33 (the packed index).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ FULL_RATE = 1 << 32  # subsample threshold on a 32-bit hash: keep every element
 KEY_BIAS, INDEX_BITS = 1 << 30, 33  # candidate = (key − 2^30) << 33 | (2^33 − 1 − index)
 INDEX_MASK = (1 << INDEX_BITS) - 1
 MAX_NUMEL = 1 << INDEX_BITS
-BLOCK = 4096  # elements per block of the bracket pass's tie counts (both backends)
+BLOCK = 2048  # elements per block of the bracket pass's tie counts (< 2^16: 16-bit count fields)
 MAX_PASSES = 64
 SMALL = 1 << 16  # up to this many elements, no sample
 
@@ -131,7 +131,7 @@ def _scalar(value, device) -> torch.Tensor:
 def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_size=None):
     """(keys, cutoffs), int64 [N] on base's device, of the top-kᵢ |δᵢ| of each model.
 
-    ``bracket_pass(base, tuned, lo, hi, rate, cap, tuned_are_deltas, counts, cand, fill)`` is the
+    ``bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill)`` is the
     backend's pass (triton/magnitude_select.py, csrc/cpu/magnitude_select.cpp); contiguous inputs,
     1 <= kᵢ < numel < 2^33.
     """
@@ -179,7 +179,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
     counts = torch.empty(blocks, n, 4, dtype=torch.int32, device=device)
     cand = torch.empty(n, cap, dtype=torch.int64, device=device)
     fill = torch.zeros(n, dtype=torch.int64, device=device)
-    bracket_pass(base, tuned, lo_t, hi_t, rate_t, cap, tuned_are_deltas, counts, cand, fill)
+    bracket_pass(base, tuned, lo_t, hi_t, rate_t, cap, BLOCK, tuned_are_deltas, counts, cand, fill)
     totals = counts.sum(0, dtype=torch.int64)
     host = torch.cat([totals.reshape(-1), fill, lo_t, hi_t]).tolist()  # the pass's one synchronisation
     for i, m in enumerate(models):

@@ -46,13 +46,12 @@ def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
 
 @triton.jit
 def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, weight_sum,
-                 N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                 N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
                  TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
     """combine(uᵢ) of one block in fp32, divided by the divisor when normalising; the tuned
     pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row."""
-    rows = tl.arange(0, N_PAD)[:, None]
-    stacked = tl.zeros([N_PAD, BLOCK], dtype=tl.float32)  # uᵢ kept for the agreement pass
+    kept = ()  # uᵢ of every model, for the agreement pass
     vote = tl.zeros([BLOCK], dtype=tl.float32)
     merged = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
@@ -70,14 +69,14 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, w
                 vote += u
             else:
                 vote += (u > 0).to(tl.float32) - (u < 0).to(tl.float32)
-            stacked = tl.where(rows == i, u[None, :], stacked)
+            kept = kept + (u,)
     if ELECT == 0:
         divisor = weight_sum
     else:
         positive = vote >= 0
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):
-            u = tl.sum(tl.where(rows == i, stacked, 0.0), axis=0)
+            u = kept[i]
             agree = tl.where(positive, u > 0, u < 0)
             merged += tl.where(agree, u, 0.0)
             divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
@@ -88,20 +87,20 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, w
 
 @triton.jit
 def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale, weight_sum,
-                  N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                  N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                   NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr, weight_sum,
-                          N, N_PAD, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
+                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
     tl.store(out_ptr + offs, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["tensors"])
 def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tensors, scale,
-                          N: tl.constexpr, N_PAD: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
+                          N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                           NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, OUT_TY: tl.constexpr,
                           BASE_TY: tl.constexpr, TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
     """Many tensors in one launch: row j of the table holds (out, base, tuned₀ … tuned_N−1,
@@ -123,7 +122,7 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     params = params_ptr + low.to(tl.int64) * (3 * N + 3)
     merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
-                          tl.load(params + 3 * N + 2).to(tl.float32), N, N_PAD, SPARSIFY, ELECT, NORMALIZE,
+                          tl.load(params + 3 * N + 2).to(tl.float32), N, SPARSIFY, ELECT, NORMALIZE,
                           TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
     out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
     tl.store(out_ptr + offs, (b + scale * merged).to(OUT_TY), mask=mask)
@@ -185,7 +184,7 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
     weight_sum = float(torch.tensor(weights, dtype=torch.float32).double().sum())
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
         out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale), weight_sum,
-        N=n, N_PAD=triton.next_power_of_2(n), SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
+        N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
 
@@ -211,7 +210,7 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
     _merge_foreach_kernel[(blocks,)](
         table_t, host_to_device(starts, torch.int32, device), host_to_device(params, torch.float64, device), trim,
         count, float(scale),
-        N=n, N_PAD=triton.next_power_of_2(n), SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
+        N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, OUT_TY=TL_TYPES[outs[0].dtype], BASE_TY=TL_TYPES[bases[0].dtype],
         TUNED_TY=TL_TYPES[tuned[0][0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

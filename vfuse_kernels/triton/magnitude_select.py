@@ -1,9 +1,9 @@
 """The bracket pass of the exact magnitude selection on the GPU (see ops/magnitude_select.py).
 
 One launch reads base and every tuned tensor once. For model i and its bracket
-[loᵢ, hiᵢ] of magnitude keys, each program of ``BLOCK`` elements stores its counts of
-key > hi, key == hi, key == lo and lo < key < hi (one int64 reduction of four 16-bit
-fields, no atomics), and appends the inside elements picked by the subsample rate as
+[loᵢ, hiᵢ] of magnitude keys, each program of ``block`` elements stores its counts of
+key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit field
+pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
 program for the slot, a block scan for the positions). Equal keys at the bracket ends are
 only counted, never compacted.
@@ -13,11 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # elements per program; also the granularity of the per-block tie counts
-NUM_WARPS = 8
-FIELD_BITS = 16  # BLOCK < 2^16: four block counts share one int64 reduction
-KEY_BIAS = 1 << 30  # packed candidates: (key − 2^30) << 33 fits a signed int64 for 31-bit keys
-INDEX_BITS = 33  # ... and the inverted flat index takes the low 33 bits (numel ≤ 2^33)
+NUM_WARPS = 8  # at 2048 elements per program: ~80 registers, three programs per SM
 
 
 @triton.jit
@@ -64,32 +60,39 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
-    mix = subsample_hash(offs)
-    packed_index = (2**33 - 1) - offs
     for i in tl.static_range(N):
-        key = magnitude_key(load_delta(tuned[i], b, offs, mask, TUNED_ARE_DELTAS))
-        lo = tl.load(lo_ptr + i)
-        hi = tl.load(hi_ptr + i)
-        inside = mask & (key > lo) & (key < hi)
-        fields = ((mask & (key > hi)).to(tl.int64) | ((mask & (key == hi)).to(tl.int64) << 16)
-                  | ((mask & (key == lo)).to(tl.int64) << 32) | (inside.to(tl.int64) << 48))
-        total = tl.sum(fields, axis=0)
+        delta = load_delta(tuned[i], b, offs, mask, TUNED_ARE_DELTAS)
+        key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # 31-bit keys: 32-bit compares
+        lo = tl.load(lo_ptr + i).to(tl.int32)  # >= -1
+        hi_wide = tl.load(hi_ptr + i)  # <= 2^31: 2^31 is above every key
+        hi = tl.minimum(hi_wide, 0x7FFFFFFF).to(tl.int32)
+        open_top = (tl.zeros([BLOCK], tl.int32) + (hi_wide > 0x7FFFFFFF).to(tl.int32)) != 0  # a vector (the
+        # interpreter rejects scalar & vector masks)
+        at_hi = mask & (key == hi)
+        inside = mask & (key > lo) & ((key < hi) | (at_hi & open_top))
+        upper = tl.sum((mask & (key > hi)).to(tl.int32) | ((at_hi & ~open_top).to(tl.int32) << 16), axis=0)
+        lower = tl.sum((mask & (key == lo)).to(tl.int32) | (inside.to(tl.int32) << 16), axis=0)
         row = counts_ptr + (pid.to(tl.int64) * N + i) * 4
-        for j in tl.static_range(4):
-            tl.store(row + j, ((total >> (16 * j)) & 0xFFFF).to(tl.int32))
-        if (total >> 48) > 0:
-            picked = inside & (mix < tl.load(rate_ptr + i))
-            ranks = tl.cumsum(picked.to(tl.int64), axis=0)
+        tl.store(row, upper & 0xFFFF)
+        tl.store(row + 1, upper >> 16)
+        tl.store(row + 2, lower & 0xFFFF)
+        tl.store(row + 3, lower >> 16)
+        if (lower >> 16) > 0:
+            rate = tl.load(rate_ptr + i)
+            picked = inside
+            if rate < 2**32:  # a subsampling pass (rare)
+                picked = inside & (subsample_hash(offs) < rate)
+            ranks = tl.cumsum(picked.to(tl.int32), axis=0)
             n_picked = tl.max(ranks, axis=0)
             if n_picked > 0:
-                pos = tl.atomic_add(fill_ptr + i, n_picked) + ranks - 1
-                value = ((key - 2**30) << 33) | packed_index
+                pos = tl.atomic_add(fill_ptr + i, n_picked.to(tl.int64)) + ranks.to(tl.int64) - 1
+                value = ((key.to(tl.int64) - 2**30) << 33) | ((2**33 - 1) - offs)
                 tl.store(cand_ptr + i * cap + pos, value, mask=picked & (pos < cap))
 
 
-def bracket_pass(base, tuned, lo, hi, rate, cap, tuned_are_deltas, counts, cand, fill):
+def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
     """Fills ``counts`` [blocks, N, 4] int32, ``cand`` [N, cap] int64 and adds to ``fill`` [N] int64."""
-    _bracket_kernel[(triton.cdiv(base.numel(), BLOCK),)](
+    _bracket_kernel[(triton.cdiv(base.numel(), block),)](
         counts, cand, fill, base, tuple(tuned), lo, hi, rate, base.numel(), cap,
-        N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, num_warps=NUM_WARPS,
     )
