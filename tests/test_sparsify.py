@@ -129,7 +129,7 @@ def test_selection_recovers_from_a_missed_sample(backend, miss, select_passes, m
         pick = 0 if miss == "below" else -1  # all sample keys at the top (or bottom) key
         return torch.stack([k[pick].expand(64) for k in keys])
 
-    monkeypatch.setattr(ms, "_sorted_sample", wrong_sample)
+    monkeypatch.setattr(ms, "_sample", wrong_sample)
     monkeypatch.setattr(ms, "sample_size", lambda numel, device: 512)
     monkeypatch.setattr(ms, "SMALL", 1024)  # sample tensors of this size
     monkeypatch.setattr(ms, "Z", 0.5)  # margins narrow enough that the 64 keys do not span everything

@@ -186,6 +186,86 @@ VFUSE_INLINE void dense_fused_dtype(const DeltaInputs& in, const MergeParams& p,
     p.normalize ? dense_fused_n<C, false, true>(in, p, start, len) : dense_fused_n<C, false, false>(in, p, start, len);
 }
 
+// TIES (trim, then election) with every tensor in one storage dtype and N models known at
+// compile time: one loop, each element's deltas, keep flags, vote and agreement in registers;
+// the same fp32 operations in the same order as merge_chunk (bit-identical results).
+template <typename C, int N, bool kDeltas, bool kCount, bool kNormalize>
+VFUSE_INLINE void trim_elect_fused(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  using T = typename C::T;
+  const T* base = static_cast<const T*>(in.base) + start;
+  const T* tuned[N];
+  float coef[N], weight[N];
+  uint32_t key[N];
+  int32_t last[N];  // cutoff relative to this chunk, clamped so the comparison stays in 32 bits
+  for (int i = 0; i < N; ++i) {
+    tuned[i] = static_cast<const T*>(in.tuned[i]) + start;
+    coef[i] = p.coefs[i];
+    weight[i] = p.weights[i];
+    key[i] = uint32_t(in.keep_a[i]);
+    last[i] = int32_t(std::clamp<int64_t>(in.keep_b[i] - start, -1, kChunk));
+  }
+  T* out = static_cast<T*>(p.out) + start;
+  const float scale = p.scale;
+#pragma GCC ivdep
+  for (int32_t j = 0; j < int32_t(len); ++j) {
+    const float b = C::load(base[j]);
+    float u[N];
+    float vote = 0.f;
+    for (int i = 0; i < N; ++i) {
+      const float d = kDeltas ? C::load(tuned[i][j]) : C::load(tuned[i][j]) - b;
+      const uint32_t k = magnitude_key(d);
+      const float keep = float(int(k > key[i]) | (int(k == key[i]) & int(j <= last[i])));
+      u[i] = (d * coef[i]) * keep;
+      vote += kCount ? float(u[i] > 0.f) - float(u[i] < 0.f) : u[i];
+    }
+    const int positive = vote >= 0.f;
+    float m = 0.f, divisor = 0.f;
+    for (int i = 0; i < N; ++i) {
+      const float agree = float((positive & int(u[i] > 0.f)) | ((1 - positive) & int(u[i] < 0.f)));
+      m += u[i] * agree;
+      divisor += weight[i] * agree;
+    }
+    if (kNormalize) m = m / (divisor + float(divisor == 0.f));
+    out[j] = C::store(b + scale * m);
+  }
+}
+
+template <typename C, bool kDeltas, bool kCount, bool kNormalize>
+VFUSE_INLINE void trim_elect_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  switch (in.models()) {
+    case 1: return trim_elect_fused<C, 1, kDeltas, kCount, kNormalize>(in, p, start, len);
+    case 2: return trim_elect_fused<C, 2, kDeltas, kCount, kNormalize>(in, p, start, len);
+    case 3: return trim_elect_fused<C, 3, kDeltas, kCount, kNormalize>(in, p, start, len);
+    default: return trim_elect_fused<C, 4, kDeltas, kCount, kNormalize>(in, p, start, len);
+  }
+}
+
+template <typename C>
+VFUSE_INLINE void trim_elect_dtype(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  const bool count = p.elect == kElectCount;
+  if (in.tuned_are_deltas) {
+    if (count) p.normalize ? trim_elect_n<C, true, true, true>(in, p, start, len)
+                           : trim_elect_n<C, true, true, false>(in, p, start, len);
+    else p.normalize ? trim_elect_n<C, true, false, true>(in, p, start, len)
+                     : trim_elect_n<C, true, false, false>(in, p, start, len);
+  } else {
+    if (count) p.normalize ? trim_elect_n<C, false, true, true>(in, p, start, len)
+                           : trim_elect_n<C, false, true, false>(in, p, start, len);
+    else p.normalize ? trim_elect_n<C, false, false, true>(in, p, start, len)
+                     : trim_elect_n<C, false, false, false>(in, p, start, len);
+  }
+}
+
+// TIES in one loop over a chunk (the caller checked dense_fusable and the method).
+VFUSE_MULTIVERSION
+void merge_chunk_trim_elect(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
+  switch (p.out_dtype) {
+    case kBFloat16: trim_elect_dtype<Bf16>(in, p, start, len); return;
+    case kFloat16: trim_elect_dtype<Fp16>(in, p, start, len); return;
+    default: trim_elect_dtype<Fp32>(in, p, start, len); return;
+  }
+}
+
 // Whether the fused dense loop applies: one storage dtype everywhere and 1 to 4 models.
 bool dense_fusable(const DeltaInputs& in, int out_dtype) {
   if (in.models() > 4 || in.base_dtype != out_dtype) return false;
@@ -237,7 +317,8 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   const MergeParams params{out, out_dtype, !aliased, coefs.data(), weights.data(), elect, normalize, scale,
                            float(weight_sum)};
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
-#pragma omp parallel
+  const bool trim_elect = in.sparsify == kTrim && elect != kNoElection && dense_fusable(in, out_dtype);
+#pragma omp parallel num_threads(threads_for(in.numel * (n + 1)))
   {
     ChunkScratch s(n);
     std::vector<float> u(size_t(n) * kChunk), m(kChunk), d(kChunk), vote(kChunk);
@@ -247,6 +328,8 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
       const int64_t start = c * kChunk, len = std::min(kChunk, in.numel - start);
       if (dense) {
         merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), staged.data());
+      } else if (trim_elect) {
+        merge_chunk_trim_elect(in, start, len, params);
       } else {
         load_deltas(in, start, len, true, s);
         merge_chunk(s, n, start, len, params, u.data(), m.data(), d.data(), vote.data(), staged.data());
@@ -262,7 +345,7 @@ std::vector<double> sparse_l1(const DeltaInputs& in) {
   const int n = in.models();
   const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
   std::vector<double> partial(size_t(chunks) * n * 2, 0.0);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(in.numel * (n + 1)))
   {
     ChunkScratch s(n);
 #pragma omp for schedule(static)

@@ -56,7 +56,7 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill) {
   const int n = in.models();
   const int64_t blocks = (in.numel + block - 1) / block;
-  const int threads = omp_get_max_threads();
+  const int threads = threads_for(in.numel * (n + 1));
   std::vector<std::vector<std::vector<int64_t>>> picked(threads, std::vector<std::vector<int64_t>>(n));
 #pragma omp parallel num_threads(threads)
   {

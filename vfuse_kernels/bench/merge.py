@@ -11,6 +11,7 @@ same run. TIES rows include the threshold selection.
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -105,3 +106,308 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU suite (vfuse bench gpu): checks, rows and targets of the merge kernels
+# ---------------------------------------------------------------------------------------------
+
+DENSITIES = (0.01, 0.3, 0.5, 0.9)
+LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 3  # q k v o, gate up down (transposed alike)
+
+
+def tie_heavy_inputs(numel: int, models: int, dtype, device, seed: int = 0):
+    """bf16-style fine-tunes: base ~ N(0, 1) and θᵢ = base + 0.01·N(0, 1), both rounded to ``dtype``
+    (so the deltas are quantised to base's ulp: equal magnitudes everywhere), drawn on the device."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    base = torch.randn(numel, generator=gen, device=device).to(dtype)
+    tuned = [(base.float() + 0.01 * torch.randn(numel, generator=gen, device=device)).to(dtype)
+             for _ in range(models)]
+    return base, tuned
+
+
+def topk_thresholds(base, tuned, density):
+    """What a user writes with torch: the k-th largest |δᵢ| per model by ``torch.topk``."""
+    k = max(1, int(density * base.numel()))
+    return [torch.topk((t.float() - base.float()).abs(), k, sorted=False).values.min() for t in tuned]
+
+
+def selection_is_exact(base, tuned, densities, thresholds, chunk: int = 1 << 26) -> str:
+    """'' if (K, C) of every model satisfy the definition (fewer than k keys above K; with the
+    equal keys up to index C exactly k; key(C) == K), else what failed — in chunks, O(n)."""
+    numel = base.numel()
+    for i, (t, p) in enumerate(zip(tuned, densities)):
+        k = min(numel, max(1, int(p * numel)))
+        key_k, cut = int(thresholds.keys[i]), int(thresholds.cutoffs[i])
+        above = equal_upto = 0
+        for start in range(0, numel, chunk):
+            key = ((t[start:start + chunk].float() - base[start:start + chunk].float()).view(torch.int32)
+                   & 0x7FFFFFFF)
+            above += int((key > key_k).sum())
+            stop = min(chunk, max(0, cut + 1 - start))
+            equal_upto += int((key[:stop] == key_k).sum())
+            if start <= cut < start + chunk and int(key[cut - start]) != key_k:
+                return f"model {i}: key at the cutoff {cut} is not the threshold key"
+        if k < numel and not (above < k and above + equal_upto == k):
+            return f"model {i}: {above} keys above, {equal_upto} tied up to the cutoff, k = {k}"
+    return ""
+
+
+def _time(fn, device, reps=5) -> float:
+    return time_ms(fn, device, reps=reps)[0]
+
+
+def _compiled(fn, example_args):
+    """torch.compile of ``fn`` for these shapes only (dynamic=False), compiled and warmed now;
+    (compiled function, compile seconds)."""
+    import time
+
+    compiled = torch.compile(fn, dynamic=False)
+    start = time.perf_counter()
+    compiled(*example_args)
+    torch.cuda.synchronize()
+    return compiled, time.perf_counter() - start
+
+
+def _target(name, value, target):
+    op, bound = target.split()
+    met = value == value and (value <= float(bound) if op == "<=" else value >= float(bound))
+    return {"area": "merge", "name": name, "value": value, "target": target, "met": bool(met)}
+
+
+def _merge_rows(label, base, tuned, device, with_compile, copy_gbps, densities):
+    """Rows and the times of one shape: task arithmetic (vfuse, in place, eager, compile), TIES per
+    density (select + merge, selection only, mergekit ops, torch.topk threshold), DARE."""
+    n, numel, itemsize = len(tuned), base.numel(), base.element_size()
+    gb = (n + 2) * numel * itemsize / 1e9
+    weights = [1.0 / n] * n
+    out = torch.empty_like(base)
+    rows, times = [], {}
+
+    def row(method, impl, ms, **extra):
+        times[(method, impl)] = ms
+        rows.append({"op": "delta_merge", "suite": "merge", "shape": label, "method": method, "impl": impl,
+                     "models": n, "numel": numel, "dtype": str(base.dtype).removeprefix("torch."),
+                     "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps,
+                     **extra})
+
+    row("task_arithmetic", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, out=out), device))
+    work = base.clone()
+    row("task_arithmetic", "vfuse (in place)", _time(lambda: vk.delta_merge(work, tuned, weights, out=work), device))
+    row("task_arithmetic", "eager fp32", _time(lambda: eager_merge(base, tuned, weights, False), device))
+    if with_compile:
+        for method, normalize in (("task_arithmetic", False), ("linear", True)):
+            fn, seconds = _compiled(lambda b, *t, nz=normalize: eager_merge(b, list(t), weights, nz), (base, *tuned))
+            if method == "linear":
+                row("linear", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="linear", out=out),
+                                             device))
+            row(method, "torch.compile", _time(lambda: fn(base, *tuned), device), compile_s=seconds)
+        fn, seconds = _compiled(lambda b, *t: _bernoulli_merge(b, list(t), weights, 0.3), (base, *tuned))
+        row("dare_linear", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="dare_linear",
+                                                                 density=0.3, out=out), device))
+        row("dare_linear", "torch.compile", _time(lambda: fn(base, *tuned), device), compile_s=seconds)
+    row("dare_ties", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="dare_ties", density=0.3,
+                                                           out=out), device), density=0.3)
+    for p in densities:
+        row("ties", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="ties", density=p, out=out),
+                                   device), density=p)
+        row("ties", "vfuse thresholds only", _time(lambda: vk.ties_thresholds(base, tuned, p), device), density=p)
+        row("ties", "torch.topk thresholds", _time(lambda: topk_thresholds(base, tuned, p), device), density=p)
+        row("ties", "mergekit ops", _time(lambda: mergekit_merge(base, tuned, weights, method="ties", density=p,
+                                                                 normalize=True), device, reps=1), density=p)
+    return rows, times
+
+
+def _bernoulli_merge(base, tuned, weights, density):
+    """DARE-linear as eager torch writes it: Bernoulli keep mask, 1/density rescale, weighted sum."""
+    b = base.float()
+    merged = sum(w * torch.bernoulli(torch.full_like(b, density)) * (t.float() - b) / density
+                 for w, t in zip(weights, tuned))
+    return (b + merged).to(base.dtype)
+
+
+def _parity_checks(device) -> list[dict]:
+    """Every method × dtype × awkward shape × N ∈ {1, 3} against the fp64 reference on the device;
+    tie-heavy bf16 selections; CPU and GPU bit-identical; foreach equal to per-tensor merges."""
+    from ..reference import delta_merge as ref
+
+    checks = []
+    shapes = [(0,), (1,), (7,), (13, 17), (1031,), (1_000_003,)]
+    for method, (sparsify, elects, normalize) in vk.METHODS.items():
+        failures = []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for shape in shapes:
+                for n in (1, 3):
+                    numel = math.prod(shape)
+                    base, tuned = tie_heavy_inputs(numel, n, dtype, device, seed=numel + n)
+                    base, tuned = base.reshape(shape), [t.reshape(shape) for t in tuned]
+                    density = [0.3, 0.55, 0.9][:n] if sparsify != "none" else 1.0
+                    out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                    vk.delta_merge(base, tuned, [0.7, -0.3, 1.1][:n], method=method, density=density, out=out,
+                                   seed=3)
+                    expected = ref.delta_merge(base, tuned, [0.7, -0.3, 1.1][:n], sparsify=sparsify,
+                                               densities=density if isinstance(density, list) else [1.0] * n,
+                                               elect="sum" if elects else None, normalize=normalize, scale=1.0,
+                                               rescale="density", seed=3, tuned_are_deltas=False)
+                    tol = torch.finfo(dtype).eps * max(1.0, float(expected.abs().max()) if numel else 1.0)
+                    if out.isnan().any() or (numel and float((out.double() - expected).abs().max()) > tol + 1e-6):
+                        failures.append(f"{str(dtype)[6:]} {shape} N={n}")
+        checks.append({"name": f"delta_merge {method} vs fp64 reference (fp32/bf16/fp16, 6 shapes, N=1,3)",
+                       "passed": not failures, "detail": "; ".join(failures[:5])})
+    base, tuned = tie_heavy_inputs(1 << 22, 3, torch.bfloat16, device, seed=11)
+    same = []
+    for method in vk.METHODS:
+        density = 0.3 if method in SPARSE_METHODS else 1.0
+        gpu = vk.delta_merge(base, tuned, [0.5, 0.3, 0.2], method=method, density=density, seed=5)
+        cpu = vk.delta_merge(base.cpu(), [t.cpu() for t in tuned], [0.5, 0.3, 0.2], method=method, density=density,
+                             seed=5)
+        if not torch.equal(gpu.cpu(), cpu):
+            same.append(method)
+    checks.append({"name": "delta_merge CPU and GPU bit-identical (3 × 4M bf16, every method)", "passed": not same,
+                   "detail": ", ".join(same)})
+    tensors = [tie_heavy_inputs(r * c, 2, torch.bfloat16, device, seed=r) for r, c in ((64, 64), (1, 1), (300, 7))]
+    fused = vk.delta_merge_foreach([b for b, _ in tensors], [t for _, t in tensors], [0.6, 0.4], method="dare_ties",
+                                   density=0.5, seed=[1, 2, 3])
+    single = [vk.delta_merge(b, t, [0.6, 0.4], method="dare_ties", density=0.5, seed=s)
+              for (b, t), s in zip(tensors, (1, 2, 3))]
+    checks.append({"name": "delta_merge_foreach equals per-tensor delta_merge (dare_ties, 3 shapes)",
+                   "passed": all(torch.equal(a, b) for a, b in zip(fused, single)), "detail": ""})
+    return checks
+
+
+def _huge_tensor_check(device) -> dict:
+    """One tensor of more than 2^31 elements (4.3 GB in bf16): task arithmetic and TIES exact."""
+    numel = (1 << 31) + 4099
+    name = f"delta_merge on {numel} bf16 elements (> 2^31 elements and bytes): task arithmetic and TIES exact"
+    try:
+        base, (tuned,) = tie_heavy_inputs(numel, 1, torch.bfloat16, device, seed=7)
+        out = vk.delta_merge(base, [tuned], 0.5)
+        chunk, bad = 1 << 26, []
+        for start in range(0, numel, chunk):
+            b, t = base[start:start + chunk].float(), tuned[start:start + chunk].float()
+            if not torch.equal(out[start:start + chunk], (b + 1.0 * (0.5 * (t - b))).to(torch.bfloat16)):
+                bad.append(f"task arithmetic differs in chunk at {start}")
+                break
+        thresholds = vk.ties_thresholds(base, [tuned], 0.3)
+        failure = selection_is_exact(base, [tuned], [0.3], thresholds)
+        if failure:
+            bad.append(failure)
+        out = vk.delta_merge(base, [tuned], 1.0, method="ties", density=0.3, thresholds=thresholds, out=out)
+        key_k, cut = int(thresholds.keys[0]), int(thresholds.cutoffs[0])
+        for start in range(0, numel, chunk):
+            b, t = base[start:start + chunk], tuned[start:start + chunk]
+            key = (t.float() - b.float()).view(torch.int32) & 0x7FFFFFFF
+            index = torch.arange(start, start + b.numel(), device=device)
+            keep = (key > key_k) | ((key == key_k) & (index <= cut))
+            if not torch.equal(out[start:start + chunk], torch.where(keep, t, b)):
+                bad.append(f"TIES output differs in chunk at {start}")
+                break
+        return {"name": name, "passed": not bad, "detail": "; ".join(bad)}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def gpu_suite(device: torch.device, quick: bool) -> dict:
+    """The merge kernels' part of ``vfuse bench gpu``: checks, rows and targets (see bench/gpu_suite.py).
+
+    Full (a GPU): 2 × 268M and 3 × 4096×11008 bf16 with bf16-quantised deltas, TIES at densities
+    0.01/0.3/0.5/0.9 against mergekit's op sequence and a torch.topk threshold, task arithmetic /
+    linear / DARE against torch.compile, 8 Llama-7B layers through ``delta_merge_foreach``, one
+    tensor of more than 2^31 elements. Quick: the same at tiny sizes (CPU), no torch.compile.
+    """
+    on_gpu = device.type == "cuda"
+    shapes = ([("2x268M", 1 << 28, 2), ("3x4096x11008", 4096 * 11008, 3)] if not quick
+              else [("2x65536", 1 << 16, 2), ("3x64x172", 64 * 172, 3)])
+    checks = _parity_checks(device) if on_gpu else []
+    rows, targets = [], []
+    copy_gbps = None
+    for label, numel, n in shapes:
+        base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
+        dst = torch.empty_like(base)
+        copy_ms = _time(lambda: dst.copy_(base), device)
+        copy_gbps = copy_gbps or 2 * base.numel() * base.element_size() / copy_ms / 1e6
+        rows.append({"op": "copy", "suite": "merge", "shape": label, "impl": "torch.Tensor.copy_", "numel": numel,
+                     "dtype": "bfloat16", "median_ms": copy_ms, "GB/s": copy_gbps, "pct_of_copy": 100.0})
+        for p in DENSITIES:
+            thresholds = vk.ties_thresholds(base, tuned, p)
+            failure = selection_is_exact(base, tuned, [p] * n, thresholds)
+            checks.append({"name": f"TIES selection exact, {label} bf16 tie-heavy, density {p}",
+                           "passed": not failure, "detail": failure})
+        with_compile = on_gpu and not quick and label == "2x268M"
+        shape_rows, times = _merge_rows(label, base, tuned, device, with_compile, copy_gbps, DENSITIES)
+        rows += shape_rows
+        ta = times[("task_arithmetic", "vfuse")]
+        for p in DENSITIES:
+            ties = next(r["median_ms"] for r in shape_rows if r["method"] == "ties" and r["impl"] == "vfuse"
+                        and r["density"] == p)
+            sel = next(r["median_ms"] for r in shape_rows if r["impl"] == "vfuse thresholds only" and r["density"] == p)
+            topk = next(r["median_ms"] for r in shape_rows if r["impl"] == "torch.topk thresholds" and r["density"] == p)
+            mk = next(r["median_ms"] for r in shape_rows if r["impl"] == "mergekit ops" and r["density"] == p)
+            targets.append(_target(f"ties / task_arithmetic time, {label} bf16, density {p}", ties / ta, "<= 2.5"))
+            targets.append(_target(f"ties speedup vs mergekit ops, {label} bf16, density {p}", mk / ties, ">= 10"))
+            targets.append(_target(f"ties selection speedup vs torch.topk threshold, {label} bf16, density {p}",
+                                   topk / sel, ">= 3"))
+        if label.startswith("2x"):
+            for method in ("task_arithmetic", "linear", "dare_linear"):
+                compiled = times.get((method, "torch.compile"), float("nan"))
+                value = compiled / times[(method, "vfuse")] if (method, "vfuse") in times else float("nan")
+                targets.append(_target(f"{method} speedup vs torch.compile, {label} bf16", value, ">= 1.0"))
+        del base, tuned, dst
+    foreach_rows, pct = _foreach_rows(device, quick, copy_gbps)
+    rows += foreach_rows
+    targets.append(_target("delta_merge_foreach task_arithmetic % of copy, 8 Llama-7B layers × 2 bf16" if not quick
+                           else "delta_merge_foreach task_arithmetic % of copy (quick sizes)", pct, ">= 75"))
+    if on_gpu and not quick:
+        checks.append(_huge_tensor_check(device))
+        rows += _variant_rows(device, copy_gbps)
+    return {"checks": checks, "rows": rows, "targets": targets}
+
+
+def _foreach_rows(device, quick, copy_gbps):
+    """Task arithmetic over 8 Llama-7B decoder layers (56 tensors, 1.6G elements, 2 fine-tunes):
+    one foreach launch vs one delta_merge per tensor."""
+    layers, scale = (8, 1) if not quick else (2, 64)
+    shapes = [(r // scale, c // scale) for _ in range(layers) for r, c in LLAMA_7B_LAYER]
+    cases = [tie_heavy_inputs(r * c, 2, torch.bfloat16, device, seed=j) for j, (r, c) in enumerate(shapes)]
+    bases, tuned = [b.reshape(s) for (b, _), s in zip(cases, shapes)], [[t.reshape(s) for t in ts]
+                                                                          for (_, ts), s in zip(cases, shapes)]
+    outs = [torch.empty_like(b) for b in bases]
+    elements = sum(b.numel() for b in bases)
+    gb = 4 * elements * 2 / 1e9
+    fused = _time(lambda: vk.delta_merge_foreach(bases, tuned, [0.5, 0.5], outs=outs), device)
+    loop = _time(lambda: [vk.delta_merge(b, t, [0.5, 0.5], out=o) for b, t, o in zip(bases, tuned, outs)], device)
+    rows = [{"op": "delta_merge", "suite": "merge", "shape": f"{len(shapes)} tensors, {elements} elements",
+             "method": "task_arithmetic", "impl": impl, "models": 2, "numel": elements, "dtype": "bfloat16",
+             "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps}
+            for impl, ms in (("vfuse foreach", fused), ("vfuse per tensor", loop))]
+    return rows, rows[0]["pct_of_copy"]
+
+
+def _variant_rows(device, copy_gbps):
+    """Launch-configuration variants timed in the same run (for NOTES.md; not used for dispatch)."""
+    from ..ops import magnitude_select as selection
+    from ..triton import delta_merge as kernels
+    from ..triton import magnitude_select as select_kernels
+
+    base, tuned = tie_heavy_inputs(1 << 28, 2, torch.bfloat16, device)
+    out = torch.empty_like(base)
+    gb = 4 * base.numel() * 2 / 1e9
+    rows = []
+    saved = kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS
+    try:
+        for block, warps in ((1024, 4), (2048, 8), (4096, 8)):
+            kernels.BLOCK, kernels.NUM_WARPS = block, warps
+            ms = _time(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], out=out), device)
+            rows.append({"op": "delta_merge", "suite": "merge", "shape": "2x268M", "method": "task_arithmetic",
+                         "impl": f"variant BLOCK={block} warps={warps}", "median_ms": ms, "GB/s": gb / ms * 1e3,
+                         "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
+        kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
+        for block, warps in ((2048, 8), (4096, 16), (1024, 4)):
+            selection.BLOCK, select_kernels.NUM_WARPS = block, warps
+            ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
+            rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
+                         "impl": f"variant selection BLOCK={block} warps={warps}", "median_ms": ms,
+                         "GB/s": 3 * base.numel() * 2 / ms / 1e6})
+    finally:
+        kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS = saved
+    return rows

@@ -8,7 +8,7 @@ with different k (a top and a bottom cut).
 
 Algorithm, shared by the backends (each provides the bracket pass: Triton on CUDA, C++ on CPU):
 
-1. Sample: S keys per model (runs of 16 contiguous elements at random positions), sorted.
+1. Sample: S keys per model (runs of 16 contiguous elements at random positions).
    The kᵢ-th largest lies, with overwhelming probability, between the sample keys at ranks
    r ± m (r = S·kᵢ/numel, m = 4 binomial standard deviations + 64): the bracket [lo, hi].
 2. One bracket pass reads base and every tuned tensor once: per block of 2048 elements the
@@ -61,15 +61,27 @@ def _deltas_at(base, t, idx, tuned_are_deltas):
     return values if tuned_are_deltas else values - base.reshape(-1)[idx].float()
 
 
-def _sorted_sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
-    """[N, S] keys of a random sample (fixed seed), in descending order."""
+def _kth_largest(values: torch.Tensor, rank):
+    """The rank-th (0-based) largest of a 1-D tensor: a sort on the GPU (radix), a selection on the
+    CPU (a CPU sort costs ~100 ns per element)."""
+    if values.is_cuda:
+        return torch.sort(values, descending=True).values[rank]
+    return values.kthvalue(values.numel() - rank).values
+
+
+def _sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
+    """[N, S] keys of a random sample (fixed seed) of each model's deltas: S/16 random aligned
+    runs of 16 elements, gathered as rows (a row copy, not an element-wise gather)."""
     numel, device = base.numel(), base.device
     size = sample_size(numel, device)
     gen = torch.Generator(device=device).manual_seed(0x5EED)
-    starts = torch.randint(0, numel - RUN + 1, (size // RUN, 1), generator=gen, device=device)
-    idx = (starts + torch.arange(RUN, device=device)).reshape(-1)
-    keys = torch.stack([magnitude_keys(_deltas_at(base, t, idx, tuned_are_deltas)) for t in tuned])
-    return torch.sort(keys, dim=1, descending=True).values
+    runs = torch.randint(0, numel // RUN, (size // RUN,), generator=gen, device=device)
+
+    def rows(t):
+        return t.reshape(-1)[: numel // RUN * RUN].view(-1, RUN).index_select(0, runs).float()
+
+    b = 0.0 if tuned_are_deltas else rows(base)
+    return torch.stack([magnitude_keys(rows(t) - b).reshape(-1) for t in tuned])
 
 
 class _Model:
@@ -79,7 +91,7 @@ class _Model:
         self.k, self.numel = k, numel
         self.low, self.high = 0, MAX_KEY
         self.above = self.below = 0  # keys > high, keys < low
-        self.sample = None  # sorted (desc) keys of a uniform sample of the region, when known
+        self.sample = None  # keys of a uniform sample of the region, when known
         self.result = None  # (key, cutoff): ints or 0-dim tensors
 
     @property
@@ -93,8 +105,8 @@ def _bracket(model: _Model, sample: torch.Tensor) -> tuple:
     p = (model.k - model.above) / model.population
     rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
     hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    hi = sample[hi_rank] if hi_rank >= 0 else model.high + 1
-    lo = sample[lo_rank] if lo_rank < size else model.low - 1
+    hi = _kth_largest(sample, hi_rank) if hi_rank >= 0 else model.high + 1
+    lo = _kth_largest(sample, lo_rank) if lo_rank < size else model.low - 1
     return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
 
 
@@ -114,12 +126,12 @@ def _tie_cutoff(base, t, key: int, rank: int, block_counts: torch.Tensor, tuned_
 
 def _candidate_rank(cand: torch.Tensor, rank: int):
     """(key, cutoff) of the rank-th (1-based) largest packed candidate."""
-    packed = torch.sort(cand, descending=True).values[rank - 1]
+    packed = _kth_largest(cand, rank - 1)
     return (packed >> INDEX_BITS) + KEY_BIAS, INDEX_MASK - (packed & INDEX_MASK)
 
 
 def _candidate_keys(cand: torch.Tensor) -> torch.Tensor:
-    return torch.sort((cand >> INDEX_BITS) + KEY_BIAS, descending=True).values
+    return (cand >> INDEX_BITS) + KEY_BIAS
 
 
 def _scalar(value, device) -> torch.Tensor:
@@ -141,7 +153,7 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_
     models = [_Model(k, numel) for k in ks]
     subsample = subsample_size or sample_size(numel, device)
     if numel > SMALL:  # small tensors: the first pass compacts every element
-        for model, row in zip(models, _sorted_sample(base, tuned, tuned_are_deltas)):
+        for model, row in zip(models, _sample(base, tuned, tuned_are_deltas)):
             model.sample = row
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]
