@@ -10,7 +10,7 @@ pytest.importorskip("pytest_benchmark")
 
 import vfuse_kernels as vk  # noqa: E402
 from vfuse_kernels.bench import tokens as bench_tokens  # noqa: E402
-from vfuse_kernels.bench.merge import make_inputs  # noqa: E402
+from vfuse_kernels.bench.merge import tie_heavy_inputs  # noqa: E402
 from vfuse_kernels.ops import SPARSE_METHODS  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,7 +28,7 @@ def _sync(fn):
 
 @pytest.mark.parametrize("method", list(vk.METHODS))
 def test_delta_merge(benchmark, method):
-    base, tuned = make_inputs(1 << 16, 2, torch.bfloat16, DEVICE)
+    base, tuned = tie_heavy_inputs(1 << 16, 2, torch.bfloat16, DEVICE)
     density = 0.3 if method in SPARSE_METHODS else 1.0
     out = torch.empty_like(base)
     benchmark(_sync(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], method=method, density=density, out=out)))

@@ -1,12 +1,17 @@
-"""Delta-merge benchmark: vfuse_kernels vs eager PyTorch vs mergekit's op sequence.
+"""Delta-merge benchmark: vfuse_kernels vs eager PyTorch, torch.compile and mergekit's op sequence.
 
-Reports time, GB/s from the ideal bytes a single pass must move ((N + 1) reads and one
-write of the storage dtype) and that as % of a plain copy's bandwidth measured in the
-same run. TIES rows include the threshold selection.
+Inputs are bf16-style fine-tunes (base and θᵢ rounded to the storage dtype, so the deltas are
+quantised and full of equal magnitudes, as in real checkpoints). Reports time, GB/s from the
+ideal bytes a single pass must move ((N + 1) reads and one write of the storage dtype) and
+that as % of a plain copy's bandwidth measured in the same run. TIES rows (one per density)
+include the threshold selection; "thresholds only" rows time the selection alone beside a
+``torch.topk`` threshold.
 
     python -m vfuse_kernels.bench.merge                       # CPU, 2 × 32M bf16
     python -m vfuse_kernels.bench.merge --device cuda --numel 268435456
     python -m vfuse_kernels.bench.merge --quick               # seconds, for CI smoke runs
+
+``gpu_suite`` is the merge part of ``vfuse bench gpu``.
 """
 from __future__ import annotations
 
@@ -21,60 +26,20 @@ from .baselines import eager_merge, mergekit_merge, uses_mergekit  # noqa: E402
 from .common import environment, print_table, time_ms, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = ["method", "impl", "median_ms", "p20_ms", "p80_ms", "GB/s", "pct_of_copy", "speedup_vs_eager",
+COLUMNS = ["method", "impl", "density", "median_ms", "GB/s", "pct_of_copy", "speedup_vs_eager",
            "speedup_vs_mergekit"]
+DENSITIES = (0.01, 0.3, 0.5, 0.9)
+LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 3  # q k v o, gate up down (transposed alike)
 
 
-def make_inputs(numel, models, dtype, device, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    base = torch.randn(numel, generator=gen).to(device=device, dtype=dtype)
-    tuned = [(base.float() + 0.01 * torch.randn(numel, generator=gen).to(device)).to(dtype) for _ in range(models)]
-    return base, tuned
-
-
-def run(numel: int, models: int, dtype: torch.dtype, device: torch.device, methods, density: float, reps: int,
+def run(numel: int, models: int, dtype: torch.dtype, device: torch.device, methods, densities, reps: int,
         with_mergekit: bool) -> list[dict]:
-    base, tuned = make_inputs(numel, models, dtype, device)
-    weights = [1.0 / models] * models
-    itemsize = base.element_size()
-    ideal_bytes = (models + 2) * numel * itemsize
-    copy_dst = torch.empty_like(base)
-    copy_ms, copy_p20, copy_p80 = time_ms(lambda: copy_dst.copy_(base), device, reps=reps)
-    copy_gbps = 2 * numel * itemsize / copy_ms / 1e6
-    out = torch.empty_like(base)
-    rows = [{"op": "copy", "method": "copy", "impl": "torch.Tensor.copy_", "numel": numel,
-             "dtype": str(dtype).removeprefix("torch."), "median_ms": copy_ms, "p20_ms": copy_p20,
-             "p80_ms": copy_p80, "GB/s": copy_gbps, "pct_of_copy": 100.0}]
-    for method in methods:
-        sparse = method in SPARSE_METHODS
-        p = density if sparse else 1.0
-        normalize = vk.METHODS[method][2]
-        impls = {"vfuse": lambda: vk.delta_merge(base, tuned, weights, method=method, density=p, out=out)}
-        if method == "task_arithmetic":
-            work = base.clone()
-            # in place: the deltas are read against the (changing) work tensor; the bytes moved are the same
-            impls["vfuse (in place)"] = lambda: vk.delta_merge(work, tuned, weights, method=method, out=work)
-        if not sparse:
-            impls["eager fp32"] = lambda: eager_merge(base, tuned, weights, normalize)
-        if sparse and with_mergekit:
-            impls["mergekit ops"] = lambda: mergekit_merge(base, tuned, weights, method=method, density=p,
-                                                           normalize=normalize)
-        method_rows = []
-        for impl, fn in impls.items():
-            median, p20, p80 = time_ms(fn, device, reps=1 if impl == "mergekit ops" else reps)
-            gbps = ideal_bytes / median / 1e6
-            method_rows.append({"op": "delta_merge", "method": method, "impl": impl, "numel": numel,
-                                "models": models, "dtype": str(dtype).removeprefix("torch."),
-                                "density": p, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
-                                "GB/s": gbps, "pct_of_copy": 100.0 * gbps / copy_gbps})
-        times = {r["impl"]: r["median_ms"] for r in method_rows}
-        for r in method_rows:
-            if r["impl"].startswith("vfuse"):
-                for baseline, key in (("eager fp32", "speedup_vs_eager"), ("mergekit ops", "speedup_vs_mergekit")):
-                    if baseline in times:
-                        r[key] = times[baseline] / r["median_ms"]
-        rows += method_rows
-    return rows
+    """The copy row and every method's rows at one size (TIES once per density)."""
+    base, tuned = tie_heavy_inputs(numel, models, dtype, device)
+    copy_row = _copy_row(f"{models}x{numel}", base, device, reps)
+    rows, _ = _merge_rows(f"{models}x{numel}", base, tuned, device, methods, densities, reps, with_mergekit,
+                          with_compile=False, copy_gbps=copy_row["GB/s"])
+    return [copy_row] + rows
 
 
 def main(argv=None) -> list[dict]:
@@ -83,7 +48,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--numel", type=int, default=32 * 1024 * 1024, help="elements per tensor")
     parser.add_argument("--models", type=int, default=2, help="number of tuned tensors")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--density", type=float, default=0.3)
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES), help="TIES densities")
     parser.add_argument("--methods", nargs="+", default=list(vk.METHODS), choices=list(vk.METHODS))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-mergekit", action="store_true", help="skip the (slow) mergekit op sequence")
@@ -91,10 +56,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="write the rows (with device, versions, date, commit) here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.numel, args.reps = min(args.numel, 1 << 16), 3
+        args.numel, args.reps, args.densities = min(args.numel, 1 << 16), 3, args.densities[:2]
     device = torch.device(args.device)
     env = environment(device)
-    rows = run(args.numel, args.models, DTYPES[args.dtype], device, args.methods, args.density, args.reps,
+    rows = run(args.numel, args.models, DTYPES[args.dtype], device, args.methods, args.densities, args.reps,
                not args.no_mergekit)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {args.models} × {args.numel} "
           f"{args.dtype} | mergekit ops: {'mergekit.sparsify' if uses_mergekit() else 'restated'}")
@@ -104,17 +69,9 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU suite (vfuse bench gpu): checks, rows and targets of the merge kernels
 # ---------------------------------------------------------------------------------------------
-
-DENSITIES = (0.01, 0.3, 0.5, 0.9)
-LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 3  # q k v o, gate up down (transposed alike)
-
 
 def tie_heavy_inputs(numel: int, models: int, dtype, device, seed: int = 0):
     """bf16-style fine-tunes: base ~ N(0, 1) and θᵢ = base + 0.01·N(0, 1), both rounded to ``dtype``
@@ -175,46 +132,60 @@ def _target(name, value, target):
     return {"area": "merge", "name": name, "value": value, "target": target, "met": bool(met)}
 
 
-def _merge_rows(label, base, tuned, device, with_compile, copy_gbps, densities):
-    """Rows and the times of one shape: task arithmetic (vfuse, in place, eager, compile), TIES per
-    density (select + merge, selection only, mergekit ops, torch.topk threshold), DARE."""
+def _copy_row(label, base, device, reps) -> dict:
+    """A device copy of ``base``: the bandwidth ceiling measured in the same run."""
+    dst = torch.empty_like(base)
+    ms = _time(lambda: dst.copy_(base), device, reps)
+    return {"op": "copy", "suite": "merge", "shape": label, "method": "copy", "impl": "torch.Tensor.copy_",
+            "numel": base.numel(), "dtype": str(base.dtype).removeprefix("torch."), "median_ms": ms,
+            "GB/s": 2 * base.numel() * base.element_size() / ms / 1e6, "pct_of_copy": 100.0}
+
+
+def _merge_rows(label, base, tuned, device, methods, densities, reps, with_mergekit, with_compile, copy_gbps):
+    """Rows of every method at one shape, and {(method, impl, density): ms}: vfuse, task arithmetic in
+    place, eager fp32 and (``with_compile``) torch.compile of the dense formulas, TIES per density
+    (select + merge, selection alone, torch.topk threshold), mergekit's op sequence."""
     n, numel, itemsize = len(tuned), base.numel(), base.element_size()
     gb = (n + 2) * numel * itemsize / 1e9
     weights = [1.0 / n] * n
     out = torch.empty_like(base)
     rows, times = [], {}
 
-    def row(method, impl, ms, **extra):
-        times[(method, impl)] = ms
+    def row(method, impl, fn, density=None, rep=reps, **extra):
+        ms = _time(fn, device, rep)
+        times[(method, impl, density)] = ms
         rows.append({"op": "delta_merge", "suite": "merge", "shape": label, "method": method, "impl": impl,
                      "models": n, "numel": numel, "dtype": str(base.dtype).removeprefix("torch."),
-                     "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps,
-                     **extra})
+                     "density": density, "median_ms": ms, "GB/s": gb / ms * 1e3,
+                     "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps, **extra})
 
-    row("task_arithmetic", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, out=out), device))
-    work = base.clone()
-    row("task_arithmetic", "vfuse (in place)", _time(lambda: vk.delta_merge(work, tuned, weights, out=work), device))
-    row("task_arithmetic", "eager fp32", _time(lambda: eager_merge(base, tuned, weights, False), device))
-    if with_compile:
-        for method, normalize in (("task_arithmetic", False), ("linear", True)):
-            fn, seconds = _compiled(lambda b, *t, nz=normalize: eager_merge(b, list(t), weights, nz), (base, *tuned))
-            if method == "linear":
-                row("linear", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="linear", out=out),
-                                             device))
-            row(method, "torch.compile", _time(lambda: fn(base, *tuned), device), compile_s=seconds)
-        fn, seconds = _compiled(lambda b, *t: _bernoulli_merge(b, list(t), weights, 0.3), (base, *tuned))
-        row("dare_linear", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="dare_linear",
-                                                                 density=0.3, out=out), device))
-        row("dare_linear", "torch.compile", _time(lambda: fn(base, *tuned), device), compile_s=seconds)
-    row("dare_ties", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="dare_ties", density=0.3,
-                                                           out=out), device), density=0.3)
-    for p in densities:
-        row("ties", "vfuse", _time(lambda: vk.delta_merge(base, tuned, weights, method="ties", density=p, out=out),
-                                   device), density=p)
-        row("ties", "vfuse thresholds only", _time(lambda: vk.ties_thresholds(base, tuned, p), device), density=p)
-        row("ties", "torch.topk thresholds", _time(lambda: topk_thresholds(base, tuned, p), device), density=p)
-        row("ties", "mergekit ops", _time(lambda: mergekit_merge(base, tuned, weights, method="ties", density=p,
-                                                                 normalize=True), device, reps=1), density=p)
+    for method in methods:
+        sparse = method in SPARSE_METHODS
+        normalize = vk.METHODS[method][2]
+        for p in (densities if method == "ties" else [0.3] if sparse else [None]):
+            kw = {"density": p} if sparse else {}
+            row(method, "vfuse", lambda: vk.delta_merge(base, tuned, weights, method=method, out=out, **kw), p)
+            if method == "ties":
+                row(method, "vfuse thresholds only", lambda: vk.ties_thresholds(base, tuned, p), p)
+                row(method, "torch.topk thresholds", lambda: topk_thresholds(base, tuned, p), p)
+            if sparse and with_mergekit:
+                row(method, "mergekit ops", lambda: mergekit_merge(base, tuned, weights, method=method, density=p,
+                                                                   normalize=normalize), p, rep=1)
+        if method == "task_arithmetic":
+            work = base.clone()
+            row(method, "vfuse (in place)", lambda: vk.delta_merge(work, tuned, weights, out=work))
+        if not sparse:
+            row(method, "eager fp32", lambda: eager_merge(base, tuned, weights, normalize))
+        if with_compile and method in ("task_arithmetic", "linear", "dare_linear"):
+            formula = ((lambda b, *t: _bernoulli_merge(b, list(t), weights, 0.3)) if sparse else
+                       (lambda b, *t, nz=normalize: eager_merge(b, list(t), weights, nz)))
+            fn, seconds = _compiled(formula, (base, *tuned))
+            row(method, "torch.compile", lambda: fn(base, *tuned), 0.3 if sparse else None, compile_s=seconds)
+    for r in rows:
+        if r["impl"] == "vfuse":
+            for baseline, key in (("eager fp32", "speedup_vs_eager"), ("mergekit ops", "speedup_vs_mergekit")):
+                if (r["method"], baseline, r["density"]) in times:
+                    r[key] = times[(r["method"], baseline, r["density"])] / r["median_ms"]
     return rows, times
 
 
@@ -323,36 +294,31 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     copy_gbps = None
     for label, numel, n in shapes:
         base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
-        dst = torch.empty_like(base)
-        copy_ms = _time(lambda: dst.copy_(base), device)
-        copy_gbps = copy_gbps or 2 * base.numel() * base.element_size() / copy_ms / 1e6
-        rows.append({"op": "copy", "suite": "merge", "shape": label, "impl": "torch.Tensor.copy_", "numel": numel,
-                     "dtype": "bfloat16", "median_ms": copy_ms, "GB/s": copy_gbps, "pct_of_copy": 100.0})
+        rows.append(_copy_row(label, base, device, reps=3))
+        copy_gbps = copy_gbps or rows[-1]["GB/s"]
         for p in DENSITIES:
             thresholds = vk.ties_thresholds(base, tuned, p)
             failure = selection_is_exact(base, tuned, [p] * n, thresholds)
             checks.append({"name": f"TIES selection exact, {label} bf16 tie-heavy, density {p}",
                            "passed": not failure, "detail": failure})
-        with_compile = on_gpu and not quick and label == "2x268M"
-        shape_rows, times = _merge_rows(label, base, tuned, device, with_compile, copy_gbps, DENSITIES)
+        with_compile = on_gpu and not quick and label.startswith("2x")
+        methods = list(vk.METHODS) if label.startswith("2x") else ["task_arithmetic", "ties"]
+        shape_rows, times = _merge_rows(label, base, tuned, device, methods, DENSITIES, 3, True, with_compile,
+                                        copy_gbps)
         rows += shape_rows
-        ta = times[("task_arithmetic", "vfuse")]
+        ta = times[("task_arithmetic", "vfuse", None)]
         for p in DENSITIES:
-            ties = next(r["median_ms"] for r in shape_rows if r["method"] == "ties" and r["impl"] == "vfuse"
-                        and r["density"] == p)
-            sel = next(r["median_ms"] for r in shape_rows if r["impl"] == "vfuse thresholds only" and r["density"] == p)
-            topk = next(r["median_ms"] for r in shape_rows if r["impl"] == "torch.topk thresholds" and r["density"] == p)
-            mk = next(r["median_ms"] for r in shape_rows if r["impl"] == "mergekit ops" and r["density"] == p)
+            ties, sel = times[("ties", "vfuse", p)], times[("ties", "vfuse thresholds only", p)]
             targets.append(_target(f"ties / task_arithmetic time, {label} bf16, density {p}", ties / ta, "<= 2.5"))
-            targets.append(_target(f"ties speedup vs mergekit ops, {label} bf16, density {p}", mk / ties, ">= 10"))
+            targets.append(_target(f"ties speedup vs mergekit ops, {label} bf16, density {p}",
+                                   times[("ties", "mergekit ops", p)] / ties, ">= 10"))
             targets.append(_target(f"ties selection speedup vs torch.topk threshold, {label} bf16, density {p}",
-                                   topk / sel, ">= 3"))
+                                   times[("ties", "torch.topk thresholds", p)] / sel, ">= 3"))
         if label.startswith("2x"):
-            for method in ("task_arithmetic", "linear", "dare_linear"):
-                compiled = times.get((method, "torch.compile"), float("nan"))
-                value = compiled / times[(method, "vfuse")] if (method, "vfuse") in times else float("nan")
+            for method, p in (("task_arithmetic", None), ("linear", None), ("dare_linear", 0.3)):
+                value = times.get((method, "torch.compile", p), float("nan")) / times[(method, "vfuse", p)]
                 targets.append(_target(f"{method} speedup vs torch.compile, {label} bf16", value, ">= 1.0"))
-        del base, tuned, dst
+        del base, tuned
     foreach_rows, pct = _foreach_rows(device, quick, copy_gbps)
     rows += foreach_rows
     targets.append(_target("delta_merge_foreach task_arithmetic % of copy, 8 Llama-7B layers × 2 bf16" if not quick
@@ -411,3 +377,7 @@ def _variant_rows(device, copy_gbps):
     finally:
         kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS = saved
     return rows
+
+
+if __name__ == "__main__":
+    main()
