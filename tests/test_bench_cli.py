@@ -1,8 +1,10 @@
-"""`vfuse bench` writes well-formed JSON rows; `vfuse profile-sequence` writes its CSV and PNG."""
+"""`vfuse bench` writes well-formed JSON rows (and refuses options of another suite); `vfuse
+profile-sequence` writes its CSV and PNG."""
 import csv
 import json
 
 import pytest
+import torch
 
 from vfuse_kernels import cli, profile
 
@@ -22,6 +24,21 @@ def test_bench_quick_json(tmp_path, monkeypatch, capsys):
         assert r["median_ms"] > 0 and r["p20_ms"] > 0 and r["p80_ms"] >= r["p20_ms"]
         rate = {"copy": "GB/s", "delta_merge": "GB/s", "project_concat": "TFLOP/s", "query_key_scores": "peak_MB"}
         assert r[rate[r["op"]]] > 0
+
+
+def test_bench_options_belong_to_their_suite(tmp_path):
+    with pytest.raises(SystemExit, match="--out, --no-tests: options of `vfuse bench gpu` only"):
+        cli.main(["bench", "merge", "--out", str(tmp_path), "--no-tests"])
+    with pytest.raises(SystemExit, match="scores: --workers: options of `vfuse bench gpu` only"):
+        cli.main(["bench", "scores", "--workers", "0"])
+    with pytest.raises(SystemExit, match="writes its JSON into --out DIR, not --json"):
+        cli.main(["bench", "gpu", "--quick", "--json", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--skip gemm: the parts are merge, tokens, engine, distributed, tests"):
+        cli.main(["bench", "gpu", "--quick", "--skip", "tests", "gemm"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device: the full sizes need a GPU"):
+            cli.main(["bench", "gpu"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_profile_sequence_quick(tmp_path):

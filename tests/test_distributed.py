@@ -13,6 +13,7 @@ import textwrap
 import pytest
 from checkpoints import family, llama, write_yaml
 
+import vfuse_kernels
 from vfuse_kernels.cli import main as cli_main
 from vfuse_kernels.merging import merge_checkpoints
 from vfuse_kernels.merging.distributed import assign_shards
@@ -84,6 +85,15 @@ def models(tmp_path_factory):
     return configs, str(wrapper)
 
 
+def _env(extra: dict | None = None) -> dict:
+    """The environment for a rank: this process's, with the folder this ``vfuse_kernels`` was
+    imported from first on PYTHONPATH — a rank started from a script (the wrapper) has only the
+    script's folder on sys.path, so without it an uninstalled source checkout is not found."""
+    source = os.path.dirname(os.path.dirname(vfuse_kernels.__file__))
+    path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **(extra or {}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,7 +104,7 @@ def _torchrun(nproc: int, *command: str, env: dict | None = None) -> subprocess.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     return subprocess.Popen([*launcher, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})))
+                            env=_env(env))
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -105,8 +115,8 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 def _ranks(args_of_rank: list[list[str]], env: dict | None = None) -> list[subprocess.Popen]:
     """One process per rank, started by hand: no torchrun agent tears the job down, so the
     ranks themselves must notice a lost peer."""
-    common = dict(os.environ, WORLD_SIZE=str(len(args_of_rank)), MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=str(_free_port()), **(env or {}))
+    common = _env(dict(WORLD_SIZE=str(len(args_of_rank)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                       **(env or {})))
     return [subprocess.Popen([sys.executable, *args], env=dict(common, RANK=str(r), LOCAL_RANK=str(r)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for r, args in enumerate(args_of_rank)]

@@ -4,6 +4,8 @@
                 [--distributed [--timeout SECONDS]]   # under torchrun: the ranks split the shards
     vfuse demo [--device cpu|cuda] [--keep RATIO]
     vfuse bench [merge|tokens|scores|all] [--quick] [--device cpu|cuda] [--json PATH]
+    vfuse bench gpu [--quick] [--device cpu|cuda] [--out DIR] [--no-tests] [--skip PART ...] [--budget SECONDS]
+                    [--workers N]   # the one-call GPU suite: checks, timings, targets, tests -> DIR/gpu-suite-*
     vfuse profile-sequence [--device cpu|cuda] [--out DIR] [--quick]
 """
 from __future__ import annotations
@@ -61,10 +63,21 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
+    gpu_only = [flag for flag, value in (("--out", args.out), ("--no-tests", args.no_tests), ("--skip", args.skip),
+                                         ("--budget", args.budget), ("--workers", args.workers))
+                if value is not None and value is not False]
+    if args.suite == "gpu":
+        if args.json:
+            raise SystemExit("vfuse bench gpu: the suite writes its JSON into --out DIR, not --json")
+        from .bench.gpu_suite import run as run_gpu_suite
+
+        return run_gpu_suite(args, "vfuse bench gpu")
+    if gpu_only:
+        raise SystemExit(f"vfuse bench {args.suite}: {', '.join(gpu_only)}: options of `vfuse bench gpu` only")
     from .bench import run
 
     suites = ["merge", "tokens", "scores"] if args.suite == "all" else [args.suite]
-    run(suites, device=args.device, quick=args.quick, json_path=args.json)
+    run(suites, device=args.device or "cpu", quick=args.quick, json_path=args.json)
     return 0
 
 
@@ -107,13 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=0.5, help="ratio of visual tokens kept (1: no pruning)")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(run=_demo)
-    bench = commands.add_parser("bench", help="run the kernel benchmarks",
-                                description="Times the kernels against their baselines (vfuse_kernels.bench.merge, "
-                                            "bench.tokens), prints a table per op and optionally writes JSON rows.")
-    bench.add_argument("suite", nargs="?", default="all", choices=["merge", "tokens", "scores", "all"])
-    bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions, no torch.compile baseline")
-    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--json", metavar="PATH", help="write the rows and the environment here")
+    bench = commands.add_parser("bench", help="run the kernel benchmarks, or the one-call GPU suite",
+                                description="merge, tokens, scores, all: times the kernels against their baselines "
+                                            "(vfuse_kernels.bench.merge, bench.tokens), prints a table per op and "
+                                            "optionally writes JSON rows. gpu: the GPU suite (vfuse_kernels.bench."
+                                            "gpu_suite): every area's checks, timings and targets, the device's "
+                                            "copy and GEMM ceilings, the distributed merge over NCCL and the test "
+                                            "suite, written to DIR/gpu-suite-<device>-<date>.{json,md,log}; exit "
+                                            "code 1 when a check failed.")
+    bench.add_argument("suite", nargs="?", default="all", choices=["merge", "tokens", "scores", "all", "gpu"])
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repetitions, no torch.compile baseline "
+                                                            "(gpu: tiny sizes, on a CPU under Triton's interpreter)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (gpu: cuda when available)")
+    bench.add_argument("--json", metavar="PATH", help="write the rows and the environment here (not with gpu)")
+    gpu = bench.add_argument_group("vfuse bench gpu")
+    gpu.add_argument("--out", metavar="DIR", help="where the JSON, markdown and log go (default: benchmarks/results of "
+                                                  "the source checkout, else the current folder)")
+    gpu.add_argument("--no-tests", action="store_true", help="skip the pytest run (= --skip tests)")
+    gpu.add_argument("--skip", nargs="+", metavar="PART",
+                     help="parts not to run: merge tokens engine distributed tests")
+    gpu.add_argument("--budget", type=float, metavar="SECONDS",
+                     help="time for the whole suite, each part within its own limit too (default 480)")
+    gpu.add_argument("--workers", type=int, metavar="N",
+                     help="pytest-xdist workers for the tests (default min(8, cores); 0: the GPU tests, serially)")
     bench.set_defaults(run=_bench)
     profile = commands.add_parser("profile-sequence", help="time and memory per visual-path stage vs visual tokens",
                                   description="Sweeps encoders x tokens per encoder x keep ratio x batch through "

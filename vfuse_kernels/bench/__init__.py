@@ -6,6 +6,10 @@ Suites: ``merge`` (bench.merge: delta_merge vs eager / mergekit, % of copy bandw
 attention weights). All rows go to one JSON file with the environment (device, versions,
 date, commit); each row gets a ``suite`` and a ``shape`` string. ``benchmarks/*.py`` in the
 source checkout are thin entry points to these modules.
+
+``vfuse bench gpu`` is the one-call GPU suite (bench.gpu_suite): each area module's
+``gpu_suite(device, quick)`` (checks, rows, targets), the device's copy / GEMM ceilings, the
+distributed merge over NCCL and the test run, written to ``gpu-suite-<device>-<date>.json``.
 """
 from __future__ import annotations
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -71,11 +73,36 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def device_slug(device: torch.device) -> str:
+    """A short file-name form of the device: ``NVIDIA H100 80GB HBM3`` → ``h100``; any CPU → ``cpu``."""
+    if device.type != "cuda":
+        return device.type
+    name = device_name(device)
+    model = re.search(r"\b[A-Z]{1,3}\d{2,4}[A-Z]?\b", name)
+    words = model.group(0) if model else name.replace("NVIDIA", "")
+    return re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-") or "gpu"
+
+
 def write_json(path: str, env: dict, rows: list[dict]) -> None:
+    dump_json(path, {"environment": env, "rows": rows})
+
+
+def dump_json(path: str, data: dict) -> None:
+    """``data`` as indented JSON, NaN and ±inf written as null (strict JSON readers reject NaN)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+        json.dump(_finite(data), f, indent=1)
         f.write("\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -83,6 +110,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of ``rows`` (numbers to 3 significant digits)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    cells = [[_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in columns] for r in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value) -> str:

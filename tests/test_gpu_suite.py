@@ -1,0 +1,121 @@
+"""`vfuse bench gpu --quick`: the JSON format other tools read, every area contributing or becoming a
+failed check (never crashing the suite), the distributed merge's byte comparison, malformed area
+results, and pytest outcomes turned into checks."""
+import json
+import os
+
+import torch
+
+from vfuse_kernels import cli
+from vfuse_kernels.bench import gpu_suite
+from vfuse_kernels.bench.common import device_slug
+
+FAKE_AREA = """
+def gpu_suite(device, quick):
+    return {"checks": [{"name": "fake: op vs reference", "passed": True, "detail": f"{device.type} {quick}"}],
+            "rows": [{"op": "fake_op", "impl": "vfuse", "median_ms": 1.5, "GB/s": float("nan")}],
+            "targets": [{"area": "tokens", "name": "fake speedup", "value": 2.0, "target": ">= 1.5", "met": True}]}
+"""
+BROKEN_AREA = """
+def gpu_suite(device, quick):
+    raise ValueError(f"no kernel for {device.type}")
+"""
+
+
+def test_quick_suite_writes_the_json_every_area_contributing_or_failed(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_area.py").write_text(FAKE_AREA)
+    (tmp_path / "broken_area.py").write_text(BROKEN_AREA)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(gpu_suite, "AREAS", {**gpu_suite.AREAS, "fake": "fake_area", "broken": "broken_area"})
+    out = tmp_path / "out"
+    code = cli.main(["bench", "gpu", "--quick", "--no-tests", "--out", str(out)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    names = sorted(os.listdir(out))
+    stem = names[0].rsplit(".", 1)[0]
+    assert names == [f"{stem}.json", f"{stem}.log", f"{stem}.md"]
+    assert stem.startswith("gpu-suite-cpu-" if device == "cpu" else "gpu-suite-") and stem.endswith("-quick")
+    data = json.loads((out / f"{stem}.json").read_text())
+    assert stem == f"gpu-suite-{device_slug(torch.device(device))}-{data['environment']['date']}-quick"
+    assert list(data) == ["environment", "checks", "rows", "targets"]
+    assert set(data["environment"]) == {"device", "torch", "triton", "date", "git_commit"}
+    assert data["environment"]["torch"] == torch.__version__
+    for c in data["checks"]:
+        assert set(c) == {"name", "passed", "detail"} and isinstance(c["passed"], bool)
+        assert isinstance(c["detail"], str) and isinstance(c["name"], str)
+    for r in data["rows"]:
+        assert {"suite", "op", "impl", "median_ms"} <= set(r)
+    for t in data["targets"]:
+        assert set(t) == {"area", "name", "value", "target", "met"} and t["area"] in ("merge", "tokens")
+    assert code == int(not all(c["passed"] for c in data["checks"]))
+
+    checks = {c["name"]: c for c in data["checks"]}
+    for area in gpu_suite.AREAS:  # each one ran and contributed rows, or is a failed check saying why
+        assert checks[f"{area}: gpu_suite"]["detail"]
+        if checks[f"{area}: gpu_suite"]["passed"]:
+            assert any(r["suite"] == area for r in data["rows"]), area
+    assert checks["fake: gpu_suite"]["passed"] and checks["fake: op vs reference"]["detail"] == f"{device} True"
+    assert checks["broken: gpu_suite"] == {"name": "broken: gpu_suite", "passed": False,
+                                           "detail": f"ValueError: no kernel for {device} (exit code 1)"}
+    fake_row = next(r for r in data["rows"] if r["op"] == "fake_op")
+    assert fake_row["suite"] == "fake" and fake_row["GB/s"] is None  # NaN written as null
+    assert {"area": "tokens", "name": "fake speedup", "value": 2.0, "target": ">= 1.5", "met": True} in data["targets"]
+
+    ceilings = {r["op"]: r for r in data["rows"] if r["suite"] == "device"}
+    assert ceilings["copy"]["GB/s"] > 0 and ceilings["gemm"]["TFLOP/s"] > 0
+    parts = [r["impl"] for r in data["rows"] if r["suite"] == "gpu_suite"]
+    assert parts == ["device", *gpu_suite.AREAS, "distributed"]
+    distributed = checks[gpu_suite.DISTRIBUTED_CHECK]
+    assert distributed["passed"], distributed["detail"]
+    assert f"--device {device}" in distributed["detail"] and "byte-identical" in distributed["detail"]
+    merges = [r for r in data["rows"] if r["suite"] == "distributed"]
+    assert len(merges) == 2 and merges[0]["out_MB"] == merges[1]["out_MB"] > 0 and merges[1]["ranks"] >= 1
+
+    md = (out / f"{stem}.md").read_text()
+    met = sum(t["met"] for t in data["targets"])
+    assert f"## Targets: {met} of {len(data['targets'])} met" in md
+    assert "| tokens | fake speedup | 2 | >= 1.5 | yes |" in md
+    assert "| broken: gpu_suite | ValueError: no kernel for" in md and "## Rows: distributed" in md
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert "FAILED broken: gpu_suite: ValueError" in "\n".join(printed) and printed[-1].startswith("wrote ")
+
+
+def test_malformed_area_results_keep_the_well_formed_entries():
+    result = {"checks": [{"name": "a", "passed": True, "detail": "ok"}, {"name": "b", "passed": "yes", "detail": ""}],
+              "rows": [{"op": "x", "impl": "vfuse"}, {"op": "x", "impl": "vfuse", "median_ms": 2.0}],
+              "targets": [{"area": "engine", "name": "t", "value": 1.0, "target": ">= 1", "met": True}]}
+    checks, rows, targets, problems = gpu_suite._validated(result)
+    assert checks == result["checks"][:1] and rows == result["rows"][1:] and targets == []
+    assert problems == ["checks[1] has a non-bool 'passed'", "rows[0] lacks median_ms",
+                        "targets[0] has area 'engine', not one of ('merge', 'tokens')"]
+    assert gpu_suite._validated([1])[3] == ["gpu_suite returned a list, not a dict"]
+    assert gpu_suite._validated({"rows": []})[3] == ["'checks' is not a list", "'targets' is not a list"]
+
+
+def test_pytest_outcomes_become_checks(tmp_path):
+    tests = tmp_path / "test_sample.py"
+    tests.write_text("import pytest\n\ndef test_passes():\n    assert 1 + 1 == 2\n\n"
+                     "def test_fails():\n    assert 1 + 1 == 3, 'arithmetic is broken'\n\n"
+                     "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+    with open(tmp_path / "suite.log", "w") as log:
+        result = gpu_suite._tests_part(120, log, workers=0, paths=[str(tests)])
+    summary, failure = result["checks"]
+    assert not summary["passed"] and "1 passed, 1 failed, 0 errors, 1 skipped" in summary["detail"]
+    assert failure["name"].endswith("test_sample.py::test_fails") and not failure["passed"]
+    assert "arithmetic is broken" in failure["detail"]
+    (row,) = result["rows"]
+    assert (row["passed"], row["failed"], row["skipped"]) == (1, 1, 1) and row["median_ms"] > 0
+    assert "test_fails" in (tmp_path / "suite.log").read_text()
+
+
+def test_a_failed_child_is_reported_by_its_error_line():
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: no kernel\n"
+    torchrun = ("W1127 warning\nvfuse merge: error: rank 0 of 1 failed merging: OSError: disk full\n"
+                "Traceback (most recent call last):\n  File \"run.py\", line 9\n"
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+                "=====================\nRoot Cause (first observed failure):\n  exitcode  : 1\n=====================\n")
+    assert gpu_suite._why(1, 60, traceback + "\n") == "ValueError: no kernel (exit code 1)"
+    assert gpu_suite._why(1, 60, torchrun) == ("vfuse merge: error: rank 0 of 1 failed merging: OSError: disk full "
+                                               "(exit code 1)")
+    assert gpu_suite._why(-11, 60, "loading\nstill loading\n") == "still loading (exit code -11)"
+    assert gpu_suite._why(None, 60, traceback) == "killed after 60 s (its share of the suite's time budget)"
