@@ -102,10 +102,13 @@ def select_passes(monkeypatch):
     return passes
 
 
+@pytest.mark.parametrize("sorting", [False, True], ids=["select", "sort"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_selection_sampled_one_pass(backend, dtype, select_passes, monkeypatch):
-    """Sampled brackets on tie-heavy data: every density edge exact, in one pass."""
+def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monkeypatch):
+    """Sampled brackets on tie-heavy data: every density edge exact, in one pass (order statistics
+    by selections, as on the CPU, and by a sort, as on the GPU)."""
     monkeypatch.setattr(ms, "SMALL", 1024)
+    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ())
     numel = 200_003 if backend == "cpp" else 40_009
     base, tuned = _tie_heavy(numel, 4, dtype, device=backend_device(backend))
     densities = [1e-9, 0.01, 0.5, 0.99]
@@ -115,8 +118,9 @@ def test_selection_sampled_one_pass(backend, dtype, select_passes, monkeypatch):
     assert select_passes == [4, 3]  # density 1 needs no selection
 
 
+@pytest.mark.parametrize("sorting", [False, True], ids=["select", "sort"])
 @pytest.mark.parametrize("miss", ["above", "below", "inside"])
-def test_selection_recovers_from_a_missed_sample(backend, miss, select_passes, monkeypatch):
+def test_selection_recovers_from_a_missed_sample(backend, miss, sorting, select_passes, monkeypatch):
     """A sample that misses (K above or below the bracket, or far more keys inside than expected)
     costs more passes, never exactness."""
     base, tuned = _tie_heavy(30_011, 2, device=backend_device(backend))
@@ -132,6 +136,7 @@ def test_selection_recovers_from_a_missed_sample(backend, miss, select_passes, m
     monkeypatch.setattr(ms, "_sample", wrong_sample)
     monkeypatch.setattr(ms, "sample_size", lambda numel, device: 512)
     monkeypatch.setattr(ms, "SMALL", 1024)  # sample tensors of this size
+    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ())
     monkeypatch.setattr(ms, "Z", 0.5)  # margins narrow enough that the 64 keys do not span everything
     monkeypatch.setattr(ms, "SLACK", 0)
     densities = [0.3, 0.6]

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .._backend import host_to_device
+
 RUN = 16  # sample run length (contiguous elements: coalesced / cache-friendly gathers)
 Z = 4.0  # bracket half-width in binomial standard deviations
 SLACK = 64  # ... plus this many sample ranks
@@ -43,6 +45,7 @@ MAX_NUMEL = 1 << INDEX_BITS
 BLOCK = 2048  # elements per block of the bracket pass's tie counts (< 2^16: 16-bit count fields)
 MAX_PASSES = 64
 SMALL = 1 << 16  # up to this many elements, no sample
+SORTING_DEVICES = ("cuda",)  # order statistics by a sort here, by selections elsewhere
 
 
 def sample_size(numel: int, device: torch.device) -> int:
@@ -61,17 +64,20 @@ def _deltas_at(base, t, idx, tuned_are_deltas):
     return values if tuned_are_deltas else values - base.reshape(-1)[idx].float()
 
 
-def _kth_largest(values: torch.Tensor, rank):
-    """The rank-th (0-based) largest of a 1-D tensor: a sort on the GPU (radix), a selection on the
-    CPU (a CPU sort costs ~100 ns per element)."""
-    if values.is_cuda:
-        return torch.sort(values, descending=True).values[rank]
-    return values.kthvalue(values.numel() - rank).values
+def _kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool = False) -> torch.Tensor:
+    """The ranks-th (0-based) largest values of a 1-D tensor: indexing a descending sort on the
+    GPU (radix sort; ``presorted``: already sorted), selections on the CPU (a CPU sort costs
+    ~100 ns per element)."""
+    if values.device.type in SORTING_DEVICES:
+        ordered = values if presorted else torch.sort(values, descending=True).values
+        return ordered[host_to_device(ranks, torch.int64, values.device)]
+    return torch.stack([values.kthvalue(values.numel() - r).values for r in ranks])
 
 
 def _sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
     """[N, S] keys of a random sample (fixed seed) of each model's deltas: S/16 random aligned
-    runs of 16 elements, gathered as rows (a row copy, not an element-wise gather)."""
+    runs of 16 elements, gathered as rows (a row copy, not an element-wise gather); sorted in
+    descending order on the GPU."""
     numel, device = base.numel(), base.device
     size = sample_size(numel, device)
     gen = torch.Generator(device=device).manual_seed(0x5EED)
@@ -81,7 +87,9 @@ def _sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
         return t.reshape(-1)[: numel // RUN * RUN].view(-1, RUN).index_select(0, runs).float()
 
     b = 0.0 if tuned_are_deltas else rows(base)
-    return torch.stack([magnitude_keys(rows(t) - b).reshape(-1) for t in tuned])
+    keys = torch.stack([rows(t) - b for t in tuned]).reshape(len(tuned), -1)
+    keys = magnitude_keys(keys)
+    return torch.sort(keys, dim=1, descending=True).values if device.type in SORTING_DEVICES else keys
 
 
 class _Model:
@@ -92,6 +100,7 @@ class _Model:
         self.low, self.high = 0, MAX_KEY
         self.above = self.below = 0  # keys > high, keys < low
         self.sample = None  # keys of a uniform sample of the region, when known
+        self.sorted = False  # ... in descending order
         self.result = None  # (key, cutoff): ints or 0-dim tensors
 
     @property
@@ -99,14 +108,18 @@ class _Model:
         return self.numel - self.above - self.below
 
 
-def _bracket(model: _Model, sample: torch.Tensor) -> tuple:
-    """(lo, hi, expected share of the region strictly inside) around the target rank."""
+def _bracket(model: _Model) -> tuple:
+    """(lo, hi, expected share of the region strictly inside) around the target rank, from the
+    model's sample; lo and hi are device scalars, or ints where the margin passes the sample's end."""
+    sample = model.sample
     size = sample.numel()
     p = (model.k - model.above) / model.population
     rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
     hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    hi = _kth_largest(sample, hi_rank) if hi_rank >= 0 else model.high + 1
-    lo = _kth_largest(sample, lo_rank) if lo_rank < size else model.low - 1
+    inner = [r for r in (hi_rank, lo_rank) if 0 <= r < size]
+    found = iter(_kth_largest(sample, inner, model.sorted) if inner else [])
+    hi = next(found) if hi_rank >= 0 else model.high + 1
+    lo = next(found) if lo_rank < size else model.low - 1
     return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
 
 
@@ -126,7 +139,7 @@ def _tie_cutoff(base, t, key: int, rank: int, block_counts: torch.Tensor, tuned_
 
 def _candidate_rank(cand: torch.Tensor, rank: int):
     """(key, cutoff) of the rank-th (1-based) largest packed candidate."""
-    packed = _kth_largest(cand, rank - 1)
+    packed = _kth_largest(cand, [rank - 1])[0]
     return (packed >> INDEX_BITS) + KEY_BIAS, INDEX_MASK - (packed & INDEX_MASK)
 
 
@@ -134,10 +147,12 @@ def _candidate_keys(cand: torch.Tensor) -> torch.Tensor:
     return (cand >> INDEX_BITS) + KEY_BIAS
 
 
-def _scalar(value, device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()).to(torch.int64)
-    return torch.full((), value, dtype=torch.int64, device=device)
+def _stack(values: list, device) -> torch.Tensor:
+    """int64 [len(values)] on ``device`` from host ints and device scalars, without a sync."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return host_to_device(values, torch.int64, device)
+    return torch.stack([v.reshape(()).to(torch.int64) if isinstance(v, torch.Tensor)
+                        else torch.full((), v, dtype=torch.int64, device=device) for v in values])
 
 
 def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_size=None):
@@ -154,7 +169,7 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_
     subsample = subsample_size or sample_size(numel, device)
     if numel > SMALL:  # small tensors: the first pass compacts every element
         for model, row in zip(models, _sample(base, tuned, tuned_are_deltas)):
-            model.sample = row
+            model.sample, model.sorted = row, device.type in SORTING_DEVICES
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]
         if not pending:
@@ -163,9 +178,7 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_
                   subsample)
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
-    keys = torch.stack([_scalar(m.result[0], device) for m in models])
-    cutoffs = torch.stack([_scalar(m.result[1], device) for m in models])
-    return keys, cutoffs
+    return _stack([m.result[0] for m in models], device), _stack([m.result[1] for m in models], device)
 
 
 def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
@@ -173,7 +186,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
     los, his, rates, caps = [], [], [], []
     for m in models:
         if m.sample is not None:  # bracket around the target from a sample of the region
-            lo, hi, share = _bracket(m, m.sample)
+            lo, hi, share = _bracket(m)
             rate = FULL_RATE
         else:  # collect a uniform subsample of the region (all of it when small)
             lo, hi = m.low - 1, m.high + 1
@@ -183,9 +196,8 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
         his.append(hi)
         rates.append(rate)
         caps.append(min(m.population, int(1.25 * share * m.population) + 8192))
-    lo_t = torch.stack([_scalar(v, device) for v in los])
-    hi_t = torch.stack([_scalar(v, device) for v in his])
-    rate_t = torch.stack([_scalar(v, device) for v in rates])
+    lo_t, hi_t = _stack(los, device), _stack(his, device)
+    rate_t = host_to_device(rates, torch.int64, device)
     cap = max(caps)
     blocks = -(-numel // BLOCK)
     counts = torch.empty(blocks, n, 4, dtype=torch.int32, device=device)
@@ -200,7 +212,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
         if lo == hi:
             eq_lo = inside = 0
         k = m.k
-        m.sample = None
+        m.sample, m.sorted = None, False
         if k <= gt:  # K above the bracket
             m.below, m.low = numel - gt, hi + 1
         elif k <= gt + eq_hi:
