@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,8 +87,8 @@ def task_arithmetic_config(tmp_path, base: str, model: str, weight: float) -> st
                                                f"  - {{model: {model}, parameters: {{weight: {weight}}}}}\n")
 
 
-def _config_text(name, base, tuned):
-    text = textwrap.dedent(PARITY_CONFIGS[name])
+def _config_text(text, base, tuned):
+    text = textwrap.dedent(text)
     text = text.replace("BASE", base)
     for i, t in enumerate(tuned):
         text = text.replace(f"FT{i}", t)
@@ -110,7 +111,7 @@ def test_parity_with_mergekit(llama_family, tmp_path):
     root, base, tuned = llama_family
     jobs = []
     for name in PARITY_CONFIGS:
-        config = write_yaml(str(tmp_path / f"{name}.yml"), _config_text(name, base, tuned))
+        config = write_yaml(str(tmp_path / f"{name}.yml"), _config_text(PARITY_CONFIGS[name], base, tuned))
         jobs += [config, str(tmp_path / f"mergekit-{name}")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", MERGEKIT_SCRIPT, *jobs], capture_output=True, text=True, env=env,
@@ -218,7 +219,8 @@ vfuse:
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
-def test_merge_into_loaded_model_equals_checkpoint_merge(llama_family, tmp_path):
+@pytest.mark.parametrize("staging", [False, True], ids=["views", "staged"])
+def test_merge_into_loaded_model_equals_checkpoint_merge(llama_family, tmp_path, staging):
     from transformers import LlamaForCausalLM
 
     root, base, tuned = llama_family
@@ -231,14 +233,15 @@ models:
 """)
     merge_checkpoints(config, str(tmp_path / "out"), progress=False)
     model = LlamaForCausalLM.from_pretrained(base)
-    counts = merge_into_(model, tuned[:2], [0.7, 0.5], method="ties", density=0.4)
+    counts = merge_into_(model, tuned[:2], [0.7, 0.5], method="ties", density=0.4, staging=staging)
     assert counts["merged"] == len(load_tensors(base))
     expected = load_tensors(str(tmp_path / "out"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("staging", [False, True], ids=["views", "staged"])
+def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monkeypatch, staging):
     from vfuse_kernels.merging import engine
 
     root, base, tuned = llama_family
@@ -257,13 +260,13 @@ def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monk
     monkeypatch.setattr(engine._Runner, "compute", failing)
     out = str(tmp_path / "out")
     with pytest.raises(RuntimeError, match="disk on fire"):
-        merge_checkpoints(config, out, out_shard_size="20KB", progress=False)
+        merge_checkpoints(config, out, out_shard_size="20KB", progress=False, staging=staging)
     monkeypatch.setattr(engine._Runner, "compute", original)
     assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     assert not any(f.endswith(".tmp") for f in os.listdir(out))
     finished = [f for f in os.listdir(out) if f.endswith(".safetensors")]
     assert finished
-    summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False)
+    summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False, staging=staging)
     assert summary.skipped > 0
     assert index_of(out)["weight_map"] == index_of(reference)["weight_map"]
     assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
@@ -329,8 +332,6 @@ def _rewrite(path, drop=None, reshape=None):
     ("extra", "has tensor 'extra.weight' that"),
 ])
 def test_bad_checkpoints_fail_before_any_output(llama_family, tmp_path, damage, message):
-    import shutil
-
     from safetensors.torch import save_file
 
     root, base, tuned = llama_family
@@ -418,3 +419,183 @@ def test_linear_merge_of_deltas_api(llama_family):
     out = vk.delta_merge(torch.zeros_like(a[key]), [a[key], b[key]], [1.0, 3.0], method="linear",
                          tuned_are_deltas=True)
     torch.testing.assert_close(out, (a[key] + 3 * b[key]) / 4, rtol=1e-6, atol=1e-7)
+
+
+# --- the staged route (device engine and merge_into_ on an accelerator), run with CPU tensors here
+
+
+STAGED_CONFIGS = {  # every kind of task: merges with a base, a zero base (linear), copies, dtype conversions
+    "ties": PARITY_CONFIGS["ties"],
+    "linear_bf16": PARITY_CONFIGS["linear"].replace("dtype: float32", "out_dtype: bfloat16"),
+    "dare_ties_keep": """
+        merge_method: dare_ties
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: 0.6, density: 0.5}}
+          - {model: FT1, parameters: {weight: 0.4, density: 0.7}}
+        out_dtype: float16
+        vfuse: {seed: 5, keep: [{filter: embed_tokens}, {filter: lm_head, model: FT1}]}
+    """,
+}
+
+
+@pytest.mark.parametrize("name", list(STAGED_CONFIGS))
+def test_staged_route_writes_the_same_bytes(llama_family, tmp_path, monkeypatch, name):
+    """Small staging buffers (chunks that split elements, a ring that wraps many times) and
+    the direct CPU route give byte-identical shards."""
+    from functools import partial
+
+    from vfuse_kernels.merging import checkpoint, engine
+
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), _config_text(STAGED_CONFIGS[name], base, tuned))
+    merge_checkpoints(config, str(tmp_path / "direct"), out_shard_size="20KB", progress=False)
+    monkeypatch.setattr(checkpoint, "STAGING_BYTES", 1001)
+    monkeypatch.setattr(engine, "DeviceReader", partial(engine.DeviceReader, slots=3, threads=2))
+    monkeypatch.setattr(engine, "_DeviceToFile", partial(engine._DeviceToFile, slots=2))
+    summary = merge_checkpoints(config, str(tmp_path / "staged"), out_shard_size="20KB", progress=False,
+                                staging=True)
+    assert summary.shards > 1
+    names = sorted(os.listdir(tmp_path / "direct"))
+    assert names == sorted(os.listdir(tmp_path / "staged"))
+    for file in names:
+        assert (tmp_path / "direct" / file).read_bytes() == (tmp_path / "staged" / file).read_bytes(), file
+
+
+def test_device_reader_reads_in_chunks(tmp_path):
+    """Awkward sizes (empty, one byte, a 16-byte chunk ± 1, many chunks) through two 16-byte
+    buffers and 3 threads."""
+    from safetensors.torch import save_file
+
+    from vfuse_kernels.merging.checkpoint import DeviceReader
+
+    gen = torch.Generator().manual_seed(0)
+    def raw(n):
+        return torch.randint(0, 255, (n,), dtype=torch.uint8, generator=gen)
+
+    tensors = {"empty": torch.empty(0, 3), "one": raw(1), "below": raw(15), "chunk": torch.randn(4, generator=gen),
+               "above": raw(17), "half": torch.randn(9, generator=gen).half(),
+               "many": torch.randn(37, 5, generator=gen).bfloat16()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with Checkpoint(str(tmp_path)) as ck:
+        reader = DeviceReader(torch.device("cpu"), slots=2, slot_bytes=16, threads=3)
+        try:
+            loads = [(name, reader.submit([(ck, name), (ck, "many")])) for name in tensors]
+            for name, load in loads:
+                got, many = load.result()
+                assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), name
+                assert torch.equal(many, tensors["many"])
+        finally:
+            reader.close()
+
+
+def test_staged_read_errors_name_the_file(llama_family, tmp_path):
+    from vfuse_kernels.merging.checkpoint import DeviceReader
+
+    root, base, tuned = llama_family
+    copy = str(tmp_path / "ft")
+    shutil.copytree(tuned[0], copy)
+    with Checkpoint(copy) as ck:
+        name = max(ck.tensors, key=lambda n: ck.tensors[n].offset)
+        info = ck.tensors[name]
+        os.truncate(info.file, info.offset + info.nbytes // 2)  # shrunk after the header was read
+        reader = DeviceReader(torch.device("cpu"), slot_bytes=64)
+        try:
+            with pytest.raises(CheckpointError, match=f"{os.path.basename(info.file)}: unexpected end of file"):
+                reader.submit([(ck, name)]).result()
+        finally:
+            reader.close()
+        with pytest.raises(ValueError, match="outside tensor"):
+            ck.read_bytes(name, torch.empty(8, dtype=torch.uint8), info.nbytes - 4)
+
+
+@pytest.mark.parametrize("crc_thread_bytes", [None, 100], ids=["inline-crc", "crc-thread"])
+def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes):
+    """The CRC-32 finish() returns is the file's, with the CRC on a helper thread and the
+    data sent to disk in small steps; the shard reads back as written."""
+    from safetensors.torch import load_file
+
+    from vfuse_kernels.merging import checkpoint
+    from vfuse_kernels.merging.checkpoint import ShardWriter, file_crc32, plan_shards
+
+    monkeypatch.setattr(checkpoint, "CRC_THREAD_BYTES", crc_thread_bytes)
+    monkeypatch.setattr(checkpoint, "WRITEBACK_BYTES", 1000)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(33, 7, generator=gen), "b": torch.randn(0, 4, generator=gen).half(),
+               "c": torch.randn(301, generator=gen).bfloat16(), "d": torch.randn(5, generator=gen)}
+    (layout,) = plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 1 << 30)
+    writer = ShardWriter(str(tmp_path), layout)
+    for name in layout.names:
+        writer.write(name, tensors[name])
+    digest = writer.finish()
+    path = str(tmp_path / layout.filename)
+    assert digest == file_crc32(path) and os.path.getsize(path) == layout.size
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_merge_into_checks_every_shape_before_changing_the_model(llama_family, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    root, base, tuned = llama_family
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tuned[0], bad)
+    _rewrite(bad, reshape="model.layers.2.mlp.up_proj.weight")  # late in the model's order
+    model = LlamaForCausalLM.from_pretrained(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"'model.layers.2.mlp.up_proj.weight' has shape \(36, 32\)"):
+        merge_into_(model, [tuned[1], bad], 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="a list of checkpoints"):
+        merge_into_(model, tuned[0], 0.5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("method", ["ties", "dare_ties_keep"])
+def test_cuda_engine_writes_the_cpu_bytes(llama_family, tmp_path, method):
+    root, base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), _config_text(STAGED_CONFIGS[method], base, tuned))
+    merge_checkpoints(config, str(tmp_path / "cpu"), out_shard_size="20KB", progress=False)
+    merge_checkpoints(config, str(tmp_path / "cuda"), device="cuda", out_shard_size="20KB", progress=False)
+    names = sorted(os.listdir(tmp_path / "cpu"))
+    assert names == sorted(os.listdir(tmp_path / "cuda"))
+    for file in names:
+        assert (tmp_path / "cpu" / file).read_bytes() == (tmp_path / "cuda" / file).read_bytes(), file
+
+
+@cuda
+def test_cuda_merge_into_on_a_side_stream_equals_cpu(llama_family):
+    from transformers import LlamaForCausalLM
+
+    root, base, tuned = llama_family
+    on_cpu = LlamaForCausalLM.from_pretrained(base)
+    merge_into_(on_cpu, tuned, [0.5, 0.3, 0.2], method="ties", density=0.5)
+    on_gpu = LlamaForCausalLM.from_pretrained(base).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # the merge runs on the caller's current stream
+        merge_into_(on_gpu, tuned, [0.5, 0.3, 0.2], method="ties", density=0.5)
+        got = {k: v.cpu() for k, v in on_gpu.state_dict().items()}
+    for name, tensor in on_cpu.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_engine_bench_quick_produces_every_name(monkeypatch):
+    from vfuse_kernels.bench import engine as bench_engine
+
+    monkeypatch.delenv("VFUSE_BACKEND", raising=False)
+    result = bench_engine.gpu_suite(torch.device("cpu"), quick=True)
+    names = {c["name"] for c in result["checks"]}
+    assert names == {template.format(method=m) for template in bench_engine.CHECKS.values()
+                     for m in bench_engine.METHODS}
+    assert all(c["passed"] for c in result["checks"]), result["checks"]
+    assert [(t["area"], t["name"]) for t in result["targets"]] == [("merge", n) for n in bench_engine.TARGETS]
+    for t in result["targets"]:
+        assert t["value"] > 0 and t["met"] == (t["value"] >= bench_engine.TARGETS[t["name"]])
+    ops = {(r["op"], r.get("method")) for r in result["rows"]}
+    assert {("vfuse merge", m) for m in bench_engine.METHODS} <= ops
+    assert {("merge_into_", m) for m in bench_engine.METHODS} <= ops
+    for r in result["rows"]:
+        assert r["suite"] == "engine" and r["median_ms"] > 0 and r["impl"]

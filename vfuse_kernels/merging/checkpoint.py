@@ -2,13 +2,17 @@
 
 ``Checkpoint`` parses every shard's header up front (names, dtypes, shapes, offsets;
 truncated or inconsistent files are rejected before any work) and reads one tensor at a
-time with ``os.preadv`` into a fresh (or caller-given, e.g. pinned) buffer, so memory holds
-only the tensors in flight. ``ShardWriter`` lays out output shards from the plan before
-any data exists (headers first), streams tensors into ``<shard>.tmp`` and renames each
-shard when complete; the index, written last, is what makes the output complete.
+time with ``os.preadv`` into a fresh (or caller-given) buffer, or maps it zero-copy, so
+memory holds only the tensors in flight. ``DeviceReader`` moves tensors onto an
+accelerator through a fixed ring of pinned staging buffers (file → pinned by ``preadv`` on
+a few threads, pinned → device on a side stream). ``ShardWriter`` lays out output shards
+from the plan before any data exists (headers first), streams tensors into
+``<shard>.tmp`` and renames each shard when complete; the index, written last, is what
+makes the output complete.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -16,6 +20,10 @@ import struct
 import threading
 import warnings
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +36,12 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+STAGING_BYTES = 16 << 20  # one pinned staging buffer; tensors move in chunks of at most this
+READ_SLOTS = 8  # staging buffers of a DeviceReader (allocated once, reused in turn)
+READ_THREADS = 4  # threads reading chunks into them
+# Linux ≥ 5.14: read the pages in and map them now, on the reading thread, so their user
+# takes no page faults; older kernels fall back to MADV_WILLNEED (read-ahead only).
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class CheckpointError(ValueError):
@@ -143,19 +157,28 @@ class Checkpoint:
         info = self.tensors[name]
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
-        raw = out.view(-1).view(torch.uint8) if info.nbytes else out
+        if info.nbytes:
+            self.read_bytes(name, out.view(-1).view(torch.uint8))
+        return out
+
+    def read_bytes(self, name: str, out: torch.Tensor, start: int = 0) -> None:
+        """Bytes ``[start, start + out.numel())`` of tensor ``name``'s data into the
+        contiguous host uint8 tensor ``out``."""
+        info = self.tensors[name]
+        if start < 0 or start + out.numel() > info.nbytes:
+            raise ValueError(f"bytes [{start}, {start + out.numel()}) are outside tensor {name!r} "
+                             f"({info.nbytes} bytes)")
         with self._lock:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(out.numpy()) if out.numel() else memoryview(b"")
         done = 0
-        view = memoryview(raw.numpy()) if info.nbytes else memoryview(b"")
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], info.offset + start + done)
             if n <= 0:
                 raise CheckpointError(f"{info.file}: unexpected end of file reading {name!r}")
             done += n
-        return out
 
     def _mapping(self, file: str) -> mmap.mmap:
         with self._lock:
@@ -206,6 +229,174 @@ class Checkpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def staged(device: torch.device) -> bool:
+    """Whether tensors for ``device`` travel through staging buffers (an accelerator) rather
+    than as zero-copy views of the files' pages (the CPU)."""
+    return device.type != "cpu"
+
+
+class HostReader:
+    """Tensors as read-only views of the files' pages (no copy), populated on one thread
+    ahead of their use so the consumer takes no page faults; ``release`` drops the pages
+    from this process (the page cache keeps them)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vfuse-map")
+
+    def submit(self, reads: list[tuple[Checkpoint, str]]):
+        """A future of the views of each (checkpoint, tensor name)."""
+        return self._pool.submit(self._map, reads)
+
+    @staticmethod
+    def _map(reads: list[tuple[Checkpoint, str]]) -> list[torch.Tensor]:
+        for ck, name in reads:
+            ck.advise(name, MADV_POPULATE_READ)
+        return [ck.view(name) for ck, name in reads]
+
+    @staticmethod
+    def release(reads: list[tuple[Checkpoint, str]]) -> None:
+        for ck, name in reads:
+            ck.advise(name, mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def staging_bytes(largest: int) -> int:
+    """The size of a staging buffer for tensors of at most ``largest`` bytes: STAGING_BYTES,
+    or less when no tensor needs that much (small merges pin little memory)."""
+    return min(STAGING_BYTES, max(largest, 1))
+
+
+def host_buffers(count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
+    """``count`` uint8 host buffers of ``nbytes`` from one allocation, page-locked (pinned)
+    when ``device`` is CUDA so copies to and from them are asynchronous DMA."""
+    block = torch.empty(count * nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    return [block[i * nbytes:(i + 1) * nbytes] for i in range(count)]
+
+
+class _Ring:
+    """Staging buffers shared by threads: ``acquire`` hands out a free buffer once the event
+    recorded after its last copy has completed (a wait on that copy alone, not the device)."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self._free = deque((buffer, None) for buffer in buffers)
+        self._ready = threading.Condition()
+
+    def acquire(self) -> torch.Tensor:
+        with self._ready:
+            while not self._free:
+                self._ready.wait()
+            buffer, last_use = self._free.popleft()
+        if last_use is not None:
+            last_use.synchronize()
+        return buffer
+
+    def release(self, buffer: torch.Tensor, last_use) -> None:
+        with self._ready:
+            self._free.append((buffer, last_use))
+            self._ready.notify()
+
+
+class StagedLoad:
+    """Tensors a ``DeviceReader`` is filling. ``result()`` waits for the reads (the host
+    part), makes the calling thread's current stream wait for the copies (no host wait) and
+    marks the tensors as used there, then returns them."""
+
+    def __init__(self, reader: DeviceReader, tensors: list[torch.Tensor], chunks: list):
+        self._reader = reader
+        self._tensors = tensors
+        self._chunks = chunks
+
+    def result(self) -> list[torch.Tensor]:
+        for chunk in self._chunks:
+            chunk.result()
+        if self._reader.cuda:
+            copied = self._reader.record()
+            stream = torch.cuda.current_stream(self._reader.device)
+            stream.wait_event(copied)
+            for tensor in self._tensors:
+                tensor.record_stream(stream)  # freed memory waits for that stream's use
+        return self._tensors
+
+
+class DeviceReader:
+    """Reads checkpoint tensors onto ``device``: ``threads`` threads ``preadv`` chunks of at
+    most ``slot_bytes`` into a ring of ``slots`` staging buffers (pinned on CUDA, allocated
+    once) and copy each chunk into its device tensor on a side stream, recording an event
+    per chunk; a buffer is refilled only after the event of its previous copy. The device
+    tensors are allocated on the side stream. With a CPU ``device`` the same code runs with
+    plain buffers and synchronous copies (so it is testable without a GPU)."""
+
+    def __init__(self, device: torch.device, *, slots: int = READ_SLOTS, slot_bytes: int = STAGING_BYTES,
+                 threads: int = READ_THREADS):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slot_bytes = slot_bytes
+        self._ring = _Ring(host_buffers(slots, slot_bytes, device))
+        self._pool = ThreadPoolExecutor(min(threads, slots), thread_name_prefix="vfuse-stage")
+
+    def submit(self, reads: list[tuple[Checkpoint, str]]) -> StagedLoad:
+        """Starts reading each (checkpoint, tensor name) onto the device."""
+        tensors, chunks = [], []
+        for ck, name in reads:
+            info = ck.tensors[name]
+            with torch.cuda.stream(self.stream) if self.cuda else nullcontext():  # the block belongs to that stream
+                tensor = torch.empty(info.shape, dtype=info.dtype, device=self.device)
+            tensors.append(tensor)
+            raw = tensor.view(-1).view(torch.uint8) if info.nbytes else None
+            for start in range(0, info.nbytes, self.slot_bytes):
+                end = min(start + self.slot_bytes, info.nbytes)
+                chunks.append(self._pool.submit(self._copy, ck, name, raw[start:end], start))
+        return StagedLoad(self, tensors, chunks)
+
+    def _copy(self, ck: Checkpoint, name: str, dst: torch.Tensor, start: int) -> None:
+        buffer = self._ring.acquire()
+        copied = None
+        try:
+            chunk = buffer[:dst.numel()]
+            ck.read_bytes(name, chunk, start)
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    dst.copy_(chunk, non_blocking=True)
+                copied = self.record()
+            else:
+                dst.copy_(chunk)
+        finally:
+            self._ring.release(buffer, copied)
+
+    def record(self):
+        """An event on the copy stream after every copy queued so far (None on the CPU)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_ahead(jobs: list[list[tuple[Checkpoint, str]]], reader_of) -> Iterator[list[torch.Tensor]]:
+    """The tensors of each job (its (checkpoint, name) reads), in order, loaded by the
+    reader ``reader_of(i)`` (a ``HostReader`` or ``DeviceReader``). The next jobs' reads
+    start ahead as long as the bytes in flight, the current job's included, stay within the
+    largest job's: two huge tensors (embeddings, lm_head) are never in flight together,
+    while many small ones are."""
+    sizes = [sum(ck.tensors[name].nbytes for ck, name in reads) for reads in jobs]
+    budget = max(sizes, default=0)
+    loads: deque = deque()
+    requested = in_flight = 0
+    for i in range(len(jobs)):
+        while requested < len(jobs) and (requested == i or in_flight + sizes[requested] <= budget):
+            loads.append(reader_of(requested).submit(jobs[requested]))
+            in_flight += sizes[requested]
+            requested += 1
+        yield loads.popleft().result()
+        in_flight -= sizes[i]
 
 
 def parse_size(text: str | int) -> int:
@@ -272,9 +463,31 @@ def _numel(shape) -> int:
     return n
 
 
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux): starts writing a file range's dirty pages back to
+    disk without waiting for it or dropping them from the page cache; None elsewhere."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_BYTES = 64 << 20  # a shard's written bytes are sent to disk in steps of this, so fsync finds few left
+# appends from this size compute their CRC on a helper thread during the write, when there
+# are cores to spare (on two, the thread only competes with the merge)
+CRC_THREAD_BYTES = 1 << 20 if (os.cpu_count() or 1) >= 4 else None
+
+
 class ShardWriter:
     """Writes one shard: header, then tensors in layout order, into ``<file>.tmp``;
-    ``finish`` checks the size, fsyncs and renames, and returns the file's CRC-32."""
+    ``finish`` checks the size, fsyncs and renames, and returns the file's CRC-32. Large
+    appends compute their CRC on a helper thread while the write runs (both release the
+    GIL; with 4 cores or more), and written data is sent to disk every ``WRITEBACK_BYTES`` so the final fsync
+    waits for little."""
 
     def __init__(self, folder: str, layout: ShardLayout):
         self.layout = layout
@@ -282,26 +495,50 @@ class ShardWriter:
         self.tmp = self.final + ".tmp"
         self._file = open(self.tmp, "wb")
         self._crc = 0
-        self._write(layout.header)
+        self._crc_thread: ThreadPoolExecutor | None = None
+        self._written = self._synced = 0
+        self.append(layout.header)
         self._next = 0
 
-    def _write(self, data) -> None:
-        self._file.write(data)
-        self._crc = zlib.crc32(data, self._crc)
+    def append(self, data) -> None:
+        """Raw bytes of the tensor being written (``start`` names it)."""
+        nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
+        if CRC_THREAD_BYTES is not None and nbytes >= CRC_THREAD_BYTES:
+            if self._crc_thread is None:
+                self._crc_thread = ThreadPoolExecutor(1, thread_name_prefix="vfuse-crc")
+            crc = self._crc_thread.submit(zlib.crc32, data, self._crc)
+            self._file.write(data)
+            self._crc = crc.result()
+        else:
+            self._file.write(data)
+            self._crc = zlib.crc32(data, self._crc)
+        self._written += nbytes
+        if SYNC_FILE_RANGE is not None and self._written - self._synced >= WRITEBACK_BYTES:
+            self._file.flush()
+            SYNC_FILE_RANGE(self._file.fileno(), self._synced, self._written - self._synced, SYNC_FILE_RANGE_WRITE)
+            self._synced = self._written
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def start(self, name: str) -> None:
+        """The next tensor's bytes follow (``append``); it must be the next in the layout."""
+        if self._next >= len(self.layout.names):
+            raise RuntimeError(f"shard {self.layout.filename}: got {name!r} after its last tensor")
         expected = self.layout.names[self._next]
         if name != expected:
             raise RuntimeError(f"shard {self.layout.filename}: got {name!r}, expected {expected!r}")
         self._next += 1
-        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self._write(memoryview(data))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A whole host tensor."""
+        self.start(name)
+        if tensor.numel():
+            self.append(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
 
     @property
     def complete(self) -> bool:
         return self._next == len(self.layout.names)
 
     def finish(self) -> str:
+        self._close_crc_thread()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -311,10 +548,16 @@ class ShardWriter:
         return f"{self._crc:08x}"
 
     def abort(self) -> None:
+        self._close_crc_thread()
         if not self._file.closed:
             self._file.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+    def _close_crc_thread(self) -> None:
+        if self._crc_thread is not None:
+            self._crc_thread.shutdown()
+            self._crc_thread = None
 
 
 def file_crc32(path: str) -> str:

@@ -1,25 +1,33 @@
 """Streaming checkpoint merge: bounded memory, overlapped I/O, crash-safe output.
 
-Pipeline: the inputs of the next tensor are requested ahead (on the CPU:
-zero-copy views of the files' pages, populated ahead; on CUDA: ``preadv`` into pinned
-buffers and copies on a side stream) — unless the two tensors' inputs together would
-exceed the largest single tensor's, so two huge tensors (embeddings, lm_head) are never
-in flight at once — while the main thread merges the current tensor
-with ``delta_merge`` (C++ on CPU, Triton on CUDA) into a pooled output buffer, and a
-writer thread streams finished tensors into the output shard being written. Used input
-pages are dropped from the process (MADV_DONTNEED) and at most ``WRITE_QUEUE`` outputs
-wait for the writer, so peak memory is a few of the largest tensors, not the model.
+Pipeline: the inputs of the next tensors are requested ahead, as long as the inputs in
+flight stay within the largest single tensor's (so two huge tensors, embeddings and
+lm_head, are never in flight at once), while the main thread merges the current tensor
+with ``delta_merge`` (C++ on CPU, Triton on CUDA) and a writer thread streams finished
+tensors into the output shard being written. At most ``WRITE_QUEUE`` outputs wait for the
+writer, so peak memory is a few of the largest tensors, not the model.
+
+- CPU: the inputs are zero-copy views of the files' pages, populated ahead by a reader
+  thread and dropped from the process (MADV_DONTNEED) once used; outputs come from a pool.
+- CUDA (any accelerator): a ``DeviceReader`` reads the inputs through a ring of pinned
+  buffers and copies them on its own stream; the merge waits on that load's event on the
+  main stream; the writer copies each output off the device in chunks into a second ring
+  of pinned buffers on a third stream and writes a chunk once its copy's event completes,
+  so the reads, copies, kernels and file writes of successive tensors overlap. No
+  device-wide synchronisation: the host waits only on the event of a staging buffer's
+  last copy before reusing it. Copied (unmerged) tensors go from the files' pages straight
+  to the output, as on the CPU.
+
 Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last,
-so a failed or killed run never leaves a complete-looking output, and
-``resume=True`` keeps the shards a previous run finished (checked by CRC-32). ``_run`` can
-be restricted to some of the shards (each rank of a distributed merge writes its own, with
-its own state file), and ``_finish_out_dir`` publishes the folder once all shards exist.
+so a failed or killed run never leaves a complete-looking output, and ``resume=True`` keeps
+the shards a previous run finished (checked by CRC-32). ``_run`` can be restricted to some
+of the shards (each rank of a distributed merge writes its own, with its own state file),
+and ``_finish_out_dir`` publishes the folder once all shards exist.
 """
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import resource
 import shutil
@@ -28,21 +36,21 @@ import time
 from collections import deque
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from .checkpoint import INDEX_NAME, ShardWriter, file_crc32, parse_size, plan_shards
+from .checkpoint import (INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers, parse_size,
+                         plan_shards, read_ahead, staged, staging_bytes)
 from .config import MergeConfig, load_config
 from .plan import MergePlan, TensorTask, build_plan
 
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
+WRITE_SLOTS = 4  # pinned buffers the writer copies device outputs into
 STATE_PREFIX = ".vfuse-merge-state"
 STATE_NAME = STATE_PREFIX + ".json"
-# Linux ≥ 5.14: read the pages in and map them now, on the loading thread, so the merge
-# takes no page faults; older kernels fall back to MADV_WILLNEED (read-ahead only).
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 
 
@@ -103,85 +111,122 @@ class _BufferPool:
 class _Result:
     tensor: torch.Tensor
     pooled: bool  # return to the pool once written
-    mapped: list[tuple[str, str]]  # input views to release once written
+    mapped: list[tuple]  # (checkpoint, name) of input views to release once written
+    staged: bool = False  # on the device: copied off through the writer's staging buffers
+    ready: torch.cuda.Event | None = None  # staged on CUDA: recorded after the merge
 
 
 class _Runner:
-    """Loads, merges and converts one task's tensors on ``device``. On the CPU the inputs
-    are views of the files' pages (no copy; read ahead with MADV_WILLNEED, dropped with
-    MADV_DONTNEED once used); on CUDA they are read into pinned buffers and copied on a
-    side stream."""
+    """Loads, merges and converts one task's tensors on ``device``. Host route (the CPU,
+    and copied tensors on any device): the inputs are views of the files' pages (a
+    ``HostReader``; dropped from the process once used). Staged route (merges on an
+    accelerator, or on the CPU when forced, to test it): the inputs come from a
+    ``DeviceReader`` and the merge runs on the current stream once their copies landed."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, pool: _BufferPool):
+    def __init__(self, plan: MergePlan, device: torch.device, pool: _BufferPool, staged: bool):
         self.plan = plan
-        self.device = device
         self.pool = pool
-        self.cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.staged = staged
+        self.host_reader = HostReader()
+        self.device_reader = None
+        if staged:
+            largest = max((ck.tensors[name].nbytes for task in plan.tasks for ck, name in self.reads(task)), default=1)
+            self.device_reader = DeviceReader(device, slot_bytes=staging_bytes(largest))
 
-    @staticmethod
-    def sources(task: TensorTask) -> list[tuple[str, str]]:
+    def reads(self, task: TensorTask) -> list[tuple]:
+        """(checkpoint, tensor name) of the task's inputs: the copied tensor, or base then tuned."""
+        sources = [task.copy_from] if task.copy_from is not None else ([task.base] if task.base else []) + task.inputs
+        return [(self.plan.checkpoints[model], name) for model, name in sources]
+
+    def on_host(self, task: TensorTask) -> bool:
+        return not self.staged or task.copy_from is not None
+
+    def reader(self, task: TensorTask):
+        return self.host_reader if self.on_host(task) else self.device_reader
+
+    def compute(self, task: TensorTask, loaded: list[torch.Tensor]) -> _Result:
+        host = self.on_host(task)
+        mapped = self.reads(task) if host else []
         if task.copy_from is not None:
-            return [task.copy_from]
-        return ([task.base] if task.base else []) + list(task.inputs)
-
-    def load(self, task: TensorTask):
-        ck = self.plan.checkpoints
-        if not self.cuda:
-            for model, name in self.sources(task):
-                ck[model].advise(name, MADV_POPULATE_READ)
-            return [ck[model].view(name) for model, name in self.sources(task)], None
-        host = []
-        for model, name in self.sources(task):
-            info = ck[model].tensors[name]
-            host.append(ck[model].read(name, out=torch.empty(info.shape, dtype=info.dtype, pin_memory=True)))
-        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-            on_device = [t.to(self.device, non_blocking=True) for t in host]
-            ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
-        return on_device, (ready, host)  # host buffers stay referenced until the copy is done
-
-    def input_bytes(self, task: TensorTask) -> int:
-        return sum(self.plan.checkpoints[m].tensors[n].nbytes for m, n in self.sources(task))
-
-    def release(self, mapped: list[tuple[str, str]]) -> None:
-        for model, name in mapped:
-            self.plan.checkpoints[model].advise(name, mmap.MADV_DONTNEED)
-
-    def compute(self, task: TensorTask, loaded) -> _Result:
-        tensors, pending = loaded
-        if pending is not None:  # the inputs were copied on the side stream
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(pending[0])
-            for t in tensors:
-                t.record_stream(stream)
-        mapped = [] if self.cuda else self.sources(task)
-        if task.copy_from is not None:
-            if tensors[0].dtype == task.out_dtype:
-                result = _Result(tensors[0], False, mapped)  # written straight from the file's pages
-            else:
-                result = _Result(self._output(task).copy_(tensors[0]), not self.cuda, mapped)
+            if loaded[0].dtype == task.out_dtype:
+                return _Result(loaded[0], False, mapped)  # written straight from the file's pages
+            return _Result(self.pool.take(task.shape, task.out_dtype).copy_(loaded[0]), True, mapped)
+        plan = self.plan
+        on_cpu = loaded[0].device.type == "cpu"
+        out = self.pool.take(task.shape, task.out_dtype) if on_cpu else \
+            torch.empty(task.shape, dtype=task.out_dtype, device=loaded[0].device)
+        if task.base is None:
+            base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=out.device), loaded
         else:
-            plan = self.plan
-            if task.base is None:
-                base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=tensors[0].device), tensors
-            else:
-                base, tuned = tensors[0], tensors[1:]
-            sparse = plan.method in ops.SPARSE_METHODS
-            out = ops.delta_merge(
-                base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
-                normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
-                tuned_are_deltas=plan.tuned_are_deltas, out=self._output(task))
-            result = _Result(out, not self.cuda, [])
-            self.release(mapped)
-        if self.cuda:
-            result.tensor = result.tensor.to("cpu")
-        return result
+            base, tuned = loaded[0], loaded[1:]
+        sparse = plan.method in ops.SPARSE_METHODS
+        ops.delta_merge(
+            base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
+            normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
+            tuned_are_deltas=plan.tuned_are_deltas, out=out)
+        HostReader.release(mapped)
+        if host:
+            return _Result(out, True, [])
+        merged = None
+        if not on_cpu:
+            merged = torch.cuda.Event()
+            merged.record(torch.cuda.current_stream(out.device))
+        return _Result(out, on_cpu, [], staged=True, ready=merged)
 
-    def _output(self, task: TensorTask) -> torch.Tensor:
+    def close(self) -> None:
+        self.host_reader.close()
+        if self.device_reader is not None:
+            self.device_reader.close()
+
+
+class _DeviceToFile:
+    """The writer's side of the staged route: copies each merged tensor off the device in
+    chunks into ``slots`` pinned buffers (allocated once) on its own stream, after
+    the merge's event, and writes a chunk into its shard once the event recorded after its
+    copy completes — a buffer is refilled only after its chunk was written, and the file
+    write of one chunk overlaps the copies of the next ones, across tensors. With CPU
+    tensors the copies are synchronous."""
+
+    def __init__(self, device: torch.device, slot_bytes: int, slots: int = WRITE_SLOTS):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slot_bytes = slot_bytes
+        self._free = host_buffers(slots, slot_bytes, device)
+        self._pending: deque = deque()  # (shard writer, buffer, bytes, event), in file order
+
+    def put(self, writer: ShardWriter, name: str, tensor: torch.Tensor, ready) -> None:
+        writer.start(name)
+        if ready is not None:
+            self.stream.wait_event(ready)
+        raw = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor
+        for start in range(0, raw.numel(), self.slot_bytes):
+            if not self._free:
+                self._write_oldest()
+            buffer = self._free.pop()
+            n = min(self.slot_bytes, raw.numel() - start)
+            copied = None
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    buffer[:n].copy_(raw[start:start + n], non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            else:
+                buffer[:n].copy_(raw[start:start + n])
+            self._pending.append((writer, buffer, n, copied))
         if self.cuda:
-            return torch.empty(task.shape, dtype=task.out_dtype, device=self.device)
-        return self.pool.take(task.shape, task.out_dtype)
+            tensor.record_stream(self.stream)  # its memory is reused only after these copies
+
+    def _write_oldest(self) -> None:
+        writer, buffer, n, copied = self._pending.popleft()
+        if copied is not None:
+            copied.synchronize()
+        writer.append(memoryview(buffer[:n].numpy()))
+        self._free.append(buffer)
+
+    def flush(self) -> None:
+        """Writes every chunk copied so far."""
+        while self._pending:
+            self._write_oldest()
 
 
 def rank_state_name(rank: int) -> str:
@@ -271,8 +316,12 @@ def merge_checkpoints(
     out_shard_size: str | int = "5GB",
     resume: bool = False,
     progress: bool = True,
+    staging: bool | None = None,
 ) -> MergeSummary:
     """Merges the checkpoints a config names into sharded safetensors in ``out_dir``.
+    ``staging``: move merged tensors through pinned staging buffers and device streams
+    (default: on any device but the CPU); ``True`` on the CPU runs that route with CPU
+    tensors (it writes the same bytes; for tests and benchmarks without a GPU).
 
     >>> merge_checkpoints("ties.yml", "merged/")  # doctest: +SKIP
     """
@@ -286,7 +335,7 @@ def merge_checkpoints(
         layouts = plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(out_shard_size))
         fingerprint = plan.fingerprint()
         done = _prepare_out_dir(out_dir, fingerprint, resume)
-        summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start)
+        summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start, staging=staging)
         _finish_out_dir(plan, out_dir, layouts)
         return summary
     finally:
@@ -294,15 +343,26 @@ def merge_checkpoints(
 
 
 def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_dir: str, device, progress: bool,
-         start: float, shards: Collection[str] | None = None, state_name: str = STATE_NAME) -> MergeSummary:
+         start: float, shards: Collection[str] | None = None, state_name: str = STATE_NAME,
+         staging: bool | None = None) -> MergeSummary:
     """Writes the shards of ``layouts`` not in ``done`` (only those named in ``shards``, when
-    given), recording each finished one in the state file ``state_name``."""
+    given), recording each finished one in the state file ``state_name``. ``staging``: merge
+    through the staged route (default: on any device but the CPU)."""
+    device = torch.device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        return _pipeline(plan, layouts, fingerprint, done, out_dir, device, progress, start, shards, state_name,
+                         staged(device) if staging is None else staging)
+
+
+def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, progress, start, shards, state_name,
+              staging: bool) -> MergeSummary:
     tasks_by_name = {t.name: t for t in plan.tasks}
     mine = [layout for layout in layouts if shards is None or layout.filename in shards]
     todo = [(layout, tasks_by_name[n]) for layout in mine if layout.filename not in done for n in layout.names]
     skipped = sum(len(layout.names) for layout in mine if layout.filename in done)
     largest = max((t.nbytes for t in plan.tasks), default=0)
-    runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest))
+    runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
+    drain = _DeviceToFile(device, staging_bytes(largest)) if staging else None
     completed = dict(done)
     state = {"writer": None, "written": 0}
 
@@ -310,12 +370,17 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
         writer = state["writer"]
         if writer is None or writer.layout is not layout:
             writer = state["writer"] = ShardWriter(out_dir, layout)
-        writer.write(task.name, result.tensor)
+        if result.staged:
+            drain.put(writer, task.name, result.tensor, result.ready)
+        else:
+            writer.write(task.name, result.tensor)
         state["written"] += result.tensor.numel() * result.tensor.element_size()
-        runner.release(result.mapped)
+        HostReader.release(result.mapped)
         if result.pooled:
             runner.pool.give(result.tensor)
         if writer.complete:
+            if drain is not None:
+                drain.flush()
             completed[layout.filename] = writer.finish()
             state["writer"] = None
             _write_state(out_dir, fingerprint, completed, state_name)
@@ -328,21 +393,15 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
                    dynamic_ncols=True)
     merged = copied = 0
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="vfuse-read") as reader, \
-                ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
-            inputs = [runner.input_bytes(task) for _, task in todo]
-            budget = max(inputs, default=0)  # read ahead only within the largest tensor's inputs
-            ahead = None  # the next task's load, when it was started early
+        with ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
+            loads = read_ahead([runner.reads(task) for _, task in todo], lambda i: runner.reader(todo[i][1]))
             writes: deque = deque()
-            for i, (layout, task) in enumerate(todo):
-                loaded = (ahead or reader.submit(runner.load, task)).result()
-                ahead = None
-                if i + 1 < len(todo) and inputs[i] + inputs[i + 1] <= budget:
-                    ahead = reader.submit(runner.load, todo[i + 1][1])
+            for i, ((layout, task), loaded) in enumerate(zip(todo, loads)):
                 result = runner.compute(task, loaded)
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)
                 writes.append(writer_pool.submit(write, layout, task, result))
+                del result
                 while len(writes) > WRITE_QUEUE:
                     writes.popleft().result()
                 if bar is not None:
@@ -356,6 +415,7 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
             state["writer"].abort()
         raise
     finally:
+        runner.close()
         if bar is not None:
             bar.close()
     return MergeSummary(out_dir, merged, copied, skipped, len(mine), state["written"], time.perf_counter() - start,

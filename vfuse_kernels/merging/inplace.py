@@ -1,14 +1,21 @@
 """``merge_into_``: merge checkpoints into a model that is already loaded (on any device),
 streaming the other checkpoints tensor by tensor so that only one copy of the model is
-ever resident — the VisionFuse pipeline merges its M language models this way."""
+ever resident — the VisionFuse pipeline merges its M language models this way.
+
+Tensors on the CPU read the checkpoints as zero-copy views of the files' pages; tensors on
+an accelerator read them through a ``DeviceReader`` (pinned staging buffers, copies on a
+side stream) while the previous tensors merge on the caller's current stream; the next
+tensors' reads run ahead within the largest tensor's inputs. Nothing waits for the
+device: the merged tensors are ready in stream order, like any other kernel's output."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, nullcontext
 
 import torch
 
 from .. import ops
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, DeviceReader, HostReader, read_ahead, staged, staging_bytes
 from .plan import FLOAT_DTYPES, rewrite_prefix, tensor_seed
 
 
@@ -22,6 +29,7 @@ def merge_into_(
     prefix_map: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     seed: int = 0,
+    staging: bool | None = None,
     **merge_kwargs,
 ) -> dict[str, int]:
     """θ ← θ + scale · combine(wᵢ · sparsify(θᵢ − θ)) for every floating tensor of
@@ -31,41 +39,71 @@ def merge_into_(
     ``{"model.language_model.": "model."}`` to merge an LLM checkpoint into a VLM); tensors
     no source has, and names containing any string in ``skip``, stay untouched. Tied
     tensors are merged once. ``merge_kwargs`` go to ``delta_merge`` (normalize, scale,
-    consensus, rescale). Returns counts of merged and untouched tensors.
+    consensus, rescale). Every shape is checked before any tensor changes. ``staging``:
+    read through pinned staging buffers (default: for tensors on any device but the CPU;
+    ``True`` runs that route for CPU tensors too, for tests). Returns counts of merged and
+    untouched tensors.
     """
-    checkpoints = [s if isinstance(s, Checkpoint) else Checkpoint(s) for s in sources]
-    if not checkpoints:
+    if isinstance(sources, (str, Checkpoint)):
+        raise TypeError("sources must be a list of checkpoints (paths or Checkpoint objects), got a single one")
+    if not sources:
         raise ValueError("sources must name at least one checkpoint")
-    n = len(checkpoints)
-    weights = list(weights) if isinstance(weights, Sequence) else [float(weights)] * n
-    densities = list(density) if isinstance(density, Sequence) else [float(density)] * n
-    if len(weights) != n or len(densities) != n:
-        raise ValueError(f"{n} sources but {len(weights)} weights and {len(densities)} densities")
-    prefix_map = dict(prefix_map or {})
-    seen: set[int] = set()
-    counts = {"merged": 0, "untouched": 0}
-    with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-            if data.dtype not in FLOAT_DTYPES or any(s in name for s in skip) or data.data_ptr() in seen:
-                counts["untouched"] += 1
-                continue
-            seen.add(data.data_ptr())
-            src = rewrite_prefix(name, prefix_map)
-            present = [(i, ck) for i, ck in enumerate(checkpoints) if src in ck.tensors]
-            if not present:
-                counts["untouched"] += 1
-                continue
-            tuned = []
-            for i, ck in present:
-                info = ck.tensors[src]
-                if info.shape != tuple(data.shape):
-                    raise CheckpointError(f"{ck.path}: tensor {src!r} has shape {info.shape}, "
-                                          f"the model's {name!r} has {tuple(data.shape)}")
-                tuned.append(ck.read(src).to(data.device, non_blocking=True))
-            ops.delta_merge(data, tuned, [weights[i] for i, _ in present], method=method,
-                            density=[densities[i] for i, _ in present] if method in ops.SPARSE_METHODS else 1.0,
-                            seed=tensor_seed(seed, name), out=data, **merge_kwargs)
-            counts["merged"] += 1
+    with ExitStack() as stack:
+        checkpoints = [s if isinstance(s, Checkpoint) else stack.enter_context(Checkpoint(s)) for s in sources]
+        n = len(checkpoints)
+        weights = list(weights) if isinstance(weights, Sequence) else [float(weights)] * n
+        densities = list(density) if isinstance(density, Sequence) else [float(density)] * n
+        if len(weights) != n or len(densities) != n:
+            raise ValueError(f"{n} sources but {len(weights)} weights and {len(densities)} densities")
+        jobs, counts = _jobs(model, checkpoints, dict(prefix_map or {}), skip)
+        reads = [[(checkpoints[k], src) for k, src in present] for _, _, present in jobs]
+        largest = max((ck.tensors[src].nbytes for job in reads for ck, src in job), default=1)
+        readers: dict[torch.device, HostReader | DeviceReader] = {}
+
+        def reader_of(i: int) -> HostReader | DeviceReader:
+            device = jobs[i][1].device
+            if device not in readers:
+                if staged(device) if staging is None else staging:
+                    readers[device] = DeviceReader(device, slot_bytes=staging_bytes(largest))
+                else:
+                    readers[device] = HostReader()
+                stack.callback(readers[device].close)
+            return readers[device]
+
+        sparse = method in ops.SPARSE_METHODS
+        for (name, data, present), tensor_reads, tuned in zip(jobs, reads, read_ahead(reads, reader_of)):
+            with torch.cuda.device(data.device) if data.is_cuda else nullcontext():
+                ops.delta_merge(data, tuned, [weights[k] for k, _ in present], method=method,
+                                density=[densities[k] for k, _ in present] if sparse else 1.0,
+                                seed=tensor_seed(seed, name), out=data, **merge_kwargs)
+            del tuned
+            if isinstance(readers[data.device], HostReader):
+                HostReader.release(tensor_reads)
     return counts
 
+
+def _jobs(model: torch.nn.Module, checkpoints: list[Checkpoint], prefix_map: dict[str, str], skip: Sequence[str]):
+    """(model name, tensor, [(source index, source name)]) of every tensor to merge, and the
+    counts; raises, naming both tensors, on the first shape mismatch."""
+    seen: set[int] = set()
+    jobs = []
+    counts = {"merged": 0, "untouched": 0}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+        if data.dtype not in FLOAT_DTYPES or any(s in name for s in skip) or data.data_ptr() in seen:
+            counts["untouched"] += 1
+            continue
+        seen.add(data.data_ptr())
+        src = rewrite_prefix(name, prefix_map)
+        present = [(k, src) for k, ck in enumerate(checkpoints) if src in ck.tensors]
+        if not present:
+            counts["untouched"] += 1
+            continue
+        for k, _ in present:
+            info = checkpoints[k].tensors[src]
+            if info.shape != tuple(data.shape):
+                raise CheckpointError(f"{checkpoints[k].path}: tensor {src!r} has shape {info.shape}, "
+                                      f"the model's {name!r} has {tuple(data.shape)}")
+        jobs.append((name, data, present))
+        counts["merged"] += 1
+    return jobs, counts
