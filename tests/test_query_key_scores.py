@@ -1,8 +1,12 @@
-"""query_key_scores / cls_attention against the fp64 materialised-softmax reference and eager attention."""
+"""query_key_scores / cls_attention against the fp64 materialised-softmax reference and eager attention:
+dtypes, grouped-query heads, query subsets (Lq ≠ Nk), strides, partial and full key tiles."""
 from __future__ import annotations
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,7 +46,8 @@ def test_matches_reference_cpu(case, dtype, monkeypatch):
     _assert_scores_close(vk.query_key_scores(q, k), ref.query_key_scores(q, k), d, nk)
 
 
-TRITON_CASES = [(1, 1, 1, 1, 8), (2, 3, 5, 7, 20), (1, 2, 19, 37, 16)]
+# (B, H, Lq, Nk, d[, Hkv]); the interpreter's tiles are 16 wide: Nk = 32 is two full key tiles (no masks)
+TRITON_CASES = [(1, 1, 1, 1, 8), (2, 3, 5, 7, 20), (1, 2, 19, 37, 16), (1, 2, 17, 32, 16), (2, 6, 3, 48, 16, 2)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -50,8 +55,9 @@ TRITON_CASES = [(1, 1, 1, 1, 8), (2, 3, 5, 7, 20), (1, 2, 19, 37, 16)]
 def test_matches_reference_triton(case, dtype, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("VFUSE_BACKEND", "triton")
-    b, h, lq, nk, d = case
-    q, k = _qk(b, h, lq, nk, d, dtype, backend_device("triton"), seed=hash((case, str(dtype))) % 10**6)
+    b, h, lq, nk, d, *kv = case
+    q, k = _qk(b, h, lq, nk, d, dtype, backend_device("triton"), seed=hash((case, str(dtype))) % 10**6,
+               kv_heads=kv[0] if kv else None)
     _assert_scores_close(vk.query_key_scores(q, k), ref.query_key_scores(q, k), d, nk)
 
 
@@ -65,6 +71,28 @@ def test_grouped_query_heads_scale_and_strides(backend):
     out = vk.query_key_scores(q, k, scale=0.3)
     _assert_scores_close(out, ref.query_key_scores(q, k, 0.3), 16, 21)
     assert not torch.allclose(out, vk.query_key_scores(q, k))  # the scale matters
+
+
+def test_fastv_query_subset_with_grouped_heads(backend):
+    """FastV: the last text queries of a GQA layer (8 query heads on 2 key heads) score every key;
+    the result is the softmax over all keys, then sliced to the image keys by the caller."""
+    device = backend_device(backend)
+    q, k = _qk(2, 8, 40, 40, 16, torch.bfloat16, device, seed=6, kv_heads=2)
+    text = q[:, :, -3:]  # a view: Lq = 3 ≠ Nk = 40
+    out = vk.query_key_scores(text, k)
+    _assert_scores_close(out, ref.query_key_scores(text, k), 16, 40)
+    expected = ref.attention_probs(q, k)[:, :, -3:].mean(dim=(1, 2))  # the full matrix, then the rows
+    _assert_scores_close(out[:, 5:29], expected[:, 5:29], 16, 40)
+
+
+def test_row_lse_pass_triton():
+    """Pass 1 alone: the base-2 log-sum-exp of every row of q·kᵀ·scale, GQA heads."""
+    pytest.importorskip("triton")
+    kernels = importlib.import_module("vfuse_kernels.triton.query_key_scores")
+    q, k = _qk(2, 4, 21, 35, 16, torch.float32, backend_device("triton"), seed=3, kv_heads=2)
+    logits = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    expected = torch.logsumexp(logits, dim=-1) / math.log(2)
+    torch.testing.assert_close(kernels.row_lse(q, k, 0.3).double(), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_large_logits_are_stable(backend):
@@ -123,8 +151,8 @@ def test_opcheck_and_compile():
 
 @pytest.mark.parametrize("q_shape, k_shape, kwargs, exc, match", [
     ((2, 4, 3, 8), (2, 4, 5, 7), {}, ValueError, r"B and d must match"),
-    ((2, 4, 3, 8), (1, 4, 5, 8), {}, ValueError, r"k \[B, H, Nk, d\] has shape \(1, 4, 5, 8\)"),
-    ((2, 4, 3, 8), (2, 3, 5, 8), {}, ValueError, "multiple of the key heads"),
+    ((2, 4, 3, 8), (1, 4, 5, 8), {}, ValueError, r"k \[B, Hkv, Nk, d\] has shape \(1, 4, 5, 8\)"),
+    ((2, 4, 3, 8), (2, 3, 5, 8), {}, ValueError, r"multiple of the key heads \(grouped-query attention\)"),
     ((2, 4, 0, 8), (2, 4, 5, 8), {}, ValueError, "Lq ≥ 1"),
     ((2, 4, 3), (2, 4, 5, 8), {}, ValueError, r"q must have 4 dimensions, got shape \(2, 4, 3\)"),
     ((2, 4, 3, 8), (2, 4, 5, 8), {"scale": float("nan")}, ValueError, "scale must be finite"),
@@ -143,3 +171,18 @@ def test_bad_dtypes_and_devices():
         vk.query_key_scores(q.long(), q)
     with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
         vk.query_key_scores(q, q.to("meta"))
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels compile to sm_90 cubins in the launchers' configurations (no GPU needed; in a
+    subprocess, as the interpreter replaces the compiler; fp32 and the rest: tests/test_triton_compile.py)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from vfuse_kernels.triton.compile_check import compile_all\n"
+            "for n, s in compile_all(90, ['qk_row_lse[bf16', 'qk_key_sums[bf16']).items(): print(n, s)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sizes = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+    for name in ("qk_row_lse[bf16,d=128,even_n=True]", "qk_row_lse[bf16,d=128,even_n=False]", "qk_key_sums[bf16,d=128]",
+                 "qk_row_lse[bf16,d=80,even_n=True]", "qk_key_sums[bf16,d=80]"):
+        assert int(sizes[name]) > 0, name

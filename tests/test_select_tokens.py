@@ -1,11 +1,25 @@
-"""select_tokens against the stable-sort reference; the per-encoder budget helper's two modes."""
+"""select_tokens against the stable-sort reference (tie-heavy scores, NaN/±inf/±0), on both paths —
+the Triton kernel (CUDA; here under the interpreter) and the torch path (CPU, fp64) — and the
+per-encoder budget helper's two modes."""
 from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import backend_device
 
 import vfuse_kernels as vk
 from vfuse_kernels.reference import select_tokens as ref
+
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    return importlib.import_module("vfuse_kernels.triton.select_tokens")
 
 SHAPES = [(1, 1), (1, 7), (3, 13), (2, 577), (2, 2880), (0, 5)]
 SCORE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -21,13 +35,54 @@ def _scores(shape, dtype, seed, ties=False):
 @pytest.mark.parametrize("dtype", SCORE_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("ties", [False, True])
-def test_matches_reference(shape, dtype, ties):
+def test_matches_reference(backend, shape, dtype, ties):
     scores = _scores(shape, dtype, seed=hash((shape, str(dtype), ties)) % 10**6, ties=ties)
+    scores = scores.to(backend_device(backend))
     n = shape[1]
     for k in sorted({0, 1, n // 3, n // 2 + 1, n - 1, n} - {-1}):
         out = vk.select_tokens(scores, k)
         assert out.dtype == torch.int64 and out.shape == (shape[0], k)
-        assert torch.equal(out, ref.select_tokens(scores, k)), k
+        assert torch.equal(out.cpu(), ref.select_tokens(scores, k).cpu()), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_on_long_rows_in_chunks(dtype, monkeypatch):
+    """Rows longer than MAX_BLOCK are searched chunk by chunk, ties counted across chunk borders."""
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 32)
+    scores = _scores((2, 83), dtype, seed=11, ties=True).to(backend_device("triton"))
+    scores[1, 5], scores[0, 40], scores[0, 70] = float("nan"), float("inf"), -0.0
+    for k in (1, 33, 82):
+        assert torch.equal(kernels.select_tokens(scores, k).cpu(), ref.select_tokens(scores, k).cpu()), k
+
+
+def test_kernel_keys_order_the_whole_float_range():
+    """The integer keys order bf16/fp16 values as the floats do across every exponent (subnormals,
+    ±0, ±inf, NaN lowest): every 23rd bit pattern of the type, shuffled, ties from ±0."""
+    kernels = _kernels()
+    device = backend_device("triton")
+    for dtype in (torch.bfloat16, torch.float16):
+        patterns = torch.arange(-(1 << 15), 1 << 15, 23, dtype=torch.int32).to(torch.int16)
+        specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+        values = torch.cat([patterns.view(dtype), specials])
+        n = values.numel()
+        scores = values[torch.randperm(n, generator=torch.Generator().manual_seed(5))][None].to(device)
+        for k in (1, n // 7, n // 2, n - 1):
+            assert torch.equal(kernels.select_tokens(scores, k).cpu(), ref.select_tokens(scores, k).cpu()), (dtype, k)
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels compile to sm_90 cubins in the launchers' configurations (no GPU needed; in a
+    subprocess, as the interpreter replaces the compiler; fp32 and the rest: tests/test_triton_compile.py)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from vfuse_kernels.triton.compile_check import compile_all\n"
+            "for n, s in compile_all(90, ['select_tokens']).items(): print(n, s)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sizes = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+    for name in ("select_tokens[fp32,N=576]", "select_tokens[bf16,N=2880]", "select_tokens[fp16,N=8192]"):
+        assert int(sizes[name]) > 0, name
 
 
 def test_ties_go_to_the_lower_index_and_order_is_kept():

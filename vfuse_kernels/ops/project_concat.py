@@ -15,12 +15,36 @@
 - ``keep[j]``: None (all Nⱼ tokens) or [B, Kⱼ] integer indices (``select_tokens``), gathered
   before projecting, so pruned tokens cost nothing; the output keeps ``keep``'s order.
 
-Backends: CUDA tensors → two grouped Triton GEMM launches (``triton/project_concat.py``);
-CPU tensors → PyTorch/oneDNN matmuls on the gathered rows (``VFUSE_BACKEND=triton`` with
-``TRITON_INTERPRET=1`` runs the Triton kernels on CPU). Features and weights share one dtype
-(fp32/bf16/fp16); accumulation is fp32 and, like the eager projector, the ``linear_1`` + GELU
-result is rounded once to that dtype before ``linear_2``. Inference op: when autograd needs it
-(grad mode on and an input requiring grad) the same computation runs as differentiable PyTorch.
+Computation (every device; ``VFUSE_BACKEND`` does not apply — the GEMMs are the work and the
+vendor GEMM is the limit): per encoder, the kept rows of its layers are gathered into one
+[B·K, ΣD] matrix (``torch.gather``, one pass over the kept rows of each layer; no copy at all
+for one unpruned layer whose strides allow a [B·N, D] view), then ``linear_1`` + bias (GEMM
+epilogue) + GELU, then ``linear_2`` + bias written into the encoder's token slice of the one
+[B, ΣK, H] output:
+
+- CUDA: cuBLAS through ``torch.addmm``. Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU
+  epilogue (``torch._addmm_activation``, which computes the tanh form on CUDA — and the exact erf
+  one on CPU, so it is used on CUDA only); the others get a separate GELU pass (no cuBLAS epilogue
+  computes erf). The second GEMM writes the output slice itself when it is
+  contiguous (batch 1 or one encoder), else a [B·K, H] temporary copied into it: a slice
+  ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one matrix when B > 1, and per-batch GEMMs
+  of K rows would pad cuBLAS tiles. When every encoder has enough GEMM work, encoders after the
+  first run on side streams, so their small kernels and GEMM tails overlap (``SIDE_STREAMS``,
+  ``SIDE_STREAM_MIN_FLOP``). No host sync: indices are range-checked by the gather on the
+  device (an asynchronous device assert, as for any out-of-range torch indexing), not on the host.
+- CPU: PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
+  values where the CPU has no native support (``compute_dtype``); indices are range-checked
+  on the host (``ValueError``).
+
+Multi-layer input with ``keep``: only the kept rows are concatenated (B·K·ΣD elements, written
+once by the gathers); without ``keep`` the layers are concatenated whole (``torch.cat``) — cheaper
+than splitting ``linear_1`` by columns and accumulating per-layer GEMMs, which would read and
+write the [B·N, H1] result once per extra layer (H1 ≥ ΣD/2 in LLaVA projectors) and round it
+between layers. Features and weights share one dtype (fp32/bf16/fp16); GEMMs accumulate in fp32
+and, like the eager projector, ``linear_1``'s output is rounded to that dtype before GELU and
+GELU's before ``linear_2`` (only the latter where GELU is fused into the GEMM — cuBLASLt, tanh,
+bf16 — or the GEMMs run in fp32 on a CPU). Inference op: when autograd needs it (grad mode on
+and an input requiring grad) the same computation runs as differentiable PyTorch.
 """
 from __future__ import annotations
 
@@ -31,12 +55,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._backend import select_backend
 from ._checks import check_float_tensor
 from ._library import define
 
-ACT_GELU_ERF, ACT_GELU_TANH = 1, 2  # codes shared with triton/project_concat.py
+ACT_GELU_ERF, ACT_GELU_TANH = 1, 2  # codes shared with reference/project_concat.py
 ACT_NAMES = {ACT_GELU_ERF: "gelu (erf)", ACT_GELU_TANH: "gelu (tanh)"}
 _ERF_TYPES = ("GELUActivation",)
 _TANH_TYPES = ("GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh", "NewGELUActivation", "FastGELUActivation",
@@ -204,11 +228,11 @@ def _check_keep(keep, layers, batch, device) -> list[torch.Tensor | None]:
         if kp.device != device:
             raise ValueError(f"keep[{j}] is on {kp.device} but the features are on {device}")
         n = layers[j][0].shape[1]
-        if kp.numel():
+        if kp.numel() and device.type == "cpu":  # on CUDA the gather checks on the device: no host sync
             checks.append(((kp < 0) | (kp >= n)).any())
         keeps.append(kp)
     if checks and not torch.compiler.is_compiling() and not _is_fake(keeps):
-        bad = torch.stack(checks).tolist()  # one device sync for all encoders
+        bad = torch.stack(checks).tolist()
         if any(bad):
             idx = [j for j, kp in enumerate(keeps) if kp is not None and kp.numel()]
             j = idx[bad.index(True)]
@@ -235,7 +259,7 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The matmul dtype of the PyTorch path: bf16/fp16 matmuls on a CPU without native support run
+    """The GEMM dtype for ``dtype`` storage on ``device``: bf16/fp16 matmuls on a CPU without native support run
     ~8× slower than fp32 ones (measured: AVX2 EPYC), so there they run in fp32 on the upcast rows
     and weights (the storage dtype's values exactly; the result is rounded at the same two points)."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native(dtype):
@@ -243,31 +267,117 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _torch_project(layers, parts, keeps, out=None) -> torch.Tensor:
-    """PyTorch path: gather the kept rows of each layer, concat channels, Linear → GELU → Linear."""
-    batch = layers[0][0].shape[0]
-    ks = [feats[0].shape[1] if kp is None else kp.shape[1] for feats, kp in zip(layers, keeps)]
-    dtype = layers[0][0].dtype
-    work = dtype if out is None else compute_dtype(dtype, layers[0][0].device)  # autograd path: as stored
+def _differentiable_project(layers, parts, keeps) -> torch.Tensor:
+    """The autograd path: gather, channel concat, Linear → GELU → Linear, token concat."""
     results = []
     for feats, (w1, b1, w2, b2, act), kp in zip(layers, parts, keeps):
         if kp is not None:
-            rows = torch.arange(batch, device=kp.device)[:, None]
-            feats = [x[rows, kp] for x in feats]  # gather first: pruned tokens cost nothing
+            rows = torch.arange(kp.shape[0], device=kp.device)[:, None]
+            feats = [x[rows, kp] for x in feats]
         x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-        if work != dtype:
-            x, w1, w2 = x.to(work), w1.to(work), w2.to(work)
-            b1, b2 = (None if b is None else b.to(work) for b in (b1, b2))
         h = F.gelu(F.linear(x, w1, b1), approximate="tanh" if act == ACT_GELU_TANH else "none")
-        if work != dtype:
-            h = h.to(dtype).to(work)  # the intermediate's rounding point, as in the eager projector
         results.append(F.linear(h, w2, b2))
-    if out is None:
-        return results[0] if len(results) == 1 else torch.cat(results, dim=1)
-    offset = 0
-    for k, y in zip(ks, results):
-        out[:, offset:offset + k].copy_(y)
+    return results[0] if len(results) == 1 else torch.cat(results, dim=1)
+
+
+def gather_rows(feats: list[torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+    """[B·K, ΣD]: rows ``keep[b]`` of every layer [B, N, D_l], layers side by side along channels
+    (``keep=None``: all N rows). A view of the features for one unpruned layer whose strides
+    allow it; otherwise one gather (or concat) pass writes a new matrix."""
+    x0 = feats[0]
+    if keep is None:
+        return (x0 if len(feats) == 1 else torch.cat(feats, dim=-1)).flatten(0, 1)
+    index = keep.to(torch.int64).unsqueeze(-1)
+    if len(feats) == 1:
+        return torch.gather(x0, 1, index.expand(-1, -1, x0.shape[2])).flatten(0, 1)
+    rows = torch.empty(*keep.shape, sum(x.shape[2] for x in feats), dtype=x0.dtype, device=x0.device)
+    col = 0
+    for x in feats:
+        torch.gather(x, 1, index.expand(-1, -1, x.shape[2]), out=rows[:, :, col:col + x.shape[2]])
+        col += x.shape[2]
+    return rows.flatten(0, 1)
+
+
+def _linear_gelu(x, w, b, act) -> torch.Tensor:
+    """GELU(x·wᵀ + b) in x's dtype: cuBLASLt's bias + GELU epilogue where it is the projector's GELU
+    (the tanh form, on CUDA) and the dtype is bf16 — the epilogue's accuracy is not documented,
+    bf16's 2^-8 rounding dwarfs any fast-tanh error, fp16's and fp32's would not — else the GEMM
+    (bias in its epilogue), then GELU out of place (the same traffic as in place; the CPU's in-place
+    kernel took 1 ms instead of 12 µs on small tensors of a busy 2-core machine)."""
+    if act == ACT_GELU_TANH and b is not None and x.is_cuda and x.dtype == torch.bfloat16:
+        return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    h = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+    return F.gelu(h, approximate="tanh" if act == ACT_GELU_TANH else "none")
+
+
+def _linear_into(h, w, b, dst) -> None:
+    """``dst`` [B, K, H] = h·wᵀ + b: the GEMM writes ``dst`` itself when it is one contiguous
+    matrix of h's dtype, else a temporary that is copied into it."""
+    if dst.is_contiguous() and dst.dtype == h.dtype:
+        out = dst.view(-1, dst.shape[2])
+        if b is None:
+            torch.mm(h, w.t(), out=out)
+        else:
+            torch.addmm(b, h, w.t(), out=out)
+        return
+    dst.copy_((torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())).view(dst.shape))
+
+
+def _project_encoder(feats, w1, b1, w2, b2, act, keep, dst, work) -> None:
+    """One encoder's kept tokens through its projector into ``dst`` = its slice of the output."""
+    x = gather_rows(feats, keep)
+    dtype = x.dtype
+    if work != dtype:  # fp32 GEMMs on the exact upcast values (CPU without native bf16/fp16)
+        x, w1, w2 = x.to(work), w1.to(work), w2.to(work)
+        b1, b2 = (None if b is None else b.to(work) for b in (b1, b2))
+    h = _linear_gelu(x, w1, b1, act)
+    if work != dtype:
+        h = h.to(dtype).to(work)  # the intermediate's rounding point, as in the eager projector
+    _linear_into(h, w2, b2, dst)
+
+
+SIDE_STREAMS = True  # CUDA: encoders after the first on side streams (the benchmark measures both)
+# ... when every encoder's two GEMMs reach this many FLOPs (≈ 25 µs on an H100): below it a call is
+# bound by host-side launch time, which the stream switches would only add to (unmeasured)
+SIDE_STREAM_MIN_FLOP = 2**34
+_side_streams: dict[int, list] = {}
+
+
+def _on_side_streams(jobs, work, device) -> None:
+    """Encoder 0 on the current stream, encoder j on side stream j, all started after what is
+    already queued; the current stream waits for them before anything queued later. So inputs
+    and the output are used in stream order, and each side stream's temporaries return to its
+    own pool (reused only by that stream)."""
+    main = torch.cuda.current_stream(device)
+    streams = _side_streams.setdefault(device.index, [])
+    while len(streams) < len(jobs) - 1:
+        streams.append(torch.cuda.Stream(device))
+    start = main.record_event()
+    _project_encoder(*jobs[0], work)
+    for job, stream in zip(jobs[1:], streams):
+        stream.wait_event(start)
+        with torch.cuda.stream(stream):
+            _project_encoder(*job, work)
+    for stream in streams[:len(jobs) - 1]:
+        main.wait_stream(stream)
+
+
+def _project_into(out, layers, parts, keeps) -> torch.Tensor:
+    jobs, offset, min_flop = [], 0, None
+    for feats, part, kp in zip(layers, parts, keeps):
+        k = feats[0].shape[1] if kp is None else kp.shape[1]
+        if k and out.shape[0]:
+            jobs.append((feats, *part, kp, out[:, offset:offset + k]))
+            w1, w2 = part[0], part[2]
+            flop = 2 * out.shape[0] * k * w1.shape[0] * (w1.shape[1] + w2.shape[0])
+            min_flop = flop if min_flop is None else min(min_flop, flop)
         offset += k
+    work = compute_dtype(out.dtype, out.device)
+    if out.is_cuda and SIDE_STREAMS and len(jobs) > 1 and min_flop >= SIDE_STREAM_MIN_FLOP:
+        _on_side_streams(jobs, work, out.device)
+    else:
+        for job in jobs:
+            _project_encoder(*job, work)
     return out
 
 
@@ -291,16 +401,7 @@ def _project_concat(features, layer_counts, w1s, b1s, w2s, b2s, acts, keeps) -> 
     layers = _group(features, layer_counts)
     ref = layers[0][0]
     out = new_buffer(_output_shape(layers, w2s, keeps), dtype=ref.dtype, device=ref.device)
-    if out.numel() == 0:
-        return out
-    parts = list(zip(w1s, b1s, w2s, b2s, acts))
-    if select_backend(ref.device) == "triton":
-        from ..triton import project_concat as kernels
-
-        keeps = [None if kp is None else kp.to(torch.int64) for kp in keeps]
-        kernels.project_concat(out, layers, list(w1s), list(b1s), list(w2s), list(b2s), list(acts), keeps)
-        return out
-    return _torch_project(layers, parts, keeps, out)
+    return _project_into(out, layers, list(zip(w1s, b1s, w2s, b2s, acts)), keeps)
 
 
 def _project_concat_fake(features, layer_counts, w1s, b1s, w2s, b2s, acts, keeps):
@@ -332,11 +433,15 @@ def project_concat(features, projectors, *, keep=None) -> torch.Tensor:
     layers, parts, keeps = check_inputs(features, projectors, keep)
     tensors = [t for feats in layers for t in feats] + [p for part in parts for p in part[:4] if p is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _torch_project(layers, parts, keeps)
+        return _differentiable_project(layers, parts, keeps)
     w1s, b1s, w2s, b2s, acts = (list(x) for x in zip(*parts))
+    args = ([t for feats in layers for t in feats], [len(f) for f in layers], w1s, b1s, w2s, b2s, acts, keeps)
     with torch.no_grad():
-        return project_concat_op([t for feats in layers for t in feats], [len(f) for f in layers], w1s, b1s, w2s,
-                                 b2s, acts, keeps)
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return project_concat_op(*args)  # traced (torch.compile, export, fake tensors): the registered op
+        # eager: the same function without the dispatcher's round trip of 8 tensor lists (~10 µs of host
+        # time, which small calls are bound by)
+        return _project_concat(*args)
 
 
 __all__ = ["ACT_GELU_ERF", "ACT_GELU_TANH", "activation_kind", "project_concat", "projector_parts"]

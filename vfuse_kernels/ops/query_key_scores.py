@@ -1,16 +1,19 @@
 """``query_key_scores`` (FastV/PyramidDrop key importance) and ``cls_attention`` (VisionZip).
 
-``query_key_scores(q [B, H, Lq, d], k [B, H, Nk, d])`` → [B, Nk] fp32: the mean over heads and
-queries of ``softmax(q·kᵀ·scale)`` (DESIGN.md §2.2), the attention each key receives. The
-softmax runs over *all* keys passed (no causal mask): slice the queries you want (e.g. the
-text tokens after the image) and pass every key their softmax should see, then slice the
-visual keys out of the result. ``scale`` defaults to d^-0.5. ``k`` may have fewer heads than
-``q`` (grouped-query attention: query head h uses key head h // (H/Hk), as ``repeat_kv``).
+``query_key_scores(q [B, Hq, Lq, d], k [B, Hkv, Nk, d])`` → [B, Nk] fp32: the mean over query
+heads and queries of ``softmax(q·kᵀ·scale)`` (DESIGN.md §2.2), the attention each key receives.
+The softmax runs over *all* keys passed (no causal mask). ``scale`` defaults to d^-0.5.
 
-The [B, H, Lq, Nk] matrix is never held: on CUDA two Triton passes over key tiles with an
-online softmax (``triton/query_key_scores.py``), so it runs next to FlashAttention/SDPA,
-which do not return attention weights; on CPU PyTorch matmuls over query chunks of at most
-``CHUNK_ELEMENTS`` logits.
+- Query subset: Lq and Nk are independent — FastV scores the image keys by the last text
+  queries: pass ``q[:, :, -n:]`` and every key their softmax should see, then slice the visual
+  keys out of the result.
+- Grouped-query attention is inferred from the shapes: ``Hq % Hkv == 0`` and query head h uses
+  key head ``h // (Hq/Hkv)`` (HF ``repeat_kv``), as in every current LLM; no repeated k is made.
+
+The [B, Hq, Lq, Nk] matrix is never held. CUDA: two Triton sweeps of q·kᵀ — the per-query
+log-sum-exp, then the per-key sums of exp(s − lse) (``triton/query_key_scores.py``); extra
+memory 4·B·Hq·Lq + 4·B·S·Nk bytes (S ≤ Hq head splits). CPU: PyTorch matmuls over query
+chunks of at most ``CHUNK_ELEMENTS`` logits.
 
 ``cls_attention(q, k)`` → [B, Nk]: the VisionZip signal, the attention of the [CLS] query
 (``cls_index``, 0 for CLIP) on every key averaged over heads, from a vision-tower layer's q/k.
@@ -44,7 +47,7 @@ def _torch_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def _query_key_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    if select_backend(q.device) == "triton":
+    if q.shape[0] and k.shape[2] and select_backend(q.device) == "triton":
         from ..triton import query_key_scores as kernels
 
         return kernels.query_key_scores(q, k, scale)
@@ -69,9 +72,10 @@ def check_qk(q, k, scale) -> float:
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     qs, ks = tuple(q.shape), tuple(k.shape)
     if ks[0] != qs[0] or ks[3] != qs[3]:
-        raise ValueError(f"q [B, H, Lq, d] has shape {qs} and k [B, H, Nk, d] has shape {ks}: B and d must match")
+        raise ValueError(f"q [B, Hq, Lq, d] has shape {qs} and k [B, Hkv, Nk, d] has shape {ks}: B and d must match")
     if ks[1] == 0 or qs[1] % ks[1]:
-        raise ValueError(f"q has {qs[1]} heads and k has {ks[1]}: the query heads must be a multiple of the key heads")
+        raise ValueError(f"q has {qs[1]} heads and k has {ks[1]}: the query heads must be a multiple of the key heads "
+                         "(grouped-query attention)")
     if qs[2] == 0 or qs[3] == 0:
         raise ValueError(f"q has shape {qs}: the mean over queries needs Lq ≥ 1 and d ≥ 1")
     if scale is None:
@@ -80,9 +84,12 @@ def check_qk(q, k, scale) -> float:
 
 
 def query_key_scores(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """[B, Nk] fp32: the mean over heads and queries of ``softmax(q·kᵀ·scale)`` over all keys.
+    """[B, Nk] fp32: the mean over query heads and queries of ``softmax(q·kᵀ·scale)`` over all keys.
 
-    >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
+    ``q`` [B, Hq, Lq, d], ``k`` [B, Hkv, Nk, d] with Hq a multiple of Hkv (grouped-query
+    attention); Lq ≠ Nk is fine (a query subset).
+
+    >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)  # 4 query heads on 2 key heads
     >>> s = query_key_scores(q, k)
     >>> s.shape, torch.allclose(s.sum(dim=1), torch.ones(2))
     (torch.Size([2, 5]), True)

@@ -2,9 +2,15 @@
 
 ``select_tokens(scores, k)``: per row the k highest scores, returned as ascending indices
 (the original token order is kept); among equal scores the lower index wins; NaN counts as
-the lowest score. One O(N) pass after ``torch.topk``'s k-th value — the threshold and a
-cumulative count resolve ties exactly, with no data-dependent shapes and no device sync —
-on every device (no kernel of its own: topk + a few elementwise ops are already memory-bound).
+the lowest score. No device sync and no data-dependent shapes on any path:
+
+- CUDA (fp32/bf16/fp16 scores): one Triton launch, one program per row — an exact k-th-key
+  search on order-preserving integer keys, then a prefix count that resolves ties by index
+  and writes the indices in order (``triton/select_tokens.py``). ``torch.topk`` cannot be used
+  as is: its choice among equal scores is unspecified;
+- CPU, and fp64 scores: ``torch.topk``'s k-th value as a threshold, then one O(N) pass — a
+  cumulative count of the ties keeps the first ones — and a second ``topk`` on −index keys
+  that returns the kept indices in ascending order.
 
 ``select_encoder_tokens(scores, keep, mode=...)`` splits a token budget over M encoders:
 
@@ -23,7 +29,9 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._backend import select_backend
 from ._checks import FLOAT_DTYPES, check_count, check_float_tensor, check_same_device
 from ._library import define
 
@@ -36,6 +44,10 @@ def _select(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(b, k, dtype=torch.int64, device=scores.device)
     if k == n:
         return torch.arange(n, device=scores.device).expand(b, n).contiguous()
+    if scores.dtype != torch.float64 and select_backend(scores.device) == "triton":
+        from ..triton import select_tokens as kernels
+
+        return kernels.select_tokens(scores, k)
     s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
     s = torch.where(torch.isnan(s), float("-inf"), s)
     kth = torch.topk(s, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
@@ -67,8 +79,10 @@ def select_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     check_float_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES)
     k = check_count("k", k, 0, scores.shape[1])
-    with torch.no_grad():
-        return select_tokens_op(scores, k)
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        with torch.no_grad():
+            return select_tokens_op(scores, k)  # traced (torch.compile, export, fake tensors): the registered op
+    return _select(scores.detach(), k)  # eager: no dispatcher round trip (host time bounds small calls)
 
 
 def token_budget(keep, total: int) -> int:

@@ -14,12 +14,14 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..ops import magnitude_select as selection
 from . import delta_merge, magnitude_select
-from . import project_concat as project_concat_kernels
 from . import query_key_scores as qk_kernels
+from . import select_tokens as select_kernels
 
 
 def _tuned(dtype: str, n: int) -> tuple:
@@ -28,61 +30,58 @@ def _tuned(dtype: str, n: int) -> tuple:
 
 def kernel_configs():
     """(name, kernel, signature, constexprs[, launch options]) for the configurations worth compiling."""
-    per_model = dict(keep_a_ptr="*i64", keep_b_ptr="*i64", seed_ptr="*i64")
     merges = [("bf16", 3, sparsify, elect, False) for sparsify, elect in itertools.product((0, 1, 2), (0, 1, 2))]
     merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False)]
     for dtype, n, sparsify, elect, deltas in merges:
-        sig = dict(out_ptr=f"*{dtype}", base_ptr=f"*{dtype}", tuned=_tuned(dtype, n), coef_ptr="*fp32",
-                   weight_ptr="*fp32", **per_model, numel="i64", scale="fp32", weight_sum="fp32")
-        consts = dict(N=n, N_PAD=triton.next_power_of_2(n), SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
+        consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
                       TUNED_ARE_DELTAS=deltas, BLOCK=delta_merge.BLOCK)
-        yield f"merge[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]", delta_merge._merge_kernel, sig, consts
+        sig = dict(out_ptr=f"*{dtype}", base_ptr=f"*{dtype}", tuned=_tuned(dtype, n), params_ptr="*fp64",
+                   trim_ptr="*i64", numel="i64", scale="fp32", weight_sum="fp32")
+        name = f"[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]"
+        yield "merge" + name, delta_merge._merge_kernel, sig, consts
+        sig = dict(table_ptr="*i64", block_start_ptr="*i32", params_ptr="*fp64", trim_ptr="*i64", tensors="i32",
+                   scale="fp32")
+        ty = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+        yield ("merge_foreach" + name, delta_merge._merge_foreach_kernel, sig,
+               dict(consts, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty))
     for sparsify in (1, 2):
-        sig = dict(partial_ptr="*fp32", base_ptr="*bf16", tuned=_tuned("bf16", 2), **per_model, numel="i64")
+        sig = dict(partial_ptr="*fp32", base_ptr="*bf16", tuned=_tuned("bf16", 2), params_ptr="*fp64",
+                   trim_ptr="*i64", numel="i64")
         consts = dict(N=2, SPARSIFY=sparsify, TUNED_ARE_DELTAS=False, BLOCK=delta_merge.BLOCK)
         yield f"sparse_l1[sparsify={sparsify}]", delta_merge._sparse_l1_kernel, sig, consts
     for deltas in (False, True):
-        sig = dict(hist_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), numel="i64")
-        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=magnitude_select.BLOCK, BINS=magnitude_select.HIST_BINS,
-                      SHIFT=magnitude_select.HIST_SHIFT)
-        yield f"key_histogram[deltas={deltas}]", magnitude_select._key_histogram_kernel, sig, consts
-        sig = dict(cand_ptr="*i64", count_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2), lo_ptr="*i64",
-                   hi_ptr="*i64", numel="i64", capacity="i64")
-        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=magnitude_select.BLOCK)
-        yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts
+        sig = dict(counts_ptr="*i32", cand_ptr="*i64", fill_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2),
+                   lo_ptr="*i64", hi_ptr="*i64", rate_ptr="*i64", numel="i64", cap="i64")
+        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK)
+        yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
+            num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
     yield from _token_configs()
 
 
 def _token_configs():
-    """project_concat's grouped GEMM and query_key_scores' two passes, as the launchers pick them
+    """select_tokens' search kernel and query_key_scores' two passes, as the launchers pick them
     on a GPU (options: the launch keyword arguments; precision: ieee for fp32, else tf32)."""
-    pc = project_concat_kernels
-    for dtype, torch_dtype, rows, aligned, groups in (("bf16", torch.bfloat16, 4096, True, 4),
-                                                      ("bf16", torch.bfloat16, 256, True, 1),
-                                                      ("bf16", torch.bfloat16, 4096, False, 2),
-                                                      ("fp16", torch.float16, 4096, True, 4),
-                                                      ("fp32", torch.float32, 4096, True, 4)):
-        cfg = pc.config(rows, torch_dtype)
-        sig = dict(out_ptr=f"*{dtype}", enc_ptr="*i64", layer_ptr="*i64", start_ptr="*i64")
-        consts = dict(G_PAD=groups, E=pc.ENC_FIELDS, LF=pc.LAYER_FIELDS, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-                      GROUP_M=cfg["GROUP_M"], ALIGNED=aligned, UPCAST=False,
-                      PREC="ieee" if dtype == "fp32" else "tf32")
-        yield (f"grouped_linear[{dtype},BM={cfg['BM']},aligned={aligned}]", pc._grouped_linear_kernel, sig, consts,
-               cfg["launch"])
+    for dtype, torch_dtype, n in (("fp32", torch.float32, 576), ("bf16", torch.bfloat16, 2880),
+                                  ("fp16", torch.float16, 8192)):
+        consts = select_kernels.launch_config(n, torch_dtype)
+        launch = dict(num_warps=consts.pop("num_warps"))
+        sig = dict(scores_ptr=f"*{dtype}", out_ptr="*i64", N="i32", K="i32", stride_b="i32", stride_n="i32")
+        yield f"select_tokens[{dtype},N={n}]", select_kernels._select_kernel, sig, consts, launch
     qk = qk_kernels
     strides = dict(sqb="i64", sqh="i32", sql="i32", skb="i64", skh="i32", skn="i32")
-    sizes = dict(H="i32", Lq="i32", Nk="i32", D="i32", GROUP="i32")
+    sizes = dict(H="i32", Lq="i32", Nk="i32", GROUP="i32")
     for dtype, d in (("bf16", 128), ("fp16", 64), ("fp32", 128), ("bf16", 80)):
-        bd = max(16, triton.next_power_of_2(d))
-        consts = dict(BM=qk.BLOCK_M, BN=qk.BLOCK_N, BD=bd, UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+        tiles = dict(qk.TILES["fp32" if dtype == "fp32" else "half"])
+        consts = dict(D=d, BM=tiles.pop("BM"), BN=tiles.pop("BN"), BD=max(16, triton.next_power_of_2(d)), UPCAST=False,
+                      PREC="ieee" if dtype == "fp32" else "tf32")
         # contiguous q/k: the JIT specialises strides that are multiples of 16 (d ∈ {64, 128})
-        divisible = (*strides, "D") if d % 16 == 0 else ("sqb", "skb")
-        launch = dict(num_warps=qk.NUM_WARPS, num_stages=qk.NUM_STAGES, enable_fp_fusion=True, divisible=divisible)
+        launch = dict(tiles, divisible=tuple(strides) if d % 16 == 0 else ("sqb", "skb"))
         sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", **strides, **sizes, qk_scale="fp32")
-        yield f"qk_row_lse[{dtype},d={d}]", qk._row_lse_kernel, sig, consts, launch
+        for even in (True, False):
+            yield f"qk_row_lse[{dtype},d={d},even_n={even}]", qk._row_lse_kernel, sig, dict(consts, EVEN_N=even), launch
         sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", partial_ptr="*fp32", **strides, **sizes,
                    HEADS_PER_SPLIT="i32", SPLITS="i32", qk_scale="fp32")
-        yield f"qk_key_scores[{dtype},d={d}]", qk._key_scores_kernel, sig, consts, launch
+        yield f"qk_key_sums[{dtype},d={d}]", qk._key_sums_kernel, sig, consts, launch
 
 
 def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, int]:
@@ -97,11 +96,12 @@ def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, int
         signature = {**signature, **{k: "constexpr" for k in constexprs}}
         options = {"num_warps": delta_merge.NUM_WARPS, "enable_fp_fusion": False}
         attrs = None
-        if launch:  # kernels with their own launch options (fp fusion on: FMA contraction), compiled with the
-            options = dict(launch[0])  # 16-byte pointer divisibility the JIT specialises aligned tensors to,
-            divisible = options.pop("divisible", ())  # and the int arguments it would find divisible by 16
-            attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(signature.items())
-                     if v.startswith("*") or k in divisible}
+        if launch:  # kernels with their own launch options (e.g. fp fusion on: FMA contraction); with
+            options = dict(launch[0])  # "divisible", the 16-byte pointer divisibility the JIT specialises
+            divisible = options.pop("divisible", None)  # aligned tensors to, and the int arguments it
+            if divisible is not None:  # would find divisible by 16
+                attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(signature.items())
+                         if v.startswith("*") or k in divisible}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=target, options=options)
         sizes[name] = len(compiled.asm["cubin"])
