@@ -178,6 +178,23 @@ inline void dare_bits_chunk(uint64_t seed, uint32_t model, int64_t start, int64_
   }
 }
 
+// Storage codecs for the fused single-loop kernels (one storage dtype, known at compile time).
+struct Bf16 {
+  using T = uint16_t;
+  static float load(T v) { return bf16_to_float(v); }
+  static T store(float f) { return float_to_bf16(f); }
+};
+struct Fp16 {
+  using T = uint16_t;
+  static float load(T v) { return fp16_to_float(v); }
+  static T store(float f) { return float_to_fp16(f); }
+};
+struct Fp32 {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float f) { return f; }
+};
+
 // |x| of an fp32 value as an order-preserving unsigned key (31 bits).
 inline uint32_t magnitude_key(float x) { return float_to_bits(x) & 0x7fffffffu; }
 

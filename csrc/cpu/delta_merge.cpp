@@ -125,23 +125,6 @@ void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const Merge
   store_result(p, start, len, s.base.data(), m, staged);
 }
 
-// Storage codecs for the fused dense loop.
-struct Bf16 {
-  using T = uint16_t;
-  static float load(T v) { return bf16_to_float(v); }
-  static T store(float f) { return float_to_bf16(f); }
-};
-struct Fp16 {
-  using T = uint16_t;
-  static float load(T v) { return fp16_to_float(v); }
-  static T store(float f) { return float_to_fp16(f); }
-};
-struct Fp32 {
-  using T = float;
-  static float load(T v) { return v; }
-  static T store(float f) { return f; }
-};
-
 // Task arithmetic / linear with every tensor in one storage dtype and N models known at
 // compile time: one loop, each element loaded, merged in registers and stored once.
 // out may be base or a tuned tensor: element j is read before it is written and no

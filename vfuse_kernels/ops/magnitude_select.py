@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .._backend import host_to_device
@@ -50,7 +51,7 @@ SORTING_DEVICES = ("cuda",)  # order statistics by a sort here, by selections el
 
 def sample_size(numel: int, device: torch.device) -> int:
     """Sample keys per model: ~numel/64 on GPU (at most 2^21), ~numel/256 on CPU (at most 2^16)."""
-    top, share = (1 << 21, 64) if device.type == "cuda" else (1 << 16, 256)
+    top, share = (1 << 21, 64) if device.type == "cuda" else (1 << 18, 128)
     return max(RUN, min(top, numel // share) // RUN * RUN)
 
 
@@ -66,12 +67,13 @@ def _deltas_at(base, t, idx, tuned_are_deltas):
 
 def _kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool = False) -> torch.Tensor:
     """The ranks-th (0-based) largest values of a 1-D tensor: indexing a descending sort on the
-    GPU (radix sort; ``presorted``: already sorted), selections on the CPU (a CPU sort costs
-    ~100 ns per element)."""
+    GPU (radix sort; ``presorted``: already sorted), one introselect for all ranks on the CPU
+    (``numpy.partition``: a CPU sort costs ~100 ns per element, ``kthvalue`` ~15)."""
     if values.device.type in SORTING_DEVICES:
         ordered = values if presorted else torch.sort(values, descending=True).values
         return ordered[host_to_device(ranks, torch.int64, values.device)]
-    return torch.stack([values.kthvalue(values.numel() - r).values for r in ranks])
+    ascending = [values.numel() - 1 - r for r in ranks]
+    return torch.from_numpy(np.partition(values.numpy(), ascending)[ascending])
 
 
 def _sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
