@@ -246,9 +246,8 @@ def _parity_checks(device) -> list[dict]:
     return checks
 
 
-def _huge_tensor_check(device) -> dict:
+def _huge_tensor_check(device, numel: int = (1 << 31) + 4099) -> dict:
     """One tensor of more than 2^31 elements (4.3 GB in bf16): task arithmetic and TIES exact."""
-    numel = (1 << 31) + 4099
     name = f"delta_merge on {numel} bf16 elements (> 2^31 elements and bytes): task arithmetic and TIES exact"
     try:
         base, (tuned,) = tie_heavy_inputs(numel, 1, torch.bfloat16, device, seed=7)
@@ -275,7 +274,11 @@ def _huge_tensor_check(device) -> dict:
                 break
         return {"name": name, "passed": not bad, "detail": "; ".join(bad)}
     finally:
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+SUITE_SECONDS = 130  # the merge part's own deadline, under the GPU suite's limit for it (150 s)
 
 
 def gpu_suite(device: torch.device, quick: bool) -> dict:
@@ -283,51 +286,80 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
 
     Full (a GPU): 2 × 268M and 3 × 4096×11008 bf16 with bf16-quantised deltas, TIES at densities
     0.01/0.3/0.5/0.9 against mergekit's op sequence and a torch.topk threshold, task arithmetic /
-    linear / DARE against torch.compile, 8 Llama-7B layers through ``delta_merge_foreach``, one
-    tensor of more than 2^31 elements. Quick: the same at tiny sizes (CPU), no torch.compile.
+    linear / DARE against torch.compile, 8 Llama-7B layers through ``delta_merge_foreach``; then,
+    while time is left, every method against the fp64 reference, one tensor of more than 2^31
+    elements, and launch-configuration variants. Each step that fails becomes a failed check and
+    the others still run. Quick: the same at tiny sizes (CPU), no torch.compile.
     """
-    on_gpu = device.type == "cuda"
+    import time
+
+    deadline = time.monotonic() + SUITE_SECONDS
+    on_gpu, full = device.type == "cuda", device.type == "cuda" and not quick
     shapes = ([("2x268M", 1 << 28, 2), ("3x4096x11008", 4096 * 11008, 3)] if not quick
               else [("2x65536", 1 << 16, 2), ("3x64x172", 64 * 172, 3)])
-    checks = _parity_checks(device) if on_gpu else []
-    rows, targets = [], []
-    copy_gbps = None
+    result = {"checks": [], "rows": [], "targets": []}
+
+    def step(name, fn, optional=False):
+        if optional and time.monotonic() > deadline:
+            result["checks"].append({"name": name, "passed": False, "detail": "skipped: the merge part's time ran out"})
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check, the other steps still run
+            result["checks"].append({"name": name, "passed": False, "detail": f"{type(exc).__name__}: {exc}"[:500]})
+        finally:
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+    copy_gbps = []
     for label, numel, n in shapes:
-        base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
-        rows.append(_copy_row(label, base, device, reps=3))
-        copy_gbps = copy_gbps or rows[-1]["GB/s"]
-        for p in DENSITIES:
-            thresholds = vk.ties_thresholds(base, tuned, p)
-            failure = selection_is_exact(base, tuned, [p] * n, thresholds)
-            checks.append({"name": f"TIES selection exact, {label} bf16 tie-heavy, density {p}",
-                           "passed": not failure, "detail": failure or "keys {} cutoffs {}".format(
-                               thresholds.keys.tolist(), thresholds.cutoffs.tolist())})
-        with_compile = on_gpu and not quick and label.startswith("2x")
-        methods = list(vk.METHODS) if label.startswith("2x") else ["task_arithmetic", "ties"]
-        shape_rows, times = _merge_rows(label, base, tuned, device, methods, DENSITIES, 3, True, with_compile,
-                                        copy_gbps)
-        rows += shape_rows
-        ta = times[("task_arithmetic", "vfuse", None)]
-        for p in DENSITIES:
-            ties, sel = times[("ties", "vfuse", p)], times[("ties", "vfuse thresholds only", p)]
-            targets.append(_target(f"ties / task_arithmetic time, {label} bf16, density {p}", ties / ta, "<= 2.5"))
-            targets.append(_target(f"ties speedup vs mergekit ops, {label} bf16, density {p}",
-                                   times[("ties", "mergekit ops", p)] / ties, ">= 10"))
-            targets.append(_target(f"ties selection speedup vs torch.topk threshold, {label} bf16, density {p}",
-                                   times[("ties", "torch.topk thresholds", p)] / sel, ">= 3"))
-        if label.startswith("2x"):
-            for method, p in (("task_arithmetic", None), ("linear", None), ("dare_linear", 0.3)):
-                value = times.get((method, "torch.compile", p), float("nan")) / times[(method, "vfuse", p)]
-                targets.append(_target(f"{method} speedup vs torch.compile, {label} bf16", value, ">= 1.0"))
-        del base, tuned
-    foreach_rows, pct = _foreach_rows(device, quick, copy_gbps)
-    rows += foreach_rows
-    targets.append(_target("delta_merge_foreach task_arithmetic % of copy, 8 Llama-7B layers × 2 bf16" if not quick
-                           else "delta_merge_foreach task_arithmetic % of copy (quick sizes)", pct, ">= 75"))
-    if on_gpu and not quick:
-        checks.append(_huge_tensor_check(device))
-        rows += _variant_rows(device, copy_gbps)
-    return {"checks": checks, "rows": rows, "targets": targets}
+        step(f"merge timings {label}", lambda: _shape_part(result, label, numel, n, device, full, copy_gbps))
+    step("merge timings, foreach", lambda: _foreach_part(result, device, quick, copy_gbps[0]))
+    if on_gpu:
+        step("delta_merge vs fp64 reference", lambda: result["checks"].extend(_parity_checks(device)), True)
+    if full:
+        step("delta_merge on more than 2^31 elements", lambda: result["checks"].append(_huge_tensor_check(device)),
+             True)
+        step("launch variants", lambda: result["rows"].extend(_variant_rows(device, copy_gbps[0])), True)
+    return result
+
+
+def _shape_part(result, label, numel, n, device, full, copy_gbps) -> None:
+    """One shape's copy row, selection checks, rows and targets, appended to ``result``."""
+    base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
+    result["rows"].append(_copy_row(label, base, device, reps=3))
+    copy_gbps.append(result["rows"][-1]["GB/s"])
+    for p in DENSITIES:
+        thresholds = vk.ties_thresholds(base, tuned, p)
+        failure = selection_is_exact(base, tuned, [p] * n, thresholds)
+        result["checks"].append({"name": f"TIES selection exact, {label} bf16 tie-heavy, density {p}",
+                                 "passed": not failure, "detail": failure or "keys {} cutoffs {}".format(
+                                     thresholds.keys.tolist(), thresholds.cutoffs.tolist())})
+    dense_shape = label.startswith("2x")
+    methods = list(vk.METHODS) if dense_shape else ["task_arithmetic", "ties"]
+    rows, times = _merge_rows(label, base, tuned, device, methods, DENSITIES, 3, True, full and dense_shape,
+                              copy_gbps[-1])
+    result["rows"] += rows
+    ta, targets = times[("task_arithmetic", "vfuse", None)], result["targets"]
+    for p in DENSITIES:
+        ties, sel = times[("ties", "vfuse", p)], times[("ties", "vfuse thresholds only", p)]
+        targets.append(_target(f"ties / task_arithmetic time, {label} bf16, density {p}", ties / ta, "<= 2.5"))
+        targets.append(_target(f"ties speedup vs mergekit ops, {label} bf16, density {p}",
+                               times[("ties", "mergekit ops", p)] / ties, ">= 10"))
+        targets.append(_target(f"ties selection speedup vs torch.topk threshold, {label} bf16, density {p}",
+                               times[("ties", "torch.topk thresholds", p)] / sel, ">= 3"))
+    if dense_shape:
+        for method, p in (("task_arithmetic", None), ("linear", None), ("dare_linear", 0.3)):
+            value = times.get((method, "torch.compile", p), float("nan")) / times[(method, "vfuse", p)]
+            targets.append(_target(f"{method} speedup vs torch.compile, {label} bf16", value, ">= 1.0"))
+
+
+def _foreach_part(result, device, quick, copy_gbps) -> None:
+    rows, pct = _foreach_rows(device, quick, copy_gbps)
+    result["rows"] += rows
+    result["targets"].append(_target("delta_merge_foreach task_arithmetic % of copy, 8 Llama-7B layers × 2 bf16"
+                                     if not quick else "delta_merge_foreach task_arithmetic % of copy (quick sizes)",
+                                     pct, ">= 75"))
 
 
 def _foreach_rows(device, quick, copy_gbps):
@@ -350,13 +382,13 @@ def _foreach_rows(device, quick, copy_gbps):
     return rows, rows[0]["pct_of_copy"]
 
 
-def _variant_rows(device, copy_gbps):
+def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     """Launch-configuration variants timed in the same run (for NOTES.md; not used for dispatch)."""
     from ..ops import magnitude_select as selection
     from ..triton import delta_merge as kernels
     from ..triton import magnitude_select as select_kernels
 
-    base, tuned = tie_heavy_inputs(1 << 28, 2, torch.bfloat16, device)
+    base, tuned = tie_heavy_inputs(numel, 2, torch.bfloat16, device)
     out = torch.empty_like(base)
     gb = 4 * base.numel() * 2 / 1e9
     rows = []
