@@ -114,6 +114,11 @@ def _time(fn, device, reps=5) -> float:
     return time_ms(fn, device, reps=reps)[0]
 
 
+def _timed(fn, device, reps) -> dict:
+    """``median_ms``, ``p20_ms``, ``p80_ms`` of ``fn``."""
+    return dict(zip(("median_ms", "p20_ms", "p80_ms"), time_ms(fn, device, reps=reps)))
+
+
 def _compiled(fn, example_args):
     """torch.compile of ``fn`` for these shapes only (dynamic=False), compiled and warmed now;
     (compiled function, compile seconds)."""
@@ -135,10 +140,10 @@ def _target(name, value, target):
 def _copy_row(label, base, device, reps) -> dict:
     """A device copy of ``base``: the bandwidth ceiling measured in the same run."""
     dst = torch.empty_like(base)
-    ms = _time(lambda: dst.copy_(base), device, reps)
+    timed = _timed(lambda: dst.copy_(base), device, reps)
     return {"op": "copy", "suite": "merge", "shape": label, "method": "copy", "impl": "torch.Tensor.copy_",
-            "numel": base.numel(), "dtype": str(base.dtype).removeprefix("torch."), "median_ms": ms,
-            "GB/s": 2 * base.numel() * base.element_size() / ms / 1e6, "pct_of_copy": 100.0}
+            "numel": base.numel(), "dtype": str(base.dtype).removeprefix("torch."), **timed,
+            "GB/s": 2 * base.numel() * base.element_size() / timed["median_ms"] / 1e6, "pct_of_copy": 100.0}
 
 
 def _merge_rows(label, base, tuned, device, methods, densities, reps, with_mergekit, with_compile, copy_gbps):
@@ -152,11 +157,11 @@ def _merge_rows(label, base, tuned, device, methods, densities, reps, with_merge
     rows, times = [], {}
 
     def row(method, impl, fn, density=None, rep=reps, **extra):
-        ms = _time(fn, device, rep)
-        times[(method, impl, density)] = ms
+        timed = _timed(fn, device, rep)
+        ms = times[(method, impl, density)] = timed["median_ms"]
         rows.append({"op": "delta_merge", "suite": "merge", "shape": label, "method": method, "impl": impl,
                      "models": n, "numel": numel, "dtype": str(base.dtype).removeprefix("torch."),
-                     "density": density, "median_ms": ms, "GB/s": gb / ms * 1e3,
+                     "density": density, **timed, "GB/s": gb / ms * 1e3,
                      "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps, **extra})
 
     for method in methods:
