@@ -127,7 +127,7 @@ def test_selection_recovers_from_a_missed_sample(backend, miss, sorting, select_
     deltas = [t.float() - base.float() for t in tuned]
     keys = [(d.view(torch.int32).long() & 0x7FFFFFFF).sort(descending=True).values for d in deltas]
 
-    def wrong_sample(base, tuned, tuned_are_deltas):
+    def wrong_sample(base, tuned, tuned_are_deltas, sampler):
         if miss == "inside":  # half the sample at the top key, half at the bottom: a narrow bracket
             return torch.stack([torch.cat([k[0].expand(32), k[-1].expand(32)]) for k in keys])
         pick = 0 if miss == "below" else -1  # all sample keys at the top (or bottom) key
@@ -246,3 +246,16 @@ def test_triton_result_independent_of_block_size(monkeypatch):
         monkeypatch.setattr(triton_merge, "BLOCK", block)
         outs.append(vk.delta_merge(base, tuned, [0.6, 0.4], method="dare_ties", density=0.5, seed=21))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
+    """The one-launch Triton sampler gathers the same keys as the torch row gathers."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    device = backend_device("triton")
+    base, tuned = _tie_heavy(10_007, 3, device=device)
+    runs = torch.randint(0, 10_007 // 16, (77,), generator=torch.Generator().manual_seed(5)).to(device)
+    for deltas in (False, True):
+        expected = ms.sample_keys(base, tuned, runs, 16, deltas)
+        assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)

@@ -65,32 +65,40 @@ def _deltas_at(base, t, idx, tuned_are_deltas):
     return values if tuned_are_deltas else values - base.reshape(-1)[idx].float()
 
 
-def _kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool = False) -> torch.Tensor:
-    """The ranks-th (0-based) largest values of a 1-D tensor: indexing a descending sort on the
-    GPU (radix sort; ``presorted``: already sorted), one introselect for all ranks on the CPU
-    (``numpy.partition``: a CPU sort costs ~100 ns per element, ``kthvalue`` ~15)."""
+def _kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool = False) -> list:
+    """The ranks-th (0-based) largest values of a 1-D tensor: views into a descending sort on the
+    GPU (radix sort; ``presorted``: already sorted; no kernel per rank), one introselect for all
+    ranks on the CPU (``numpy.partition``: a CPU sort costs ~100 ns per element, ``kthvalue`` ~15)."""
     if values.device.type in SORTING_DEVICES:
         ordered = values if presorted else torch.sort(values, descending=True).values
-        return ordered[host_to_device(ranks, torch.int64, values.device)]
+        return [ordered[r] for r in ranks]
+    if not ranks:
+        return []
     ascending = [values.numel() - 1 - r for r in ranks]
-    return torch.from_numpy(np.partition(values.numpy(), ascending)[ascending])
+    return list(torch.from_numpy(np.partition(values.numpy(), ascending)[ascending]))
 
 
-def _sample(base, tuned, tuned_are_deltas) -> torch.Tensor:
-    """[N, S] keys of a random sample (fixed seed) of each model's deltas: S/16 random aligned
-    runs of 16 elements, gathered as rows (a row copy, not an element-wise gather); sorted in
-    descending order on the GPU."""
+def sample_keys(base, tuned, runs, run, tuned_are_deltas) -> torch.Tensor:
+    """[N, len(runs)·run] int64 keys of each model's deltas at the aligned runs ``runs`` of ``run``
+    elements (row gathers: a row copy, not an element-wise gather). The backends may replace it
+    (one Triton launch on the GPU)."""
+    numel = base.numel()
+
+    def rows(t):
+        return t.reshape(-1)[: numel // run * run].view(-1, run).index_select(0, runs).float()
+
+    b = 0.0 if tuned_are_deltas else rows(base)
+    return magnitude_keys(torch.stack([rows(t) - b for t in tuned]).reshape(len(tuned), -1))
+
+
+def _sample(base, tuned, tuned_are_deltas, sampler) -> torch.Tensor:
+    """[N, S] keys of a random sample (fixed seed) of each model's deltas, S/16 random aligned runs
+    of 16 elements; sorted in descending order on the GPU."""
     numel, device = base.numel(), base.device
     size = sample_size(numel, device)
     gen = torch.Generator(device=device).manual_seed(0x5EED)
     runs = torch.randint(0, numel // RUN, (size // RUN,), generator=gen, device=device)
-
-    def rows(t):
-        return t.reshape(-1)[: numel // RUN * RUN].view(-1, RUN).index_select(0, runs).float()
-
-    b = 0.0 if tuned_are_deltas else rows(base)
-    keys = torch.stack([rows(t) - b for t in tuned]).reshape(len(tuned), -1)
-    keys = magnitude_keys(keys)
+    keys = sampler(base, tuned, runs, RUN, tuned_are_deltas)
     return torch.sort(keys, dim=1, descending=True).values if device.type in SORTING_DEVICES else keys
 
 
@@ -119,7 +127,7 @@ def _bracket(model: _Model) -> tuple:
     rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
     hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
     inner = [r for r in (hi_rank, lo_rank) if 0 <= r < size]
-    found = iter(_kth_largest(sample, inner, model.sorted) if inner else [])
+    found = iter(_kth_largest(sample, inner, model.sorted))
     hi = next(found) if hi_rank >= 0 else model.high + 1
     lo = next(found) if lo_rank < size else model.low - 1
     return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
@@ -157,12 +165,12 @@ def _stack(values: list, device) -> torch.Tensor:
                         else torch.full((), v, dtype=torch.int64, device=device) for v in values])
 
 
-def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_size=None):
+def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, sampler=sample_keys, subsample_size=None):
     """(keys, cutoffs), int64 [N] on base's device, of the top-kᵢ |δᵢ| of each model.
 
     ``bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill)`` is the
-    backend's pass (triton/magnitude_select.py, csrc/cpu/magnitude_select.cpp); contiguous inputs,
-    1 <= kᵢ < numel < 2^33.
+    backend's pass (triton/magnitude_select.py, csrc/cpu/magnitude_select.cpp) and ``sampler`` its
+    ``sample_keys``; contiguous inputs, 1 <= kᵢ < numel < 2^33.
     """
     device, numel = base.device, base.numel()
     if numel >= MAX_NUMEL:
@@ -170,7 +178,7 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, subsample_
     models = [_Model(k, numel) for k in ks]
     subsample = subsample_size or sample_size(numel, device)
     if numel > SMALL:  # small tensors: the first pass compacts every element
-        for model, row in zip(models, _sample(base, tuned, tuned_are_deltas)):
+        for model, row in zip(models, _sample(base, tuned, tuned_are_deltas, sampler)):
             model.sample, model.sorted = row, device.type in SORTING_DEVICES
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]

@@ -55,6 +55,9 @@ def kernel_configs():
         consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK)
         yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
             num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
+        sig = dict(keys_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
+        yield f"sample[deltas={deltas}]", magnitude_select._sample_kernel, sig, dict(
+            N=2, TUNED_ARE_DELTAS=deltas, RUN=selection.RUN, RUNS=64), dict(num_warps=4, enable_fp_fusion=False)
     yield from _token_configs()
 
 

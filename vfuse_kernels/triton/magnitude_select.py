@@ -10,6 +10,7 @@ only counted, never compacted.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -88,6 +89,31 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
                 pos = tl.atomic_add(fill_ptr + i, n_picked.to(tl.int64)) + ranks.to(tl.int64) - 1
                 value = ((key.to(tl.int64) - 2**30) << 33) | ((2**33 - 1) - offs)
                 tl.store(cand_ptr + i * cap + pos, value, mask=picked & (pos < cap))
+
+
+@triton.jit
+def _sample_kernel(keys_ptr, base_ptr, tuned, runs_ptr, count, N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr,
+                   RUN: tl.constexpr, RUNS: tl.constexpr):
+    """keys[i, r·RUN + j] = key of model i's delta at runs[r]·RUN + j, for RUNS runs per program."""
+    run = tl.program_id(0) * RUNS + tl.arange(0, RUNS)
+    valid = (run < count)[:, None]
+    column = tl.arange(0, RUN)[None, :]
+    offs = tl.load(runs_ptr + run, mask=run < count, other=0)[:, None] * RUN + column
+    b = load_base(base_ptr, offs, valid, TUNED_ARE_DELTAS)
+    dst = run.to(tl.int64)[:, None] * RUN + column
+    for i in tl.static_range(N):
+        key = magnitude_key(load_delta(tuned[i], b, offs, valid, TUNED_ARE_DELTAS))
+        tl.store(keys_ptr + i * count * RUN + dst, key, mask=valid)
+
+
+def sample_keys(base, tuned, runs, run, tuned_are_deltas):
+    """[N, len(runs)·run] int64 magnitude keys of each model's deltas at the runs (one launch)."""
+    keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int64, device=base.device)
+    _sample_kernel[(triton.cdiv(runs.numel(), 64),)](
+        keys, base, tuple(tuned), runs, runs.numel(), N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, RUN=run,
+        RUNS=64, num_warps=4,
+    )
+    return keys
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
