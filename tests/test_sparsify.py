@@ -259,3 +259,25 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
     for deltas in (False, True):
         expected = ms.sample_keys(base, tuned, runs, 16, deltas)
         assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 37, 300])
+def test_triton_tie_index_matches_the_torch_search(rank):
+    """The one-program Triton tie search finds the same flat index as the torch version."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    device = backend_device("triton")
+    base, (tuned,) = _tie_heavy(9_001, 1, device=device)
+    key = int(((tuned.float() - base.float()).view(torch.int32) & 0x7FFFFFFF).mode().values)
+    block = 256
+    blocks = -(-9_001 // block)
+    equal = ((tuned.float() - base.float()).view(torch.int32) & 0x7FFFFFFF) == key
+    padded = torch.zeros(blocks * block, dtype=torch.int32, device=device)
+    padded[:9_001] = equal.int()
+    counts = torch.zeros(blocks, 2, 4, dtype=torch.int32, device=device)
+    counts[:, 1, 2] = padded.view(blocks, block).sum(1)
+    expected = int(torch.nonzero(equal)[rank - 1])
+    for deltas, b, t in ((False, base, tuned), (True, torch.zeros_like(base), tuned.float() - base.float())):
+        assert int(ms.tie_index(b, t, key, rank, counts, 1, 2, block, deltas)) == expected
+        assert int(kernels.tie_index(b, t, key, rank, counts, 1, 2, block, deltas)) == expected

@@ -133,13 +133,16 @@ def _bracket(model: _Model) -> tuple:
     return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
 
 
-def _tie_cutoff(base, t, key: int, rank: int, block_counts: torch.Tensor, tuned_are_deltas):
-    """Flat index of the rank-th (1-based) element with key ``key``, from per-block counts."""
+def tie_index(base, t, key: int, rank: int, counts: torch.Tensor, model: int, column: int, block: int,
+              tuned_are_deltas) -> torch.Tensor:
+    """Flat index (0-dim int64) of the rank-th (1-based) element whose key is ``key``, found from
+    the per-block counts ``counts[:, model, column]`` of the bracket pass and one block. The
+    backends may replace it (one Triton program on the GPU)."""
     device, numel = base.device, base.numel()
-    cum = block_counts.cumsum(0)
-    block = torch.searchsorted(cum, torch.full((1,), rank, dtype=cum.dtype, device=device))
-    before = torch.where(block > 0, cum[(block - 1).clamp(min=0)], 0)
-    offs = block * BLOCK + torch.arange(BLOCK, device=device)
+    cum = counts[:, model, column].cumsum(0)
+    found = torch.searchsorted(cum, torch.full((1,), rank, dtype=cum.dtype, device=device))
+    before = torch.where(found > 0, cum[(found - 1).clamp(min=0)], 0)
+    offs = found * block + torch.arange(block, device=device)
     valid = offs < numel
     offs = offs.clamp(max=numel - 1)
     equal = (magnitude_keys(_deltas_at(base, t, offs, tuned_are_deltas)) == key) & valid
@@ -165,12 +168,13 @@ def _stack(values: list, device) -> torch.Tensor:
                         else torch.full((), v, dtype=torch.int64, device=device) for v in values])
 
 
-def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, sampler=sample_keys, subsample_size=None):
+def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=None):
     """(keys, cutoffs), int64 [N] on base's device, of the top-kᵢ |δᵢ| of each model.
 
-    ``bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill)`` is the
-    backend's pass (triton/magnitude_select.py, csrc/cpu/magnitude_select.cpp) and ``sampler`` its
-    ``sample_keys``; contiguous inputs, 1 <= kᵢ < numel < 2^33.
+    ``kernels`` is the backend's module: ``bracket_pass(base, tuned, lo, hi, rate, cap, block,
+    tuned_are_deltas, counts, cand, fill)`` (triton/magnitude_select.py, ops/_cpp_kernels.py), and
+    where it has them its own ``sample_keys`` and ``tie_index`` (else this module's). Contiguous
+    inputs, 1 <= kᵢ < numel < 2^33.
     """
     device, numel = base.device, base.numel()
     if numel >= MAX_NUMEL:
@@ -178,20 +182,21 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, bracket_pass, sampler=sa
     models = [_Model(k, numel) for k in ks]
     subsample = subsample_size or sample_size(numel, device)
     if numel > SMALL:  # small tensors: the first pass compacts every element
+        sampler = getattr(kernels, "sample_keys", sample_keys)
         for model, row in zip(models, _sample(base, tuned, tuned_are_deltas, sampler)):
             model.sample, model.sorted = row, device.type in SORTING_DEVICES
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]
         if not pending:
             break
-        _run_pass(base, [tuned[models.index(m)] for m in pending], pending, tuned_are_deltas, bracket_pass,
-                  subsample)
+        _run_pass(base, [tuned[models.index(m)] for m in pending], pending, tuned_are_deltas, kernels.bracket_pass,
+                  getattr(kernels, "tie_index", tie_index), subsample)
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return _stack([m.result[0] for m in models], device), _stack([m.result[1] for m in models], device)
 
 
-def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
+def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_tie, subsample):
     device, numel, n = base.device, base.numel(), len(models)
     los, his, rates, caps = [], [], [], []
     for m in models:
@@ -226,7 +231,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
         if k <= gt:  # K above the bracket
             m.below, m.low = numel - gt, hi + 1
         elif k <= gt + eq_hi:
-            m.result = hi, _tie_cutoff(base, tuned[i], hi, k - gt, counts[:, i, 1], tuned_are_deltas)
+            m.result = hi, find_tie(base, tuned[i], hi, k - gt, counts, i, 1, BLOCK, tuned_are_deltas)
         elif k <= gt + eq_hi + inside:
             if stored == inside and stored <= cap:
                 m.result = _candidate_rank(cand[i, :stored], k - gt - eq_hi)
@@ -235,7 +240,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, subsample):
                 if rates[i] < FULL_RATE:  # a uniform subsample of the new region
                     m.sample = _candidate_keys(cand[i, :min(stored, cap)])
         elif k <= gt + eq_hi + inside + eq_lo:
-            m.result = lo, _tie_cutoff(base, tuned[i], lo, k - gt - eq_hi - inside, counts[:, i, 2],
-                                       tuned_are_deltas)
+            m.result = lo, find_tie(base, tuned[i], lo, k - gt - eq_hi - inside, counts, i, 2, BLOCK,
+                                    tuned_are_deltas)
         else:  # K below the bracket
             m.above, m.high = gt + eq_hi + inside + eq_lo, lo - 1

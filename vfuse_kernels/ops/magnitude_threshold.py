@@ -19,7 +19,7 @@ from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
 from ._library import define
-from .magnitude_select import MAX_NUMEL, magnitude_select, sample_keys
+from .magnitude_select import MAX_NUMEL, magnitude_select
 
 
 class MagnitudeThresholds(NamedTuple):
@@ -64,9 +64,7 @@ def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_
         if backend == "reference":
             k_sel, c_sel = _reference_select(base, sub, sub_ks, tuned_are_deltas)
         else:
-            kernels = _kernels(backend)
-            k_sel, c_sel = magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas, kernels.bracket_pass,
-                                            getattr(kernels, "sample_keys", sample_keys))
+            k_sel, c_sel = magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas, _kernels(backend))
         if len(active) == len(tuned):
             return k_sel, c_sel
         for j, i in enumerate(active):

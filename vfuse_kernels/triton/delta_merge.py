@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .._backend import host_to_device
-from .magnitude_select import bracket_pass, load_base, load_delta, magnitude_key, sample_keys  # noqa: F401  (re-exported)
+from .magnitude_select import (bracket_pass, load_base, load_delta, magnitude_key, sample_keys,  # noqa: F401
+                               tie_index)  # (re-exported: the backend's kernel set)
 from .philox import dare_bits
 
 BLOCK = 1024

@@ -116,6 +116,41 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas):
     return keys
 
 
+@triton.jit
+def _tie_index_kernel(out_ptr, counts_ptr, base_ptr, tuned_ptr, key, rank, model, column, models, blocks, numel,
+                      TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """One program: the block where the running count of equal keys reaches ``rank`` (a scan of
+    counts[:, model, column]), then the rank-th equal key's flat index inside that block."""
+    found = blocks.to(tl.int64)  # the first block whose running count reaches rank
+    before = tl.zeros([], dtype=tl.int64)  # equal keys in the blocks before it
+    seen = tl.zeros([], dtype=tl.int64)
+    for start in range(0, blocks, SCAN):
+        idx = start + tl.arange(0, SCAN).to(tl.int64)
+        count = tl.load(counts_ptr + (idx * models + model) * 4 + column, mask=idx < blocks, other=0).to(tl.int64)
+        running = seen + tl.cumsum(count, axis=0)
+        first = tl.min(tl.where((running >= rank) & (idx < blocks), idx, blocks), axis=0)
+        before = tl.where((found == blocks) & (first < blocks),
+                          seen + tl.sum(tl.where(idx < first, count, 0), axis=0), before)
+        found = tl.minimum(found, first)
+        seen = seen + tl.sum(count, axis=0)
+    offs = found * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
+    equal = mask & (magnitude_key(load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)) == key)
+    nth = equal & (tl.cumsum(equal.to(tl.int64), axis=0) == rank - before)
+    tl.store(out_ptr, tl.min(tl.where(nth, offs, numel), axis=0))
+
+
+def tie_index(base, t, key, rank, counts, model, column, block, tuned_are_deltas):
+    """ops/magnitude_select.tie_index in one program."""
+    out = torch.empty((), dtype=torch.int64, device=base.device)
+    _tie_index_kernel[(1,)](
+        out, counts, base, t, key, rank, model, column, counts.shape[1], counts.shape[0], base.numel(),
+        TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, SCAN=4096, num_warps=8,
+    )
+    return out
+
+
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
     """Fills ``counts`` [blocks, N, 4] int32, ``cand`` [N, cap] int64 and adds to ``fill`` [N] int64."""
     _bracket_kernel[(triton.cdiv(base.numel(), block),)](
