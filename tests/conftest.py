@@ -23,6 +23,8 @@ def triton_available() -> bool:
 
 
 def backend_device(backend: str) -> torch.device:
+    """Where ``backend``'s tensors live: CUDA for "triton" on a GPU machine (no interpreter
+    there: CPU tensors under VFUSE_BACKEND=triton are an error), else the CPU."""
     if backend == "triton" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -36,6 +38,13 @@ def backend(request, monkeypatch):
     """Forces VFUSE_BACKEND for the test; yields the backend name."""
     monkeypatch.setenv("VFUSE_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    """``backend_device(backend)`` for a test that takes the ``backend`` fixture: create every
+    input there (``torch.tensor(…, device=device)``, ``.to(device)``)."""
+    return backend_device(backend)
 
 
 def poisoned_like(t: torch.Tensor, dtype=None) -> torch.Tensor:

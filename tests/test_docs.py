@@ -16,7 +16,15 @@ def test_ci_runs_the_readme_test_command():
     readme = _read("README.md")
     commands = re.findall(r"```bash\n(pip install torch==2.13.0 .+?)\n```", readme)
     assert len(commands) == 2 and commands[0].endswith("vfuse demo")
-    assert commands[1] in _read(".ci/run").splitlines()
+    assert _read(".ci/run").rstrip().splitlines()[-1] == commands[1]  # its summary closes the CI log
+
+
+def test_ci_tests_the_oldest_supported_transformers():
+    from packaging.version import Version
+
+    floor = re.search(r'"transformers>=([\d.]+)"', _read("pyproject.toml")).group(1)
+    tested = re.search(r"^OLDEST_TRANSFORMERS=([\d.]+)$", _read(".ci/run"), re.M).group(1)
+    assert Version(tested) == Version(floor)
 
 
 def test_readme_usage_example_runs(monkeypatch):

@@ -131,11 +131,12 @@ def test_scores_from_clip_qk_match_eager_attention_weights(backend):
     model.config.vision_config._attn_implementation = "eager"
     tower = model.model.vision_tower.to(device)
     tower.config._attn_implementation = "eager"
+    encoder = getattr(tower, "vision_model", tower).encoder  # transformers 4.x wraps it in vision_model
     pixels = torch.randn(2, 3, 8, 8, device=device)
     with torch.no_grad():
         outputs = tower(pixels, output_hidden_states=True, output_attentions=True)
         for layer in range(2):
-            q, k, scale = attention_qk(tower.encoder.layers[layer], outputs.hidden_states[layer])
+            q, k, scale = attention_qk(encoder.layers[layer], outputs.hidden_states[layer])
             weights = outputs.attentions[layer].double()  # [B, H, N, N]
             torch.testing.assert_close(vk.cls_attention(q, k, scale=scale).double(), weights[:, :, 0].mean(1),
                                        rtol=1e-5, atol=1e-7)

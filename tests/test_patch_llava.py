@@ -2,7 +2,7 @@
 pruned (single and multi-layer features), pruning yields K image tokens chosen by [CLS] attention."""
 from __future__ import annotations
 
-import importlib
+import copy
 
 import pytest
 import torch
@@ -25,6 +25,13 @@ def _inputs(batch, image_tokens, seed=0):
     ids = torch.cat([torch.full((batch, 1), 5), torch.zeros(batch, image_tokens, dtype=torch.long),
                      torch.randint(1, 99, (batch, 6), generator=gen)], dim=1)  # image token id is 0
     return ids, torch.randn(batch, 3, 8, 8, generator=gen)
+
+
+def _image_features(model, pixels) -> list[torch.Tensor]:
+    """The projected features per image: what get_image_features returns (transformers 4.x) or
+    its pooler_output (5.x)."""
+    out = model.model.get_image_features(pixel_values=pixels)
+    return out if isinstance(out, list) else out.pooler_output
 
 
 def _spy(monkeypatch):
@@ -56,21 +63,30 @@ def test_logits_equal_unpatched(layer, strategy, act, monkeypatch):
     assert "get_image_features" not in vars(model.model)
 
 
-def test_triton_backend_parity(monkeypatch):
-    pytest.importorskip("triton")
-    kernels = importlib.import_module("vfuse_kernels.triton.project_concat")
-    launches = []
-    launcher = kernels.project_concat
-    monkeypatch.setattr(kernels, "project_concat", lambda *a: launches.append(1) or launcher(*a))
-    model = _model(3, vision_feature_layer=[-2, -1])
-    ids, pixels = _inputs(1, 16, seed=3)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a GPU")
+@pytest.mark.parametrize("layer, act, keep", [(-2, "gelu", None), ([-2, -1], "gelu_pytorch_tanh", None),
+                                              ([-2, -1], "gelu", 5)])
+def test_cuda_path(layer, act, keep, monkeypatch):
+    """On CUDA (cuBLAS projection, Triton scores and selection): logits equal the unpatched
+    model's on CUDA; pruned features equal the patched CPU model's."""
+    monkeypatch.delenv("VFUSE_BACKEND", raising=False)
+    model = _model(3, vision_feature_layer=layer, projector_hidden_act=act)
+    ids, pixels = _inputs(2, 16 if keep is None else keep, seed=3)
+    cuda = copy.deepcopy(model).cuda()
     with torch.no_grad():
-        expected = model(input_ids=ids, pixel_values=pixels).logits
-        vk.patch_llava(model)
-        monkeypatch.setenv("VFUSE_BACKEND", "triton")
-        out = model(input_ids=ids, pixel_values=pixels).logits
-    assert launches == [1]
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        if keep is None:
+            expected = cuda(input_ids=ids.cuda(), pixel_values=pixels.cuda()).logits
+        else:
+            expected = _image_features(vk.patch_llava(model, keep=keep), pixels)
+        calls = _spy(monkeypatch)
+        vk.patch_llava(cuda, keep=keep)
+        if keep is None:
+            got = cuda(input_ids=ids.cuda(), pixel_values=pixels.cuda()).logits
+        else:
+            got = _image_features(cuda, pixels.cuda())
+    assert len(calls) == 1 and (calls[0] is None) == (keep is None)  # the fused path ran
+    torch.testing.assert_close(got, expected if keep is None else [f.cuda() for f in expected],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_generate_matches_unpatched(monkeypatch):
@@ -103,7 +119,7 @@ def test_pruning_keeps_the_top_cls_attention_tokens(keep, expected_tokens, monke
         with pytest.raises(ValueError, match="Image features and image tokens do not match"):
             model(input_ids=ids, pixel_values=pixels)  # unpatched: 16 features for K placeholders
         vk.patch_llava(model, keep=keep)
-        features = model.model.get_image_features(pixel_values=pixels).pooler_output
+        features = _image_features(model, pixels)
         logits = model(input_ids=ids, pixel_values=pixels).logits
         # expected: HF's own features for layer -2 without [CLS], top-K by eager [CLS] attention of layer 0
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -122,13 +138,38 @@ def test_pruning_with_mean_scores_and_a_callable(monkeypatch):
     model = _model(6, vision_feature_layer=[-2, -1])
     _, pixels = _inputs(1, 16, seed=6)
     with torch.no_grad():
-        vk.patch_llava(model, keep=3, scores=lambda hidden, feats: -torch.arange(16.0).expand(1, 16))
+        given = []
+
+        def scores(hidden, feats):
+            given.append([h is not None for h in hidden])
+            return -torch.arange(16.0).expand(1, 16)
+
+        vk.patch_llava(model, keep=3, scores=scores)
         calls = _spy(monkeypatch)
         model.model.get_image_features(pixel_values=pixels)
         assert calls[0][0].tolist() == [[0, 1, 2]]  # the callable's scores decide
+        assert given == [[True] * 3]  # given every hidden state (embeddings + 2 layers)
         vk.patch_llava(model, keep=3, scores="mean")
-        feats = model.model.get_image_features(pixel_values=pixels).pooler_output
+        feats = _image_features(model, pixels)
     assert feats[0].shape == (3, 32)
+
+
+@pytest.mark.parametrize("indices", [[-2], [0, -1], [1, -3]])
+def test_vision_tower_returns_the_selected_hidden_states(indices):
+    """All num_hidden_layers + 1 positions; the selected ones equal HF's full output, the others are
+    None where transformers selects by index (>= 5.23), else computed too."""
+    tower = _model(9).model.vision_tower  # 2 layers: embeddings + 2 outputs
+    pixels = _inputs(2, 16, seed=9)[1]
+    with torch.no_grad():
+        full = tower(pixels, output_hidden_states=True).hidden_states
+        got = vk.patch.run_vision_tower(tower, pixels, indices).hidden_states
+    assert len(got) == len(full) == 3
+    selected = {i % 3 for i in indices}
+    for i in range(3):
+        if i in selected or not vk.patch._towers_select_hidden_states():
+            assert torch.equal(got[i], full[i]), i
+        else:
+            assert got[i] is None, i
 
 
 def test_bad_arguments():

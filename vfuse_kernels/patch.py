@@ -3,7 +3,8 @@
 Liger-style drop-in: ``patch_llava(model)`` replaces the model's ``get_image_features`` (on
 the instance; the class and other models are untouched) with one that
 
-1. runs the vision tower asking only for the hidden states it needs (as HF does);
+1. runs the vision tower asking only for the hidden states it needs (transformers ≥ 5.23; every
+   hidden state before, as HF does there);
 2. selects ``vision_feature_layer`` (int, or a list whose channel concat is *not* built) and
    drops [CLS] under the ``"default"`` strategy (``MultiLayerFeatureFusion``);
 3. optionally prunes each image to ``keep`` tokens (``TokenPruner`` + ``select_tokens``);
@@ -21,13 +22,15 @@ numbers positions sequentially, as VisionZip does.
 Scores for pruning (``scores=``): ``"cls"`` (VisionZip: the [CLS] query's attention in the
 layer that produces the last selected feature layer, from its q/k — no attention weights
 needed, works with SDPA/FlashAttention), ``"mean"`` (the mean attention each token receives in
-that layer, ``query_key_scores``), or a callable ``scores(hidden_states, features) -> [B, N]``.
+that layer, ``query_key_scores``), or a callable ``scores(hidden_states, features) -> [B, N]``
+(given every hidden state of the tower).
 
 Inference only: the fused projection does not carry gradients (with grad enabled and
 trainable projector weights ``project_concat`` falls back to its differentiable PyTorch path).
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -63,6 +66,37 @@ def _encoder_layers(vision_tower):
         if layers is not None:
             return layers
     raise TypeError(f"cannot find encoder.layers in {type(vision_tower).__name__} for attention-based scores")
+
+
+@functools.cache
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+@functools.cache
+def _towers_select_hidden_states() -> bool:
+    """Whether vision towers take ``output_hidden_states=[indices]`` as indices into (embeddings,
+    layer 1, …, layer L), negative allowed, and return only those (others None): transformers ≥ 5.23.
+    Before, a list meant layer outputs counted without the embeddings (5.17–5.22) or just "true"."""
+    try:
+        from transformers.utils.output_capturing import resolve_hidden_states_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_vision_tower(tower, pixel_values: torch.Tensor, indices: list[int], **kwargs):
+    """``tower``'s output with ``hidden_states`` (embeddings + every layer's output, a full-length
+    tuple) holding at least those at ``indices``; where transformers can (≥ 5.23), only those
+    are kept, the others are None. A true ``output_hidden_states`` in ``kwargs`` is passed on there
+    (as HF's own ``get_image_features`` does); older versions always get every hidden state."""
+    if not _towers_select_hidden_states():
+        kwargs["output_hidden_states"] = True
+    elif not kwargs.get("output_hidden_states"):
+        kwargs["output_hidden_states"] = list(indices)
+    return tower(pixel_values, return_dict=True, **kwargs)
 
 
 def pruned_image_tokens(num_tokens: int, keep) -> int:
@@ -121,12 +155,12 @@ def _fused_get_image_features(self, pixel_values, vision_feature_layer=None, vis
         if keep_budget is not None:
             raise ValueError("patch_llava: pruning with image_sizes (per-image token splits) is not supported")
         kwargs["image_sizes"] = image_sizes
-    if not kwargs.get("output_hidden_states"):
-        needed = fusion.layer_list
-        if keep_budget is not None and not callable(source):
-            needed = needed + [fusion.attention_layer(self.config.vision_config.num_hidden_layers + 1)]
-        kwargs["output_hidden_states"] = needed
-    image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+    if keep_budget is not None and callable(source):
+        kwargs["output_hidden_states"] = True  # the callable may read any layer
+    scored = keep_budget is not None and not callable(source)
+    indices = fusion.hidden_state_indices(self.config.vision_config.num_hidden_layers + 1 if scored else None)
+    image_outputs = run_vision_tower(self.vision_tower, pixel_values, indices,
+                                     **{k: v for k, v in kwargs.items() if v is not None})
     hidden_states = image_outputs.hidden_states
     features = fusion(hidden_states)
     keep = None
@@ -141,5 +175,7 @@ def _fused_get_image_features(self, pixel_values, vision_feature_layer=None, vis
         image_features = torch.split(image_features.squeeze(0), split_sizes)
     else:
         image_features = list(image_features)
+    if _transformers_major() < 5:  # 4.x: the features themselves
+        return image_features
     image_outputs.pooler_output = image_features
     return image_outputs if return_dict else image_outputs.to_tuple()

@@ -46,8 +46,18 @@ class MultiLayerFeatureFusion(nn.Module):
             raise ValueError("the selected feature layer is the embedding output: no attention layer precedes it")
         return index - 1
 
+    def hidden_state_indices(self, num_hidden_states: int | None = None) -> list[int]:
+        """The hidden states ``forward`` reads and, given the tower's ``num_hidden_states``
+        (layers + 1), the input of ``attention_layer`` that [CLS]-attention scores read."""
+        indices = self.layer_list
+        return indices if num_hidden_states is None else indices + [self.attention_layer(num_hidden_states)]
+
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """A [B, N, D] view (int layer) or a list of them (list of layers)."""
         start = 1 if self.select_strategy == "default" else 0
+        missing = [i for i in self.layer_list if hidden_states[i] is None]
+        if missing:
+            raise ValueError(f"the vision tower did not return hidden state(s) {missing} (of {len(hidden_states)}): "
+                             "ask for them with output_hidden_states")
         picked = [hidden_states[i][:, start:] for i in self.layer_list]
         return picked[0] if isinstance(self.layers, int) else picked

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,14 @@ from ..merging.plan import rewrite_prefix
 from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
 from ..ops import project_concat
 from ..ops.query_key_scores import cls_attention
-from ..patch import _encoder_layers
+from ..patch import _encoder_layers, run_vision_tower
 from .preprocess import ImagePreprocessor
 
-LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+# where a LLaVA checkpoint keeps its language model (save_pretrained's layout differs across
+# transformers versions: 5.17+, 4.x-5.16, 5.5), or a plain LLM
+LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.language_model.model.", "model.")
 HEAD_PREFIXES = ("lm_head.", "language_model.lm_head.")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 FAMILY_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size")
 
@@ -226,7 +230,9 @@ class VisionFuse(nn.Module):
             with stage("towers"):
                 pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
                 pv = pv.to(self.device, self.dtype)
-                hidden = enc.tower(pv, output_hidden_states=True).hidden_states
+                scored = self.pruner is not None
+                indices = enc.fusion.hidden_state_indices(enc.tower.config.num_hidden_layers + 1 if scored else None)
+                hidden = run_vision_tower(enc.tower, pv, indices).hidden_states
                 features.append(enc.fusion(hidden))
             if self.pruner is not None:
                 with stage("scoring"):
@@ -321,9 +327,9 @@ def _cache_argument(model: nn.Module) -> str:
 
 
 def _tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+    """The checkpoint's tokenizer; None for a local folder that has no tokenizer files."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
