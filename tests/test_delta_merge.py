@@ -247,3 +247,19 @@ def test_foreach_rejects_mismatched_lists():
         vk.delta_merge_foreach([base, base], [[base], [base]], [[1.0]])
     with pytest.raises(ValueError, match="tuned\\[0\\] has shape"):
         vk.delta_merge_foreach([base], [[torch.zeros(4)]], 1.0)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_l1_rescale_identical_on_both_backends(method, monkeypatch):
+    """The L1 rescale factors come from sums that agree to ~1e-15 on both backends, so the fp32
+    coefficients, and the outputs, are bit-identical (the GPU engine writes the CPU's bytes)."""
+    pytest.importorskip("triton")
+    # fp32 storage: the interpreter truncates bf16 stores (a GPU rounds them like the CPU)
+    base, tuned = make_case((40_009,), 3, torch.float32, torch.device("cpu"), seed=31)
+    args = dict(method=method, density=[0.3, 0.5, 0.7], rescale="l1", seed=9)
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    on_cpu = vk.delta_merge(base, tuned, [0.6, 0.3, 0.45], **args)
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    device = backend_device("triton")
+    on_triton = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], [0.6, 0.3, 0.45], **args)
+    assert torch.equal(on_triton.cpu(), on_cpu)

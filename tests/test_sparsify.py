@@ -108,7 +108,7 @@ def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monk
     """Sampled brackets on tie-heavy data: every density edge exact, in one pass (order statistics
     by selections, as on the CPU, and by a sort, as on the GPU)."""
     monkeypatch.setattr(ms, "SMALL", 1024)
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ())
+    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ("cuda",))
     numel = 200_003 if backend == "cpp" else 40_009
     base, tuned = _tie_heavy(numel, 4, dtype, device=backend_device(backend))
     densities = [1e-9, 0.01, 0.5, 0.99]
@@ -136,7 +136,7 @@ def test_selection_recovers_from_a_missed_sample(backend, miss, sorting, select_
     monkeypatch.setattr(ms, "_sample", wrong_sample)
     monkeypatch.setattr(ms, "sample_size", lambda numel, device: 512)
     monkeypatch.setattr(ms, "SMALL", 1024)  # sample tensors of this size
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ())
+    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ("cuda",))
     monkeypatch.setattr(ms, "Z", 0.5)  # margins narrow enough that the 64 keys do not span everything
     monkeypatch.setattr(ms, "SLACK", 0)
     densities = [0.3, 0.6]

@@ -231,16 +231,17 @@ def _parity_checks(device) -> list[dict]:
         checks.append({"name": f"delta_merge {method} vs fp64 reference (fp32/bf16/fp16, 6 shapes, N=1 and 3)",
                        "passed": not failures, "detail": "; ".join(failures[:5])})
     base, tuned = tie_heavy_inputs(1 << 22, 3, torch.bfloat16, device, seed=11)
-    same = []
+    differ = []
     for method in vk.METHODS:
-        density = 0.3 if method in SPARSE_METHODS else 1.0
-        gpu = vk.delta_merge(base, tuned, [0.5, 0.3, 0.2], method=method, density=density, seed=5)
-        cpu = vk.delta_merge(base.cpu(), [t.cpu() for t in tuned], [0.5, 0.3, 0.2], method=method, density=density,
-                             seed=5)
-        if not torch.equal(gpu.cpu(), cpu):
-            same.append(method)
-    checks.append({"name": "delta_merge CPU and GPU bit-identical (3 × 4M bf16, every method)", "passed": not same,
-                   "detail": ", ".join(same)})
+        sparse = method in SPARSE_METHODS
+        for rescale in ("density", "l1") if sparse else ("density",):
+            kw = dict(method=method, density=0.3 if sparse else 1.0, rescale=rescale, seed=5)
+            gpu = vk.delta_merge(base, tuned, [0.5, 0.3, 0.15], **kw)
+            cpu = vk.delta_merge(base.cpu(), [t.cpu() for t in tuned], [0.5, 0.3, 0.15], **kw)
+            if not torch.equal(gpu.cpu(), cpu):
+                differ.append(f"{method} rescale={rescale}: {int((gpu.cpu() != cpu).sum())} elements")
+    checks.append({"name": "delta_merge CPU and GPU bit-identical (3 × 4M bf16, every method, L1 rescale too)",
+                   "passed": not differ, "detail": "; ".join(differ)})
     tensors = [tie_heavy_inputs(r * c, 2, torch.bfloat16, device, seed=r) for r, c in ((64, 64), (1, 1), (300, 7))]
     fused = vk.delta_merge_foreach([b for b, _ in tensors], [t for _, t in tensors], [0.6, 0.4], method="dare_ties",
                                    density=0.5, seed=[1, 2, 3])

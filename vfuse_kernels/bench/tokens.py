@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import vfuse_kernels as vk
+from .._backend import triton_interpreted
 from ..reference import project_concat as ref_project
 from ..reference import query_key_scores as ref_scores
 from ..reference import select_tokens as ref_select
@@ -237,6 +238,8 @@ def bench_scores(length, heads, d, dtype, device, reps, impl_names) -> list[dict
     impls = {"vfuse": (lambda: vk.query_key_scores(q, k, scale=scale), vfuse_estimate, 2),
              SDPA: (lambda: sdpa_flash(q, k, v), q.numel() * q.element_size(), 2),
              "eager (weights)": (lambda: eager_scores(q, k, scale), logits * (q.element_size() + 4), 1)}
+    if "vfuse passes" in impl_names and not (device.type == "cuda" or triton_interpreted()):
+        impl_names = [i for i in impl_names if i != "vfuse passes"]  # Triton cannot run on this device
     if "vfuse passes" in impl_names:  # the two Triton sweeps alone (what an LSE from elsewhere would save)
         kernels = importlib.import_module("vfuse_kernels.triton.query_key_scores")
         lse = kernels.row_lse(q, k, scale)

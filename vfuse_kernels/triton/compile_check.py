@@ -45,7 +45,7 @@ def kernel_configs():
         yield ("merge_foreach" + name, delta_merge._merge_foreach_kernel, sig,
                dict(consts, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty))
     for sparsify in (1, 2):
-        sig = dict(partial_ptr="*fp32", base_ptr="*bf16", tuned=_tuned("bf16", 2), params_ptr="*fp64",
+        sig = dict(partial_ptr="*fp64", base_ptr="*bf16", tuned=_tuned("bf16", 2), params_ptr="*fp64",
                    trim_ptr="*i64", numel="i64")
         consts = dict(N=2, SPARSIFY=sparsify, TUNED_ARE_DELTAS=False, BLOCK=delta_merge.BLOCK)
         yield f"sparse_l1[sparsify={sparsify}]", delta_merge._sparse_l1_kernel, sig, consts

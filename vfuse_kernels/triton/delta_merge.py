@@ -82,7 +82,7 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, w
             merged += tl.where(agree, u, 0.0)
             divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
     if NORMALIZE:
-        merged = merged / tl.where(divisor == 0, 1.0, divisor)
+        merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
     return merged
 
 
@@ -141,7 +141,7 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
     for i in tl.static_range(N):
         delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, params_ptr, trim_ptr,
                                    N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
-        magnitude = tl.abs(delta)
+        magnitude = tl.abs(delta).to(tl.float64)  # fp64 sums, as on the CPU: the rescale factors agree
         tl.store(partial_ptr + (pid * N + i) * 2, tl.sum(magnitude, axis=0))
         tl.store(partial_ptr + (pid * N + i) * 2 + 1, tl.sum(tl.where(keep, magnitude, 0.0), axis=0))
 
@@ -165,16 +165,17 @@ def _trim(base, trim):
 
 
 def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed):
-    """[N, 2] fp64 on the device: Σ|δᵢ| and Σ kept |δᵢ| (per-block fp32 sums added in fp64)."""
+    """[N, 2] fp64 on the device: Σ|δᵢ| and Σ kept |δᵢ| (fp64 per-block sums added in fp64: accurate
+    to ~1e-15, so the fp32 coefficients derived from them match the CPU's)."""
     n, numel = len(tuned), base.numel()
     grid = triton.cdiv(numel, BLOCK)
-    partial = torch.empty(grid, n, 2, dtype=torch.float32, device=base.device)
+    partial = torch.empty(grid, n, 2, dtype=torch.float64, device=base.device)
     params = _params(base.device, [0.0] * n, [0.0] * n, dare_thresholds, seed)
     _sparse_l1_kernel[(grid,)](
         partial, base, tuple(tuned), params, _trim(base, trim), numel,
         N=n, SPARSIFY=sparsify, TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
-    return partial.double().sum(dim=0)
+    return partial.sum(dim=0)
 
 
 def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
