@@ -324,6 +324,7 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     if on_gpu:
         step("delta_merge vs fp64 reference", lambda: result["checks"].extend(_parity_checks(device)), True)
     if full:
+        step("TIES selection profile", lambda: result["rows"].extend(_selection_profile_rows(device)), True)
         step("delta_merge on more than 2^31 elements", lambda: result["checks"].append(_huge_tensor_check(device)),
              True)
         step("launch variants", lambda: result["rows"].extend(_variant_rows(device, copy_gbps[0])), True)
@@ -386,6 +387,44 @@ def _foreach_rows(device, quick, copy_gbps):
              "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps}
             for impl, ms in (("vfuse foreach", fused), ("vfuse per tensor", loop))]
     return rows, rows[0]["pct_of_copy"]
+
+
+def _selection_profile_rows(device, calls: int = 5, shapes=(("2x268M", 1 << 28, 2), ("3x4096x11008", 4096 * 11008, 3))
+                            ) -> list[dict]:
+    """Where a TIES call's time goes: ``torch.profiler`` over ``calls`` calls of ``ties_thresholds``
+    and of ``delta_merge(method="ties")`` at both suite shapes — wall time per call, device time
+    per kernel per call (the top 8), and the device-idle remainder (host work and synchronisation)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for label, numel, n in shapes:
+        base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
+        for what, fn in (("ties_thresholds", lambda: vk.ties_thresholds(base, tuned, 0.3)),
+                         ("delta_merge ties", lambda: vk.delta_merge(base, tuned, [0.5] * n, method="ties",
+                                                                     density=0.3))):
+            fn()
+            torch.cuda.synchronize(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize(device)
+                wall_ms = (time.perf_counter() - start) * 1e3 / calls
+            kernels = {}
+            for event in prof.key_averages():
+                device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+                if device_us and event.key and not event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+                    kernels[event.key] = device_us / 1e3 / calls
+            busy = sum(kernels.values())
+            common = {"op": "profile", "suite": "merge", "shape": label, "method": what}
+            rows.append({**common, "impl": "wall per call", "median_ms": wall_ms})
+            rows.append({**common, "impl": "device idle per call (host work, syncs)", "median_ms": wall_ms - busy})
+            for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
+                rows.append({**common, "impl": f"kernel {name[:80]}", "median_ms": ms})
+        del base, tuned
+    return rows
 
 
 def _variant_rows(device, copy_gbps, numel: int = 1 << 28):

@@ -4,8 +4,8 @@
 project_concat rows: M encoders × N tokens (D → H → H projector MLPs, exact GELU as LLaVA's
 ``"gelu"``), batch B, keep ratio; each encoder's tokens are pruned to keep·N by precomputed scores
 (selection included in every implementation) and projected into one [B, ΣK, H] sequence.
-Implementations: ``vfuse`` (select_tokens + project_concat), ``vfuse (one stream)`` (the same
-without side streams), ``eager`` (topk + sort + gather + projector per encoder + torch.cat, what
+Implementations: ``vfuse`` (select_tokens + project_concat), ``vfuse (side streams)`` (the same
+with encoders on side streams), ``eager`` (topk + sort + gather + projector per encoder + torch.cat, what
 LLaVA-style code does), ``torch.compile`` of the eager function (compiled once per shape,
 ``dynamic=False``, warm; its compile time is reported as ``compile_s``) and ``GEMM`` — the same
 two matmuls stacked over all encoders' rows, pre-gathered and contiguous (torch.mm: cuBLAS /
@@ -84,12 +84,12 @@ def vfuse_select_project(features, scores, projectors, ks):
     return vk.project_concat(features, projectors, keep=keep)
 
 
-def _one_stream(features, scores, projectors, ks):
-    PC.SIDE_STREAMS = False
+def _side_streams(features, scores, projectors, ks):
+    saved, PC.SIDE_STREAMS = PC.SIDE_STREAMS, True
     try:
         return vfuse_select_project(features, scores, projectors, ks)
     finally:
-        PC.SIDE_STREAMS = True
+        PC.SIDE_STREAMS = saved
 
 
 def _sync(device):
@@ -150,7 +150,7 @@ def bench_project(case, impl_names, reps, compile_backend="inductor") -> list[di
         return lambda: fn(*args)
 
     impls = {GEMM: gemm_fn, "vfuse": lambda: lambda: vfuse_select_project(*args),
-             "vfuse (one stream)": lambda: lambda: _one_stream(*args),
+             "vfuse (side streams)": lambda: lambda: _side_streams(*args),
              "eager": lambda: lambda: eager_select_project(*args), "torch.compile": compile_fn}
     result = []
     with torch.no_grad():
@@ -458,7 +458,7 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     speedups = []
     for label, m, n, dd, h, b, keep in QUICK_GRID if quick else SUITE_GRID:
         case = project_case(m, n, b, keep, dd, h, torch.bfloat16, device)
-        impls = [GEMM, "vfuse", "eager"] + (["vfuse (one stream)"] if label == "LLaVA-7B" and not cpu else [])
+        impls = [GEMM, "vfuse", "eager"] + (["vfuse (side streams)"] if label == "LLaVA-7B" and not cpu else [])
         grid_rows = bench_project(case, impls, reps)
         with torch.no_grad():
             ours = vfuse_select_project(case["features"], case["scores"], case["projectors"], case["ks"])

@@ -28,9 +28,9 @@ epilogue) + GELU, then ``linear_2`` + bias written into the encoder's token slic
   computes erf). The second GEMM writes the output slice itself when it is
   contiguous (batch 1 or one encoder), else a [B·K, H] temporary copied into it: a slice
   ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one matrix when B > 1, and per-batch GEMMs
-  of K rows would pad cuBLAS tiles. When every encoder has enough GEMM work, encoders after the
-  first run on side streams, so their small kernels and GEMM tails overlap (``SIDE_STREAMS``,
-  ``SIDE_STREAM_MIN_FLOP``). No host sync: indices are range-checked by the gather on the
+  of K rows would pad cuBLAS tiles. Optionally (``SIDE_STREAMS``, off by default: slower when
+  measured), encoders after the first run on side streams when every encoder has enough GEMM work
+  (``SIDE_STREAM_MIN_FLOP``). No host sync: indices are range-checked by the gather on the
   device (an asynchronous device assert, as for any out-of-range torch indexing), not on the host.
 - CPU: PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
   values where the CPU has no native support (``compute_dtype``); indices are range-checked
@@ -336,7 +336,9 @@ def _project_encoder(feats, w1, b1, w2, b2, act, keep, dst, work) -> None:
     _linear_into(h, w2, b2, dst)
 
 
-SIDE_STREAMS = True  # CUDA: encoders after the first on side streams (the benchmark measures both)
+# CUDA: encoders after the first on side streams. Off: on an H100 (2026-11-27, the LLaVA-7B shape) they
+# made a call slower, 1.38 ms against 1.12 ms on one stream; the benchmark times both
+SIDE_STREAMS = False
 # ... when every encoder's two GEMMs reach this many FLOPs (≈ 25 µs on an H100): below it a call is
 # bound by host-side launch time, which the stream switches would only add to (unmeasured)
 SIDE_STREAM_MIN_FLOP = 2**34
