@@ -29,6 +29,8 @@ METHODS = {
 SPARSE_METHODS = tuple(m for m, (sparsify, _, _) in METHODS.items() if sparsify != "none")  # take a density
 SPARSIFY_CODES = {"none": 0, "trim": 1, "drop": 2}
 ELECT_CODES = {None: 0, "sum": 1, "count": 2}
+SPARSIFY_NAMES = {code: name for name, code in SPARSIFY_CODES.items()}
+ELECT_NAMES = {code: name for name, code in ELECT_CODES.items()}
 RESCALES = ("density", "l1", None)
 MAX_SEED = 2**63
 
@@ -38,7 +40,7 @@ def _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, res
     """(trim, DARE thresholds, coefficients) of one merge on contiguous inputs: the TIES
     selection (unless thresholds are given), the DARE keep thresholds, and cᵢ = wᵢ · rescaleᵢ
     (host floats, or a device tensor for the L1 rescale — computed there, without a sync)."""
-    sparsify_name = {v: k for k, v in SPARSIFY_CODES.items()}[sparsify]
+    sparsify_name = SPARSIFY_NAMES[sparsify]
     device, n = base.device, len(tuned)
     trim, dare_thresholds = None, [0] * n
     if sparsify_name == "trim":
@@ -81,9 +83,8 @@ def _merge_into(
     rescale = None if rescale == "none" else rescale
     if backend == "reference":
         merged = ref.delta_merge(
-            base, tuned, weights, sparsify={v: k for k, v in SPARSIFY_CODES.items()}[sparsify],
-            densities=densities, elect={v: k for k, v in ELECT_CODES.items()}[elect], normalize=normalize,
-            scale=scale, rescale=rescale, seed=seed, tuned_are_deltas=tuned_are_deltas,
+            base, tuned, weights, sparsify=SPARSIFY_NAMES[sparsify], densities=densities, elect=ELECT_NAMES[elect],
+            normalize=normalize, scale=scale, rescale=rescale, seed=seed, tuned_are_deltas=tuned_are_deltas,
         )
         out.copy_(merged)
         return

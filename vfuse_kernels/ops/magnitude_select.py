@@ -50,7 +50,7 @@ SORTING_DEVICES = ("cuda",)  # order statistics by a sort here, by selections el
 
 
 def sample_size(numel: int, device: torch.device) -> int:
-    """Sample keys per model: ~numel/64 on GPU (at most 2^21), ~numel/256 on CPU (at most 2^16)."""
+    """Sample keys per model: ~numel/64 on GPU (at most 2^21), ~numel/128 on CPU (at most 2^18)."""
     top, share = (1 << 21, 64) if device.type == "cuda" else (1 << 18, 128)
     return max(RUN, min(top, numel // share) // RUN * RUN)
 

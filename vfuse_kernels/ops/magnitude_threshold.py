@@ -57,8 +57,6 @@ def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_
     backend = select_backend(base.device)
     numel, device = base.numel(), base.device
     active = [i for i, k in enumerate(ks) if k < numel]
-    keys = torch.zeros(len(tuned), dtype=torch.int64, device=device)
-    cutoffs = torch.full((len(tuned),), numel - 1, dtype=torch.int64, device=device)
     if active:
         sub, sub_ks = [tuned[i].contiguous() for i in active], [ks[i] for i in active]
         if backend == "reference":
@@ -67,8 +65,10 @@ def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_
             k_sel, c_sel = magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas, _kernels(backend))
         if len(active) == len(tuned):
             return k_sel, c_sel
-        for j, i in enumerate(active):
-            keys[i], cutoffs[i] = k_sel[j], c_sel[j]
+    keys = torch.zeros(len(tuned), dtype=torch.int64, device=device)
+    cutoffs = torch.full((len(tuned),), numel - 1, dtype=torch.int64, device=device)
+    for j, i in enumerate(active):
+        keys[i], cutoffs[i] = k_sel[j], c_sel[j]
     return keys, cutoffs
 
 

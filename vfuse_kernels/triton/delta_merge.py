@@ -146,14 +146,23 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
         tl.store(partial_ptr + (pid * N + i) * 2 + 1, tl.sum(tl.where(keep, magnitude, 0.0), axis=0))
 
 
+def _model_values(coefs, weights, dare_thresholds, seed) -> list:
+    """One merge's per-model scalars as the kernels read them from fp64: coefficients, weights,
+    DARE keep thresholds, the two seed words (exact: every value fits 53 bits)."""
+    return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
+
+
+def _weight_sum(weights) -> float:
+    """Σ wᵢ of the fp32 weights, summed in fp64 (the CPU kernel's divisor)."""
+    return float(torch.tensor(weights, dtype=torch.float32).double().sum())
+
+
 def _params(device, coefs, weights, dare_thresholds, seed) -> torch.Tensor:
-    """fp64 [3N + 2] on ``device``: coefficients, weights, DARE keep thresholds, the two seed
-    words — one non-blocking copy from pinned memory (exact: every value fits 53 bits).
+    """fp64 [3N + 2] ``_model_values`` on ``device``, one non-blocking copy from pinned memory.
     ``coefs`` may be a device tensor (the L1 rescale computes them there)."""
     n = len(weights)
     host_coefs = [0.0] * n if isinstance(coefs, torch.Tensor) else coefs
-    values = [*host_coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
-    params = host_to_device(values, torch.float64, device)
+    params = host_to_device(_model_values(host_coefs, weights, dare_thresholds, seed), torch.float64, device)
     if isinstance(coefs, torch.Tensor):
         params[:n] = coefs
     return params
@@ -183,9 +192,8 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
     """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out``."""
     n, numel = len(tuned), base.numel()
     params = _params(base.device, coefs, weights, dare_thresholds, seed)
-    weight_sum = float(torch.tensor(weights, dtype=torch.float32).double().sum())
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
-        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale), weight_sum,
+        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale), _weight_sum(weights),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
@@ -203,10 +211,7 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         table += [outs[j].data_ptr(), base.data_ptr(), *(t.data_ptr() for t in tuned[j]), base.numel()]
         starts.append(blocks)
         blocks += triton.cdiv(base.numel(), BLOCK)
-        seed = seeds[j]
-        weight_sum = float(torch.tensor(weights[j], dtype=torch.float32).double().sum())
-        params += [*coefs[j], *weights[j], *dare_thresholds[j], seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
-                   weight_sum]
+        params += [*_model_values(coefs[j], weights[j], dare_thresholds[j], seeds[j]), _weight_sum(weights[j])]
     table_t = host_to_device(table, torch.int64, device)
     trim = torch.cat([torch.cat(t) for t in trims]) if sparsify == 1 else table_t
     _merge_foreach_kernel[(blocks,)](

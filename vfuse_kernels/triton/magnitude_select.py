@@ -6,7 +6,8 @@ key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit
 pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
 program for the slot, a block scan for the positions). Equal keys at the bracket ends are
-only counted, never compacted.
+only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch)
+and the tie search (the rank-th equal key's flat index, one program).
 """
 from __future__ import annotations
 
