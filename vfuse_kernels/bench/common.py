@@ -37,6 +37,37 @@ def time_ms(fn, device: torch.device, *, reps: int = 7, warmup: int = 1) -> tupl
     return statistics.median(times), quantiles[0], quantiles[-1]
 
 
+def profile_rows(fn, device: torch.device, common: dict, calls: int = 5, top: int = 8) -> list[dict]:
+    """Where one call of ``fn`` spends its time, from ``torch.profiler`` over ``calls`` warm calls:
+    rows (``common`` plus ``impl``/``median_ms``/``count``) for the wall time per call, the device-idle
+    remainder (host work, launches, synchronisation), the ``top`` kernels by device time per call and
+    the ``top`` host operations by self CPU time per call, with their call counts per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    kernels, host = {}, {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.key and not event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            kernels[event.key] = (device_us / 1e3 / calls, event.count / calls)
+        if event.self_cpu_time_total:
+            host[event.key] = (event.self_cpu_time_total / 1e3 / calls, event.count / calls)
+    rows = [{**common, "impl": "wall per call", "median_ms": wall_ms},
+            {**common, "impl": "device idle per call (host work, syncs)",
+             "median_ms": wall_ms - sum(ms for ms, _ in kernels.values())}]
+    for prefix, table in (("kernel", kernels), ("host", host)):
+        for name, (ms, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+            rows.append({**common, "impl": f"{prefix} {name[:80]}", "median_ms": ms, "count": count})
+    return rows
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

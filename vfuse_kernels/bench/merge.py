@@ -23,7 +23,7 @@ import torch
 import vfuse_kernels as vk  # noqa: E402
 from vfuse_kernels.ops import SPARSE_METHODS  # noqa: E402
 from .baselines import eager_merge, mergekit_merge, uses_mergekit  # noqa: E402
-from .common import environment, print_table, time_ms, write_json  # noqa: E402
+from .common import environment, print_table, profile_rows, time_ms, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["method", "impl", "density", "median_ms", "GB/s", "pct_of_copy", "speedup_vs_eager",
@@ -389,40 +389,17 @@ def _foreach_rows(device, quick, copy_gbps):
     return rows, rows[0]["pct_of_copy"]
 
 
-def _selection_profile_rows(device, calls: int = 5, shapes=(("2x268M", 1 << 28, 2), ("3x4096x11008", 4096 * 11008, 3))
+def _selection_profile_rows(device, shapes=(("2x268M", 1 << 28, 2), ("3x4096x11008", 4096 * 11008, 3))
                             ) -> list[dict]:
-    """Where a TIES call's time goes: ``torch.profiler`` over ``calls`` calls of ``ties_thresholds``
-    and of ``delta_merge(method="ties")`` at both suite shapes — wall time per call, device time
-    per kernel per call (the top 8), and the device-idle remainder (host work and synchronisation)."""
-    import time
-
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where a TIES call's time goes (``profile_rows``): ``ties_thresholds`` and
+    ``delta_merge(method="ties")`` at both suite shapes."""
     rows = []
     for label, numel, n in shapes:
         base, tuned = tie_heavy_inputs(numel, n, torch.bfloat16, device)
         for what, fn in (("ties_thresholds", lambda: vk.ties_thresholds(base, tuned, 0.3)),
                          ("delta_merge ties", lambda: vk.delta_merge(base, tuned, [0.5] * n, method="ties",
                                                                      density=0.3))):
-            fn()
-            torch.cuda.synchronize(device)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                torch.cuda.synchronize(device)
-                wall_ms = (time.perf_counter() - start) * 1e3 / calls
-            kernels = {}
-            for event in prof.key_averages():
-                device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-                if device_us and event.key and not event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
-                    kernels[event.key] = device_us / 1e3 / calls
-            busy = sum(kernels.values())
-            common = {"op": "profile", "suite": "merge", "shape": label, "method": what}
-            rows.append({**common, "impl": "wall per call", "median_ms": wall_ms})
-            rows.append({**common, "impl": "device idle per call (host work, syncs)", "median_ms": wall_ms - busy})
-            for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
-                rows.append({**common, "impl": f"kernel {name[:80]}", "median_ms": ms})
+            rows += profile_rows(fn, device, {"op": "profile", "suite": "merge", "shape": label, "method": what})
         del base, tuned
     return rows
 

@@ -43,7 +43,7 @@ from .._backend import triton_interpreted
 from ..reference import project_concat as ref_project
 from ..reference import query_key_scores as ref_scores
 from ..reference import select_tokens as ref_select
-from .common import environment, print_table, time_ms, write_json
+from .common import environment, print_table, profile_rows, time_ms, write_json
 
 PC = importlib.import_module("vfuse_kernels.ops.project_concat")  # the module (the package exports the function)
 QK = importlib.import_module("vfuse_kernels.ops.query_key_scores")
@@ -471,6 +471,12 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
             llava, llava_rows = case, grid_rows
             values["project_concat LLaVA-7B: speedup vs eager"] = vfuse_row["speedup_vs_eager"]
             values["project_concat LLaVA-7B: % of the stacked cuBLAS GEMM rate"] = vfuse_row["pct_of_gemm"]
+            if not cpu:  # where the LLaVA-7B call's time goes, ours beside eager's
+                args = case["features"], case["scores"], case["projectors"], case["ks"]
+                with torch.no_grad():
+                    for impl, fn in (("vfuse", vfuse_select_project), ("eager", eager_select_project)):
+                        rows += profile_rows(lambda: fn(*args), device, {"op": "profile", "config": label,
+                                                                         "method": f"select + project_concat {impl}"})
         else:
             rows += [dict(r, config=label) for r in grid_rows]
         del case, ours, eager
