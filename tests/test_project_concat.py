@@ -1,6 +1,6 @@
 """project_concat against the fp64 reference: token counts, per-encoder widths, layer lists, keep,
 dtypes, GELU variants, errors. Tests taking ``backend`` run on ``backend_device(backend)``: the CUDA
-path (cuBLAS, side streams) on a GPU machine, the CPU path here."""
+path (cuBLAS) on a GPU machine, the CPU path here."""
 from __future__ import annotations
 
 import functools
@@ -302,65 +302,6 @@ def test_keep_is_range_checked_on_the_host_only_for_cpu_tensors():
     assert keeps[0].shape == (2, 3)
     with pytest.raises(ValueError, match=r"keep\[0\] holds indices outside \[0, 5\)"):
         op._check_keep([torch.full((2, 3), 7)], [[torch.empty(2, 5, 8)]], 2, torch.device("cpu"))
-
-
-def test_side_stream_orchestration(monkeypatch):
-    """The CUDA side-stream schedule, run with recording stand-ins for torch.cuda's streams (on the
-    CPU): every side stream waits for the work queued before the call, runs exactly its encoder, and
-    the current stream waits for every side stream before returning; the result is unchanged."""
-    for method in ("record_event", "wait_event", "wait_stream"):  # the real API the schedule uses
-        assert callable(getattr(torch.cuda.Stream, method))
-    log = []
-
-    class Stream:
-        def __init__(self, name):
-            self.name = name
-
-        def record_event(self):
-            log.append((self.name, "record"))
-            return f"event@{self.name}"
-
-        def wait_event(self, event):
-            log.append((self.name, "wait", event))
-
-        def wait_stream(self, other):
-            log.append((self.name, "wait", other.name))
-
-    current = [Stream("main")]
-    side = iter(Stream(f"side{i}") for i in range(1, 10))
-
-    class StreamContext:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def __enter__(self):
-            current.append(self.stream)
-
-        def __exit__(self, *exc):
-            current.pop()
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: next(side))
-    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
-    monkeypatch.setattr(op, "_side_streams", {})
-    run = op._project_encoder
-    monkeypatch.setattr(op, "_project_encoder", lambda *job: log.append((current[-1].name, "encoder",
-                                                                           job[7].data_ptr())) or run(*job))
-    encoders = [(5, [8], 16), (4, [8, 8], 16), (3, [16], 32)]
-    feats, projs, keep, ref_parts = make_case(2, encoders, torch.float32, "cpu", 31, 0.8)
-    layers, parts, keeps = op.check_inputs(feats, projs, keep)
-    out = torch.full((2, sum(k.shape[1] for k in keep), 24), float("nan"))
-    jobs, offset = [], 0
-    for f, part, kp in zip(layers, parts, keeps):
-        jobs.append((f, *part, kp, out[:, offset:offset + kp.shape[1]]))
-        offset += kp.shape[1]
-    op._on_side_streams(jobs, torch.float32, torch.device("cpu"))
-    starts = [job[-1].data_ptr() for job in jobs]
-    assert log == [("main", "record"), ("main", "encoder", starts[0]),
-                   ("side1", "wait", "event@main"), ("side1", "encoder", starts[1]),
-                   ("side2", "wait", "event@main"), ("side2", "encoder", starts[2]),
-                   ("main", "wait", "side1"), ("main", "wait", "side2")]
-    assert_close_scaled(out, ref.project_concat(feats, ref_parts, keep), reduction(encoders))
 
 
 def test_gather_rows_copies_only_what_it_must():

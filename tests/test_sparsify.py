@@ -261,23 +261,32 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
         assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
 
 
-@pytest.mark.parametrize("rank", [1, 2, 37, 300])
-def test_triton_tie_index_matches_the_torch_search(rank):
-    """The one-program Triton tie search finds the same flat index as the torch version."""
+def test_triton_tie_search_matches_the_torch_search():
+    """The batched Triton tie search (chunk sums, then one program per query) finds the flat index
+    of the rank-th equal key that nonzero() gives, for every query of one call: ranks 1 to the last,
+    both models, both count columns, blocks spanning several chunks."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import magnitude_select as kernels
 
     device = backend_device("triton")
-    base, (tuned,) = _tie_heavy(9_001, 1, device=device)
-    key = int(((tuned.float() - base.float()).view(torch.int32) & 0x7FFFFFFF).mode().values)
-    block = 256
-    blocks = -(-9_001 // block)
-    equal = ((tuned.float() - base.float()).view(torch.int32) & 0x7FFFFFFF) == key
-    padded = torch.zeros(blocks * block, dtype=torch.int32, device=device)
-    padded[:9_001] = equal.int()
+    numel, block = 9_001, 4  # 2251 blocks: three chunks of the first level
+    base, tuned = _tie_heavy(numel, 2, device=device)
+    deltas = [t.float() - base.float() for t in tuned]
+    keys = [(d.view(torch.int32) & 0x7FFFFFFF) for d in deltas]
+    top = [int(k.mode().values) for k in keys]
+    second = [int(k[k != t].mode().values) for k, t in zip(keys, top)]
+    blocks = -(-numel // block)
     counts = torch.zeros(blocks, 2, 4, dtype=torch.int32, device=device)
-    counts[:, 1, 2] = padded.view(blocks, block).sum(1)
-    expected = int(torch.nonzero(equal)[rank - 1])
-    for deltas, b, t in ((False, base, tuned), (True, torch.zeros_like(base), tuned.float() - base.float())):
-        assert int(ms.tie_index(b, t, key, rank, counts, 1, 2, block, deltas)) == expected
-        assert int(kernels.tie_index(b, t, key, rank, counts, 1, 2, block, deltas)) == expected
+    queries, expected = [], []
+    for i, k in enumerate(keys):
+        for column, key in ((1, top[i]), (2, second[i])):
+            padded = torch.zeros(blocks * block, dtype=torch.int32, device=device)
+            padded[:numel] = (k == key).int()
+            counts[:, i, column] = padded.view(blocks, block).sum(1)
+            where = torch.nonzero(k == key).flatten()
+            for rank in (1, 2, 37, len(where)):
+                queries.append((i, key, rank, column))
+                expected.append(int(where[rank - 1]))
+    for is_delta, b, t in ((False, base, tuned), (True, torch.zeros_like(base), deltas)):
+        assert [int(x) for x in ms.tie_indices(b, t, queries, counts, block, is_delta)] == expected
+        assert [int(x) for x in kernels.tie_indices(b, t, queries, counts, block, is_delta)] == expected

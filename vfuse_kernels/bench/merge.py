@@ -415,6 +415,7 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     gb = 4 * base.numel() * 2 / 1e9
     rows = []
     saved = kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS
+    sample_size = selection.sample_size
     try:
         for block, warps in ((1024, 4), (2048, 8), (4096, 8)):
             kernels.BLOCK, kernels.NUM_WARPS = block, warps
@@ -429,8 +430,50 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant selection BLOCK={block} warps={warps}", "median_ms": ms,
                          "GB/s": 3 * base.numel() * 2 / ms / 1e6})
+        selection.BLOCK, select_kernels.NUM_WARPS = saved[2], saved[3]
+        sample_size = selection.sample_size
+        for size in (1 << 19, 1 << 20):
+            selection.sample_size = lambda numel, device, size=size: size
+            ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
+            rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
+                         "impl": f"variant sample of {size} keys", "median_ms": ms})
+        selection.sample_size = sample_size
+        rows += _bracket_rows(base, tuned, device, copy_gbps)
     finally:
         kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS = saved
+        selection.sample_size = sample_size
+    return rows
+
+
+def _bracket_rows(base, tuned, device, copy_gbps):
+    """The bracket pass alone at density 0.3 (its bracket from the real sample), beside the same
+    launch with no element picked for compaction (rate 0: the block scan, no slot atomics) and
+    with an empty bracket (lo = hi: counting only) — what compaction and counting cost."""
+    from ..ops import magnitude_select as selection
+    from ..triton import magnitude_select as select_kernels
+
+    numel = base.numel()
+    models = [selection._Model(int(0.3 * numel), numel) for _ in tuned]
+    for model, row in zip(models, selection._sample(base, tuned, False, select_kernels.sample_keys)):
+        model.sample, model.sorted = row, True
+    brackets = [selection._bracket(model) for model in models]
+    lo, hi = (selection._stack([b[j] for b in brackets], device) for j in (0, 1))
+    cap = int(1.25 * max(b[2] for b in brackets) * numel) + 8192
+    counts = torch.empty(-(-numel // selection.BLOCK), len(tuned), 4, dtype=torch.int32, device=device)
+    cand = torch.empty(len(tuned), cap, dtype=torch.int64, device=device)
+    fill = torch.zeros(len(tuned), dtype=torch.int64, device=device)
+    gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
+    rows = []
+    for name, hi_t, rate in (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),
+                             ("bracket pass, lo = hi (counting only)", lo, selection.FULL_RATE)):
+        rate_t = torch.full((len(tuned),), rate, dtype=torch.int64, device=device)
+
+        def run(hi_t=hi_t, rate_t=rate_t):
+            fill.zero_()
+            select_kernels.bracket_pass(base, tuned, lo, hi_t, rate_t, cap, selection.BLOCK, False, counts, cand, fill)
+        ms = _time(run, device)
+        rows.append({"op": "bracket_pass", "suite": "merge", "shape": "2x268M", "method": "ties", "impl": name,
+                     "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
     return rows
 
 

@@ -4,9 +4,8 @@
 project_concat rows: M encoders × N tokens (D → H → H projector MLPs, exact GELU as LLaVA's
 ``"gelu"``), batch B, keep ratio; each encoder's tokens are pruned to keep·N by precomputed scores
 (selection included in every implementation) and projected into one [B, ΣK, H] sequence.
-Implementations: ``vfuse`` (select_tokens + project_concat), ``vfuse (side streams)`` (the same
-with encoders on side streams), ``eager`` (topk + sort + gather + projector per encoder + torch.cat, what
-LLaVA-style code does), ``torch.compile`` of the eager function (compiled once per shape,
+Implementations: ``vfuse`` (select_tokens + project_concat), ``eager`` (topk + sort + gather +
+projector per encoder + torch.cat, what LLaVA-style code does), ``torch.compile`` of the eager function (compiled once per shape,
 ``dynamic=False``, warm; its compile time is reported as ``compile_s``) and ``GEMM`` — the same
 two matmuls stacked over all encoders' rows, pre-gathered and contiguous (torch.mm: cuBLAS /
 oneDNN; fp32 on a CPU without native bf16, as the library computes there): the rate limit,
@@ -84,14 +83,6 @@ def vfuse_select_project(features, scores, projectors, ks):
     return vk.project_concat(features, projectors, keep=keep)
 
 
-def _side_streams(features, scores, projectors, ks):
-    saved, PC.SIDE_STREAMS = PC.SIDE_STREAMS, True
-    try:
-        return vfuse_select_project(features, scores, projectors, ks)
-    finally:
-        PC.SIDE_STREAMS = saved
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -150,7 +141,6 @@ def bench_project(case, impl_names, reps, compile_backend="inductor") -> list[di
         return lambda: fn(*args)
 
     impls = {GEMM: gemm_fn, "vfuse": lambda: lambda: vfuse_select_project(*args),
-             "vfuse (side streams)": lambda: lambda: _side_streams(*args),
              "eager": lambda: lambda: eager_select_project(*args), "torch.compile": compile_fn}
     result = []
     with torch.no_grad():
@@ -434,6 +424,35 @@ def _score_checks(device, quick) -> list[dict]:
                    functools.partial(run, dtype, *c[1:])) for dtype, c in plan]
 
 
+def _host_rows(case, label, calls: int = 300) -> list[dict]:
+    """Time per call of the pieces of a small (host-bound) select + project_concat call, each
+    issued ``calls`` times back to back (one synchronisation at the end): where host time goes."""
+    features, scores, projectors, ks = case["features"], case["scores"], case["projectors"], case["ks"]
+    keep = [vk.select_tokens(s, k) for s, k in zip(scores, ks)]
+    pieces = {"vk.select_tokens (one encoder)": lambda: vk.select_tokens(scores[0], ks[0]),
+              "torch.topk (one encoder)": lambda: torch.topk(scores[0], ks[0], dim=1),
+              "project_concat argument checks": lambda: PC.check_inputs(features, projectors, keep),
+              "vk.project_concat (keep given)": lambda: vk.project_concat(features, projectors, keep=keep),
+              "eager projectors + cat (gathered rows given)": lambda: torch.cat(
+                  [p(torch.gather(x, 1, kp[..., None].expand(-1, -1, x.shape[2])))
+                   for x, p, kp in zip(features, projectors, keep)], dim=1),
+              "select + project_concat (vfuse)": lambda: vfuse_select_project(features, scores, projectors, ks),
+              "select + project_concat (eager)": lambda: eager_select_project(features, scores, projectors, ks)}
+    rows = []
+    with torch.no_grad():
+        for name, fn in pieces.items():
+            for _ in range(20):
+                fn()
+            _sync(case["device"])
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(case["device"])
+            rows.append({"op": "host time", "config": label, "impl": name,
+                         "median_ms": (time.perf_counter() - start) * 1e3 / calls})
+    return rows
+
+
 def _target(name: str, value: float | None) -> dict:
     comparison, threshold = next((c, t) for n, c, t in TARGETS if n == name)
     met = value is not None and math.isfinite(value) and (value >= threshold if comparison == ">=" else
@@ -458,7 +477,7 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     speedups = []
     for label, m, n, dd, h, b, keep in QUICK_GRID if quick else SUITE_GRID:
         case = project_case(m, n, b, keep, dd, h, torch.bfloat16, device)
-        impls = [GEMM, "vfuse", "eager"] + (["vfuse (side streams)"] if label == "LLaVA-7B" and not cpu else [])
+        impls = [GEMM, "vfuse", "eager"]
         grid_rows = bench_project(case, impls, reps)
         with torch.no_grad():
             ours = vfuse_select_project(case["features"], case["scores"], case["projectors"], case["ks"])
@@ -479,6 +498,8 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
                                                                          "method": f"select + project_concat {impl}"})
         else:
             rows += [dict(r, config=label) for r in grid_rows]
+            if label == "B1 keep 0.25" and not cpu:
+                rows += _host_rows(case, label)
         del case, ours, eager
     values["project_concat: min speedup vs eager over the suite grid"] = min(speedups)
 

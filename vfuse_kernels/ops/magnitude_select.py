@@ -56,8 +56,8 @@ def sample_size(numel: int, device: torch.device) -> int:
 
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
-    """|x| of fp32 values as int64 keys (the fp32 bits without the sign)."""
-    return (values.contiguous().view(torch.int32).long() & MAX_KEY)
+    """|x| of fp32 values as int32 keys (the fp32 bits without the sign; order-preserving)."""
+    return values.contiguous().view(torch.int32) & MAX_KEY
 
 
 def _deltas_at(base, t, idx, tuned_are_deltas):
@@ -79,7 +79,7 @@ def _kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool = False
 
 
 def sample_keys(base, tuned, runs, run, tuned_are_deltas) -> torch.Tensor:
-    """[N, len(runs)·run] int64 keys of each model's deltas at the aligned runs ``runs`` of ``run``
+    """[N, len(runs)·run] int32 keys of each model's deltas at the aligned runs ``runs`` of ``run``
     elements (row gathers: a row copy, not an element-wise gather). The backends may replace it
     (one Triton launch on the GPU)."""
     numel = base.numel()
@@ -92,8 +92,9 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas) -> torch.Tensor:
 
 
 def _sample(base, tuned, tuned_are_deltas, sampler) -> torch.Tensor:
-    """[N, S] keys of a random sample (fixed seed) of each model's deltas, S/16 random aligned runs
-    of 16 elements; sorted in descending order on the GPU."""
+    """[N, S] int32 keys of a random sample (fixed seed) of each model's deltas, S/16 random aligned
+    runs of 16 elements; sorted in descending order on the GPU (32-bit keys: a radix sort of half
+    the passes of int64 ones)."""
     numel, device = base.numel(), base.device
     size = sample_size(numel, device)
     gen = torch.Generator(device=device).manual_seed(0x5EED)
@@ -137,7 +138,7 @@ def tie_index(base, t, key: int, rank: int, counts: torch.Tensor, model: int, co
               tuned_are_deltas) -> torch.Tensor:
     """Flat index (0-dim int64) of the rank-th (1-based) element whose key is ``key``, found from
     the per-block counts ``counts[:, model, column]`` of the bracket pass and one block. The
-    backends may replace it (one Triton program on the GPU)."""
+    backends provide their own ``tie_indices``."""
     device, numel = base.device, base.numel()
     cum = counts[:, model, column].cumsum(0)
     found = torch.searchsorted(cum, torch.full((1,), rank, dtype=cum.dtype, device=device))
@@ -148,6 +149,13 @@ def tie_index(base, t, key: int, rank: int, counts: torch.Tensor, model: int, co
     equal = (magnitude_keys(_deltas_at(base, t, offs, tuned_are_deltas)) == key) & valid
     nth = equal & (equal.long().cumsum(0) == rank - before)
     return offs[torch.argmax(nth.to(torch.int32))]
+
+
+def tie_indices(base, tuned, queries, counts: torch.Tensor, block: int, tuned_are_deltas) -> list[torch.Tensor]:
+    """``tie_index`` of every query (model, key, rank, column) of a pass, model indexing ``tuned``
+    and ``counts``' second axis. The backends may replace it (the Triton one: two launches for all)."""
+    return [tie_index(base, tuned[i], key, rank, counts, i, column, block, tuned_are_deltas)
+            for i, key, rank, column in queries]
 
 
 def _candidate_rank(cand: torch.Tensor, rank: int):
@@ -190,13 +198,13 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=
         if not pending:
             break
         _run_pass(base, [tuned[models.index(m)] for m in pending], pending, tuned_are_deltas, kernels.bracket_pass,
-                  getattr(kernels, "tie_index", tie_index), subsample)
+                  getattr(kernels, "tie_indices", tie_indices), subsample)
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return _stack([m.result[0] for m in models], device), _stack([m.result[1] for m in models], device)
 
 
-def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_tie, subsample):
+def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_ties, subsample):
     device, numel, n = base.device, base.numel(), len(models)
     los, his, rates, caps = [], [], [], []
     for m in models:
@@ -221,6 +229,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_tie, sub
     bracket_pass(base, tuned, lo_t, hi_t, rate_t, cap, BLOCK, tuned_are_deltas, counts, cand, fill)
     totals = counts.sum(0, dtype=torch.int64)
     host = torch.cat([totals.reshape(-1), fill, lo_t, hi_t]).tolist()  # the pass's one synchronisation
+    ties = []  # (model, key, rank, column) of the models whose K is a bracket end
     for i, m in enumerate(models):
         gt, eq_hi, eq_lo, inside = host[4 * i: 4 * i + 4]
         stored, lo, hi = host[4 * n + i], host[5 * n + i], host[6 * n + i]
@@ -231,7 +240,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_tie, sub
         if k <= gt:  # K above the bracket
             m.below, m.low = numel - gt, hi + 1
         elif k <= gt + eq_hi:
-            m.result = hi, find_tie(base, tuned[i], hi, k - gt, counts, i, 1, BLOCK, tuned_are_deltas)
+            ties.append((i, hi, k - gt, 1))
         elif k <= gt + eq_hi + inside:
             if stored == inside and stored <= cap:
                 m.result = _candidate_rank(cand[i, :stored], k - gt - eq_hi)
@@ -240,7 +249,9 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_tie, sub
                 if rates[i] < FULL_RATE:  # a uniform subsample of the new region
                     m.sample = _candidate_keys(cand[i, :min(stored, cap)])
         elif k <= gt + eq_hi + inside + eq_lo:
-            m.result = lo, find_tie(base, tuned[i], lo, k - gt - eq_hi - inside, counts, i, 2, BLOCK,
-                                    tuned_are_deltas)
+            ties.append((i, lo, k - gt - eq_hi - inside, 2))
         else:  # K below the bracket
             m.above, m.high = gt + eq_hi + inside + eq_lo, lo - 1
+    if ties:
+        for (i, key, _, _), cutoff in zip(ties, find_ties(base, tuned, ties, counts, BLOCK, tuned_are_deltas)):
+            models[i].result = key, cutoff

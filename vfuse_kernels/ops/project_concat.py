@@ -25,13 +25,13 @@ epilogue) + GELU, then ``linear_2`` + bias written into the encoder's token slic
 - CUDA: cuBLAS through ``torch.addmm``. Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU
   epilogue (``torch._addmm_activation``, which computes the tanh form on CUDA — and the exact erf
   one on CPU, so it is used on CUDA only); the others get a separate GELU pass (no cuBLAS epilogue
-  computes erf). The second GEMM writes the output slice itself when it is
-  contiguous (batch 1 or one encoder), else a [B·K, H] temporary copied into it: a slice
-  ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one matrix when B > 1, and per-batch GEMMs
-  of K rows would pad cuBLAS tiles. Optionally (``SIDE_STREAMS``, off by default: slower when
-  measured), encoders after the first run on side streams when every encoder has enough GEMM work
-  (``SIDE_STREAM_MIN_FLOP``). No host sync: indices are range-checked by the gather on the
-  device (an asynchronous device assert, as for any out-of-range torch indexing), not on the host.
+  computes erf). The second GEMM writes the encoder's output slice itself when it is one matrix
+  (batch 1 or one encoder); otherwise every encoder's [B·K, H] result goes into the output
+  through one ``torch.cat``: a slice ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one
+  matrix when B > 1, and per-batch GEMMs of K rows would pad cuBLAS tiles. (Encoders on side
+  streams were measured slower on an H100 and removed.) No host sync: indices are range-checked
+  by the gather on the device (an asynchronous device assert, as for any out-of-range torch
+  indexing), not on the host.
 - CPU: PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
   values where the CPU has no native support (``compute_dtype``); indices are range-checked
   on the host (``ValueError``).
@@ -310,21 +310,14 @@ def _linear_gelu(x, w, b, act) -> torch.Tensor:
     return F.gelu(h, approximate="tanh" if act == ACT_GELU_TANH else "none")
 
 
-def _linear_into(h, w, b, dst) -> None:
-    """``dst`` [B, K, H] = h·wᵀ + b: the GEMM writes ``dst`` itself when it is one contiguous
-    matrix of h's dtype, else a temporary that is copied into it."""
-    if dst.is_contiguous() and dst.dtype == h.dtype:
-        out = dst.view(-1, dst.shape[2])
-        if b is None:
-            torch.mm(h, w.t(), out=out)
-        else:
-            torch.addmm(b, h, w.t(), out=out)
-        return
-    dst.copy_((torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())).view(dst.shape))
+def _linear(h, w, b, out=None) -> torch.Tensor:
+    """h·wᵀ + b (bias in the GEMM epilogue), into ``out`` when given."""
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
-def _project_encoder(feats, w1, b1, w2, b2, act, keep, dst, work) -> None:
-    """One encoder's kept tokens through its projector into ``dst`` = its slice of the output."""
+def _project_encoder(feats, w1, b1, w2, b2, act, keep, work, dst=None) -> torch.Tensor:
+    """One encoder's kept tokens through its projector: [B·K, H], written into ``dst`` (a
+    contiguous [B·K, H] view of the output) when given."""
     x = gather_rows(feats, keep)
     dtype = x.dtype
     if work != dtype:  # fp32 GEMMs on the exact upcast values (CPU without native bf16/fp16)
@@ -333,53 +326,27 @@ def _project_encoder(feats, w1, b1, w2, b2, act, keep, dst, work) -> None:
     h = _linear_gelu(x, w1, b1, act)
     if work != dtype:
         h = h.to(dtype).to(work)  # the intermediate's rounding point, as in the eager projector
-    _linear_into(h, w2, b2, dst)
-
-
-# CUDA: encoders after the first on side streams. Off: on an H100 (2026-11-27, the LLaVA-7B shape) they
-# made a call slower, 1.38 ms against 1.12 ms on one stream; the benchmark times both
-SIDE_STREAMS = False
-# ... when every encoder's two GEMMs reach this many FLOPs (≈ 25 µs on an H100): below it a call is
-# bound by host-side launch time, which the stream switches would only add to (unmeasured)
-SIDE_STREAM_MIN_FLOP = 2**34
-_side_streams: dict[int, list] = {}
-
-
-def _on_side_streams(jobs, work, device) -> None:
-    """Encoder 0 on the current stream, encoder j on side stream j, all started after what is
-    already queued; the current stream waits for them before anything queued later. So inputs
-    and the output are used in stream order, and each side stream's temporaries return to its
-    own pool (reused only by that stream)."""
-    main = torch.cuda.current_stream(device)
-    streams = _side_streams.setdefault(device.index, [])
-    while len(streams) < len(jobs) - 1:
-        streams.append(torch.cuda.Stream(device))
-    start = main.record_event()
-    _project_encoder(*jobs[0], work)
-    for job, stream in zip(jobs[1:], streams):
-        stream.wait_event(start)
-        with torch.cuda.stream(stream):
-            _project_encoder(*job, work)
-    for stream in streams[:len(jobs) - 1]:
-        main.wait_stream(stream)
+        return _linear(h, w2, b2).to(dtype) if dst is None else dst.copy_(_linear(h, w2, b2))
+    return _linear(h, w2, b2, out=dst)
 
 
 def _project_into(out, layers, parts, keeps) -> torch.Tensor:
-    jobs, offset, min_flop = [], 0, None
-    for feats, part, kp in zip(layers, parts, keeps):
-        k = feats[0].shape[1] if kp is None else kp.shape[1]
-        if k and out.shape[0]:
-            jobs.append((feats, *part, kp, out[:, offset:offset + k]))
-            w1, w2 = part[0], part[2]
-            flop = 2 * out.shape[0] * k * w1.shape[0] * (w1.shape[1] + w2.shape[0])
-            min_flop = flop if min_flop is None else min(min_flop, flop)
-        offset += k
+    """Each encoder's second GEMM writes its token slice of ``out`` [B, ΣK, H] itself when that
+    slice is one matrix (B = 1 or a single encoder with tokens); otherwise the encoders' results
+    are concatenated into it by one ``torch.cat`` (one vectorised copy: measured faster on an H100
+    than a strided copy per encoder, and per-batch GEMMs of K rows would pad cuBLAS tiles)."""
+    jobs = [(feats, *part, kp) for feats, part, kp in zip(layers, parts, keeps)
+            if out.shape[0] and (feats[0].shape[1] if kp is None else kp.shape[1])]
     work = compute_dtype(out.dtype, out.device)
-    if out.is_cuda and SIDE_STREAMS and len(jobs) > 1 and min_flop >= SIDE_STREAM_MIN_FLOP:
-        _on_side_streams(jobs, work, out.device)
-    else:
+    batch, hidden = out.shape[0], out.shape[2]
+    if batch == 1 or len(jobs) == 1:
+        offset = 0
         for job in jobs:
-            _project_encoder(*job, work)
+            rows = job[0][0].shape[1] if job[-1] is None else job[-1].shape[1]
+            _project_encoder(*job, work, dst=out[:, offset:offset + rows].view(-1, hidden))
+            offset += rows
+    elif jobs:
+        torch.cat([_project_encoder(*job, work).view(batch, -1, hidden) for job in jobs], dim=1, out=out)
     return out
 
 

@@ -55,13 +55,17 @@ def kernel_configs():
         consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK)
         yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
             num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
-        sig = dict(keys_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
+        sig = dict(keys_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
         yield f"sample[deltas={deltas}]", magnitude_select._sample_kernel, sig, dict(
             N=2, TUNED_ARE_DELTAS=deltas, RUN=selection.RUN, RUNS=64), dict(num_warps=4, enable_fp_fusion=False)
-        sig = dict(out_ptr="*i64", counts_ptr="*i32", base_ptr="*bf16", tuned_ptr="*bf16", key="i64", rank="i64",
-                   model="i32", column="i32", models="i32", blocks="i32", numel="i64")
-        yield f"tie_index[deltas={deltas}]", magnitude_select._tie_index_kernel, sig, dict(
-            TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK, SCAN=4096), dict(num_warps=8, enable_fp_fusion=False)
+        sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*bf16",
+                   tuned=_tuned("bf16", 2), models="i32", blocks="i32", chunks="i32", numel="i64")
+        yield f"tie_find[deltas={deltas}]", magnitude_select._tie_find_kernel, sig, dict(
+            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
+            num_warps=8, enable_fp_fusion=False)
+    sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
+    yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
+        num_warps=4)
     yield from _token_configs()
 
 

@@ -7,13 +7,16 @@ pairs, no atomics), and appends the inside elements picked by the subsample rate
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
 program for the slot, a block scan for the positions). Equal keys at the bracket ends are
 only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch)
-and the tie search (the rank-th equal key's flat index, one program).
+and the tie search (each query's rank-th equal key's flat index: chunk sums of the per-block
+counts, then one program per query).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .._backend import host_to_device
 
 NUM_WARPS = 8  # at 2048 elements per program: ~80 registers, three programs per SM
 
@@ -104,12 +107,12 @@ def _sample_kernel(keys_ptr, base_ptr, tuned, runs_ptr, count, N: tl.constexpr, 
     dst = run.to(tl.int64)[:, None] * RUN + column
     for i in tl.static_range(N):
         key = magnitude_key(load_delta(tuned[i], b, offs, valid, TUNED_ARE_DELTAS))
-        tl.store(keys_ptr + i * count * RUN + dst, key, mask=valid)
+        tl.store(keys_ptr + i * count * RUN + dst, key.to(tl.int32), mask=valid)
 
 
 def sample_keys(base, tuned, runs, run, tuned_are_deltas):
-    """[N, len(runs)·run] int64 magnitude keys of each model's deltas at the runs (one launch)."""
-    keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int64, device=base.device)
+    """[N, len(runs)·run] int32 magnitude keys of each model's deltas at the runs (one launch)."""
+    keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int32, device=base.device)
     _sample_kernel[(triton.cdiv(runs.numel(), 64),)](
         keys, base, tuple(tuned), runs, runs.numel(), N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, RUN=run,
         RUNS=64, num_warps=4,
@@ -117,39 +120,82 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas):
     return keys
 
 
+TIE_CHUNK = 1024  # bracket blocks per chunk of the tie search's first level
+
+
 @triton.jit
-def _tie_index_kernel(out_ptr, counts_ptr, base_ptr, tuned_ptr, key, rank, model, column, models, blocks, numel,
-                      TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    """One program: the block where the running count of equal keys reaches ``rank`` (a scan of
-    counts[:, model, column]), then the rank-th equal key's flat index inside that block."""
-    found = blocks.to(tl.int64)  # the first block whose running count reaches rank
-    before = tl.zeros([], dtype=tl.int64)  # equal keys in the blocks before it
+def _tie_chunk_kernel(sums_ptr, counts_ptr, queries_ptr, models, blocks, chunks, CHUNK: tl.constexpr):
+    """sums[q, c] = Σ counts[b, model_q, column_q] over the blocks b of chunk c."""
+    c = tl.program_id(0)
+    q = tl.program_id(1)
+    model = tl.load(queries_ptr + q * 4 + 2)
+    column = tl.load(queries_ptr + q * 4 + 3)
+    idx = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    count = tl.load(counts_ptr + (idx * models + model) * 4 + column, mask=idx < blocks, other=0)
+    tl.store(sums_ptr + q * chunks + c, tl.sum(count.to(tl.int64), axis=0))
+
+
+@triton.jit
+def first_reaching(counts, idx, valid, seen, rank, none):
+    """(the first idx whose running count seen + cumsum(counts) reaches rank, or none;
+    the count before it)."""
+    running = seen + tl.cumsum(counts, axis=0)
+    first = tl.min(tl.where((running >= rank) & valid, idx, none), axis=0)
+    return first, seen + tl.sum(tl.where(idx < first, counts, 0), axis=0)
+
+
+@triton.jit
+def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned, models, blocks, chunks, numel,
+                     N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                     SCAN: tl.constexpr):
+    """Query q = (key, rank, model, column): out[q] = the flat index of the rank-th element of
+    that model whose key is ``key``. Three levels, each one vector scan: the chunk (from
+    ``sums``), the block in it (from the bracket pass's per-block counts), the element."""
+    q = tl.program_id(0)
+    key = tl.load(queries_ptr + q * 4)
+    rank = tl.load(queries_ptr + q * 4 + 1)
+    model = tl.load(queries_ptr + q * 4 + 2)
+    column = tl.load(queries_ptr + q * 4 + 3)
+    chunk = chunks.to(tl.int64)
+    before = tl.zeros([], dtype=tl.int64)  # equal keys before the chunk found
     seen = tl.zeros([], dtype=tl.int64)
-    for start in range(0, blocks, SCAN):
+    for start in range(0, chunks, SCAN):  # chunks <= 4096 for numel < 2^33: one or a few steps
         idx = start + tl.arange(0, SCAN).to(tl.int64)
-        count = tl.load(counts_ptr + (idx * models + model) * 4 + column, mask=idx < blocks, other=0).to(tl.int64)
-        running = seen + tl.cumsum(count, axis=0)
-        first = tl.min(tl.where((running >= rank) & (idx < blocks), idx, blocks), axis=0)
-        before = tl.where((found == blocks) & (first < blocks),
-                          seen + tl.sum(tl.where(idx < first, count, 0), axis=0), before)
-        found = tl.minimum(found, first)
-        seen = seen + tl.sum(count, axis=0)
-    offs = found * BLOCK + tl.arange(0, BLOCK)
+        sums = tl.load(sums_ptr + q * chunks + idx, mask=idx < chunks, other=0)
+        first, prior = first_reaching(sums, idx, idx < chunks, seen, rank, chunks)
+        before = tl.where((chunk == chunks) & (first < chunks), prior, before)
+        chunk = tl.minimum(chunk, first)
+        seen = seen + tl.sum(sums, axis=0)
+    idx = chunk * CHUNK + tl.arange(0, CHUNK)
+    count = tl.load(counts_ptr + (idx * models + model) * 4 + column, mask=idx < blocks, other=0).to(tl.int64)
+    block, before = first_reaching(count, idx, idx < blocks, before, rank, blocks)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
-    equal = mask & (magnitude_key(load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)) == key)
+    keys = tl.full([BLOCK], -1, tl.int64)
+    for i in tl.static_range(N):
+        if model == i:
+            keys = magnitude_key(load_delta(tuned[i], b, offs, mask, TUNED_ARE_DELTAS))
+    equal = mask & (keys == key)
     nth = equal & (tl.cumsum(equal.to(tl.int64), axis=0) == rank - before)
-    tl.store(out_ptr, tl.min(tl.where(nth, offs, numel), axis=0))
+    tl.store(out_ptr + q, tl.min(tl.where(nth, offs, numel), axis=0))
 
 
-def tie_index(base, t, key, rank, counts, model, column, block, tuned_are_deltas):
-    """ops/magnitude_select.tie_index in one program."""
-    out = torch.empty((), dtype=torch.int64, device=base.device)
-    _tie_index_kernel[(1,)](
-        out, counts, base, t, key, rank, model, column, counts.shape[1], counts.shape[0], base.numel(),
-        TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, SCAN=4096, num_warps=8,
+def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
+    """ops/magnitude_select.tie_indices in two launches for all queries."""
+    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
+    table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
+                           torch.int64, base.device)
+    blocks, models = counts.shape[0], counts.shape[1]
+    chunks = triton.cdiv(blocks, TIE_CHUNK)
+    sums = torch.empty(len(queries), chunks, dtype=torch.int64, device=base.device)
+    _tie_chunk_kernel[(chunks, len(queries))](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
+                                              num_warps=4)
+    _tie_find_kernel[(len(queries),)](
+        out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
+        TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
     )
-    return out
+    return list(out)
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
