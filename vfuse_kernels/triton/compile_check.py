@@ -66,6 +66,12 @@ def kernel_configs():
     sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
     yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
         num_warps=4)
+    # one model, one block, one chunk: the JIT turns integer arguments equal to 1 into constants
+    sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",
+               tuned=_tuned("fp32", 1), numel="i64")
+    yield "tie_find[models=blocks=chunks=1]", magnitude_select._tie_find_kernel, sig, dict(
+        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=selection.BLOCK,
+        CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
     yield from _token_configs()
 
 
@@ -104,7 +110,7 @@ def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, int
     for name, kernel, signature, constexprs, *launch in kernel_configs():
         if names and not any(name.startswith(n) for n in names):
             continue
-        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+        signature = {k: "constexpr" if k in constexprs else signature[k] for k in kernel.arg_names}
         options = {"num_warps": delta_merge.NUM_WARPS, "enable_fp_fusion": False}
         attrs = None
         if launch:  # kernels with their own launch options (e.g. fp fusion on: FMA contraction); with

@@ -156,7 +156,7 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
     rank = tl.load(queries_ptr + q * 4 + 1)
     model = tl.load(queries_ptr + q * 4 + 2)
     column = tl.load(queries_ptr + q * 4 + 3)
-    chunk = chunks.to(tl.int64)
+    chunk = tl.zeros([], dtype=tl.int64) + chunks  # (not chunks.to: an argument equal to 1 is a constant)
     before = tl.zeros([], dtype=tl.int64)  # equal keys before the chunk found
     seen = tl.zeros([], dtype=tl.int64)
     for start in range(0, chunks, SCAN):  # chunks <= 4096 for numel < 2^33: one or a few steps
