@@ -1,0 +1,75 @@
+"""Per-tensor merge methods beyond the fused ``delta_merge`` family, with mergekit 0.1.5's
+semantics, parameter names and defaults (issue 13).
+
+A method is a ``TensorMethod``: its per-model parameters (mergekit's ``tensor_parameters``;
+given under ``models[i].parameters`` or globally under ``parameters``, gradients and filters
+allowed), its global-only parameters (mergekit's ``parameters``), whether it needs a base
+model, how many models it takes, and ``merge(inputs) -> tensor``. ``merge`` gets one output
+tensor's inputs (``TensorInputs``) and returns the merged tensor in fp32 (or any float
+dtype: the engine casts it to the output dtype). The engine streams the inputs, so a method
+sees one tensor of each model at a time, as mergekit's tasks do.
+
+The five fused methods (linear, task_arithmetic, ties, dare_linear, dare_ties) keep their own
+path (``ops.delta_merge``); the modules here register the others.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REQUIRED = object()  # a parameter without a default
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its default (``REQUIRED``: must be given), and ``check(value)`` →
+    an error text for a bad value (e.g. "must be in [0, 1]"), or None."""
+    default: Any = REQUIRED
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class TensorMethod:
+    name: str
+    merge: Callable[[TensorInputs], torch.Tensor]
+    model_params: dict[str, Param] = field(default_factory=dict)
+    global_params: dict[str, Param] = field(default_factory=dict)
+    needs_base: bool = False  # mergekit refuses the config without base_model
+    min_models: int = 1  # counting the base when it is one of the inputs
+    max_models: int | None = None
+
+
+@dataclass
+class TensorInputs:
+    """One output tensor's inputs. ``tensors``: the base model's tensor first when there is a
+    base model, then every other model in config order (loaded dtype, any device);
+    ``params[i]``: model i's per-model parameters, resolved for this tensor (defaults filled);
+    ``shared``: the global parameters, resolved for this tensor; ``seed``: the tensor's random
+    stream key (the DARE keying: config seed and tensor name)."""
+    name: str
+    tensors: list[torch.Tensor]
+    base_index: int | None
+    params: list[dict[str, Any]]
+    shared: dict[str, Any]
+    seed: int = 0
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        return None if self.base_index is None else self.tensors[self.base_index]
+
+
+METHODS: dict[str, TensorMethod] = {}
+
+
+def register(method: TensorMethod) -> TensorMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def in_unit_interval(value) -> str | None:
+    return None if 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
