@@ -358,10 +358,14 @@ def test_bad_checkpoints_fail_before_any_output(llama_family, tmp_path, damage, 
 
 
 @pytest.mark.parametrize("text,message", [
-    ("merge_method: slerp", "merge_method='slerp' is not supported"),
+    ("merge_method: frobnicate", "merge_method='frobnicate' is not supported"),
     ("merge_method: ties\nmodels: [{model: FT0}]", "base_model is required"),
     ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0}]", r"models\[0\] .* has no weight"),
-    ("merge_method: ties\nbase_model: BASE\nslices: []\nmodels: [{model: FT0}]", "unsupported key 'slices'"),
+    ("merge_method: ties\nbase_model: BASE\nslices: []\nmodels: [{model: FT0}]", "give exactly one of models and slices"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0}]\ntokenizer: {source: union}",
+     "unsupported key 'tokenizer'"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: 1}}]\ntokenizer_source: union",
+     "tokenizer_source='union' is not supported"),
     ("merge_method: ties\nbase_model: BASE\nmodels: [{model: FT0, parameters: {weight: 1, epsilon: 0.1}}]",
      r"models\[0\].parameters.epsilon is not a parameter of ties"),
     ("merge_method: linear\nmodels: [{model: FT0, parameters: {weight: 1, density: 0.5}}]",

@@ -1,16 +1,35 @@
 """Merge configuration: mergekit YAML (the supported subset, same semantics) plus the
 ``vfuse:`` extension for selective / layer-wise and VLM↔LLM merges.
 
-mergekit subset::
+mergekit syntax::
 
-    merge_method: ties            # linear | task_arithmetic | ties | dare_linear | dare_ties
-    base_model: path/to/base      # required except for linear
+    merge_method: ties            # every method mergekit 0.1.5 registers (see below)
+    base_model: path/to/base      # required where mergekit requires it
     models:
       - model: path/to/a
         parameters: {weight: 0.5, density: 0.6}
     parameters: {normalize: true, lambda: 1.0, rescale: false, int8_mask: true}
     dtype: float32                # accepted; vfuse computes in fp32 whatever it says
     out_dtype: bfloat16           # output dtype (default: dtype, else each tensor's own)
+    tokenizer_source: base        # optional; only "base" (the base model's tokenizer files)
+
+Methods: linear, task_arithmetic, ties, dare_linear and dare_ties run fused (``delta_merge``);
+every other mergekit method runs per tensor (``merging.methods``), with mergekit's parameter
+names, scopes and defaults. Instead of ``models:``, ``slices:`` (mergekit's syntax) builds the
+output's layers from layer ranges of the sources::
+
+    slices:
+      - sources:
+          - {model: path/to/a, layer_range: [0, 16], parameters: {weight: 0.3}}
+          - {model: path/to/b, layer_range: [0, 16]}
+        parameters: {t: 0.5}      # per slice, between the sources' and the global ones
+        base_model: path/to/a     # optional per-slice base
+
+Every source of a slice has the same number of layers; the output's layers are the slices'
+in order, renumbered from 0, and its config's ``num_hidden_layers`` is their count. Inside a
+slice a layer's ``t`` (for gradients) is its offset / (slice length − 1); the tensors
+outside the layers take theirs from the first slice's sources (embeddings) or the last
+slice's (every other non-layer tensor), at t = 0, as mergekit does.
 
 Parameter values, anywhere a value goes (mergekit's rules):
 - a number;
@@ -51,9 +70,12 @@ from typing import Any
 
 import yaml
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "vfuse"}
+FUSED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "vfuse"}
 MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 PER_MODEL_PARAMS = {"weight", "density"}
 SHARED_PARAMS = {"normalize", "lambda", "rescale", "int8_mask"}
 METHOD_PARAMS = {
@@ -88,6 +110,25 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    path: str
+    start: int  # layer_range [start, end)
+    end: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+
+@dataclass(frozen=True)
 class KeepRule:
     filter: str
     model: str
@@ -104,12 +145,23 @@ class MergeConfig:
     seed: int = 0
     keep: list[KeepRule] = field(default_factory=list)
     name_map: dict[str, dict[str, str]] = field(default_factory=dict)
+    slices: list[SliceSpec] = field(default_factory=list)  # instead of models
+    tokenizer_source: str | None = None  # "base"
+
+    @property
+    def fused(self) -> bool:
+        """Whether the method runs through ``delta_merge`` (else ``merging.methods``)."""
+        return self.method in FUSED_METHODS
 
     @property
     def model_paths(self) -> list[str]:
         """Every referenced checkpoint, base first, without repeats."""
         paths = [self.base_model] if self.base_model else []
-        return paths + [m.path for m in self.models if m.path not in paths]
+        for path in [m.path for m in self.models] + [src.path for sl in self.slices for src in sl.sources] + [
+                sl.base_model for sl in self.slices if sl.base_model]:
+            if path not in paths:
+                paths.append(path)
+        return paths
 
 
 def filter_matches(pattern: str | None, name: str) -> bool:
@@ -214,6 +266,19 @@ def _model_path(value: Any, where: str, root: str) -> str:
     return os.path.abspath(path)
 
 
+def method_spec(method: str):
+    """The per-tensor ``TensorMethod`` of a non-fused method (None for the fused ones)."""
+    from .methods import METHODS
+
+    return None if method in FUSED_METHODS else METHODS[method]
+
+
+def _method_names() -> list[str]:
+    from .methods import METHODS
+
+    return [*FUSED_METHODS, *sorted(METHODS)]
+
+
 def parse_config(data: dict, root: str = ".") -> MergeConfig:
     """Validates a parsed YAML mapping; relative paths resolve against the working
     directory, then against ``root`` (the config file's folder)."""
@@ -222,57 +287,207 @@ def parse_config(data: dict, root: str = ".") -> MergeConfig:
     unknown = set(data) - TOP_LEVEL_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        hint = " (slices, modules and tokenizer options are not supported)" if key in (
-            "slices", "modules", "tokenizer_source", "tokenizer", "chat_template") else ""
+        hint = " (modules, tokenizer and chat_template options are not supported)" if key in (
+            "modules", "tokenizer", "chat_template") else ""
         raise ConfigError(f"unsupported key {key!r}{hint}")
     method = data.get("merge_method")
-    if method not in METHODS:
-        raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(METHODS)}")
-    allowed = METHOD_PARAMS[method]
+    if method not in _method_names():
+        raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
+    spec = method_spec(method)
     base = data.get("base_model")
     base = _model_path(base, "base_model", root) if base is not None else None
-    if base is None and method != "linear":
-        raise ConfigError(f"base_model is required for merge_method {method!r}")
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise ConfigError("models must be a non-empty list")
-    models = []
-    for i, entry in enumerate(raw_models):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"models[{i}] must be a mapping with a 'model' key")
-        extra = set(entry) - MODEL_KEYS
-        if extra:
-            raise ConfigError(f"models[{i}].{sorted(extra)[0]} is not supported")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"models[{i}].parameters must be a mapping")
-        for key, value in params.items():
-            if key not in allowed:
-                raise ConfigError(f"models[{i}].parameters.{key} is not a parameter of {method}")
-            _check_setting(value, f"models[{i}].parameters.{key}")
-        models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model", root), dict(params)))
-    parameters = data.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ConfigError("parameters must be a mapping")
-    for key, value in parameters.items():
-        if key not in allowed:
-            raise ConfigError(f"parameters.{key} is not a parameter of {method}")
-        _check_setting(value, f"parameters.{key}")
+    if ("models" in data) == ("slices" in data):
+        raise ConfigError("give exactly one of models and slices")
+    models, slices = [], []
+    if "models" in data:
+        raw_models = data.get("models")
+        if not isinstance(raw_models, list) or not raw_models:
+            raise ConfigError("models must be a non-empty list")
+        for i, entry in enumerate(raw_models):
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise ConfigError(f"models[{i}] must be a mapping with a 'model' key")
+            extra = set(entry) - MODEL_KEYS
+            if extra:
+                raise ConfigError(f"models[{i}].{sorted(extra)[0]} is not supported")
+            params = _parameters(entry.get("parameters"), f"models[{i}].parameters", method, spec, per_model=True)
+            models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model", root), params))
+    else:
+        slices = _parse_slices(data.get("slices"), root, method, spec)
+    parameters = _parameters(data.get("parameters"), "parameters", method, spec, per_model=False)
     dtype = _dtype(data.get("dtype"), "dtype")
     out_dtype = _dtype(data.get("out_dtype"), "out_dtype")
-    config = MergeConfig(method, base, models, dict(parameters), dtype, out_dtype)
+    config = MergeConfig(method, base, models, parameters, dtype, out_dtype, slices=slices)
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer is not None:
+        if tokenizer != "base":
+            raise ConfigError(f"tokenizer_source={tokenizer!r} is not supported (only 'base': the base model's "
+                              "tokenizer files)")
+        if base is None:
+            raise ConfigError("tokenizer_source: base needs a base_model")
+        config.tokenizer_source = tokenizer
     _parse_extension(data.get("vfuse") or {}, config, root)
-    for i, model in enumerate(config.models):
-        if model.path == base or method == "linear":
-            continue
-        if _lookup(model.parameters, parameters, "weight") is None:
-            raise ConfigError(f"models[{i}] ({model.path}) has no weight (models[{i}].parameters.weight "
-                              "or parameters.weight)")
-    if method == "linear":
-        for i, model in enumerate(config.models):
-            if _lookup(model.parameters, parameters, "weight") is None:
-                raise ConfigError(f"models[{i}] ({model.path}) has no weight")
+    if slices and (config.keep or config.name_map):
+        raise ConfigError("vfuse.keep and vfuse.name_map work with models:, not with slices:")
+    for where, group_base, inputs in input_groups(config):
+        _check_group(config, spec, where, group_base, inputs)
     return config
+
+
+def _parameters(raw, where: str, method: str, spec, per_model: bool) -> dict:
+    """A ``parameters`` mapping checked against the method: known names (a global-only
+    parameter in a model's or source's mapping is an error) and well-formed settings."""
+    params = raw or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    for key, value in params.items():
+        if spec is None:
+            if key not in METHOD_PARAMS[method]:
+                raise ConfigError(f"{where}.{key} is not a parameter of {method}")
+        elif key in spec.global_params and per_model:
+            raise ConfigError(f"{where}.{key} is a global parameter of {method}: set it under parameters")
+        elif key not in spec.model_params and key not in spec.global_params:
+            known = sorted({*spec.model_params, *spec.global_params})
+            raise ConfigError(f"{where}.{key} is not a parameter of {method} "
+                              f"({', '.join(known) if known else 'it takes none'})")
+        _check_setting(value, f"{where}.{key}")
+        if spec is not None:
+            param = spec.model_params.get(key) or spec.global_params[key]
+            _check_values(param, value, f"{where}.{key}")
+    return dict(params)
+
+
+def _check_values(param, setting, where: str) -> None:
+    """Runs the parameter's value check on every value a setting can take."""
+    if param.check is None:
+        return
+    if isinstance(setting, dict):
+        values = [setting[k] for k in ("value", "start", "end") if k in setting]
+    elif isinstance(setting, list):
+        values = [c["value"] if isinstance(c, dict) else c for c in setting]
+    else:
+        values = [setting]
+    for value in values:
+        if isinstance(value, (dict, list)):
+            _check_values(param, value, where)
+            continue
+        try:
+            problem = param.check(value)
+        except (TypeError, ValueError):
+            problem = f"cannot read {value!r}"
+        if problem:
+            raise ConfigError(f"{where}={value!r}: {problem}")
+
+
+def _parse_slices(raw, root: str, method: str, spec) -> list[SliceSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices must be a non-empty list")
+    slices = []
+    for i, entry in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"{where} must be a mapping with a non-empty 'sources' list")
+        extra = set(entry) - SLICE_KEYS
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]} is not supported")
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{at} must be a mapping with 'model' and 'layer_range'")
+            extra = set(src) - SOURCE_KEYS
+            if extra:
+                raise ConfigError(f"{at}.{sorted(extra)[0]} is not supported")
+            layer_range = src["layer_range"]
+            if (not isinstance(layer_range, list) or len(layer_range) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in layer_range)
+                    or not 0 <= layer_range[0] < layer_range[1]):
+                raise ConfigError(f"{at}.layer_range={layer_range!r} must be [start, end) with 0 <= start < end")
+            params = _parameters(src.get("parameters"), f"{at}.parameters", method, spec, per_model=True)
+            sources.append(SliceSource(_model_path(src["model"], f"{at}.model", root), *layer_range, params))
+        lengths = {s.end - s.start for s in sources}
+        if len(lengths) > 1:
+            raise ConfigError(f"{where}: every source must have the same number of layers, got "
+                              f"{', '.join(str(s.end - s.start) for s in sources)}")
+        params = _parameters(entry.get("parameters"), f"{where}.parameters", method, spec, per_model=False)
+        if spec is None and set(params) & SHARED_PARAMS:
+            raise ConfigError(f"{where}.parameters.{sorted(set(params) & SHARED_PARAMS)[0]}: set {method}'s "
+                              "normalize, lambda, rescale and int8_mask under the global parameters")
+        base = _model_path(entry["base_model"], f"{where}.base_model", root) if entry.get("base_model") else None
+        slices.append(SliceSpec(sources, params, base))
+    return slices
+
+
+def input_groups(config: MergeConfig):
+    """(group, base model, [(label, model path)]) of each group of inputs merged together:
+    the models (with the base added when it is not listed, as mergekit does), or each
+    slice's sources."""
+    if config.models:
+        inputs = [(f"models[{i}]", m.path) for i, m in enumerate(config.models)]
+        base = config.base_model
+        if base and base not in [p for _, p in inputs]:
+            inputs.append(("base_model", base))
+        yield "models", base, inputs
+    for i, sl in enumerate(config.slices):
+        inputs = [(f"slices[{i}].sources[{j}]", s.path) for j, s in enumerate(sl.sources)]
+        yield f"slices[{i}]", sl.base_model or config.base_model, inputs
+
+
+def _check_group(config: MergeConfig, spec, group: str, base: str | None, inputs: list[tuple[str, str]]) -> None:
+    """Base, model count and required parameters of one input group, before any tensor is read."""
+    method, paths = config.method, [p for _, p in inputs]
+    needs_base = spec.needs_base if spec is not None else method != "linear"
+    if needs_base and base is None:
+        raise ConfigError(f"base_model is required for merge_method {method!r}")
+    if needs_base and base not in paths:
+        raise ConfigError(f"{group}: the base model {base} is not one of its sources")
+    if spec is None:
+        for label, path in inputs:
+            if (path != base or method == "linear") and _setting(config, group, path, "weight") is None:
+                raise ConfigError(f"{label} ({path}) has no weight ({label}.parameters.weight or parameters.weight)")
+        return
+    count = len(inputs)
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        expected = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models else
+                    f"at least {spec.min_models}" if spec.max_models is None else
+                    f"{spec.min_models} to {spec.max_models}")
+        raise ConfigError(f"{group}: merge_method {method} takes {expected} models (the base included), got {count}")
+    from .methods import REQUIRED
+
+    for key, param in spec.global_params.items():
+        if param.default is REQUIRED and _setting(config, group, None, key) is None:
+            raise ConfigError(f"parameters.{key} is required by merge_method {method}")
+    for key, param in spec.model_params.items():
+        if param.default is not REQUIRED:
+            continue
+        for label, path in inputs:
+            if (path != base or param.scope == "input") and _setting(config, group, path, key) is None:
+                raise ConfigError(f"{label} ({path}) has no {key} ({label}.parameters.{key} or parameters.{key}), "
+                                  f"required by merge_method {method}")
+
+
+def _setting(config: MergeConfig, where: str, path: str | None, key: str):
+    """The first setting of ``key`` in precedence order for a model of a group (None: a
+    global-only lookup)."""
+    for scope in parameter_scopes(config, where, path):
+        if key in scope:
+            return scope[key]
+    return None
+
+
+def parameter_scopes(config: MergeConfig, where: str, path: str | None) -> list[dict]:
+    """mergekit's precedence for a parameter of model ``path`` (None: a global parameter) in
+    group ``where``: the model's (or slice source's) own, the slice's, then the global ones."""
+    scopes = []
+    if where == "models":
+        if path is not None:
+            scopes += [m.parameters for m in config.models if m.path == path][:1]
+    else:
+        sl = config.slices[int(where[len("slices["):-1])]
+        if path is not None:
+            scopes += [s.parameters for s in sl.sources if s.path == path][:1]
+        scopes.append(sl.parameters)
+    scopes.append(config.parameters)
+    return scopes
 
 
 def _lookup(model_params: dict, shared: dict, key: str):
@@ -337,14 +552,13 @@ def load_config(path: str) -> MergeConfig:
     return parse_config(data, root=os.path.dirname(os.path.abspath(path)))
 
 
-def resolve(config: MergeConfig, model: ModelEntry | None, key: str, name: str, t: float) -> Any:
-    """A parameter for one tensor: the model's own setting, then the global one (mergekit's
-    precedence; shared parameters are read from the global section only)."""
-    scopes = [] if model is None else [("models", model.parameters)]
-    scopes.append(("parameters", config.parameters))
-    for scope_name, scope in scopes:
+def resolve(config: MergeConfig, group: str, path: str | None, key: str, name: str, t: float) -> Any:
+    """A parameter for one tensor of model ``path`` in input group ``group`` (None: a global
+    parameter): the first scope in mergekit's precedence (``parameter_scopes``) whose setting
+    gives a value for ``name`` at ``t``."""
+    for scope in parameter_scopes(config, group, path):
         if key in scope:
-            value = evaluate(scope[key], name, t, f"{scope_name}.{key}")
+            value = evaluate(scope[key], name, t, f"parameters.{key}")
             if value is not None:
                 return value
     return None

@@ -45,6 +45,7 @@ from .. import ops
 from .checkpoint import (INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers, parse_size,
                          plan_shards, read_ahead, staged, staging_bytes)
 from .config import MergeConfig, load_config
+from .methods import METHODS, TensorInputs
 from .plan import MergePlan, TensorTask, build_plan
 
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
@@ -135,7 +136,12 @@ class _Runner:
 
     def reads(self, task: TensorTask) -> list[tuple]:
         """(checkpoint, tensor name) of the task's inputs: the copied tensor, or base then tuned."""
-        sources = [task.copy_from] if task.copy_from is not None else ([task.base] if task.base else []) + task.inputs
+        if task.copy_from is not None:
+            sources = [task.copy_from]
+        elif task.method_inputs is not None:
+            sources = task.method_inputs
+        else:
+            sources = ([task.base] if task.base else []) + task.inputs
         return [(self.plan.checkpoints[model], name) for model, name in sources]
 
     def on_host(self, task: TensorTask) -> bool:
@@ -155,15 +161,19 @@ class _Runner:
         on_cpu = loaded[0].device.type == "cpu"
         out = self.pool.take(task.shape, task.out_dtype) if on_cpu else \
             torch.empty(task.shape, dtype=task.out_dtype, device=loaded[0].device)
-        if task.base is None:
-            base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=out.device), loaded
+        if task.method_inputs is not None:
+            out.copy_(METHODS[plan.config.method].merge(TensorInputs(
+                task.name, list(loaded), task.base_index, task.params, task.shared, task.seed)))
         else:
-            base, tuned = loaded[0], loaded[1:]
-        sparse = plan.method in ops.SPARSE_METHODS
-        ops.delta_merge(
-            base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
-            normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
-            tuned_are_deltas=plan.tuned_are_deltas, out=out)
+            if task.base is None:
+                base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=out.device), loaded
+            else:
+                base, tuned = loaded[0], loaded[1:]
+            sparse = plan.method in ops.SPARSE_METHODS
+            ops.delta_merge(
+                base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
+                normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
+                tuned_are_deltas=plan.tuned_are_deltas, out=out)
         HostReader.release(mapped)
         if host:
             return _Result(out, True, [])
@@ -289,11 +299,18 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
             shutil.copyfile(path, os.path.join(out_dir, name))
     config_path = os.path.join(out_dir, "config.json")
     out_dtype = plan.config.out_dtype or plan.config.dtype
-    if out_dtype and os.path.exists(config_path):
+    if (out_dtype or plan.layers_out is not None) and os.path.exists(config_path):
         with open(config_path) as f:
             config = json.load(f)
-        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-            config[key] = out_dtype
+        if out_dtype:
+            for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+                config[key] = out_dtype
+        if plan.layers_out is not None:  # slices: the stacked layers' count, where the config keeps it
+            section = config if "num_hidden_layers" in config else config.get("text_config", config)
+            section["num_hidden_layers"] = plan.layers_out
+            kinds = section.get("layer_types")
+            if isinstance(kinds, list) and kinds and len(set(kinds)) == 1:  # one kind for every layer
+                section["layer_types"] = kinds[:1] * plan.layers_out
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
     tasks_by_name = {t.name: t for t in plan.tasks}

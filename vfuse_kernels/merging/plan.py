@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError
-from .config import METHOD_DEFAULTS, MergeConfig, ModelEntry, filter_matches, layer_index, resolve
+from .config import (LAYER_PATTERN, METHOD_DEFAULTS, MergeConfig, filter_matches, input_groups, layer_index, method_spec,
+                     resolve)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +28,12 @@ class TensorTask:
     weights: list[float] = field(default_factory=list)
     densities: list[float] = field(default_factory=list)
     seed: int = 0
+    # a per-tensor (non-fused) method: its inputs (model path, source name), the base first when
+    # there is one, and their resolved parameters (``merging.methods.TensorInputs``)
+    method_inputs: list[tuple[str, str]] | None = None
+    base_index: int | None = None
+    params: list[dict] = field(default_factory=list)
+    shared: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -47,13 +54,14 @@ class MergePlan:
     scale: float
     rescale: str | None
     tuned_are_deltas: bool  # linear: a zero base and the tuned tensors themselves
+    layers_out: int | None = None  # slices: the output's decoder layers (written into config.json)
 
     def fingerprint(self) -> str:
         """Changes whenever the output would: config, plan, and the inputs' files."""
         files = sorted({info.file for ck in self.checkpoints.values() for info in ck.tensors.values()})
         stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-        tasks = [(t.name, t.shape, str(t.out_dtype), t.copy_from, t.base, t.inputs, t.weights, t.densities, t.seed)
-                 for t in self.tasks]
+        tasks = [(t.name, t.shape, str(t.out_dtype), t.copy_from, t.base, t.inputs, t.weights, t.densities, t.seed,
+                  t.method_inputs, t.base_index, t.params, t.shared) for t in self.tasks]
         blob = json.dumps([self.method, self.normalize, self.scale, self.rescale, self.tuned_are_deltas, tasks, stats],
                           default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -120,67 +128,185 @@ def build_plan(config: MergeConfig) -> MergePlan:
 def _build(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     method = config.method
     linear = method == "linear"
-    reference = config.base_model or config.models[0].path
-    ref = checkpoints[reference]
-    layers = num_layers(ref)
-    tuned_entries: list[ModelEntry] = [m for m in config.models if linear or m.path != config.base_model]
-    default_normalize, default_rescale = METHOD_DEFAULTS[method]
-    normalize = resolve(config, None, "normalize", "", 0.0)
-    rescale = resolve(config, None, "rescale", "", 0.0)
-    scale = resolve(config, None, "lambda", "", 0.0)
-    normalize = default_normalize if normalize is None else bool(normalize)
-    rescale = default_rescale if rescale is None else bool(rescale)
+    reference = config.base_model or (config.models[0].path if config.models else config.slices[0].sources[0].path)
+    normalize, rescale, scale = (resolve(config, "models", None, key, "", 0.0) if config.fused else None
+                                 for key in ("normalize", "rescale", "lambda"))
+    if config.fused:
+        default_normalize, default_rescale = METHOD_DEFAULTS[method]
+        normalize = default_normalize if normalize is None else bool(normalize)
+        rescale = default_rescale if rescale is None else bool(rescale)
     out_override = OUT_DTYPES.get(config.out_dtype or config.dtype or "")
+    builder = _TaskBuilder(config, checkpoints, reference, out_override, normalize)
+    tasks = builder.model_tasks() if config.models else builder.slice_tasks()
+    merge_method = method
+    if linear:
+        merge_method = "linear" if normalize else "task_arithmetic"
+    return MergePlan(config, checkpoints, reference, tasks, merge_method, bool(normalize),
+                     float(1.0 if scale is None else scale), "l1" if rescale else None, linear,
+                     None if config.models else sum(sl.length for sl in config.slices))
 
-    tasks = []
-    for name, info in sorted(ref.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
-        t = layer_position(name, layers)
-        out_dtype = out_override if (out_override and info.dtype in FLOAT_DTYPES) else info.dtype
-        task = TensorTask(name, info.shape, out_dtype)
-        keep = next((rule for rule in config.keep if filter_matches(rule.filter, name)), None)
-        if keep is not None or info.dtype not in FLOAT_DTYPES:
-            model = keep.model if keep is not None else reference
-            task.copy_from = (model, _find(config, checkpoints, model, name, info.shape, required=True))
-            if keep is None:
-                task.out_dtype = info.dtype
+
+class _TaskBuilder:
+    """Turns the config into tensor tasks: every output tensor's inputs found and checked and
+    its parameters resolved."""
+
+    def __init__(self, config: MergeConfig, checkpoints, reference: str, out_override, normalize):
+        self.config, self.checkpoints, self.reference = config, checkpoints, reference
+        self.out_override, self.normalize = out_override, normalize
+        self.spec = method_spec(config.method)
+        self.groups = {group: (base, [path for _, path in inputs]) for group, base, inputs in input_groups(config)}
+
+    def _task(self, name: str, info) -> TensorTask:
+        out_dtype = self.out_override if (self.out_override and info.dtype in FLOAT_DTYPES) else info.dtype
+        return TensorTask(name, info.shape, out_dtype)
+
+    def model_tasks(self) -> list[TensorTask]:
+        """``models:`` — the output has the reference's tensors; each merges the same-named
+        tensor of every model (through its name map)."""
+        config, checkpoints, reference = self.config, self.checkpoints, self.reference
+        ref = checkpoints[reference]
+        layers = num_layers(ref)
+        base, paths = self.groups["models"]
+        tasks = []
+        for name, info in sorted(ref.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+            task = self._task(name, info)
+            keep = next((rule for rule in config.keep if filter_matches(rule.filter, name)), None)
+            if keep is not None or info.dtype not in FLOAT_DTYPES:
+                model = keep.model if keep is not None else reference
+                task.copy_from = (model, _find(config, checkpoints, model, name, info.shape, required=True))
+                if keep is None:
+                    task.out_dtype = info.dtype
+            else:
+                sources = [(path, _find(config, checkpoints, path, name, info.shape,
+                                        required=path not in config.name_map)) for path in paths]
+                self._merge(task, "models", base, [(p, src) for p, src in sources if src is not None],
+                            layer_position(name, layers))
             tasks.append(task)
-            continue
-        for entry in tuned_entries:
-            src = _find(config, checkpoints, entry.path, name, info.shape, required=entry.path not in config.name_map)
-            if src is None:
+        for path in paths:  # tensors a same-architecture model has beyond the reference's
+            if path in config.name_map or path == reference:
                 continue
-            weight = resolve(config, entry, "weight", name, t)
+            extra = set(checkpoints[path].tensors) - set(ref.tensors)
+            if extra:
+                raise CheckpointError(f"{path} has tensor {sorted(extra)[0]!r} that {reference} lacks "
+                                      "(add a vfuse.name_map for models of another architecture)")
+        return tasks
+
+    def slice_tasks(self) -> list[TensorTask]:
+        """``slices:`` — the output's layers are the slices' layers in order, renumbered; each
+        merges its sources' layer at the same offset. The tensors outside the layers come from
+        the first slice's sources (embeddings) or the last slice's (the rest), at t = 0."""
+        config, checkpoints = self.config, self.checkpoints
+        ref = checkpoints[self.reference]
+        first, last = "slices[0]", f"slices[{len(config.slices) - 1}]"
+        tasks = []
+        for name, info in sorted(ref.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+            if layer_index(name) is None:
+                tasks.append(self._slice_task(name, info, first if "embed" in name else last, name, 0.0))
+        pre = [t for t in tasks if "embed" in t.name]
+        post = [t for t in tasks if "embed" not in t.name]
+        layer_tasks, out_layer = [], 0
+        for i, sl in enumerate(config.slices):
+            head = sl.sources[0]
+            for offset in range(sl.length):
+                source_layer = head.start + offset
+                names = [n for n in checkpoints[head.path].tensors if layer_index(n) == source_layer]
+                if not names:
+                    raise CheckpointError(f"slices[{i}].sources[0] ({head.path}) has no layer {source_layer} "
+                                          f"(layer_range {[head.start, head.end]})")
+                t = offset / (sl.length - 1) if sl.length > 1 else 1.0
+                for src_name in sorted(names):
+                    info = checkpoints[head.path].tensors[src_name]
+                    out_name = _renumber(src_name, out_layer)
+                    layer_tasks.append(self._slice_task(out_name, info, f"slices[{i}]", src_name, t, offset))
+                out_layer += 1
+        return pre + layer_tasks + post
+
+    def _slice_task(self, name: str, info, group: str, head_name: str, t: float, offset: int | None = None):
+        """One output tensor of a slice group: each source's tensor at the same layer offset."""
+        sl = self.config.slices[int(group[len("slices["):-1])]
+        task = self._task(name, info)
+        if info.dtype not in FLOAT_DTYPES:
+            task.copy_from, task.out_dtype = (sl.sources[0].path, head_name), info.dtype
+            return task
+        sources = []
+        for j, src in enumerate(sl.sources):
+            src_name = head_name if offset is None else _renumber(head_name, src.start + offset)
+            if offset is not None and src.start + offset >= src.end:
+                raise CheckpointError(f"{group}.sources[{j}]: layer {src.start + offset} is outside its layer_range")
+            found = _find(self.config, self.checkpoints, src.path, src_name, info.shape, required=True)
+            sources.append((src.path, found))
+        self._merge(task, group, self.groups[group][0], sources, t)
+        return task
+
+    def _merge(self, task: TensorTask, group: str, base: str | None, sources: list[tuple[str, str]], t: float):
+        """Fills ``task`` to merge ``sources`` (model path, source name) of one input group."""
+        config, name = self.config, task.name
+        linear = config.method == "linear"
+        base_source = next(((p, s) for p, s in sources if p == base), None) if base else None
+        others = [(p, s) for p, s in sources if (p, s) != base_source]
+        if self.spec is not None:
+            self._method_task(task, group, base_source, others, t)
+            return
+        if linear:
+            others, base_source = sources, None
+        for path, src in others:
+            weight = resolve(config, group, path, "weight", src, t)
             if weight is None:
-                raise ValueError(f"{entry.path}: no weight for tensor {name!r} (no filter matched it)")
-            density = resolve(config, entry, "density", name, t)
+                raise ValueError(f"{path}: no weight for tensor {src!r} (no filter matched it)")
+            density = resolve(config, group, path, "density", src, t)
             density = 1.0 if density is None else float(density)
             if not 0.0 < density <= 1.0:
-                raise ValueError(f"{entry.path}: density {density} for tensor {name!r} is outside (0, 1]")
-            task.inputs.append((entry.path, src))
+                raise ValueError(f"{path}: density {density} for tensor {src!r} is outside (0, 1]")
+            task.inputs.append((path, src))
             task.weights.append(float(weight))
             task.densities.append(density)
         if not task.inputs:  # only the base has it (e.g. a vision tower in a VLM↔LLM merge)
-            task.copy_from = (reference, name)
-        elif linear and normalize and len(task.inputs) == 1:  # an average of one tensor is that tensor
+            task.copy_from = base_source or (self.reference, name)
+        elif linear and self.normalize and len(task.inputs) == 1:  # an average of one tensor is that tensor
             task.copy_from = task.inputs[0]
             task.inputs, task.weights, task.densities = [], [], []
         else:
-            task.base = None if linear else (reference, name)
+            task.base = None if linear else base_source
             task.seed = tensor_seed(config.seed, name)
-        tasks.append(task)
-    for entry in tuned_entries:  # tensors a same-architecture model has beyond the base's
-        if entry.path in config.name_map:
-            continue
-        extra = set(checkpoints[entry.path].tensors) - set(ref.tensors)
-        if extra:
-            raise CheckpointError(f"{entry.path} has tensor {sorted(extra)[0]!r} that {reference} lacks "
-                                  "(add a vfuse.name_map for models of another architecture)")
-    if linear:
-        merge_method = "linear" if normalize else "task_arithmetic"
-    else:
-        merge_method = method
-    return MergePlan(config, checkpoints, reference, tasks, merge_method, normalize, float(1.0 if scale is None else scale),
-                     "l1" if rescale else None, linear)
+
+    def _method_task(self, task: TensorTask, group: str, base_source, others, t: float) -> None:
+        """A per-tensor method's inputs (the base first) and parameters, mergekit's way: per-model
+        parameters for every input but the base (and for the base those of scope "input"),
+        resolved against the input's own tensor name; global ones against the output's."""
+        from .methods import REQUIRED
+
+        config, spec = self.config, self.spec
+        if not others and base_source is not None and len(self.groups[group][1]) > 1:  # only the base has it
+            task.copy_from = base_source
+            return
+        inputs = ([base_source] if base_source else []) + others
+        task.method_inputs, task.base_index = inputs, (0 if base_source else None)
+        for k, (path, src) in enumerate(inputs):
+            params = {}
+            for key, param in spec.model_params.items():
+                if k == task.base_index and param.scope != "input":
+                    continue
+                value = resolve(config, group, path, key, src, t)
+                if value is None:
+                    if param.default is REQUIRED:
+                        raise ValueError(f"{path}: no {key} for tensor {src!r} (no filter matched it)")
+                    value = param.default
+                params[key] = value
+            task.params.append(params)
+        for key, param in spec.global_params.items():
+            value = resolve(config, group, None, key, task.name, t)
+            if value is None:
+                if param.default is REQUIRED:
+                    raise ValueError(f"no {key} for tensor {task.name!r} (no filter matched it)")
+                value = param.default
+            task.shared[key] = value
+        task.seed = tensor_seed(config.seed, task.name)
+
+
+def _renumber(name: str, layer: int) -> str:
+    """``name`` with its decoder-layer index replaced by ``layer``."""
+    match = LAYER_PATTERN.search(name)
+    return name[:match.start(1)] + str(layer) + name[match.end(1):]
 
 
 def _find(config, checkpoints, model: str, name: str, shape, required: bool) -> str | None:

@@ -25,10 +25,13 @@ REQUIRED = object()  # a parameter without a default
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: its default (``REQUIRED``: must be given), and ``check(value)`` →
-    an error text for a bad value (e.g. "must be in [0, 1]"), or None."""
+    """A method parameter: its default (``REQUIRED``: must be given), ``check(value)`` → an
+    error text for a bad value (e.g. "must be in [0, 1]"), or None, and for a per-model
+    parameter its scope: ``"non_base"`` (resolved for every model but the base; mergekit's
+    default) or ``"input"`` (for the base too)."""
     default: Any = REQUIRED
     check: Callable[[Any], str | None] | None = None
+    scope: str = "non_base"
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,6 @@ def register(method: TensorMethod) -> TensorMethod:
 
 def in_unit_interval(value) -> str | None:
     return None if 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
+
+
+from . import passthrough  # noqa: E402,F401 - the method modules register themselves

@@ -1,0 +1,144 @@
+"""``vfuse merge`` against ``mergekit-yaml`` (mergekit itself, run in a subprocess) on the same
+YAML for mergekit's per-tensor methods and ``slices:``, on real tiny multi-shard Llama
+checkpoints; and the configs mergekit's methods refuse, refused before anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from checkpoints import family, llama, load_tensors, write_yaml
+
+from vfuse_kernels.merging import ConfigError, load_config, merge_checkpoints
+
+MERGEKIT_SCRIPT = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+for config_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    with open(config_path) as f:
+        config = MergeConfiguration.model_validate(yaml.safe_load(f))
+    run_merge(config, out, options=MergeOptions(write_model_card=False, copy_tokenizer=False))
+"""
+
+CONFIGS = {
+    # a frankenmerge: overlapping layer ranges of two models stacked into 5 layers
+    "passthrough_slices": """
+        merge_method: passthrough
+        slices:
+          - sources: [{model: BASE, layer_range: [0, 2]}]
+          - sources: [{model: FT0, layer_range: [1, 3], parameters: {scale: 0.5}}]
+          - sources: [{model: FT1, layer_range: [2, 3]}]
+        dtype: float32
+    """,
+    "ties_slices": """
+        merge_method: ties
+        base_model: BASE
+        slices:
+          - sources:
+              - {model: BASE, layer_range: [0, 2]}
+              - {model: FT0, layer_range: [0, 2], parameters: {weight: [0.2, 0.8], density: 0.5}}
+              - {model: FT1, layer_range: [1, 3], parameters: {weight: 0.6}}
+            parameters: {density: 0.7}
+          - sources:
+              - {model: BASE, layer_range: [2, 3]}
+              - {model: FT0, layer_range: [2, 3], parameters: {weight: 0.3, density: 0.9}}
+              - {model: FT1, layer_range: [0, 1], parameters: {weight: 0.5, density: 0.4}}
+        parameters: {normalize: true}
+        dtype: float32
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def llama_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    return family(str(root), llama, n=3)
+
+
+def _text(text: str, base: str, tuned: list[str]) -> str:
+    text = textwrap.dedent(text).replace("BASE", base)
+    for i, t in enumerate(tuned):
+        text = text.replace(f"FT{i}", t)
+    return text
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(llama_family, tmp_path_factory):
+    """Every config of CONFIGS merged by mergekit (one subprocess for all): {name: (config, out)}."""
+    pytest.importorskip("mergekit")
+    base, tuned = llama_family
+    root = tmp_path_factory.mktemp("mergekit")
+    jobs, outputs = [], {}
+    for name, text in CONFIGS.items():
+        config = write_yaml(str(root / f"{name}.yml"), _text(text, base, tuned))
+        outputs[name] = (config, str(root / f"mergekit-{name}"))
+        jobs += list(outputs[name])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", MERGEKIT_SCRIPT, *jobs], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outputs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_same_tensors_as_mergekit(mergekit_outputs, tmp_path, name):
+    config, expected_dir = mergekit_outputs[name]
+    ours = str(tmp_path / "out")
+    merge_checkpoints(config, ours, progress=False)
+    expected, got = load_tensors(expected_dir), load_tensors(ours)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(got[key], expected[key], rtol=2e-6, atol=2e-7, msg=key)
+    with open(os.path.join(expected_dir, "config.json")) as f, open(os.path.join(ours, "config.json")) as g:
+        assert json.load(g)["num_hidden_layers"] == json.load(f)["num_hidden_layers"]
+
+
+def test_passthrough_stacks_and_renumbers_layers(llama_family, tmp_path):
+    """Output layer j of a frankenmerge is its source layer, scaled where the source says so."""
+    base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), _text(CONFIGS["passthrough_slices"], base, tuned))
+    merge_checkpoints(config, str(tmp_path / "out"), progress=False)
+    got, a, b, c = (load_tensors(p) for p in (str(tmp_path / "out"), base, tuned[0], tuned[1]))
+    name = "model.layers.{}.mlp.down_proj.weight"
+    for out_layer, (source, layer, scale) in enumerate([(a, 0, 1), (a, 1, 1), (b, 1, 0.5), (b, 2, 0.5), (c, 2, 1)]):
+        torch.testing.assert_close(got[name.format(out_layer)], source[name.format(layer)] * scale, rtol=0, atol=0)
+    assert not any(".layers.5." in k for k in got)
+    with open(os.path.join(str(tmp_path / "out"), "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("merge_method: passthrough\nmodels: [{model: FT0}, {model: FT1}]",
+     r"models: merge_method passthrough takes exactly 1 models .*got 2"),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: FT0, layer_range: [0, 2]}, "
+     "{model: FT1, layer_range: [0, 3]}]", r"slices\[0\]: every source must have the same number of layers"),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: FT0, layer_range: [2, 1]}]",
+     r"slices\[0\].sources\[0\].layer_range=\[2, 1\]"),
+    ("merge_method: ties\nbase_model: BASE\nslices:\n  - sources: [{model: FT0, layer_range: [0, 2], "
+     "parameters: {weight: 1}}]", r"slices\[0\]: the base model .* is not one of its sources"),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: FT0, layer_range: [0, 2], parameters: {t: 1}}]",
+     r"slices\[0\].sources\[0\].parameters.t is not a parameter of passthrough"),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: FT0, layer_range: [0, 2]}]\n"
+     "vfuse: {keep: [{filter: embed, model: FT0}]}", "vfuse.keep and vfuse.name_map work with models:"),
+])
+def test_bad_configs_name_the_key(llama_family, tmp_path, text, message):
+    base, tuned = llama_family
+    path = write_yaml(str(tmp_path / "c.yml"), _text(text, base, tuned))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_slice_past_the_models_depth_fails_before_writing(llama_family, tmp_path):
+    base, tuned = llama_family
+    config = write_yaml(str(tmp_path / "c.yml"), _text(
+        "merge_method: passthrough\nslices:\n  - sources: [{model: FT0, layer_range: [2, 4]}]", base, tuned))
+    out = str(tmp_path / "out")
+    with pytest.raises(Exception, match=r"has no layer 3"):
+        merge_checkpoints(config, out, progress=False)
+    assert not os.path.exists(out)

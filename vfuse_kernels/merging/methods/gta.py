@@ -1,0 +1,250 @@
+"""Generalized task arithmetic with magnitude-outlier (Model Breadcrumbs) and DELLA
+sparsification: ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``
+(mergekit 0.1.5 semantics, parameter names and defaults).
+
+For base b and models θ₁…θₙ (weights wᵢ): δᵢ = sparsify(θᵢ − b), uᵢ = wᵢ·δᵢ, then
+
+- no consensus (breadcrumbs, della_linear): m = Σ uᵢ, divisor D = Σ wᵢ (|D| < 1e-8 → 1);
+- sign consensus (breadcrumbs_ties, della): per element the majority sign s = +1 where
+  Σ uᵢ ≥ 0 else −1; model i takes part where sign(uᵢ) = s (a zero uᵢ never does);
+  m = Σ uᵢ·[takes part], D = Σ wᵢ·[takes part] (D = 0 → 1);
+
+result = b + λ·(m / D if normalize else m). ``int8_mask`` is accepted and has no numerical
+effect (mergekit only uses it as the mask's storage dtype).
+
+Sparsification of δ (n = numel, density d; d ≥ 1 keeps δ unchanged, without rescaling):
+
+- magnitude outliers (breadcrumbs): order the elements by |δ| ascending; keep the ranks
+  [n_bot, n_bot + k) with k = int(d·n), n_top = int(γ·n), n_bot = max(0, n − k − n_top):
+  the γ·n largest are dropped as outliers, then the smallest, so that k remain (when
+  k + n_top > n the outlier cut shrinks: the k smallest are kept).
+- DELLA magnitude pruning: d ≤ 0 drops everything; otherwise d ± ε must lie in (0, 1)
+  (ValueError). Ranks r ∈ [0, m) by |δ| ascending along dim 1 (the whole tensor for a 1-D
+  one: one row); keep probability p = (d − ε) + 2ε·r/(m − 1), from d − ε for the smallest
+  to d + ε for the largest magnitude of its row.
+- rescale (l1): the kept elements are scaled by ‖δ‖₁ / ‖δ·mask‖₁ unless either is < 1e-7.
+
+Ranking rule for equal magnitudes (mergekit uses unstable sorts, so its order among equal
+|δ| is unspecified): a stable ascending sort, i.e. among equal magnitudes the lower flat
+index takes the lower rank. For breadcrumbs this decides which of the equal magnitudes at
+the two cut points are kept; the count kept is always exactly k.
+
+Deliberate differences from mergekit:
+
+- DELLA's random mask is not torch.bernoulli: element e (row-major flat index) of the
+  j-th non-base model (j = 0, 1, … in config order, as DARE) is kept iff
+  ``dare_random_bits(numel, seed, j)[e] < floor(p · 2^32)``, with p evaluated in float64 as
+  ``(d − ε) + (r / (m − 1)) · (2ε)`` (separate IEEE operations, so CPU and CUDA agree bit
+  for bit). Results depend only on (seed, tensor name, model position), not on any global
+  RNG state.
+- Keep probabilities are computed in float64 and the whole merge in float32, whatever
+  the input dtype (mergekit ranks in the input dtype on GPU/bf16, so bf16 ranks above
+  256 are rounded there).
+- A row of one element (m = 1, e.g. a one-element tensor or an [n, 1] weight) takes
+  p = d; mergekit divides 0/0 there and torch.bernoulli raises.
+- density, gamma must be in [0, 1] and epsilon in [0, 0.5) (mergekit accepts any float,
+  treating density > 1 as 1 and density < 0 as 0).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from ...reference.philox import dare_random_bits
+from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
+
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
+SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
+
+
+# --- parameter checks (shared by the other method modules) ---------------------------------
+
+def is_number(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return "must be a finite number"
+    return None
+
+
+def is_bool(value) -> str | None:
+    if isinstance(value, bool) or (isinstance(value, numbers.Real) and value in (0, 1)):
+        return None
+    return "must be true or false"
+
+
+def non_negative(value) -> str | None:
+    return is_number(value) or (None if value >= 0 else "must be ≥ 0")
+
+
+def positive(value) -> str | None:
+    return is_number(value) or (None if value > 0 else "must be > 0")
+
+
+def unit_interval(value) -> str | None:
+    return is_number(value) or in_unit_interval(value)
+
+
+def della_epsilon(value) -> str | None:
+    return is_number(value) or (None if 0 <= value < 0.5 else "must be in [0, 0.5)")
+
+
+# --- shared tensor helpers -----------------------------------------------------------------
+
+def task_vectors(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(fp32 base, fp32 stack of θᵢ − base over the non-base models, their input indices)."""
+    base = inputs.base.float()
+    others = [i for i in range(len(inputs.tensors)) if i != inputs.base_index]
+    deltas = base.new_empty((len(others), *base.shape))
+    for row, i in enumerate(others):
+        torch.sub(inputs.tensors[i].float(), base, out=deltas[row])
+    return base, deltas, others
+
+
+def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """δ·keep scaled by ‖δ‖₁ / ‖δ·keep‖₁, unscaled when either norm is below 1e-7 (no sync)."""
+    masked = delta * keep
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    small = (before < L1_EPS) | (after < L1_EPS)
+    return masked * torch.where(small, torch.ones_like(before), before / after)
+
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES 'sum' election on the stack of weighted deltas: True where sign(uᵢ) equals the
+    sign of Σ uᵢ (+1 when the sum is ≥ 0)."""
+    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == majority
+
+
+def ascending_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """0-based rank of each element along ``dim`` in a stable ascending sort (equal values:
+    lower index first)."""
+    order = torch.sort(values, dim=dim, stable=True).indices
+    positions = torch.arange(values.shape[dim], device=values.device)
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    return torch.empty_like(order).scatter_(dim, order, positions.reshape(shape).expand_as(order))
+
+
+# --- sparsification ------------------------------------------------------------------------
+
+def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs mask: ranks [n_bot, n_bot + k) of |δ| ascending (see module docstring)."""
+    n = delta.numel()
+    k = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[order[n_bot:n_bot + k]] = True
+    return keep.reshape(delta.shape)
+
+
+def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """float64 p = (d − ε) + 2ε·r/(m − 1), r the rank of |δ| along dim 1 (1-D: the whole
+    tensor), m that dim's size; m = 1 gives p = d."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    m = rows.shape[1]
+    if m == 1:
+        return torch.full(delta.shape, float(density), dtype=torch.float64, device=delta.device)
+    ranks = ascending_ranks(rows.abs(), dim=1).to(torch.float64)
+    p = (ranks / (m - 1)) * (2 * epsilon) + (density - epsilon)
+    return p.reshape(delta.shape)
+
+
+def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int) -> torch.Tensor:
+    """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index."""
+    p = della_keep_probability(delta, density, epsilon)
+    threshold = torch.floor(p * 2.0**32)
+    bits = dare_random_bits(delta.numel(), seed, model, device=delta.device).reshape(delta.shape)
+    return bits.to(torch.float64) < threshold
+
+
+def check_della(density: float, epsilon: float) -> None:
+    if 0 < density < 1 and not (density + epsilon < 1 and density - epsilon > 0):
+        raise ValueError(f"della: epsilon={epsilon} with density={density}: "
+                         "density ± epsilon must lie in (0, 1)")
+
+
+def sparsify_outliers(delta: torch.Tensor, params: dict[str, Any], rescale: bool, **_) -> torch.Tensor:
+    density = float(params["density"])
+    if density >= 1:
+        return delta
+    keep = outlier_keep_mask(delta, density, float(params["gamma"]))
+    return l1_rescaled(delta, keep) if rescale else delta * keep
+
+
+def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, seed: int, model: int) -> torch.Tensor:
+    density, epsilon = float(params["density"]), float(params["epsilon"])
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    keep = della_keep_mask(delta, density, epsilon, seed, model)
+    return l1_rescaled(delta, keep) if rescale else delta * keep
+
+
+# --- the combine ---------------------------------------------------------------------------
+
+def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
+                normalize: bool, scale: float) -> torch.Tensor:
+    """base + scale·(Σ wᵢδᵢ [/ divisor]) over the stacked sparsified deltas (module docstring)."""
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *[1] * base.dim())
+    weighted = deltas * w
+    if consensus:
+        agree = sign_consensus(weighted)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < SUM_WEIGHT_EPS, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if scale != 1:
+        mixed = mixed * scale
+    return base + mixed
+
+
+def make_gta_merge(sparsify, consensus: bool):
+    def merge(inputs: TensorInputs) -> torch.Tensor:
+        base, deltas, others = task_vectors(inputs)
+        if not others:
+            return base
+        shared = inputs.shared
+        rescale = bool(shared["rescale"])
+        for j, i in enumerate(others):
+            if sparsify is sparsify_della:
+                check_della(float(inputs.params[i]["density"]), float(inputs.params[i]["epsilon"]))
+            deltas[j] = sparsify(deltas[j], inputs.params[i], rescale=rescale, seed=inputs.seed, model=j)
+        weights = [float(inputs.params[i]["weight"]) for i in others]
+        return gta_combine(base, deltas, weights, consensus=consensus, normalize=bool(shared["normalize"]),
+                           scale=float(shared["lambda"]))
+    return merge
+
+
+def gta_method(name: str, sparsify, consensus: bool, normalize: bool, rescale: bool) -> TensorMethod:
+    model_params = {"weight": Param(check=is_number), "density": Param(1.0, unit_interval)}
+    if sparsify is sparsify_outliers:
+        model_params["gamma"] = Param(0.01, unit_interval)
+    else:
+        model_params["epsilon"] = Param(0.15, della_epsilon)
+    return TensorMethod(
+        name=name,
+        merge=make_gta_merge(sparsify, consensus),
+        model_params=model_params,
+        global_params={"int8_mask": Param(False, is_bool), "normalize": Param(normalize, is_bool),
+                       "rescale": Param(rescale, is_bool), "lambda": Param(1.0, is_number)},
+        needs_base=True,
+        min_models=1,  # mergekit: the base alone merges to the base
+    )
+
+
+BREADCRUMBS = register(gta_method("breadcrumbs", sparsify_outliers, consensus=False, normalize=False, rescale=False))
+BREADCRUMBS_TIES = register(gta_method("breadcrumbs_ties", sparsify_outliers, consensus=True, normalize=False,
+                                       rescale=False))
+DELLA = register(gta_method("della", sparsify_della, consensus=True, normalize=True, rescale=True))
+DELLA_LINEAR = register(gta_method("della_linear", sparsify_della, consensus=False, normalize=False, rescale=True))

@@ -1,0 +1,73 @@
+"""SCE (select, calculate, erase) merging, ``sce`` (mergekit 0.1.5 semantics).
+
+Task vectors τᵢ = θᵢ − b over the non-base models (no per-model weights):
+
+1. select (select_topk = t < 1): σ² = population variance of τ₁…τₙ per element; keep the
+   k = floor(count(σ² ≠ 0)·t) elements of largest σ² (k evaluated in float32, as mergekit's
+   tensor arithmetic does), zero the others in every τᵢ. t ≤ 0: all dropped; t ≥ 1: none.
+2. calculate: cᵢ = mean(τᵢ²) (over the masked τᵢ), weights ωᵢ = cᵢ / Σ c, or 1/n when
+   |Σ c| < 1e-6 (note: small task vectors — mean square below 1e-6 — fall back to equal
+   weights).
+3. erase: TIES 'sum' sign election on the τᵢ (model i takes part where sign(τᵢ) equals the
+   sign of Σ τⱼ, +1 for a sum ≥ 0); result = b + Σ ωᵢτᵢ[part] / max(Σ ωᵢ[part], 1e-6).
+
+``int8_mask`` is accepted without numerical effect (mergekit's mask storage dtype).
+
+Deliberate differences from mergekit: among equal variances the lower flat index is
+selected first (mergekit's torch.topk leaves that order unspecified); select_topk must be
+in [0, 1] (mergekit treats values above 1 as 1 and below 0 as 0); no host sync (k and the
+weight fallback stay on the device).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import Param, TensorInputs, TensorMethod, register
+from .gta import ascending_ranks, is_bool, sign_consensus, task_vectors, unit_interval
+
+WEIGHT_SUM_EPS = 1e-6
+ERASED_SUM_MIN = 1e-6
+
+
+def sce_select_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
+    """Boolean mask over one tensor's elements: the k largest variances across models, ties
+    to the lower flat index; k = floor(float32(count(σ² ≠ 0)) · float32(topk))."""
+    if topk <= 0:
+        return torch.zeros(tvs.shape[1:], dtype=torch.bool, device=tvs.device)
+    if topk >= 1:
+        return torch.ones(tvs.shape[1:], dtype=torch.bool, device=tvs.device)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = torch.floor(torch.count_nonzero(var) * topk)  # float32, like mergekit's int(count * topk)
+    # descending order with ties to the lower index = ascending ranks of (−σ²) with stable sort
+    rank = ascending_ranks(-var.reshape(-1), dim=0)
+    return (rank < k).reshape(var.shape)
+
+
+def sce_weights(tvs: torch.Tensor) -> torch.Tensor:
+    """ωᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²), or 1/n when that sum is below 1e-6."""
+    c = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = c.sum()
+    uniform = torch.full_like(c, 1.0 / c.shape[0])
+    return torch.where(total.abs() < WEIGHT_SUM_EPS, uniform, c / total)
+
+
+def sce_merge(inputs: TensorInputs) -> torch.Tensor:
+    base, tvs, others = task_vectors(inputs)
+    if not others:
+        return base
+    topk = float(inputs.shared["select_topk"])
+    if topk < 1:
+        tvs = tvs * sce_select_mask(tvs, topk)
+    part = sign_consensus(tvs)
+    weights = sce_weights(tvs).reshape(-1, *[1] * base.dim())
+    erased = weights * part
+    return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=ERASED_SUM_MIN)
+
+
+SCE = register(TensorMethod(
+    name="sce",
+    merge=sce_merge,
+    global_params={"int8_mask": Param(False, is_bool), "select_topk": Param(1.0, unit_interval)},
+    needs_base=True,
+    min_models=1,
+))

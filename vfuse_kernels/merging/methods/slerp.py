@@ -1,0 +1,358 @@
+"""Spherical merge methods with mergekit 0.1.5's semantics: ``slerp``, ``nuslerp``,
+``multislerp``, ``nearswap`` and ``karcher``.
+
+Notation: ``B`` is the base model's tensor, ``M_i`` the other models' tensors in config order,
+``θ = acos(<u, v>)`` the angle between two unit vectors.
+
+- ``slerp`` (base + exactly one model, global ``t``): the whole tensor is one vector;
+  ``(sin((1-t)θ)·B + sin(tθ)·M) / sin θ``, or ``(1-t)·B + t·M`` when ``|cos θ| > 0.9995``.
+- ``nuslerp`` (exactly two non-base models, optional base, per-model ``weight``):
+  ``t = w_1 / (w_0 + w_1)`` (0.5 when ``|w_0 + w_1| < 1e-6``); the same formula on ``M_i``
+  (or on ``M_i - B``, then ``+ B``), over the flattened tensor (``nuslerp_flatten``, the
+  default), or per vector along the last dim, or along dim 0 with ``nuslerp_row_wise``.
+- ``multislerp`` (one or more non-base models, optional base, per-model ``weight``):
+  barycentric interpolation on the sphere through the tangent space at the weighted mean of
+  the unit vectors, rescaled to the weighted mean norm.
+- ``nearswap`` (base + exactly one model, global ``t``): per element
+  ``w = clamp(t / max(|B - M|, 1e-6), 0, 1)``, ``w·M + (1-w)·B``.
+- ``karcher`` (any inputs, the base being an ordinary one): the equal-weight Karcher mean of
+  the unit vectors on the sphere (fixed-point iteration), times the mean norm.
+
+mergekit checks no range of ``t`` or ``weight`` (t outside [0, 1] extrapolates); the checks
+here are its type checks (pydantic's lax rules: numeric strings such as YAML's ``1e-5`` are
+numbers, "yes"/"off"/0/1 are booleans, an int parameter takes 2.0 but not 2.5).
+
+Deliberate differences from mergekit:
+- Arithmetic is fp32 (fp64 when an input is fp64) whatever the loaded dtype; mergekit runs
+  nuslerp, multislerp, nearswap and karcher in the loaded dtype (bf16 arithmetic for bf16
+  checkpoints), and slerp rounds its fp32 result to the input dtype before the output cast.
+  On fp32 inputs the results are mergekit's, bit for bit.
+- karcher takes the inputs in ``TensorInputs`` order (base first); mergekit uses the config
+  order (the base last when it is not listed). The mean is symmetric: only rounding and the
+  degenerate start (unit vectors that cancel: mergekit starts from the first one) can differ.
+- ``TensorMethod`` counts the base among the models, so "exactly two non-base models"
+  (nuslerp) and "at least one non-base model" (multislerp) are checked when merging.
+- Host syncs: karcher tests ``θ < tol`` per model with ``torch.where`` rather than ``.item()``
+  (same values), multislerp picks its two-model linear fallback the same way.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import REQUIRED, Param, TensorInputs, TensorMethod, register
+
+# ---------------------------------------------------------------------------------------------
+# Parameter values (mergekit validates them with pydantic in lax mode)
+
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_FALSE = {"0", "off", "f", "false", "n", "no"}
+_INT_TEXT = re.compile(r"\s*[+-]?[0-9][0-9_]*(\.0+)?\s*")
+
+
+def as_float(value: Any) -> float:
+    """A float as pydantic reads one: a bool, int, float or numeric string."""
+    if isinstance(value, (bool, int, float, str)):
+        return float(value)
+    raise TypeError(f"{value!r} is not a number")
+
+
+def as_int(value: Any) -> int:
+    """An int as pydantic reads one: a bool, int, integral float (int64 range) or integer string."""
+    if isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2.0**63:
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        return int(float(value.replace("_", ""))) if "." in value else int(value)
+    raise ValueError(f"{value!r} is not an integer")
+
+
+def as_bool(value: Any) -> bool:
+    """A bool as pydantic reads one: a bool, 0/1 (int or float), or yes/no-like text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _check(convert: Callable[[Any], Any], what: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        try:
+            convert(value)
+        except (TypeError, ValueError):
+            return f"must be {what}"
+        return None
+
+    return check
+
+
+is_float = _check(as_float, "a number")
+is_int = _check(as_int, "an integer")
+is_bool = _check(as_bool, "a boolean")
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """fp64 when an input is fp64, else fp32; non-float inputs are an error."""
+    if not all(x.is_floating_point() for x in tensors):
+        raise TypeError("spherical merges need floating-point tensors")
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _upcast(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    dtype = compute_dtype(tensors)
+    return [x.to(dtype) for x in tensors]
+
+
+def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None):
+    """(base or None, non-base tensors, their parameters), with lo..hi non-base models."""
+    tensors = _upcast(inputs.tensors)
+    keep = [i for i in range(len(tensors)) if i != inputs.base_index]
+    if len(keep) < lo or (hi is not None and len(keep) > hi):
+        expected = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise ValueError(f"{method} takes {expected} models besides the base, got {len(keep)} ({inputs.name})")
+    base = None if inputs.base_index is None else tensors[inputs.base_index]
+    return base, [tensors[i] for i in keep], [inputs.params[i] for i in keep]
+
+
+def _base_and_other(inputs: TensorInputs, method: str):
+    base, others, _ = _split(inputs, method, 1, 1)
+    if base is None:
+        raise ValueError(f"{method} needs a base model ({inputs.name})")
+    return base, others[0]
+
+
+def _unit_rows(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# slerp
+
+_SLERP_CHUNK = 1 << 20  # elements converted to fp32 at a time (mergekit's chunking: same sums)
+_SLERP_LINEAR_ABOVE = 0.9995  # |cos θ| beyond which slerp interpolates linearly
+_SLERP_EPS = 1e-8  # a norm at or below this counts as 1
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """``(sin((1-t)θ)·v0 + sin(tθ)·v1) / sin θ`` over the whole tensor, ``θ`` the angle between
+    v0 and v1 (a zero vector has cos θ = 0), or ``(1-t)·v0 + t·v1`` when ``|cos θ| > 0.9995``.
+    Chunked over the flattened tensor so the fp32 scratch stays bounded."""
+    dtype = compute_dtype((v0, v1))
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    t = torch.tensor([float(t)], dtype=dtype, device=a.device).reshape(1, 1)
+    if a.shape[1] == 0:
+        return ((1 - t) * a.to(dtype) + t * b.to(dtype)).reshape(v0.shape)
+    spans = [slice(s, s + _SLERP_CHUNK) for s in range(0, a.shape[1], _SLERP_CHUNK)]
+
+    def piece(x: torch.Tensor, span: slice) -> torch.Tensor:
+        return x[:, span].to(dtype)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # the norm of the chunks' norms
+        parts = [torch.linalg.vector_norm(piece(x, s), dim=1, keepdim=True) for s in spans]
+        n = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+        return torch.where(n > _SLERP_EPS, n, 1)
+
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([(piece(a, s) / na * (piece(b, s) / nb)).sum(dim=1, keepdim=True) for s in spans])
+    cos = dot.sum(dim=0).clamp(-1, 1)
+    linear = cos.abs() > _SLERP_LINEAR_ABOVE
+    theta = torch.acos(torch.where(linear, 0, cos))  # keeps the unused branch finite
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    out = torch.empty(a.shape, dtype=dtype, device=a.device)
+    for s in spans:
+        out[:, s] = ca * piece(a, s) + cb * piece(b, s)
+    return out.reshape(v0.shape)
+
+
+def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
+    """slerp from the base (t = 0) to the other model (t = 1)."""
+    base, other = _base_and_other(inputs, "slerp")
+    return slerp_tensors(as_float(inputs.shared["t"]), base, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# nuslerp
+
+_NUSLERP_EPS = 1e-8
+
+
+def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False,
+                    flatten: bool = True) -> torch.Tensor:
+    """slerp of v0 and v1 (no renormalisation), vector by vector: the flattened tensor, else
+    each vector along the last dim, or along dim 0 when ``row_wise``. A vector pair with
+    ``1 - cos²θ <= 1e-16`` interpolates linearly; a zero vector has cos θ = 0."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    cos = (_unit_rows(v0) * _unit_rows(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= _NUSLERP_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
+    """nuslerp of the two non-base models (of their deltas from the base when there is one)
+    at ``t = w_1 / (w_0 + w_1)``."""
+    base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2)
+    w0, w1 = (as_float(p["weight"]) for p in params)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    row_wise = as_bool(inputs.shared["nuslerp_row_wise"])
+    flatten = as_bool(inputs.shared["nuslerp_flatten"])
+    if base is None:
+        return nuslerp_tensors(t, m0, m1, row_wise, flatten)
+    return base + nuslerp_tensors(t, m0 - base, m1 - base, row_wise, flatten)
+
+
+# ---------------------------------------------------------------------------------------------
+# multislerp
+
+
+def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                       base: torch.Tensor | None = None, normalize: bool = True,
+                       eps: float = 1e-8) -> torch.Tensor:
+    """With ``x_i`` the tensors (minus the base), ``u_i = x_i / (|x_i| + eps)``, ``w`` the
+    weights (divided by their sum when ``normalize``): ``m = Σ w_i u_i / |Σ w_i u_i|``,
+    ``v = Σ w_i (u_i - <u_i, m> m)``, ``r = m cos|v|' + v sin|v|' / |v|'`` (``|v|' = |v| + eps``),
+    result ``r · Σ w_i |x_i|`` (plus the base). A single tensor is returned as is. When
+    ``|Σ w_i u_i| < eps``: two tensors fall back to ``Σ w_i x_i``, more are an error."""
+    if len(tensors) == 1:
+        return tensors[0]
+    x = torch.stack(list(tensors))
+    if base is not None:
+        x = x - base
+    flat = x.reshape(len(tensors), -1)
+    w = torch.tensor(list(weights), dtype=x.dtype, device=x.device)
+    if normalize:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(dim=0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if len(tensors) > 2 and mean_norm < eps:
+        raise ValueError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose "
+                         "weights cancel); change the weights")
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(dim=-1, keepdim=True) * mean
+    step = (tangent * w.view(-1, 1)).sum(dim=0)
+    step_norm = torch.linalg.vector_norm(step) + eps
+    out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
+    out = (out * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
+    if len(tensors) == 2:  # the linear fallback, chosen without a host sync
+        out = torch.where(mean_norm < eps, (x[0] * w[0] + x[1] * w[1]).view(x.shape[1:]), out)
+    return out if base is None else out + base
+
+
+def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
+    """multislerp of the non-base models (of their deltas from the base when there is one)."""
+    base, others, params = _split(inputs, "multislerp", 1, None)
+    return multislerp_tensors(others, [as_float(p["weight"]) for p in params], base,
+                              as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# nearswap
+
+
+def nearswap_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element, ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)`` and ``w·b + (1-w)·a``: elements
+    closer than ``t`` take b, the others move towards b by ``t / |a - b|``."""
+    weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
+
+
+def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
+    """nearswap of the base (a) towards the other model (b)."""
+    base, other = _base_and_other(inputs, "nearswap")
+    return nearswap_tensors(as_float(inputs.shared["t"]), base, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# karcher
+
+
+def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10,
+                    tol: float = 1e-5) -> torch.Tensor:
+    """Weighted Karcher (Fréchet) mean on the unit sphere, times ``Σ w_i |x_i|``.
+
+    Inputs with ``|x_i| <= tol`` are left out of the mean (their weights renormalised over the
+    rest); if all are, the result is zero. Start: the normalised weighted sum of the unit
+    vectors (the first unit vector if that sum is below tol). Step:
+    ``v = Σ w_i θ_i / sin θ_i · (u_i - cos θ_i · m)`` over the ``θ_i >= tol``, stop when
+    ``|v| < tol``, else ``m ← cos|v| · m + sin|v| · v / |v|``, renormalised; at most max_iter."""
+    if len(tensors) == 1:
+        return tensors[0]
+    norms = [torch.linalg.vector_norm(x) for x in tensors]
+    norm_values = torch.stack(norms).tolist()  # one sync: which inputs take part
+    valid = [i for i, n in enumerate(norm_values) if n > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(weights[i] for i in valid)
+    alphas = [weights[i] / total for i in valid]
+    units = [tensors[i] / norms[i] for i in valid]  # valid norms are > tol >= 0: no 0/0
+
+    mean = torch.zeros_like(units[0])
+    for alpha, unit in zip(alphas, units):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0] if mean_norm.item() < tol else mean / mean_norm
+    zero = torch.zeros((), dtype=mean.dtype, device=mean.device)
+    # mergekit compares .item() values with tol, i.e. in fp64: so do these tests
+    # (an fp32 tensor against a Python float would round tol to fp32)
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for alpha, unit in zip(alphas, units):
+            cos = torch.dot(mean.flatten(), unit.flatten()).clamp(-1.0, 1.0)
+            theta = torch.arccos(cos)
+            coef = torch.where(theta.double() < tol, zero, alpha * (theta / torch.sin(theta)))
+            step += coef * (unit - cos * mean)
+        step_norm = torch.linalg.vector_norm(step)
+        if step_norm.item() < tol:
+            break
+        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
+        mean_norm = torch.linalg.vector_norm(mean)
+        mean = torch.where(mean_norm.double() > tol, mean / mean_norm, mean)
+    return sum(w * n for w, n in zip(weights, norms)) * mean
+
+
+def merge_karcher(inputs: TensorInputs) -> torch.Tensor:
+    """Equal-weight Karcher mean of every input, the base included (mergekit ignores the
+    base's role for karcher)."""
+    tensors = _upcast(inputs.tensors)
+    return karcher_tensors(tensors, [1.0 / len(tensors)] * len(tensors), as_int(inputs.shared["max_iter"]),
+                           as_float(inputs.shared["tol"]))
+
+
+# ---------------------------------------------------------------------------------------------
+
+SLERP = register(TensorMethod("slerp", merge_slerp, global_params={"t": Param(REQUIRED, is_float)},
+                              needs_base=True, min_models=2, max_models=2))
+NUSLERP = register(TensorMethod(
+    "nuslerp", merge_nuslerp, model_params={"weight": Param(REQUIRED, is_float)},
+    global_params={"nuslerp_row_wise": Param(False, is_bool), "nuslerp_flatten": Param(True, is_bool)},
+    min_models=2, max_models=3))  # two models, plus the base when there is one
+MULTISLERP = register(TensorMethod(
+    "multislerp", merge_multislerp, model_params={"weight": Param(REQUIRED, is_float)},
+    global_params={"normalize_weights": Param(True, is_bool), "eps": Param(1e-8, is_float)}, min_models=1))
+NEARSWAP = register(TensorMethod("nearswap", merge_nearswap, global_params={"t": Param(REQUIRED, is_float)},
+                                 needs_base=True, min_models=2, max_models=2))
+KARCHER = register(TensorMethod(
+    "karcher", merge_karcher, global_params={"max_iter": Param(10, is_int), "tol": Param(1e-5, is_float)},
+    min_models=1))
