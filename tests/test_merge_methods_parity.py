@@ -51,13 +51,71 @@ CONFIGS = {
         parameters: {normalize: true}
         dtype: float32
     """,
+    "breadcrumbs": """
+        merge_method: breadcrumbs
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: [0.3, 0.9], density: 0.6, gamma: 0.05}}
+          - {model: FT1, parameters: {weight: 0.5, density: 0.8}}
+        parameters: {gamma: 0.02}
+        dtype: float32
+    """,
+    "breadcrumbs_ties": """
+        merge_method: breadcrumbs_ties
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: 0.7, density: 0.5, gamma: 0.1}}
+          - {model: FT1, parameters: {weight: 0.4, density: 0.7, gamma: 0.01}}
+          - {model: FT2, parameters: {weight: [{filter: mlp, value: 0.2}, {value: 0.6}], density: 0.9}}
+        parameters: {normalize: true, lambda: 0.8}
+        dtype: float32
+    """,
+    "sce": """
+        merge_method: sce
+        base_model: BASE
+        models: [{model: FT0}, {model: FT1}, {model: FT2}]
+        parameters: {select_topk: 0.4}
+        dtype: float32
+    """,
+    "model_stock_2": """
+        merge_method: model_stock
+        base_model: BASE
+        models: [{model: FT0}, {model: FT1}]
+        dtype: float32
+    """,
+    "model_stock_4": """
+        merge_method: model_stock
+        base_model: BASE
+        models: [{model: FT0}, {model: FT1}, {model: FT2}, {model: FT3}]
+        parameters: {filter_wise: true}
+        dtype: float32
+    """,
+    "arcee_fusion": """
+        merge_method: arcee_fusion
+        base_model: BASE
+        models: [{model: BASE}, {model: FT0}]
+        dtype: float32
+    """,
+    "ram": """
+        merge_method: ram
+        base_model: BASE
+        models: [{model: FT0}, {model: FT1}]
+        dtype: float32
+    """,
+    "ramplus_tl": """
+        merge_method: ramplus_tl
+        base_model: BASE
+        models: [{model: FT0}, {model: FT1}, {model: FT2}]
+        parameters: {r: 0.2, alpha: 0.3}
+        dtype: float32
+    """,
 }
 
 
 @pytest.fixture(scope="module")
 def llama_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    return family(str(root), llama, n=3)
+    return family(str(root), llama, n=4)
 
 
 def _text(text: str, base: str, tuned: list[str]) -> str:
@@ -142,3 +200,27 @@ def test_a_slice_past_the_models_depth_fails_before_writing(llama_family, tmp_pa
     with pytest.raises(Exception, match=r"has no layer 3"):
         merge_checkpoints(config, out, progress=False)
     assert not os.path.exists(out)
+
+
+def test_della_is_reproducible_and_keyed_by_the_seed(llama_family, tmp_path):
+    """DELLA draws from the Philox stream keyed like DARE: the same config gives the same bytes,
+    another vfuse.seed other masks (mergekit's torch.bernoulli cannot be matched)."""
+    base, tuned = llama_family
+    text = _text("""
+        merge_method: della
+        base_model: BASE
+        models:
+          - {model: FT0, parameters: {weight: 0.6, density: 0.5, epsilon: 0.1}}
+          - {model: FT1, parameters: {weight: 0.4, density: 0.7}}
+        dtype: float32
+    """, base, tuned)
+    runs = []
+    for i, seed in enumerate((0, 0, 1)):
+        config = write_yaml(str(tmp_path / f"c{i}.yml"), text + f"vfuse: {{seed: {seed}}}\n")
+        merge_checkpoints(config, str(tmp_path / f"out{i}"), progress=False)
+        runs.append(load_tensors(str(tmp_path / f"out{i}")))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0][name], runs[2][name])
+    base_t = load_tensors(base)[name]
+    assert not torch.equal(runs[0][name], base_t) and torch.isfinite(runs[0][name]).all()

@@ -388,10 +388,9 @@ def test_config_errors_name_the_key(llama_family, tmp_path, text, message):
 
 def test_density_out_of_range_is_reported_before_work(llama_family, tmp_path):
     root, base, tuned = llama_family
-    config = parse_config({"merge_method": "ties", "base_model": base,
-                           "models": [{"model": tuned[0], "parameters": {"weight": 1, "density": [0.5, 1.5]}}]})
-    with pytest.raises(ValueError, match="density 1.5 for tensor 'model.layers.2"):
-        build_plan(config)
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.density=1.5: a density must be in \(0, 1\]"):
+        parse_config({"merge_method": "ties", "base_model": base,
+                      "models": [{"model": tuned[0], "parameters": {"weight": 1, "density": [0.5, 1.5]}}]})
 
 
 def test_cli_merge_prints_summary_and_refuses_to_overwrite(llama_family, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     vfuse merge CONFIG.yml OUT_DIR [--device cpu|cuda] [--threads N] [--out-shard-size SIZE] [--resume]
                 [--distributed [--timeout SECONDS]]   # under torchrun: the ranks split the shards
+    vfuse sweep SWEEP.yml --out DIR [--device cpu|cuda] [--resume] [--save-best CKPT_DIR]
     vfuse demo [--device cpu|cuda] [--keep RATIO]
     vfuse bench [merge|tokens|scores|all] [--quick] [--device cpu|cuda] [--json PATH]
     vfuse bench gpu [--quick] [--device cpu|cuda] [--out DIR] [--no-tests] [--skip PART ...] [--budget SECONDS]
@@ -54,6 +55,22 @@ def _merge(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .merging import CheckpointError, ConfigError
+    from .merging.sweep import run_sweep
+
+    try:
+        rows = run_sweep(args.sweep, args.out, device=args.device, resume=args.resume, save_best=args.save_best,
+                         progress=not args.quiet)
+    except (ConfigError, CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"vfuse sweep: error: {exc}", file=sys.stderr)
+        return 2
+    failed = sum(1 for row in rows if row.get("error"))
+    print(f"{len(rows)} configurations evaluated ({failed} with a metric error) -> {args.out}/results.csv"
+          + (", best.yml" if os.path.exists(os.path.join(args.out, "best.yml")) else ""))
+    return 0
+
+
 def _demo(args) -> int:
     from .pipeline.demo import run_demo
 
@@ -97,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config",
                                 description="Merge safetensors checkpoints as a mergekit YAML config says "
-                                            "(linear, task_arithmetic, ties, dare_linear, dare_ties), streaming "
+                                            "(every mergekit 0.1.5 method, models: or slices:), streaming "
                                             "tensor by tensor.")
     merge.add_argument("config", help="YAML merge config (mergekit syntax + the vfuse: extension)")
     merge.add_argument("out_dir", help="output folder (sharded safetensors + index + config.json)")
@@ -111,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="--distributed: how long a rank waits for the others at each step (default 1800)")
     merge.set_defaults(run=_merge)
+    sweep = commands.add_parser("sweep", help="evaluate many merge configurations in memory",
+                                description="Loads the base model once, applies each configuration of the sweep "
+                                            "(a vfuse merge config plus sweep: axes and eval: metrics) in place, "
+                                            "evaluates it, and writes results.csv, results.png and best.yml.")
+    sweep.add_argument("sweep", help="sweep YAML (a merge config + sweep: + eval:)")
+    sweep.add_argument("--out", required=True, help="output folder for results.csv, results.png, best.yml")
+    sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model and merges run")
+    sweep.add_argument("--resume", action="store_true", help="keep the rows already in results.csv")
+    sweep.add_argument("--save-best", metavar="CKPT_DIR", help="also write the best configuration's merge here")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(run=_sweep)
     demo = commands.add_parser("demo", help="build a small LLaVA family offline and run VisionFuse on it",
                                description="Builds (once, cached) a base LLM and three LLaVA-style members as real "
                                            "checkpoints, merges their language models, fuses their visual tokens "

@@ -270,7 +270,11 @@ def method_spec(method: str):
     """The per-tensor ``TensorMethod`` of a non-fused method (None for the fused ones)."""
     from .methods import METHODS
 
-    return None if method in FUSED_METHODS else METHODS[method]
+    if method in FUSED_METHODS:
+        return None
+    if method not in METHODS:
+        raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
+    return METHODS[method]
 
 
 def _method_names() -> list[str]:
@@ -351,9 +355,16 @@ def _parameters(raw, where: str, method: str, spec, per_model: bool) -> dict:
                               f"({', '.join(known) if known else 'it takes none'})")
         _check_setting(value, f"{where}.{key}")
         if spec is not None:
-            param = spec.model_params.get(key) or spec.global_params[key]
-            _check_values(param, value, f"{where}.{key}")
+            _check_values(spec.model_params.get(key) or spec.global_params[key], value, f"{where}.{key}")
+        elif key == "density":
+            from .methods import Param
+
+            _check_values(Param(check=_density_problem), value, f"{where}.{key}")
     return dict(params)
+
+
+def _density_problem(value) -> str | None:
+    return None if 0.0 < float(value) <= 1.0 else "a density must be in (0, 1]"
 
 
 def _check_values(param, setting, where: str) -> None:

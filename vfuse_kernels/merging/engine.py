@@ -124,10 +124,12 @@ class _Runner:
     accelerator, or on the CPU when forced, to test it): the inputs come from a
     ``DeviceReader`` and the merge runs on the current stream once their copies landed."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, pool: _BufferPool, staged: bool):
+    def __init__(self, plan: MergePlan, device: torch.device, pool: _BufferPool, staged: bool,
+                 thresholds: dict | None = None):
         self.plan = plan
         self.pool = pool
         self.staged = staged
+        self.thresholds = thresholds  # given: TIES thresholds kept by (tensor, inputs, densities) and reused
         self.host_reader = HostReader()
         self.device_reader = None
         if staged:
@@ -170,10 +172,16 @@ class _Runner:
             else:
                 base, tuned = loaded[0], loaded[1:]
             sparse = plan.method in ops.SPARSE_METHODS
+            thresholds = None
+            if self.thresholds is not None and plan.method == "ties":
+                key = (task.name, task.base, tuple(task.inputs), tuple(task.densities))
+                if key not in self.thresholds:
+                    self.thresholds[key] = ops.ties_thresholds(base, tuned, task.densities)
+                thresholds = self.thresholds[key]
             ops.delta_merge(
                 base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
                 normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
-                tuned_are_deltas=plan.tuned_are_deltas, out=out)
+                tuned_are_deltas=plan.tuned_are_deltas, out=out, thresholds=thresholds)
         HostReader.release(mapped)
         if host:
             return _Result(out, True, [])

@@ -16,6 +16,8 @@ import torch
 
 from .. import ops
 from .checkpoint import Checkpoint, CheckpointError, DeviceReader, HostReader, read_ahead, staged, staging_bytes
+from .config import method_spec
+from .methods import TensorInputs
 from .plan import FLOAT_DTYPES, rewrite_prefix, tensor_seed
 
 
@@ -30,10 +32,16 @@ def merge_into_(
     skip: Sequence[str] = (),
     seed: int = 0,
     staging: bool | None = None,
+    parameters: Mapping[str, object] | None = None,
     **merge_kwargs,
 ) -> dict[str, int]:
     """θ ← θ + scale · combine(wᵢ · sparsify(θᵢ − θ)) for every floating tensor of
     ``model.state_dict()``, in place, with ``θᵢ`` read from ``sources`` one tensor at a time.
+
+    ``method`` may also be any per-tensor mergekit method (``merging.methods``: slerp,
+    model_stock, …) with the model as its base and the sources as the other models:
+    ``weights`` and ``density`` fill its per-model ``weight`` / ``density`` parameters where it
+    has them, ``parameters`` its other parameters (plain values, mergekit's names).
 
     ``prefix_map`` rewrites the model's tensor names into the sources' (e.g.
     ``{"model.language_model.": "model."}`` to merge an LLM checkpoint into a VLM); tensors
@@ -55,6 +63,8 @@ def merge_into_(
         densities = list(density) if isinstance(density, Sequence) else [float(density)] * n
         if len(weights) != n or len(densities) != n:
             raise ValueError(f"{n} sources but {len(weights)} weights and {len(densities)} densities")
+        spec = method_spec(method) if method not in ops.METHODS else None
+        per_model, base_params, shared = _method_parameters(spec, n, weights, densities, dict(parameters or {}))
         jobs, counts = _jobs(model, checkpoints, dict(prefix_map or {}), skip)
         reads = [[(checkpoints[k], src) for k, src in present] for _, _, present in jobs]
         largest = max((ck.tensors[src].nbytes for job in reads for ck, src in job), default=1)
@@ -73,13 +83,51 @@ def merge_into_(
         sparse = method in ops.SPARSE_METHODS
         for (name, data, present), tensor_reads, tuned in zip(jobs, reads, read_ahead(reads, reader_of)):
             with torch.cuda.device(data.device) if data.is_cuda else nullcontext():
-                ops.delta_merge(data, tuned, [weights[k] for k, _ in present], method=method,
-                                density=[densities[k] for k, _ in present] if sparse else 1.0,
-                                seed=tensor_seed(seed, name), out=data, **merge_kwargs)
+                if spec is not None:
+                    data.copy_(spec.merge(TensorInputs(name, [data, *tuned], 0,
+                                                       [base_params] + [per_model[k] for k, _ in present], shared,
+                                                       tensor_seed(seed, name))))
+                else:
+                    ops.delta_merge(data, tuned, [weights[k] for k, _ in present], method=method,
+                                    density=[densities[k] for k, _ in present] if sparse else 1.0,
+                                    seed=tensor_seed(seed, name), out=data, **merge_kwargs)
             del tuned
             if isinstance(readers[data.device], HostReader):
                 HostReader.release(tensor_reads)
     return counts
+
+
+def _method_parameters(spec, n: int, weights, densities, parameters: dict):
+    """(each source's parameters, the loaded model's, the global ones) of a per-tensor method,
+    checked against its declarations with defaults filled; Nones for a fused method."""
+    if spec is None:
+        if parameters:
+            raise ValueError(f"parameters= is for per-tensor methods; pass {sorted(parameters)} as keyword arguments")
+        return None, None, None
+    from .methods import REQUIRED
+
+    if not spec.min_models <= n + 1 <= (spec.max_models or n + 1):
+        raise ValueError(f"method {spec.name!r} takes {spec.min_models} to {spec.max_models or 'any number of'} "
+                         f"models (the loaded model included), got {n + 1}")
+    known = {*spec.model_params, *spec.global_params}
+    unknown = set(parameters) - known
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]!r} is not a parameter of {spec.name} ({', '.join(sorted(known))})")
+    given = {"weight": weights, "density": densities}
+
+    def value(key, param, k=None):
+        found = given[key][k] if k is not None and key in given else parameters.get(key, param.default)
+        if found is REQUIRED:
+            raise ValueError(f"method {spec.name!r} needs parameters={{{key!r}: ...}}")
+        problem = param.check(found) if param.check is not None and found is not None else None
+        if problem:
+            raise ValueError(f"{key}={found!r}: {problem}")
+        return found
+
+    per_model = [{key: value(key, param, k) for key, param in spec.model_params.items()} for k in range(n)]
+    base = {key: value(key, param) for key, param in spec.model_params.items() if param.scope == "input"}
+    shared = {key: value(key, param) for key, param in spec.global_params.items()}
+    return per_model, base, shared
 
 
 def _jobs(model: torch.nn.Module, checkpoints: list[Checkpoint], prefix_map: dict[str, str], skip: Sequence[str]):

@@ -78,4 +78,4 @@ def in_unit_interval(value) -> str | None:
     return None if 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
 
 
-from . import passthrough  # noqa: E402,F401 - the method modules register themselves
+from . import arcee_fusion, gta, model_stock, passthrough, ram, sce  # noqa: E402,F401 - they register themselves

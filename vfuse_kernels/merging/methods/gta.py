@@ -164,8 +164,8 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
 
 def check_della(density: float, epsilon: float) -> None:
     if 0 < density < 1 and not (density + epsilon < 1 and density - epsilon > 0):
-        raise ValueError(f"della: epsilon={epsilon} with density={density}: "
-                         "density ± epsilon must lie in (0, 1)")
+        raise ValueError(f"epsilon={epsilon} with density={density}: density ± epsilon must lie in (0, 1) "
+                         "(DELLA keep probabilities)")
 
 
 def sparsify_outliers(delta: torch.Tensor, params: dict[str, Any], rescale: bool, **_) -> torch.Tensor:

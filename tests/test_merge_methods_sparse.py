@@ -1,0 +1,590 @@
+"""The mergekit methods in vfuse_kernels.merging.methods (breadcrumbs, breadcrumbs_ties, della,
+della_linear, sce, model_stock, arcee_fusion, ram, ramplus_tl) against mergekit 0.1.5 itself.
+
+Deterministic methods are compared with mergekit's registered methods on the same inputs
+(mergekit fed the fp32 values, since ours compute in fp32 whatever the input dtype).
+
+Tie-heavy data (bf16-exact values drawn from a few magnitudes) is where mergekit's unstable
+sorts leave the order among equal magnitudes unspecified. There we check (1) our selection
+against a Python statement of our documented rule (stable ascending order: lower flat index
+first among equals), (2) against mergekit's own selection: the same count, the same decision
+on every element whose magnitude is not at a cut point, and (3) the whole merge against
+mergekit with its sort made stable (the same rule), which must then agree everywhere.
+
+DELLA draws from our Philox stream instead of torch.bernoulli, so it is tested against an
+exact (rational-arithmetic) statement of the keep rule on the same Philox bits, against
+mergekit with its bernoulli replaced by our mask (its keep probabilities checked against
+ours on the way), for its kept fraction, and for reproducibility.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from mergekit import sparsify as mk_sparsify
+from mergekit.merge_methods import registry as mk_registry
+from mergekit.merge_methods import sce as mk_sce
+from mergekit.merge_methods.base import ParameterScope, TensorGroup
+
+from vfuse_kernels.merging.methods import (  # noqa: F401  (importing a module registers its methods)
+    METHODS,
+    REQUIRED,
+    TensorInputs,
+    arcee_fusion,
+    gta,
+    model_stock,
+    ram,
+    sce,
+)
+from vfuse_kernels.reference.philox import dare_random_bits
+
+NEW_METHODS = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "arcee_fusion",
+               "ram", "ramplus_tl"]
+WEIGHTS = [0.6, -0.3, 1.0, 0.45]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def inputs_for(name, tensors, model_params=None, shared=None, seed=0) -> TensorInputs:
+    """What the engine hands a method: base first, per-model params with defaults filled."""
+    method = METHODS[name]
+    n = len(tensors) - 1
+    model_params = model_params or [{} for _ in range(n)]
+    params = [{}]
+    for given in model_params:
+        filled = {k: p.default for k, p in method.model_params.items() if p.default is not REQUIRED}
+        filled.update(given)
+        params.append(filled)
+    merged_shared = {k: p.default for k, p in method.global_params.items()}
+    merged_shared.update(shared or {})
+    return TensorInputs(name="model.layers.0.mlp.up_proj.weight", tensors=list(tensors), base_index=0,
+                        params=params, shared=merged_shared, seed=seed)
+
+
+def ours(name, tensors, model_params=None, shared=None, seed=0) -> torch.Tensor:
+    out = METHODS[name].merge(inputs_for(name, tensors, model_params, shared, seed))
+    assert out.shape == tensors[0].shape and out.dtype == torch.float32
+    return out
+
+
+def mergekit(name, tensors, model_params=None, shared=None) -> torch.Tensor:
+    """mergekit's registered method on the fp32 values (base first)."""
+    method = mk_registry.get(name)
+    parameters = dict(shared or {})
+    for spec in method.spec.parameters:
+        if spec.scope == ParameterScope.NON_BASE and model_params and spec.name in model_params[0]:
+            parameters[spec.name] = [p[spec.name] for p in model_params]
+    group = TensorGroup.from_tensors([t.float() for t in tensors], base_index=0)
+    return method([group], parameters=parameters, dtype=torch.float32)[0]
+
+
+def random_models(shape, n, seed, scale=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    return [base] + [base + scale * torch.randn(shape, generator=gen) for _ in range(n)]
+
+
+def tie_models(shape, n, seed, heavy_tail=False):
+    """bf16 tensors whose deltas take only ±k·2⁻⁸ (k = 1…16, never 0): every magnitude is
+    shared by ~6% of the elements (heavy_tail: k = 1, 2, 4, …, 32, each ~1/6). Base values
+    are multiples of 2⁻⁴ in [−¼, ¼), so every θ = base + δ is exact in bf16 and fp32 deltas
+    are exact."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(-4, 4, shape, generator=gen) * 2.0**-4
+    out = [base.bfloat16()]
+    for _ in range(n):
+        sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+        k = 2 ** torch.randint(0, 6, shape, generator=gen) if heavy_tail else torch.randint(1, 17, shape, generator=gen)
+        delta = sign * k * 2.0**-8
+        theta = base + delta
+        assert torch.equal(theta.bfloat16().float(), theta)
+        out.append(theta.bfloat16())
+    return out
+
+
+def gta_params(n, density, extra):
+    return [{"weight": WEIGHTS[i], "density": density, **extra(i)} for i in range(n)]
+
+
+def close(got, expected, rtol=1e-6, atol=1e-6):
+    torch.testing.assert_close(got, expected.float(), rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def stable_sorts(monkeypatch):
+    """Make torch.sort / torch.argsort stable (mergekit's sparsifiers then rank equal
+    magnitudes by our rule: lower flat index first)."""
+    sort, argsort = torch.sort, torch.argsort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sort(*a, **{**k, "stable": True}))
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: argsort(*a, **{**k, "stable": True}))
+
+
+# --- declarations --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_declarations_match_mergekit(name):
+    """Parameter names, scopes, defaults, base requirement and input counts as mergekit's spec."""
+    ours_m, spec = METHODS[name], mk_registry.get(name).spec
+    theirs_model = {p.name: p for p in spec.parameters if p.scope == ParameterScope.NON_BASE}
+    theirs_shared = {p.name: p for p in spec.parameters if p.scope == ParameterScope.SHARED}
+    assert not [p for p in spec.parameters if p.scope == ParameterScope.INPUT]
+    assert set(ours_m.model_params) == set(theirs_model)
+    assert set(ours_m.global_params) == set(theirs_shared)
+    for mine, theirs in [(ours_m.model_params, theirs_model), (ours_m.global_params, theirs_shared)]:
+        for key, param in mine.items():
+            if theirs[key].required:
+                assert param.default is REQUIRED, key
+            else:
+                assert param.default == theirs[key].default and type(param.default) is type(theirs[key].default), key
+                assert param.check is None or param.check(param.default) is None, key
+    assert ours_m.needs_base == (spec.contract.base.value == "required")
+    assert ours_m.min_models == spec.contract.min_inputs
+    assert ours_m.max_models == spec.contract.max_inputs
+
+
+BAD_VALUES = [
+    ("breadcrumbs", "model", "density", [1.5, -0.1, "0.5", True, float("nan")], [0.0, 0.3, 1]),
+    ("breadcrumbs_ties", "model", "gamma", [-0.01, 1.01, None], [0.0, 0.01, 1.0]),
+    ("della", "model", "epsilon", [-0.1, 0.5, 0.7, float("inf")], [0.0, 0.15, 0.49]),
+    ("della_linear", "model", "weight", ["1", None, float("nan")], [-1.0, 0, 2.5]),
+    ("della", "global", "normalize", ["yes", 2, None], [True, False, 0, 1]),
+    ("breadcrumbs", "global", "lambda", ["x", float("inf")], [0.5, 2]),
+    ("sce", "global", "select_topk", [1.1, -0.5], [0.0, 0.1, 1.0]),
+    ("model_stock", "global", "filter_wise", ["true", 0.5], [True, False]),
+    ("ram", "global", "epsilon", [-1e-5, "0"], [0.0, 1e-5]),
+    ("ramplus_tl", "global", "epsilon", [0.0, -1.0], [1e-5, 0.1]),
+    ("ramplus_tl", "global", "alpha", [float("nan"), "a"], [0.2, -1.0]),
+]
+
+
+@pytest.mark.parametrize("name,scope,key,bad,good", BAD_VALUES)
+def test_param_checks(name, scope, key, bad, good):
+    param = (METHODS[name].model_params if scope == "model" else METHODS[name].global_params)[key]
+    for value in bad:
+        assert isinstance(param.check(value), str), value
+    for value in good:
+        assert param.check(value) is None, value
+
+
+@pytest.mark.parametrize("name,counts_ok,counts_bad", [
+    ("arcee_fusion", [2], [1, 3]), ("model_stock", [3, 5], [1, 2]), ("della", [1, 2, 5], [0]),
+    ("sce", [1, 3], [0]), ("ram", [1, 4], [0])])
+def test_model_counts_declared(name, counts_ok, counts_bad):
+    method = METHODS[name]
+    assert method.needs_base
+    allowed = lambda n: method.min_models <= n <= (method.max_models or math.inf)
+    assert all(allowed(n) for n in counts_ok) and not any(allowed(n) for n in counts_bad)
+
+
+def test_weight_required_for_gta_methods():
+    for name in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        assert METHODS[name].model_params["weight"].default is REQUIRED
+
+
+# --- breadcrumbs ---------------------------------------------------------------------------
+
+GAMMAS = [0.01, 0.05, 0.2, 0.95]  # per model; 0.95 exceeds 1 − density: the cut shrinks
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("shape", [(37, 53), (101,)], ids=str)
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("n", [2, 4])
+def test_breadcrumbs_matches_mergekit_fp32(name, shape, density, n):
+    tensors = random_models(shape, n, seed=n * 100 + len(shape))
+    params = gta_params(n, density, lambda i: {"gamma": GAMMAS[i]})
+    for shared in ({}, {"rescale": True, "normalize": True, "lambda": 0.7}):
+        got = ours(name, tensors, params, shared)
+        close(got, mergekit(name, tensors, params, shared))
+        if density < 1:  # the sparsification did something
+            assert not torch.allclose(got, ours("breadcrumbs", tensors, gta_params(n, 1.0, lambda i: {})))
+
+
+def python_outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    flat = delta.reshape(-1).tolist()
+    n = len(flat)
+    order = sorted(range(n), key=lambda e: (abs(flat[e]), e))
+    k, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[n_bot:n_bot + k]] = True
+    return keep.reshape(delta.shape)
+
+
+def outlier_certain(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Elements whose keep/drop does not depend on the order among equal magnitudes: those
+    whose magnitude differs from both cut-point magnitudes."""
+    mags = delta.abs().reshape(-1)
+    s = torch.sort(mags).values
+    n = mags.numel()
+    k, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    cuts = [s[n_bot], s[n_bot + k - 1]] if k else []
+    certain = torch.ones(n, dtype=torch.bool)
+    for c in cuts:
+        certain &= mags != c
+    return certain.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("shape", [(37, 53), (1961,)], ids=str)
+@pytest.mark.parametrize("density", [0.1, 0.5])
+@pytest.mark.parametrize("n", [2, 4])
+def test_breadcrumbs_tie_heavy(name, shape, density, n, monkeypatch):
+    tensors = tie_models(shape, n, seed=7 + n)
+    params = gta_params(n, density, lambda i: {"gamma": GAMMAS[i]})
+    shared = {"rescale": True, "normalize": True}
+    base = tensors[0].float()
+    all_certain = torch.ones(shape, dtype=torch.bool)
+    for i in range(n):
+        delta = tensors[i + 1].float() - base
+        gamma = GAMMAS[i]
+        mine = gta.outlier_keep_mask(delta, density, gamma)
+        assert torch.equal(mine, python_outlier_mask(delta, density, gamma))  # our documented rule
+        theirs = mk_sparsify.magnitude_outliers(delta, density, gamma=gamma) != 0  # δ has no zeros
+        assert mine.sum() == theirs.sum() == int(density * delta.numel())
+        certain = outlier_certain(delta, density, gamma)
+        assert 0 < certain.sum() < certain.numel()  # ties do straddle the cuts
+        assert torch.equal(mine[certain], theirs[certain])
+        all_certain &= certain
+    got = ours(name, tensors, params, shared)
+    # mergekit as is: equal wherever no model's decision hangs on a tie (the l1 factors are
+    # sums of the same magnitudes, so they agree to rounding)
+    assert all_certain.sum() > 0
+    close(got[all_certain], mergekit(name, tensors, params, shared)[all_certain])
+    # mergekit with stable sorts: the same rule as ours, so equal everywhere
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sort(*a, **{**k, "stable": True}))
+    close(got, mergekit(name, tensors, params, shared))
+
+
+def test_breadcrumbs_base_only_and_density_zero():
+    tensors = random_models((37, 53), 2, seed=3)
+    assert torch.equal(ours("breadcrumbs", tensors[:1]), tensors[0])
+    params = [{"weight": 1.0, "density": 0.0}, {"weight": 1.0, "density": 0.5}]
+    for shared in ({}, {"rescale": True}):  # rescale: ‖kept‖₁ = 0 must leave the zeros unscaled
+        got = ours("breadcrumbs", tensors, params, shared)
+        assert not got.isnan().any()
+        close(got, mergekit("breadcrumbs", tensors, params, shared))
+        close(got, ours("breadcrumbs", [tensors[0], tensors[2]], params[1:], shared))
+
+
+# --- DELLA ---------------------------------------------------------------------------------
+
+def exact_della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int) -> torch.Tensor:
+    """The documented rule in exact rational arithmetic: ranks by (|δ|, index) along dim 1
+    (1-D: one row), p = (d − ε) + 2ε·r/(m − 1) (m = 1: p = d), keep iff bits < ⌊p·2³²⌋."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    moved = rows.movedim(1, -1)
+    m = moved.shape[-1]
+    flat_rows = moved.reshape(-1, m).tolist()
+    index = torch.arange(delta.numel()).reshape(rows.shape).movedim(1, -1).reshape(-1, m).tolist()
+    bits = dare_random_bits(delta.numel(), seed, model).tolist()
+    d, e = Fraction(density), Fraction(epsilon)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    for values, idx in zip(flat_rows, index):
+        order = sorted(range(m), key=lambda c: (abs(values[c]), idx[c]))
+        for r, c in enumerate(order):
+            p = d if m == 1 else (d - e) + 2 * e * Fraction(r, m - 1)
+            keep[idx[c]] = bits[idx[c]] < math.floor(p * 2**32)
+    return keep.reshape(delta.shape)
+
+
+def fp64_gta(tensors, weights, masks, *, consensus, normalize, rescale, scale):
+    """GTA in float64 from given keep masks."""
+    base = tensors[0].double()
+    us = []
+    for t, w, keep in zip(tensors[1:], weights, masks):
+        delta = t.double() - base
+        kept = delta * keep
+        if rescale:
+            before, after = delta.abs().sum(), kept.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+        us.append(w * kept)
+    u = torch.stack(us)
+    w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * base.dim())
+    if consensus:
+        agree = u.sign() == torch.where(u.sum(0) >= 0, 1.0, -1.0)
+        mixed, divisor = (u * agree).sum(0), (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed, divisor = u.sum(0), w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    # where the vote Σ uᵢ is ~0 (tie data: exact cancellations), fp32 and fp64 may elect
+    # different signs; such elements are left out of the fp64 comparison
+    settled = u.sum(0).abs() >= 1e-5 * u.abs().sum(0)
+    if not consensus:
+        settled = torch.ones_like(settled)
+    return base + scale * mixed, settled
+
+
+DELLA_CASES = [((37, 53), 0.1, 0.05), ((37, 53), 0.5, 0.15), ((101,), 0.5, 0.3), ((3, 4, 5), 0.3, 0.2),
+               ((6, 1), 0.4, 0.1), ((1,), 0.6, 0.1), ((37, 53), 1.0, 0.15)]
+
+
+@pytest.mark.parametrize("shape,density,epsilon", DELLA_CASES, ids=str)
+@pytest.mark.parametrize("data", ["fp32", "ties"])
+def test_della_mask_exact_rule(shape, density, epsilon, data):
+    tensors = random_models(shape, 2, seed=11) if data == "fp32" else tie_models(shape, 2, seed=11)
+    seed = 2**40 + 123
+    for model in range(2):
+        delta = tensors[model + 1].float() - tensors[0].float()
+        if density >= 1:
+            assert torch.equal(gta.sparsify_della(delta, {"density": density, "epsilon": epsilon}, True, seed, model),
+                               delta)
+            continue
+        mine = gta.della_keep_mask(delta, density, epsilon, seed, model)
+        assert torch.equal(mine, exact_della_keep(delta, density, epsilon, seed, model))
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(37, 53), (101,)], ids=str)
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("data", ["fp32", "ties"])
+def test_della_merge_against_fp64_and_mergekit(name, shape, density, n, data, stable_sorts, monkeypatch):
+    """Our merge vs (a) an fp64 GTA on the exact-rule masks, (b) mergekit with stable sorts
+    and torch.bernoulli replaced by our masks (its probabilities checked against ours)."""
+    tensors = random_models(shape, n, seed=5 + n) if data == "fp32" else tie_models(shape, n, seed=5 + n)
+    epsilons = [0.05, 0.09, 0.01, 0.0]
+    params = gta_params(n, density, lambda i: {"epsilon": epsilons[i]})
+    seed = 99
+    base = tensors[0].float()
+    deltas = [t.float() - base for t in tensors[1:]]
+    masks = [exact_della_keep(d, density, params[i]["epsilon"], seed, i) if density < 1 else torch.ones_like(d)
+             for i, d in enumerate(deltas)]
+    consensus = name == "della"
+    calls = []
+    for shared in ({}, {"rescale": False, "normalize": not consensus, "lambda": 1.3}):
+        resolved = inputs_for(name, tensors, params, shared, seed).shared
+        got = ours(name, tensors, params, shared, seed)
+        expected, settled = fp64_gta(tensors, [p["weight"] for p in params], masks, consensus=consensus,
+                                     normalize=resolved["normalize"], rescale=resolved["rescale"],
+                                     scale=resolved["lambda"])
+        assert settled.float().mean() > 0.97
+        close(got[settled], expected[settled], rtol=1e-5, atol=1e-6)
+
+        calls.clear()
+
+        def fake_bernoulli(probs, *a, **k):
+            i = len(calls)
+            calls.append(i)
+            p = gta.della_keep_probability(deltas[i], density, params[i]["epsilon"])
+            torch.testing.assert_close(probs.reshape(p.shape).double(), p, rtol=0, atol=1e-6)
+            return masks[i].reshape(probs.shape).to(probs.dtype)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "bernoulli", fake_bernoulli)
+            close(got, mergekit(name, tensors, params, shared), rtol=1e-5, atol=1e-6)
+        assert len(calls) == (n if density < 1 else 0)
+        if density < 1:
+            assert any(0 < m.float().mean() < 1 for m in masks)
+
+
+def test_della_kept_fraction():
+    """Kept count = Σp within 4 binomial SDs overall, and per magnitude tercile (the DELLA
+    tilt: small magnitudes kept at ≈ d − 2ε/3, large at ≈ d + 2ε/3)."""
+    gen = torch.Generator().manual_seed(4)
+    delta = torch.randn(256, 256, generator=gen)
+    for density, epsilon, seed, model in [(0.4, 0.2, 1, 0), (0.1, 0.05, 2, 3), (0.7, 0.0, 3, 1)]:
+        keep = gta.della_keep_mask(delta, density, epsilon, seed, model)
+        p = gta.della_keep_probability(delta, density, epsilon)
+        ranks = gta.ascending_ranks(delta.abs(), dim=1)
+        for part in (ranks < 85, (ranks >= 85) & (ranks < 171), ranks >= 171, torch.ones_like(keep)):
+            expected = p[part].sum().item()
+            sd = (p[part] * (1 - p[part])).sum().sqrt().item()
+            assert abs(keep[part].sum().item() - expected) < 4 * sd
+        if epsilon > 0:
+            low, high = keep[ranks < 85].float().mean(), keep[ranks >= 171].float().mean()
+            assert high - low > epsilon  # expected 4ε/3 apart
+
+
+def test_della_reproducible_and_keyed():
+    tensors = random_models((37, 53), 2, seed=8)
+    params = gta_params(2, 0.3, lambda i: {"epsilon": 0.1})
+    a = ours("della", tensors, params, seed=5)
+    assert torch.equal(a, ours("della", tensors, params, seed=5))
+    assert not torch.equal(a, ours("della", tensors, params, seed=6))
+    delta = tensors[1] - tensors[0]
+    m0 = gta.della_keep_mask(delta, 0.3, 0.1, 5, 0)
+    assert torch.equal(m0, gta.della_keep_mask(delta, 0.3, 0.1, 5, 0))
+    assert not torch.equal(m0, gta.della_keep_mask(delta, 0.3, 0.1, 5, 1))
+    assert not torch.equal(m0, gta.della_keep_mask(delta, 0.3, 0.1, 6, 0))
+    # the same model at another position draws another stream
+    swapped = ours("della_linear", [tensors[0], tensors[2], tensors[1]], params[::-1], seed=5)
+    assert not torch.allclose(swapped, ours("della_linear", tensors, params, seed=5))
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.1, 0.1), (0.9, 0.1), (0.2, 0.3)])
+def test_della_rejects_epsilon_out_of_range_for_density(density, epsilon):
+    tensors = random_models((37, 53), 2, seed=9)
+    params = gta_params(2, 0.5, lambda i: {"epsilon": 0.1})
+    params[1].update(density=density, epsilon=epsilon)
+    with pytest.raises(ValueError, match="epsilon"):
+        ours("della", tensors, params)
+    with pytest.raises(ValueError, match="[Ee]psilon"):
+        mergekit("della", tensors, params)
+
+
+def test_della_density_zero_and_one():
+    tensors = random_models((37, 53), 2, seed=10)
+    params = [{"weight": 0.5, "density": 0.0, "epsilon": 0.3}, {"weight": 0.8, "density": 1.0, "epsilon": 0.4}]
+    got = ours("della_linear", tensors, params)  # ε outside d's range is fine at d = 0 and 1 (as mergekit)
+    close(got, tensors[0] + 0.8 * (tensors[2] - tensors[0]))
+    close(got, mergekit("della_linear", tensors, params))
+
+
+# --- SCE -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 53), (101,)], ids=str)
+@pytest.mark.parametrize("topk", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("scale", [0.1, 1e-4])  # 1e-4: Σ mean(τ²) < 1e-6, equal weights
+def test_sce_matches_mergekit(shape, topk, n, scale):
+    tensors = random_models(shape, n, seed=20 + n, scale=scale)
+    tvs = torch.stack([t - tensors[0] for t in tensors[1:]])
+    assert (tvs.square().reshape(n, -1).mean(1).sum() < 1e-6) == (scale < 1e-3)
+    got = ours("sce", tensors, shared={"select_topk": topk})
+    close(got, mergekit("sce", tensors, shared={"select_topk": topk}))
+    if topk < 1:
+        assert not torch.allclose(got, ours("sce", tensors))
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1961,)], ids=str)
+@pytest.mark.parametrize("topk", [0.1, 0.5])
+@pytest.mark.parametrize("n", [2, 4])
+def test_sce_tie_heavy(shape, topk, n, monkeypatch):
+    tensors = tie_models(shape, n, seed=30 + n)
+    tvs = torch.stack([t.float() - tensors[0].float() for t in tensors[1:]])
+    mine = sce.sce_select_mask(tvs, topk)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * topk)
+    flat = var.reshape(-1).tolist()
+    rule = torch.zeros(len(flat), dtype=torch.bool)
+    rule[sorted(range(len(flat)), key=lambda e: (-flat[e], e))[:k]] = True
+    assert torch.equal(mine.reshape(-1), rule)  # our documented rule
+    theirs = mk_sce.sce_mask(tvs, topk, torch.float32) != 0
+    assert mine.sum() == theirs.sum() == k
+    cut = torch.sort(var.reshape(-1), descending=True).values[k - 1]
+    certain = var != cut
+    assert 0 < certain.sum() < certain.numel()
+    assert torch.equal(mine[certain], theirs[certain])
+    # the whole merge, with mergekit's selection replaced by ours
+    monkeypatch.setattr(mk_sce, "sce_mask", lambda t, d, dtype=None: mine.to(dtype))
+    close(ours("sce", tensors, shared={"select_topk": topk}), mergekit("sce", tensors, shared={"select_topk": topk}))
+
+
+def test_sce_topk_zero_and_base_only():
+    tensors = random_models((37, 53), 3, seed=12)
+    close(ours("sce", tensors, shared={"select_topk": 0.0}), tensors[0])
+    close(ours("sce", tensors, shared={"select_topk": 0.0}), mergekit("sce", tensors, shared={"select_topk": 0.0}))
+    assert torch.equal(ours("sce", tensors[:1]), tensors[0])
+
+
+# --- model_stock ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 53), (101,), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("data", ["fp32", "ties"])
+def test_model_stock_matches_mergekit(shape, filter_wise, n, data):
+    tensors = random_models(shape, n, seed=40 + n) if data == "fp32" else tie_models(shape, n, seed=40 + n)
+    if data == "fp32":  # correlated offsets: t well away from 0 and 1
+        common = tensors[1] - tensors[0]
+        tensors = [tensors[0]] + [t + common for t in tensors[1:]]
+    shared = {"filter_wise": filter_wise}
+    got = ours("model_stock", tensors, shared=shared)
+    close(got, mergekit("model_stock", tensors, shared=shared), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, tensors[0].float())
+
+
+def test_model_stock_singular_keeps_base():
+    """Opposite offsets: cos = −1, 1 + (N − 1)·cos = 0, so t = 0 (the base) for those rows."""
+    gen = torch.Generator().manual_seed(13)
+    base = torch.randn(4, 9, generator=gen)
+    offset = torch.randn(4, 9, generator=gen)
+    offset[2] = torch.randn(9, generator=gen)  # row 2: second model is not opposite
+    second = -offset.clone()
+    second[2] = torch.randn(9, generator=gen)
+    tensors = [base, base + offset, base + second]
+    got = ours("model_stock", tensors, shared={"filter_wise": True})
+    close(got, mergekit("model_stock", tensors, shared={"filter_wise": True}))
+    close(got[[0, 1, 3]], base[[0, 1, 3]])
+    assert not torch.allclose(got[2], base[2])
+
+
+# --- arcee_fusion --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 53), (101,), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("data", ["fp32", "ties"])
+def test_arcee_fusion_matches_mergekit(shape, data):
+    tensors = random_models(shape, 1, seed=50) if data == "fp32" else tie_models(shape, 1, seed=50, heavy_tail=True)
+    got = ours("arcee_fusion", tensors)
+    close(got, mergekit("arcee_fusion", tensors))
+    kept = got != tensors[0].float()
+    assert 0 < kept.sum() < kept.numel()
+
+
+def test_arcee_fusion_sampled_quantiles():
+    """Above 10⁶ elements: the threshold comes from 10⁶ Philox-drawn samples (documented
+    index rule), is reproducible, and its mask agrees with mergekit's (torch.randint sample)
+    on nearly every element."""
+    tensors = random_models((1001, 1000), 1, seed=51)
+    base, tuned = tensors
+    scores = arcee_fusion.fusion_importance(tuned, base).reshape(-1)
+    bits = dare_random_bits(10**6, 17, 0).double()
+    sample = scores[(bits / 2**32 * scores.numel()).floor().long()]
+    s = torch.sort(sample).values
+    q1, med, q3 = s[int(0.25 * (10**6 - 1))], s[int(0.5 * (10**6 - 1))], s[int(0.75 * (10**6 - 1))]
+    assert arcee_fusion.fusion_threshold(scores, 17).item() == (med + 1.5 * (q3 - q1)).item()
+    got = ours("arcee_fusion", tensors, seed=17)
+    assert torch.equal(got, ours("arcee_fusion", tensors, seed=17))
+    torch.manual_seed(0)
+    agree = ((got != base) == (mergekit("arcee_fusion", tensors) != base)).float().mean()
+    assert agree > 0.99
+
+
+# --- RAM -----------------------------------------------------------------------------------
+
+def ram_models(shape, n, seed):
+    """Deltas that are exactly 0 (θ = base) in ~half the elements, below ε = 1e-5 in some,
+    so unique, shared and empty elements all occur; the last model's support lies inside the
+    first's (no unique elements of its own)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    supports = [torch.rand(shape, generator=gen) < 0.5 for _ in range(n)]
+    supports[-1] &= supports[0]
+    out = [base]
+    for support in supports:
+        delta = 0.01 * torch.randn(shape, generator=gen) * support
+        tiny = torch.rand(shape, generator=gen) < 0.05
+        out.append(base + torch.where(tiny, torch.full_like(base, 2e-6), delta))
+    return out
+
+
+@pytest.mark.parametrize("name,shared", [("ram", {}), ("ram", {"epsilon": 1e-3}), ("ramplus_tl", {}),
+                                         ("ramplus_tl", {"r": 0.5, "alpha": 1.5, "epsilon": 1e-4})], ids=str)
+@pytest.mark.parametrize("shape", [(37, 53), (101,)], ids=str)
+@pytest.mark.parametrize("n", [2, 4])
+def test_ram_matches_mergekit(name, shared, shape, n):
+    tensors = ram_models(shape, n, seed=60 + n)
+    got = ours(name, tensors, shared=shared)
+    close(got, mergekit(name, tensors, shared=shared))
+    contrib = torch.stack([(t - tensors[0]).abs() > inputs_for(name, tensors, shared=shared).shared["epsilon"]
+                           for t in tensors[1:]])
+    count = contrib.sum(0)
+    assert (count == 0).any() and (count == 1).any() and (count > 1).any()
+    close(got[count == 0], tensors[0][count == 0])
+    if name == "ramplus_tl":  # the scaling does something
+        assert not torch.allclose(got, ours("ram", tensors, shared={"epsilon": shared.get("epsilon", 1e-5)}))
+
+
+def test_ram_base_only():
+    base = torch.randn(5, 7)
+    assert torch.equal(ours("ram", [base]), base)
+    assert torch.equal(ours("ramplus_tl", [base]), base)
