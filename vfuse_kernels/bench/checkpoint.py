@@ -24,13 +24,19 @@ from .common import environment, print_table, write_json  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
                  vocab_size=151936, tie_word_embeddings=False)
-CONFIGS = {
-    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\n"
-            "dtype: bfloat16\n",
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n",
+HEADERS = {  # method → (YAML without models, the model line for a fine-tune; {t}: its path, {w}: 1/N)
+    "ties": ("merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\n",
+             "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5}}}}"),
+    "task_arithmetic": ("merge_method: task_arithmetic\nbase_model: {base}\n", "  - {{model: {t}, parameters: {{weight: 0.5}}}}"),
+    "breadcrumbs_ties": ("merge_method: breadcrumbs_ties\nbase_model: {base}\n",
+                         "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5, gamma: 0.01}}}}"),
+    "della": ("merge_method: della\nbase_model: {base}\n",
+              "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5, epsilon: 0.1}}}}"),
+    "sce": ("merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\n", "  - {{model: {t}}}"),
+    "model_stock": ("merge_method: model_stock\nbase_model: {base}\n", "  - {{model: {t}}}"),
+    "slerp": ("merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.4}}\n", "  - {{model: {t}}}"),
 }
-
-
+CONFIGS = list(HEADERS)
 def write_checkpoints(root: str, layers: int, tuned: int, shard_bytes: int = 1 << 30) -> tuple[str, list[str]]:
     """A Qwen2-shaped base (``QWEN2_05B`` with ``layers`` layers) and ``tuned`` fine-tunes."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -83,12 +89,16 @@ def write_family(root: str, shapes: dict[str, tuple[int, ...]], config: dict, tu
 
 
 def write_config(root: str, method: str, base: str, tuned: list[str]) -> str:
-    """The ``CONFIGS[method]`` YAML for these checkpoints (equal weights; TIES density 0.5)."""
-    models = "\n".join(f"  - {{model: {t}, parameters: {{weight: {1 / len(tuned):.4f}, density: 0.5}}}}"
-                       if method == "ties" else f"  - {{model: {t}, parameters: {{weight: 0.5}}}}" for t in tuned)
+    """The ``HEADERS[method]`` YAML for these checkpoints in bf16 (slerp: the base and the first
+    fine-tune; the others: the base and every fine-tune, equal weights)."""
+    header, line = HEADERS[method]
+    models = tuned[:1] if method == "slerp" else tuned
+    body = "\n".join(line.format(t=t, w=1 / len(models)) for t in models)
+    if method == "slerp":
+        body = f"  - {{model: {base}}}\n" + body
     path = os.path.join(root, f"{method}.yml")
     with open(path, "w") as f:
-        f.write(CONFIGS[method].format(base=base, models=models))
+        f.write(header.format(base=base) + "models:\n" + body + "\ndtype: bfloat16\n")
     return path
 
 
@@ -110,7 +120,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[24], help="decoder layers (24: ~0.5B params)")
     parser.add_argument("--tuned", type=int, default=2, help="fine-tunes besides the base")
-    parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"], choices=CONFIGS)
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary folder, removed after)")
     parser.add_argument("--json", help="write rows (with device, versions, date, commit) here")

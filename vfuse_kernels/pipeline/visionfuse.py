@@ -32,6 +32,7 @@ from ..merging.checkpoint import Checkpoint
 from ..merging.inplace import merge_into_
 from ..merging.plan import rewrite_prefix
 from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
+from ..ops import METHODS as FUSED_METHODS
 from ..ops import project_concat
 from ..ops.query_key_scores import cls_attention
 from ..patch import _encoder_layers, run_vision_tower
@@ -156,7 +157,10 @@ class VisionFuse(nn.Module):
         ``weights`` default to 1/M each. With a ``base_model`` (an LLM or MLLM checkpoint
         of the shared base) the language model is ``base + combine(wᵢ·(θᵢ − base))``
         with ``method``; without one, ``method`` must be ``"linear"`` (the weighted
-        average). One model with weight 1 is used as is.
+        average) or a per-tensor mergekit method (``merging.methods``), which then takes the
+        first member's language model as its base and merges the others into it (slerp
+        between two members: ``method="slerp", parameters={"t": 0.5}``; ``weights[1:]`` fill
+        its per-model ``weight``). One model with weight 1 is used as is.
         """
         paths = list(model_paths)
         if not paths:
@@ -200,13 +204,19 @@ class VisionFuse(nn.Module):
         for ck in sources[1:]:
             if language_prefix_map(ck) != prefix_map:
                 raise ValueError(f"{ck.path} names its language model differently from {sources[0].path}")
+        per_tensor = method not in FUSED_METHODS
         if base_model is not None:
             base = Checkpoint(base_model)
             copied = _copy_into_(module, base, language_prefix_map(base))
             bytes_read = copied
+        elif per_tensor:  # the host's language model (the first member's) is the base
+            for ck in sources[:1]:
+                ck.close()
+            sources, weights = sources[1:], weights[1:]
+            bytes_read = 0
         elif method != "linear":
             raise ValueError(f"method={method!r} needs a base_model (the shared base LLM); "
-                             "without one use method='linear'")
+                             "without one use method='linear' or a per-tensor method (the first member as base)")
         else:
             bytes_read = 0
         counts = merge_into_(module, sources, weights, method=method, density=density, prefix_map=prefix_map,
