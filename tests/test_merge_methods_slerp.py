@@ -14,6 +14,7 @@ from mergekit.merge_methods.multislerp import multislerp as mk_multislerp
 from mergekit.merge_methods.nearswap import nearswap_merge as mk_nearswap
 from mergekit.merge_methods.nuslerp import nuslerp_merge_method as mk_nuslerp
 from mergekit.merge_methods.slerp import slerp_merge_method as mk_slerp
+from pydantic import ValidationError
 
 from vfuse_kernels.merging.methods import METHODS, REQUIRED, TensorInputs
 from vfuse_kernels.merging.methods import slerp as S
@@ -22,7 +23,7 @@ MERGEKIT = {"slerp": mk_slerp, "nuslerp": mk_nuslerp, "multislerp": mk_multisler
             "karcher": karcher_merge_method}
 OURS = {"slerp": S.SLERP, "nuslerp": S.NUSLERP, "multislerp": S.MULTISLERP, "nearswap": S.NEARSWAP,
         "karcher": S.KARCHER}
-SHAPES = [(37, 53), (1024,), (1,), (3, 5, 7)]  # prime 2-D, a norm vector, one element, 3-D
+SHAPES = [(37, 53), (1024,), (1,), (), (3, 5, 7)]  # prime 2-D, a norm vector, one element, a scalar, 3-D
 KINDS = ["fp32", "bf16_ties"]
 
 
@@ -94,24 +95,35 @@ def test_slerp_is_spherical():
     torch.testing.assert_close(got, (a + b) * math.cos(math.pi / 4), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["b=2a", "b=a", "b=-a", "nearly_parallel", "zero_base", "zero_other"])
+@pytest.mark.parametrize("case", ["b=2a", "b=a", "b=-a", "nearly_parallel", "cos=0.9997", "cos=0.9993",
+                                  "zero_base", "zero_other", "tiny_base"])
 def test_slerp_edge_cases(case):
+    """|cos θ| > 0.9995 interpolates linearly (cos 0.9997 and 0.9993 straddle the threshold:
+    the bit-equality pins it). A norm <= 1e-8 is replaced by 1 (not clamped to 1e-8): a tiny
+    base then has cos θ ≈ 0."""
     (a, noise), t = make("fp32", (37, 53), 2), 0.3
     b = {"b=2a": 2 * a, "b=a": a.clone(), "b=-a": -a, "nearly_parallel": a + 1e-3 * noise,
-         "zero_base": a, "zero_other": torch.zeros_like(a)}[case]
+         "cos=0.9997": a + 0.0245 * noise, "cos=0.9993": a + 0.0374 * noise, "zero_base": a, "tiny_base": a,
+         "zero_other": torch.zeros_like(a)}[case]
+    if case.startswith("cos="):
+        cos = torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0).item()
+        assert (cos > 0.9995) == (case == "cos=0.9997") and abs(cos - 0.9995) > 1e-4
     if case == "zero_base":
         a = torch.zeros_like(a)
+    if case == "tiny_base":
+        a = a * 1e-12  # norm ~4e-11
     got = same("slerp", [a, b], 0, t=t)
     if case in ("b=2a", "b=a", "b=-a", "nearly_parallel"):  # |cos θ| > 0.9995: linear
         torch.testing.assert_close(got, (1 - t) * a + t * b, rtol=1e-6, atol=1e-6)
-    if case == "zero_base":  # a zero vector counts as orthogonal: sin(tπ/2)·b, not t·b
+    if case in ("zero_base", "tiny_base"):  # a zero vector counts as orthogonal: sin(tπ/2)·b, not t·b
         torch.testing.assert_close(got, math.sin(t * math.pi / 2) * b, rtol=1e-6, atol=1e-6)
 
 
 def test_slerp_extrapolates_and_chunks():
     """t outside [0, 1] is accepted (mergekit checks no range); a tensor of more than 2^20
-    elements goes through the chunked norms and dot product, as mergekit's does."""
-    base, other = make("fp32", (1031, 1033), 2)
+    elements goes through the chunked norms and dot product, as mergekit's does (this seed and
+    shape give different bits when summed in one chunk)."""
+    base, other = make("fp32", (2100, 1500), 2, seed=3)
     for t in (-0.5, 1.5):
         same("slerp", [base, other], 0, t=t)
 
@@ -160,7 +172,8 @@ def test_nuslerp_edge_cases(case, flatten):
     if case == "zero_row":
         a[5] = 0.0
     got = same("nuslerp", [a, b], None, weights=[0.7, 0.3], nuslerp_flatten=flatten)
-    if case != "zero_row":  # colinear (exactly, in fp32): linear
+    if case != "zero_row":  # linear: rows with 1 - cos² <= 1e-16 by the colinear branch, the
+        # others (cos = 1 - 1e-7 from fp32 rounding) by the spherical formula at a tiny θ
         torch.testing.assert_close(got, 0.7 * a + 0.3 * b, rtol=1e-6, atol=1e-6)
     elif not flatten:  # a zero row is orthogonal to everything: sin(tπ/2)·b for that row
         torch.testing.assert_close(got[5], math.sin(0.3 * math.pi / 2) * b[5], rtol=1e-6, atol=1e-6)
@@ -224,7 +237,7 @@ def test_multislerp_antipodal():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("t", [0.0, 1e-3, 0.5, 1.0, -1.0, 5.0])
+@pytest.mark.parametrize("t", [0.0, 1e-7, 1e-3, 0.5, 1.0, -1.0, 5.0])  # 1e-7: below the 1e-6 floor
 def test_nearswap_matches_mergekit(kind, shape, t):
     base, other = make(kind, shape, 2)
     got = same("nearswap", [base, other], 0, t=t)
@@ -309,23 +322,27 @@ def test_parameters_match_mergekit(name):
 
 
 VALUES = [0.5, 1, 0, True, False, 2, 2.0, 2.5, -0.5, 1.5, "0.5", "1e-5", "2", "2.0", " 3 ", "1.", "yes", "Off",
-          "abc", "", None, [1], float("nan"), float("inf"), 1e19]
+          "t", "N", "on", "1", "0", "abc", "", None, [1], float("nan"), float("inf"), 1e19]
 
 
 @pytest.mark.parametrize("name", list(OURS))
 def test_value_checks_match_mergekit(name):
     """A value passes our check exactly when mergekit's parameter validation takes it, and our
-    merge reads it as the same value (t outside [0, 1] included: mergekit has no range check)."""
+    merge reads it as the same value — except slerp's t outside [0, 1], which mergekit takes
+    (it extrapolates) and vfuse refuses on purpose."""
     method = OURS[name]
     params = {**method.model_params, **method.global_params}
-    readers = {S.is_float: S.as_float, S.is_int: S.as_int, S.is_bool: S.as_bool}
+    readers = {S.is_float: S.as_float, S.is_fraction: S.as_float, S.is_int: S.as_int, S.is_bool: S.as_bool}
     for spec in MERGEKIT[name].spec.parameters:
         param = params[spec.name]
         for value in VALUES:
             try:
                 expected, accepted = spec.validate(value), True
-            except Exception:
+            except ValidationError:
                 accepted = False
+            if accepted and name == "slerp" and spec.name == "t" and not 0.0 <= expected <= 1.0:
+                assert param.check(value) == "must be in [0, 1]", value
+                continue
             assert (param.check(value) is None) == accepted, (spec.name, value)
             if accepted:
                 read = readers[param.check](value)
@@ -350,7 +367,7 @@ def test_model_counts_match_mergekit(name):
     method = OURS[name]
     late = set()
     for has_base in (False, True):
-        for n_other in range(0, 5):
+        for n_other in range(5):
             ids = [f"m{i}" for i in range(n_other)] + (["base"] if has_base else [])
             try:
                 MERGEKIT[name].validate_inputs(ids, "base" if has_base else None)

@@ -456,12 +456,9 @@ def _check_group(config: MergeConfig, spec, group: str, base: str | None, inputs
             if (path != base or method == "linear") and _setting(config, group, path, "weight") is None:
                 raise ConfigError(f"{label} ({path}) has no weight ({label}.parameters.weight or parameters.weight)")
         return
-    count = len(inputs)
-    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-        expected = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models else
-                    f"at least {spec.min_models}" if spec.max_models is None else
-                    f"{spec.min_models} to {spec.max_models}")
-        raise ConfigError(f"{group}: merge_method {method} takes {expected} models (the base included), got {count}")
+    problem = spec.count_problem(len(inputs), base is not None and base in paths)
+    if problem:
+        raise ConfigError(f"{group}: {problem}")
     from .methods import REQUIRED
 
     for key, param in spec.global_params.items():

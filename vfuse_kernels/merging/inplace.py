@@ -106,9 +106,9 @@ def _method_parameters(spec, n: int, weights, densities, parameters: dict):
         return None, None, None
     from .methods import REQUIRED
 
-    if not spec.min_models <= n + 1 <= (spec.max_models or n + 1):
-        raise ValueError(f"method {spec.name!r} takes {spec.min_models} to {spec.max_models or 'any number of'} "
-                         f"models (the loaded model included), got {n + 1}")
+    problem = spec.count_problem(n + 1, True)
+    if problem:
+        raise ValueError(f"{problem} (the loaded model is the base)")
     known = {*spec.model_params, *spec.global_params}
     unknown = set(parameters) - known
     if unknown:

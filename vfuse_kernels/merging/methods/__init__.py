@@ -43,6 +43,19 @@ class TensorMethod:
     needs_base: bool = False  # mergekit refuses the config without base_model
     min_models: int = 1  # counting the base when it is one of the inputs
     max_models: int | None = None
+    min_non_base: int = 0  # the models besides the base
+    max_non_base: int | None = None
+
+    def count_problem(self, models: int, has_base: bool) -> str | None:
+        """Why ``models`` inputs (the base among them when ``has_base``) do not fit, or None."""
+        for what, count, low, high in (("models (the base included)", models, self.min_models, self.max_models),
+                                       ("models besides the base", models - has_base, self.min_non_base,
+                                        self.max_non_base)):
+            if count < low or (high is not None and count > high):
+                expected = (f"exactly {low}" if low == high else f"at least {low}" if high is None else
+                            f"{low} to {high}")
+                return f"merge_method {self.name} takes {expected} {what}, got {count}"
+        return None
 
 
 @dataclass
@@ -78,4 +91,4 @@ def in_unit_interval(value) -> str | None:
     return None if 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
 
 
-from . import arcee_fusion, gta, model_stock, passthrough, ram, sce  # noqa: E402,F401 - they register themselves
+from . import arcee_fusion, gta, model_stock, passthrough, ram, sce, slerp  # noqa: E402,F401 - they register themselves

@@ -9,7 +9,8 @@ Notation: ``B`` is the base model's tensor, ``M_i`` the other models' tensors in
 - ``nuslerp`` (exactly two non-base models, optional base, per-model ``weight``):
   ``t = w_1 / (w_0 + w_1)`` (0.5 when ``|w_0 + w_1| < 1e-6``); the same formula on ``M_i``
   (or on ``M_i - B``, then ``+ B``), over the flattened tensor (``nuslerp_flatten``, the
-  default), or per vector along the last dim, or along dim 0 with ``nuslerp_row_wise``.
+  default), or per vector along the last dim, or along dim 0 with ``nuslerp_row_wise``
+  (dims 0 and -1 swapped: a [out, in] matrix's columns; no effect while flattening).
 - ``multislerp`` (one or more non-base models, optional base, per-model ``weight``):
   barycentric interpolation on the sphere through the tangent space at the weighted mean of
   the unit vectors, rescaled to the weighted mean norm.
@@ -19,8 +20,17 @@ Notation: ``B`` is the base model's tensor, ``M_i`` the other models' tensors in
   the unit vectors on the sphere (fixed-point iteration), times the mean norm.
 
 mergekit checks no range of ``t`` or ``weight`` (t outside [0, 1] extrapolates); the checks
-here are its type checks (pydantic's lax rules: numeric strings such as YAML's ``1e-5`` are
+here are its type checks, and slerp's ``t`` must lie in [0, 1] (a deliberate difference: an
+extrapolating slerp is almost surely a config mistake) (pydantic's lax rules: numeric strings such as YAML's ``1e-5`` are
 numbers, "yes"/"off"/0/1 are booleans, an int parameter takes 2.0 but not 2.5).
+
+Edge cases kept from mergekit: slerp counts a norm <= 1e-8 as 1, so a zero (or tiny) tensor
+is orthogonal to everything (slerp from a zero base gives ``sin(tπ/2)·M``, not ``t·M``), and
+so does nuslerp (norms clamped at 1e-7); nuslerp's colinear test ``1 - cos²θ <= 1e-16`` holds
+in fp32 only for cos θ = ±1 exactly, the formula being accurate at tiny θ anyway; multislerp
+returns a single model as is (base ignored) and falls back to ``Σ w_i x_i`` for two antipodal
+inputs, but refuses more whose unit vectors cancel; karcher leaves inputs with norm <= tol out
+of the mean but keeps them in the norm scale, and returns zero when all are.
 
 Deliberate differences from mergekit:
 - Arithmetic is fp32 (fp64 when an input is fp64) whatever the loaded dtype; mergekit runs
@@ -30,8 +40,6 @@ Deliberate differences from mergekit:
 - karcher takes the inputs in ``TensorInputs`` order (base first); mergekit uses the config
   order (the base last when it is not listed). The mean is symmetric: only rounding and the
   degenerate start (unit vectors that cancel: mergekit starts from the first one) can differ.
-- ``TensorMethod`` counts the base among the models, so "exactly two non-base models"
-  (nuslerp) and "at least one non-base model" (multislerp) are checked when merging.
 - Host syncs: karcher tests ``θ < tol`` per model with ``torch.where`` rather than ``.item()``
   (same values), multislerp picks its two-model linear fallback the same way.
 """
@@ -94,6 +102,11 @@ def _check(convert: Callable[[Any], Any], what: str) -> Callable[[Any], str | No
 
 
 is_float = _check(as_float, "a number")
+
+
+def is_fraction(value: Any) -> str | None:
+    """A number in [0, 1] (slerp's t: mergekit would extrapolate outside; vfuse refuses)."""
+    return is_float(value) or (None if 0.0 <= as_float(value) <= 1.0 else "must be in [0, 1]")
 is_int = _check(as_int, "an integer")
 is_bool = _check(as_bool, "a boolean")
 
@@ -113,9 +126,10 @@ def _upcast(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [x.to(dtype) for x in tensors]
 
 
-def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None):
-    """(base or None, non-base tensors, their parameters), with lo..hi non-base models."""
-    tensors = _upcast(inputs.tensors)
+def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None, upcast: bool = True):
+    """(base or None, non-base tensors, their parameters), with lo..hi non-base models; the
+    tensors in the compute dtype unless ``upcast`` is false."""
+    tensors = _upcast(inputs.tensors) if upcast else list(inputs.tensors)
     keep = [i for i in range(len(tensors)) if i != inputs.base_index]
     if len(keep) < lo or (hi is not None and len(keep) > hi):
         expected = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
@@ -124,8 +138,8 @@ def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None):
     return base, [tensors[i] for i in keep], [inputs.params[i] for i in keep]
 
 
-def _base_and_other(inputs: TensorInputs, method: str):
-    base, others, _ = _split(inputs, method, 1, 1)
+def _base_and_other(inputs: TensorInputs, method: str, upcast: bool = True):
+    base, others, _ = _split(inputs, method, 1, 1, upcast)
     if base is None:
         raise ValueError(f"{method} needs a base model ({inputs.name})")
     return base, others[0]
@@ -178,7 +192,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
     """slerp from the base (t = 0) to the other model (t = 1)."""
-    base, other = _base_and_other(inputs, "slerp")
+    base, other = _base_and_other(inputs, "slerp", upcast=False)  # converted chunk by chunk
     return slerp_tensors(as_float(inputs.shared["t"]), base, other)
 
 
@@ -191,7 +205,8 @@ _NUSLERP_EPS = 1e-8
 def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False,
                     flatten: bool = True) -> torch.Tensor:
     """slerp of v0 and v1 (no renormalisation), vector by vector: the flattened tensor, else
-    each vector along the last dim, or along dim 0 when ``row_wise``. A vector pair with
+    each vector along the last dim, or (``row_wise``) along dim 0, swapping dims 0 and -1 as
+    mergekit does. A vector pair with
     ``1 - cos²θ <= 1e-16`` interpolates linearly; a zero vector has cos θ = 0."""
     shape = v0.shape
     if flatten:
@@ -342,15 +357,16 @@ def merge_karcher(inputs: TensorInputs) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 
-SLERP = register(TensorMethod("slerp", merge_slerp, global_params={"t": Param(REQUIRED, is_float)},
+SLERP = register(TensorMethod("slerp", merge_slerp, global_params={"t": Param(REQUIRED, is_fraction)},
                               needs_base=True, min_models=2, max_models=2))
 NUSLERP = register(TensorMethod(
     "nuslerp", merge_nuslerp, model_params={"weight": Param(REQUIRED, is_float)},
     global_params={"nuslerp_row_wise": Param(False, is_bool), "nuslerp_flatten": Param(True, is_bool)},
-    min_models=2, max_models=3))  # two models, plus the base when there is one
+    min_models=2, max_models=3, min_non_base=2, max_non_base=2))  # two models, plus the base when there is one
 MULTISLERP = register(TensorMethod(
     "multislerp", merge_multislerp, model_params={"weight": Param(REQUIRED, is_float)},
-    global_params={"normalize_weights": Param(True, is_bool), "eps": Param(1e-8, is_float)}, min_models=1))
+    global_params={"normalize_weights": Param(True, is_bool), "eps": Param(1e-8, is_float)}, min_models=1,
+    min_non_base=1))
 NEARSWAP = register(TensorMethod("nearswap", merge_nearswap, global_params={"t": Param(REQUIRED, is_float)},
                                  needs_base=True, min_models=2, max_models=2))
 KARCHER = register(TensorMethod(
