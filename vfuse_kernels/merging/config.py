@@ -250,7 +250,7 @@ def _check_setting(setting: Any, where: str) -> None:
     raise ConfigError(f"{where}: cannot read {setting!r}")
 
 
-def _model_path(value: Any, where: str, root: str) -> str:
+def resolve_model_path(value: Any, where: str, root: str) -> str:
     if isinstance(value, dict):  # mergekit's {model: {path: ...}} form
         unknown = set(value) - {"path"}
         if unknown:
@@ -299,7 +299,7 @@ def parse_config(data: dict, root: str = ".") -> MergeConfig:
         raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
     spec = method_spec(method)
     base = data.get("base_model")
-    base = _model_path(base, "base_model", root) if base is not None else None
+    base = resolve_model_path(base, "base_model", root) if base is not None else None
     if ("models" in data) == ("slices" in data):
         raise ConfigError("give exactly one of models and slices")
     models, slices = [], []
@@ -314,7 +314,7 @@ def parse_config(data: dict, root: str = ".") -> MergeConfig:
             if extra:
                 raise ConfigError(f"models[{i}].{sorted(extra)[0]} is not supported")
             params = _parameters(entry.get("parameters"), f"models[{i}].parameters", method, spec, per_model=True)
-            models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model", root), params))
+            models.append(ModelEntry(resolve_model_path(entry["model"], f"models[{i}].model", root), params))
     else:
         slices = _parse_slices(data.get("slices"), root, method, spec)
     parameters = _parameters(data.get("parameters"), "parameters", method, spec, per_model=False)
@@ -414,7 +414,7 @@ def _parse_slices(raw, root: str, method: str, spec) -> list[SliceSpec]:
                     or not 0 <= layer_range[0] < layer_range[1]):
                 raise ConfigError(f"{at}.layer_range={layer_range!r} must be [start, end) with 0 <= start < end")
             params = _parameters(src.get("parameters"), f"{at}.parameters", method, spec, per_model=True)
-            sources.append(SliceSource(_model_path(src["model"], f"{at}.model", root), *layer_range, params))
+            sources.append(SliceSource(resolve_model_path(src["model"], f"{at}.model", root), *layer_range, params))
         lengths = {s.end - s.start for s in sources}
         if len(lengths) > 1:
             raise ConfigError(f"{where}: every source must have the same number of layers, got "
@@ -423,7 +423,7 @@ def _parse_slices(raw, root: str, method: str, spec) -> list[SliceSpec]:
         if spec is None and set(params) & SHARED_PARAMS:
             raise ConfigError(f"{where}.parameters.{sorted(set(params) & SHARED_PARAMS)[0]}: set {method}'s "
                               "normalize, lambda, rescale and int8_mask under the global parameters")
-        base = _model_path(entry["base_model"], f"{where}.base_model", root) if entry.get("base_model") else None
+        base = resolve_model_path(entry["base_model"], f"{where}.base_model", root) if entry.get("base_model") else None
         slices.append(SliceSpec(sources, params, base))
     return slices
 
@@ -525,7 +525,7 @@ def _parse_extension(ext: Any, config: MergeConfig, root: str) -> None:
         if not isinstance(rule, dict) or not isinstance(rule.get("filter"), str) or set(rule) - {"filter", "model"}:
             raise ConfigError(f"vfuse.keep[{i}] must be {{filter: <pattern>, model: <path>}}")
         if "model" in rule:
-            model = _model_path(rule["model"], f"vfuse.keep[{i}].model", root)
+            model = resolve_model_path(rule["model"], f"vfuse.keep[{i}].model", root)
         elif config.base_model:
             model = config.base_model
         else:
@@ -537,7 +537,7 @@ def _parse_extension(ext: Any, config: MergeConfig, root: str) -> None:
     if not isinstance(name_map, dict):
         raise ConfigError("vfuse.name_map must map model paths to {source prefix: output prefix}")
     for key, prefixes in name_map.items():
-        model = _model_path(key, f"vfuse.name_map[{key!r}]", root)
+        model = resolve_model_path(key, f"vfuse.name_map[{key!r}]", root)
         if model not in known:
             raise ConfigError(f"vfuse.name_map[{key!r}] is not one of the merged models")
         if model == config.base_model:
@@ -548,16 +548,20 @@ def _parse_extension(ext: Any, config: MergeConfig, root: str) -> None:
         config.name_map[model] = dict(prefixes)
 
 
-def load_config(path: str) -> MergeConfig:
-    """Reads and validates a YAML merge config."""
+def read_yaml(path: str, what: str = "config"):
+    """A YAML file's content; ConfigError naming the file when it cannot be read or parsed."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(data, root=os.path.dirname(os.path.abspath(path)))
+
+
+def load_config(path: str) -> MergeConfig:
+    """Reads and validates a YAML merge config."""
+    return parse_config(read_yaml(path), root=os.path.dirname(os.path.abspath(path)))
 
 
 def resolve(config: MergeConfig, group: str, path: str | None, key: str, name: str, t: float) -> Any:

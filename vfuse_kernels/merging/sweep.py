@@ -51,7 +51,7 @@ import torch
 import yaml
 
 from .checkpoint import HostReader, read_ahead, staged
-from .config import ConfigError, MergeConfig, _model_path, parse_config
+from .config import ConfigError, MergeConfig, resolve_model_path, parse_config, read_yaml
 from .engine import _BufferPool, _Runner, merge_checkpoints
 from .plan import build_plan
 
@@ -159,22 +159,22 @@ def _absolute(data: dict, root: str) -> dict:
     """The config with every model path absolute (checked to exist), so it reads the same from any folder."""
     data = copy.deepcopy(data)
     if data.get("base_model") is not None:
-        data["base_model"] = _model_path(data["base_model"], "base_model", root)
+        data["base_model"] = resolve_model_path(data["base_model"], "base_model", root)
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict) and "model" in entry:
-            entry["model"] = _model_path(entry["model"], f"models[{i}].model", root)
+            entry["model"] = resolve_model_path(entry["model"], f"models[{i}].model", root)
     for i, sl in enumerate(data.get("slices") or []):
         for j, src in enumerate((sl or {}).get("sources") or []):
             if isinstance(src, dict) and "model" in src:
-                src["model"] = _model_path(src["model"], f"slices[{i}].sources[{j}].model", root)
+                src["model"] = resolve_model_path(src["model"], f"slices[{i}].sources[{j}].model", root)
         if isinstance(sl, dict) and sl.get("base_model"):
-            sl["base_model"] = _model_path(sl["base_model"], f"slices[{i}].base_model", root)
+            sl["base_model"] = resolve_model_path(sl["base_model"], f"slices[{i}].base_model", root)
     ext = data.get("vfuse") or {}
     for i, rule in enumerate(ext.get("keep") or []):
         if isinstance(rule, dict) and "model" in rule:
-            rule["model"] = _model_path(rule["model"], f"vfuse.keep[{i}].model", root)
+            rule["model"] = resolve_model_path(rule["model"], f"vfuse.keep[{i}].model", root)
     if isinstance(ext.get("name_map"), dict):
-        ext["name_map"] = {_model_path(k, f"vfuse.name_map[{k!r}]", root): v for k, v in ext["name_map"].items()}
+        ext["name_map"] = {resolve_model_path(k, f"vfuse.name_map[{k!r}]", root): v for k, v in ext["name_map"].items()}
     return data
 
 
@@ -223,13 +223,7 @@ def _evaluation(raw, root: str) -> Evaluation:
 def load_sweep(path: str) -> Sweep:
     """Reads and validates a sweep file: every configuration is checked as ``vfuse merge``
     would check it before any model is loaded."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "sweep")
     if not isinstance(data, dict):
         raise ConfigError("the sweep file must be a YAML mapping")
     root = os.path.dirname(os.path.abspath(path))
