@@ -1,4 +1,4 @@
-"""The merge benchmark runs end to end (tiny sizes) and writes well-formed JSON rows."""
+"""The merge and sweep benchmarks run end to end (tiny sizes) and write well-formed rows."""
 import json
 
 import torch
@@ -21,3 +21,14 @@ def test_bench_merge_quick(tmp_path, monkeypatch):
     assert ("ties", "mergekit ops") in methods and ("task_arithmetic", "eager fp32") in methods
     for r in rows:
         assert r["median_ms"] > 0 and r["GB/s"] > 0 and r["pct_of_copy"] > 0
+
+
+def test_bench_sweep_rows():
+    """The sweep benchmark times merge_into_ and two sweep applications of the same merge."""
+    from vfuse_kernels.bench import sweep as bench_sweep
+
+    rows = bench_sweep.run(layers=1, device="cpu", reps=1, hidden=64, vocab=256)
+    assert [r["impl"] for r in rows] == ["merge_into_ (ties, one pass)",
+                                         "sweep apply, first configuration (thresholds computed)",
+                                         "sweep apply, weights changed (thresholds reused)"]
+    assert all(r["median_ms"] > 0 and r["GB/s"] > 0 for r in rows) and rows[0]["ratio_vs_merge_into"] == 1
