@@ -63,6 +63,19 @@ def test_merged_language_model_is_task_arithmetic_of_the_members(family):
     assert fused.merge_stats.tensors > 0 and fused.merge_stats.bytes_read > 0
 
 
+def test_slerp_between_two_members_without_a_base(family):
+    """A per-tensor method without a base model: the first member's language model is the base
+    (slerp from it at t = 0 to the second member at t = 1), as mergekit's slerp computes it."""
+    from mergekit.merge_methods.slerp import slerp
+
+    base, paths = family
+    fused = VisionFuse.from_pretrained(paths[:2], method="slerp", parameters={"t": 0.3})
+    m0, m1 = (load_tensors(p) for p in paths[:2])
+    lm_key = next(k for k in m0 if k.endswith("layers.1.mlp.down_proj.weight"))
+    expected = slerp(torch.tensor([0.3]), m0[lm_key][None], m1[lm_key][None])[0]  # (a batch of one tensor)
+    torch.testing.assert_close(fused.language_model.layers[1].mlp.down_proj.weight, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("m", [2, 3])
 def test_generate_end_to_end(family, m):
     base, paths = family
