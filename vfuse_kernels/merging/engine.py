@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .checkpoint import (INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers, parse_size,
-                         plan_shards, read_ahead, staged, staging_bytes)
+from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers,
+                         parse_size, plan_shards, read_ahead, staged, staging_bytes)
 from .config import MergeConfig, load_config
 from .plan import MergePlan, TensorTask, build_plan
 
@@ -285,7 +285,7 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
     source = plan.checkpoints[plan.reference].folder
     for name in os.listdir(source):
         path = os.path.join(source, name)
-        if os.path.isfile(path) and name.endswith(COPIED_SUFFIXES) and name != INDEX_NAME:
+        if os.path.isfile(path) and name.endswith(COPIED_SUFFIXES) and name not in (INDEX_NAME, BIN_INDEX_NAME):
             shutil.copyfile(path, os.path.join(out_dir, name))
     config_path = os.path.join(out_dir, "config.json")
     out_dtype = plan.config.out_dtype or plan.config.dtype
