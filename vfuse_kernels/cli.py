@@ -15,6 +15,13 @@ import os
 import sys
 
 
+def _describe(exc: BaseException) -> str:
+    """One line: 'FILE: cause' for an OSError from the system, else the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _merge(args) -> int:
     import torch
 
@@ -46,8 +53,8 @@ def _merge(args) -> int:
                 return 1
         else:
             summary = merge_checkpoints(args.config, args.out_dir, **options)
-    except (ConfigError, CheckpointError, FileExistsError, ValueError) as exc:
-        print(f"vfuse merge: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:  # before any shard was written
+        print(f"vfuse merge: error: {_describe(exc)}", file=sys.stderr)
         return 2
     if summary is not None:  # a distributed merge reports on rank 0
         print(summary.line())

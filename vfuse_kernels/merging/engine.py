@@ -18,7 +18,8 @@ writer, so peak memory is a few of the largest tensors, not the model.
   last copy before reusing it. Copied (unmerged) tensors go from the files' pages straight
   to the output, as on the CPU.
 
-Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last,
+One merge at a time writes into a folder (``OutLock``). Shards are written as
+``<name>.tmp`` and renamed when complete; the index is written last,
 so a failed or killed run never leaves a complete-looking output, and ``resume=True`` keeps
 the shards a previous run finished (checked by CRC-32). ``_run`` can be restricted to some
 of the shards (each rank of a distributed merge writes its own, with its own state file),
@@ -45,6 +46,7 @@ from .. import ops
 from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers,
                          parse_size, plan_shards, read_ahead, staged, staging_bytes)
 from .config import MergeConfig, load_config
+from .lock import OutLock
 from .plan import MergePlan, TensorTask, build_plan
 
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
@@ -241,8 +243,8 @@ def _state_files(out_dir: str) -> list[str]:
 def _prepare_out_dir(out_dir: str, fingerprint: str, resume: bool) -> dict[str, str]:
     """Creates the folder; returns the shards (name → CRC-32) a previous run completed and
     that resume may keep (from its state files: the single-process one and any per-rank
-    ones, folded into one). Refuses to overwrite a complete merge."""
-    os.makedirs(out_dir, exist_ok=True)
+    ones, folded into one). Refuses to overwrite a complete merge. The caller holds the
+    folder's ``OutLock``."""
     if os.path.exists(os.path.join(out_dir, INDEX_NAME)):
         raise FileExistsError(f"{out_dir} already holds a complete merge ({INDEX_NAME}); choose another folder")
     for name in os.listdir(out_dir):
@@ -334,9 +336,10 @@ def merge_checkpoints(
     try:
         layouts = plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(out_shard_size))
         fingerprint = plan.fingerprint()
-        done = _prepare_out_dir(out_dir, fingerprint, resume)
-        summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start, staging=staging)
-        _finish_out_dir(plan, out_dir, layouts)
+        with OutLock(out_dir):
+            done = _prepare_out_dir(out_dir, fingerprint, resume)
+            summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start, staging=staging)
+            _finish_out_dir(plan, out_dir, layouts)
         return summary
     finally:
         plan.close()
