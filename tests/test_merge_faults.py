@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -120,3 +123,77 @@ def test_lock_of_a_dead_process_is_taken_over(setup, tmp_path):
     assert proc.returncode == 0
     assert f"note: took over the lock of pid {int(gone.stdout)} on {socket.gethostname()}" in stderr
     assert files(str(out)) == files(reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount_at(KiB): a real tmpfs of that size (a disk that fills); needs root and mount."""
+    mounted = []
+
+    def mount_at(kib: int) -> str:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+        mounted.append(path)
+        return str(path)
+
+    yield mount_at
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_too_small_disk_is_refused_before_writing(setup, small_disk):
+    config, reference = setup
+    out = os.path.join(small_disk(64), "out")
+    proc = vfuse(config, out)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert re.fullmatch(rf"vfuse merge: error: {out}: the merge needs 0.11 MB there, 0.0[5-7] MB free\n", stderr)
+    assert os.listdir(out) == []
+
+
+def test_disk_filling_up_mid_merge(setup, small_disk, tmp_path):
+    config, reference = setup
+    disk = small_disk(256)
+    out, release = os.path.join(disk, "out"), tmp_path / "release"
+    proc = vfuse(config, out, release=release)
+    wait_for_shards(out, proc)
+    with open(os.path.join(disk, "filler"), "wb", buffering=0) as f:  # another program takes the rest of the disk
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)
+    release.touch()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert re.fullmatch(rf"vfuse merge: error: {out}/\S+: No space left on device: [1-5] of 6 shards finished; "
+                        r"rerun with --resume\n", stderr), stderr
+    os.remove(os.path.join(disk, "filler"))
+    assert_incomplete_then_resumes(out, reference, config)
+
+
+def test_file_size_limit_mid_merge(setup, tmp_path):
+    """EFBIG from RLIMIT_FSIZE: the write-fault path without root, at a known shard."""
+    config, reference = setup
+    out = str(tmp_path / "out")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (19000, 19000))  # noqa: E731 - shard 2 is 20480 bytes
+    proc = subprocess.run([sys.executable, "-m", "vfuse_kernels.cli", "merge", config, out, "--out-shard-size", SHARD,
+                           "--quiet"], capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"vfuse merge: error: {out}/model-00002-of-00006.safetensors: File too large: "
+                                        "1 of 6 shards finished; rerun with --resume"]
+    assert_incomplete_then_resumes(out, reference, config)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_merge(setup, tmp_path, signum, code):
+    config, reference = setup
+    out = str(tmp_path / "out")
+    proc = vfuse(config, out, release=tmp_path / "never")
+    wait_for_shards(out, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code
+    assert re.fullmatch(r"vfuse merge: interrupted: [1-5] of 6 shards finished; rerun with --resume\n", stderr), stderr
+    assert_incomplete_then_resumes(out, reference, config)

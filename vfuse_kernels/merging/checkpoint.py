@@ -26,7 +26,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -561,6 +561,7 @@ class ShardWriter:
         self.final = os.path.join(folder, layout.filename)
         self.tmp = self.final + ".tmp"
         self._file = open(self.tmp, "wb")
+        self._failed: OSError | None = None  # the write error that broke this shard
         self._crc = 0
         self._crc_thread: ThreadPoolExecutor | None = None
         self._written = self._synced = 0
@@ -569,6 +570,15 @@ class ShardWriter:
 
     def append(self, data) -> None:
         """Raw bytes of the tensor being written (``start`` names it)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._append(data)
+        except OSError as exc:  # named by the shard; every later append fails alike
+            self._failed = OSError(exc.errno, exc.strerror, self.final)
+            raise self._failed from exc
+
+    def _append(self, data) -> None:
         nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
         if CRC_THREAD_BYTES is not None and nbytes >= CRC_THREAD_BYTES:
             if self._crc_thread is None:
@@ -606,19 +616,26 @@ class ShardWriter:
 
     def finish(self) -> str:
         self._close_crc_thread()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.final) from exc
         if self._next != len(self.layout.names) or os.path.getsize(self.tmp) != self.layout.size:
             raise RuntimeError(f"shard {self.layout.filename}: incomplete ({self._next}/{len(self.layout.names)})")
         os.replace(self.tmp, self.final)
         return f"{self._crc:08x}"
 
     def abort(self) -> None:
+        """Closes and removes the temporary; never raises on the error that stopped the run
+        (closing flushes, and may hit ENOSPC again)."""
         self._close_crc_thread()
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self.tmp):
+        with suppress(OSError):
+            self._file.close()  # closes the descriptor even when the flush fails
+        with suppress(FileNotFoundError):
             os.remove(self.tmp)
 
     def _close_crc_thread(self) -> None:

@@ -194,7 +194,7 @@ def _merge(config, out_dir, device, out_shard_size, resume, progress, timeout, s
             if rank == 0:  # rank 0's fingerprint (its inputs' mtimes) keys the state files of every rank
                 held.enter_context(OutLock(out_dir))
                 fingerprint = plan.fingerprint()
-                step.value = fingerprint, _prepare_out_dir(out_dir, fingerprint, resume)
+                step.value = fingerprint, _prepare_out_dir(out_dir, plan, layouts, fingerprint, resume)
         fingerprint, done = step.values[0]
         with _Step(f"writing its state file into {out_dir}", timeout):
             if not os.path.isdir(out_dir):
