@@ -112,3 +112,31 @@ def llava(seed: int, *, vision=None, text=None, feature_layer=-2, strategy="defa
             model.lm_head.weight.copy_(base_lm.lm_head.weight + 0.05 * torch.randn(base_lm.lm_head.weight.shape,
                                                                                    generator=gen))
     return model
+
+
+def as_bin(path: str, out: str, single: bool = False) -> str:
+    """The safetensors checkpoint at ``path`` re-saved as PyTorch ``.bin`` the way older HF
+    checkpoints ship: ``pytorch_model-0000i-of-0000n.bin`` shards and
+    ``pytorch_model.bin.index.json`` (or one ``pytorch_model.bin``), each file's tensors in
+    reverse name order (pickle order differs from safetensors' sorted layout)."""
+    from safetensors.torch import load_file
+
+    os.makedirs(out, exist_ok=True)
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    groups = [load_file(os.path.join(path, f)) for f in shards]
+    if single:
+        groups = [{k: v for group in groups for k, v in group.items()}]
+    names = ["pytorch_model.bin"] if single else [f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
+                                                  for i in range(len(groups))]
+    weight_map = {}
+    for name, group in zip(names, groups):
+        torch.save({k: group[k] for k in sorted(group, reverse=True)}, os.path.join(out, name))
+        weight_map.update({k: name for k in group})
+    if not single:
+        with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    for name in os.listdir(path):
+        if name.endswith(".json") and "index" not in name:
+            with open(os.path.join(path, name), "rb") as src, open(os.path.join(out, name), "wb") as dst:
+                dst.write(src.read())
+    return out

@@ -6,6 +6,7 @@ import torch
 from conftest import DTYPES, assert_close_to_reference, backend_device, poisoned_like
 
 import vfuse_kernels as vk
+import vfuse_kernels.ops  # noqa: F401 - registers torch.ops.vfuse (the package imports lazily)
 from vfuse_kernels.reference import delta_merge as ref
 
 WEIGHTS = [0.7, -0.3, 1.1, 0.45]  # mixed signs; no subset sums to ~0

@@ -10,6 +10,7 @@ import torch
 from conftest import DTYPES, backend_device
 
 import vfuse_kernels as vk
+import vfuse_kernels.ops  # noqa: F401 - registers torch.ops.vfuse (the package imports lazily)
 from vfuse_kernels.reference import query_key_scores as ref
 
 FP32_EPS = torch.finfo(torch.float32).eps

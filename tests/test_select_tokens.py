@@ -10,6 +10,7 @@ import torch
 from conftest import backend_device
 
 import vfuse_kernels as vk
+import vfuse_kernels.ops  # noqa: F401 - registers torch.ops.vfuse (the package imports lazily)
 from vfuse_kernels.reference import select_tokens as ref
 
 

@@ -3,14 +3,30 @@
 >>> import torch, vfuse_kernels as vk
 >>> vk.delta_merge(torch.zeros(3), [torch.ones(3)], 0.5)
 tensor([0.5000, 0.5000, 0.5000])
+
+The names below are imported on first use, so ``vfuse --help`` and the merge path load
+only what they need (``import vfuse_kernels.ops`` registers the ``torch.ops.vfuse`` ops).
 """
-from .ops import (METHODS, MagnitudeThresholds, delta_merge, delta_merge_foreach, magnitude_threshold,
-                  ties_thresholds)
-from .ops import (cls_attention, encoder_budgets, project_concat, query_key_scores, select_encoder_tokens,
-                  select_tokens)
-from .patch import patch_llava, unpatch_llava
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "MagnitudeThresholds", "delta_merge", "delta_merge_foreach", "magnitude_threshold", "ties_thresholds",
-           "project_concat", "query_key_scores", "cls_attention", "select_tokens", "select_encoder_tokens",
-           "encoder_budgets", "patch_llava", "unpatch_llava"]
+_SOURCES = {name: ".ops" for name in (
+    "METHODS", "MagnitudeThresholds", "delta_merge", "delta_merge_foreach", "magnitude_threshold", "ties_thresholds",
+    "project_concat", "query_key_scores", "cls_attention", "select_tokens", "select_encoder_tokens",
+    "encoder_budgets")}
+_SOURCES.update(patch_llava=".patch", unpatch_llava=".patch")
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -13,13 +13,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGINT/SIGTERM: stop the merge where it is (once; the cleanup is not interrupted)."""
+    from .merging.engine import Interrupted
+
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def _merge(args) -> int:
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_merge(args)
+    except KeyboardInterrupt as exc:  # before the merge started writing
+        print("vfuse merge: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_merge(args) -> int:
     import torch
 
     from .merging import CheckpointError, ConfigError, merge_checkpoints
+    from .merging.engine import MergeStopped, describe_error
 
     if args.timeout is not None and (not args.distributed or args.timeout <= 0):
         raise SystemExit("vfuse merge: --timeout needs --distributed and a positive number of seconds")
@@ -47,8 +70,11 @@ def _merge(args) -> int:
                 return 1
         else:
             summary = merge_checkpoints(args.config, args.out_dir, **options)
-    except (ConfigError, CheckpointError, FileExistsError, ValueError) as exc:
-        print(f"vfuse merge: error: {exc}", file=sys.stderr)
+    except MergeStopped as exc:  # part-way: the finished shards are kept for --resume
+        print(f"vfuse merge: {'' if exc.signum else 'error: '}{exc}", file=sys.stderr)
+        return 128 + exc.signum if exc.signum else 1
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:  # before any shard was written
+        print(f"vfuse merge: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     if summary is not None:  # a distributed merge reports on rank 0
         print(summary.line())

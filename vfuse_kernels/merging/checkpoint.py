@@ -1,9 +1,12 @@
-"""safetensors checkpoints, read lazily and written as a stream.
+"""Checkpoints (safetensors, or PyTorch ``.bin``) read lazily; safetensors written as a stream.
 
 ``Checkpoint`` parses every shard's header up front (names, dtypes, shapes, offsets;
 truncated or inconsistent files are rejected before any work) and reads one tensor at a
 time with ``os.preadv`` into a fresh (or caller-given) buffer, or maps it zero-copy, so
-memory holds only the tensors in flight. ``DeviceReader`` moves tensors onto an
+memory holds only the tensors in flight. PyTorch ``.bin`` files (the zip format of
+``torch.save``) are opened with ``torch.load(weights_only=True, mmap=True)``: no pickled
+code runs, anything but a flat dict of tensors is refused, and the tensors are views of
+the file's pages, read through the same interface. ``DeviceReader`` moves tensors onto an
 accelerator through a fixed ring of pinned staging buffers (file → pinned by ``preadv`` on
 a few threads, pinned → device on a side stream). ``ShardWriter`` lays out output shards
 from the plan before any data exists (headers first), streams tensors into
@@ -23,7 +26,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +37,17 @@ ST_DTYPES = {
     "BOOL": torch.bool,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ST_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")  # safetensors' layout: dtype, name
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 STAGING_BYTES = 16 << 20  # one pinned staging buffer; tensors move in chunks of at most this
 READ_SLOTS = 8  # staging buffers of a DeviceReader (allocated once, reused in turn)
 READ_THREADS = 4  # threads reading chunks into them
 # Linux ≥ 5.14: read the pages in and map them now, on the reading thread, so their user
 # takes no page faults; older kernels fall back to MADV_WILLNEED (read-ahead only).
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class CheckpointError(ValueError):
@@ -54,7 +60,7 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
+    offset: int  # byte offset of the data in the file (.bin: in the safetensors file of the same tensors)
     nbytes: int
 
 
@@ -99,15 +105,45 @@ def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
     return infos
 
 
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``.bin`` file as views of its pages (nothing read yet).
+    ``weights_only``: a pickle that would build anything but tensors, dicts and plain values
+    is refused unexecuted; anything but a flat dict of tensors is refused too."""
+    try:
+        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({cause})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in ST_NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+    return state
+
+
+def _madvise(tensor: torch.Tensor, advice: int) -> None:
+    """madvise on the pages under a tensor of a ``.bin`` file's mapping."""
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.nbytes - start
+    if LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) != 0 and advice != mmap.MADV_WILLNEED:
+        _madvise(tensor, mmap.MADV_WILLNEED)  # an advice this kernel does not know
+
+
 class Checkpoint:
-    """A model folder (sharded with ``model.safetensors.index.json``, or ``*.safetensors``
-    files) or a single ``.safetensors`` file."""
+    """A model folder (sharded with ``model.safetensors.index.json`` or
+    ``pytorch_model.bin.index.json``, ``*.safetensors`` files or ``pytorch_model.bin``) or a
+    single ``.safetensors`` or ``.bin`` file."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._mapped: dict[str, torch.Tensor] = {}  # .bin tensors: views of their files' pages
+        self._copied: set[str] = set()  # .bin tensors stored non-contiguous: made contiguous in memory
         weight_map = None
         if os.path.isfile(self.path):
             files, self.folder = [self.path], os.path.dirname(self.path)
@@ -118,7 +154,7 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no such checkpoint")
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for name, info in read_tensor_infos(file).items():
+            for name, info in (self._bin_infos(file) if file.endswith(".bin") else read_tensor_infos(file)).items():
                 if name in self.tensors:
                     raise CheckpointError(f"{path}: tensor {name!r} appears in two shards")
                 self.tensors[name] = info
@@ -126,9 +162,28 @@ class Checkpoint:
             if name not in self.tensors:
                 raise CheckpointError(f"{path}: the index lists {name!r} in {file} but the shard lacks it")
 
+    def _bin_infos(self, path: str) -> dict[str, TensorInfo]:
+        """The records of a ``.bin`` file, its tensors kept as views; each offset is the one
+        the tensor would have in a safetensors file, so both formats plan alike."""
+        tensors = load_bin(path)
+        infos, offset = {}, 0
+        for name in sorted(tensors, key=lambda n: (ST_ORDER.index(ST_NAMES[tensors[n].dtype]), n)):
+            t = tensors[name]
+            infos[name] = TensorInfo(name, path, t.dtype, tuple(t.shape), offset, t.nbytes)
+            offset += t.nbytes
+        for name, tensor in tensors.items():
+            if name in self._mapped:
+                raise CheckpointError(f"{self.path}: tensor {name!r} appears in two shards")
+            if not tensor.is_contiguous():
+                tensors[name] = tensor = tensor.contiguous()
+                self._copied.add(name)
+            self._mapped[name] = tensor
+        return infos
+
     def _shard_files(self) -> tuple[list[str], dict | None]:
-        index = os.path.join(self.folder, INDEX_NAME)
-        if os.path.exists(index):
+        index = next((p for p in (os.path.join(self.folder, n) for n in (INDEX_NAME, BIN_INDEX_NAME))
+                      if os.path.exists(p)), None)
+        if index is not None:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
@@ -140,8 +195,10 @@ class Checkpoint:
                     raise CheckpointError(f"{index}: shard {file} is missing")
             return [os.path.join(self.folder, f) for f in files], weight_map
         files = sorted(f for f in os.listdir(self.folder) if f.endswith(".safetensors"))
+        if not files and os.path.exists(os.path.join(self.folder, BIN_SINGLE_NAME)):
+            files = [BIN_SINGLE_NAME]
         if not files:
-            raise CheckpointError(f"{self.path}: no .safetensors files (only safetensors checkpoints are supported)")
+            raise CheckpointError(f"{self.path}: no .safetensors files, no {BIN_SINGLE_NAME} and no index")
         return [os.path.join(self.folder, f) for f in files], None
 
     @property
@@ -168,6 +225,9 @@ class Checkpoint:
         if start < 0 or start + out.numel() > info.nbytes:
             raise ValueError(f"bytes [{start}, {start + out.numel()}) are outside tensor {name!r} "
                              f"({info.nbytes} bytes)")
+        if name in self._mapped:
+            out.copy_(self._mapped[name].view(-1).view(torch.uint8)[start:start + out.numel()])
+            return
         with self._lock:
             fd = self._fds.get(info.file)
             if fd is None:
@@ -192,6 +252,8 @@ class Checkpoint:
         """The tensor ``name`` as a read-only view of the file's pages (no copy); pair with
         ``release`` so the pages leave this process's resident set once used."""
         info = self.tensors[name]
+        if name in self._mapped:
+            return self._mapped[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         with warnings.catch_warnings():  # the mapping is read-only; the views are only read
@@ -204,6 +266,10 @@ class Checkpoint:
         MADV_DONTNEED to drop them from this process; the page cache keeps them)."""
         info = self.tensors[name]
         if info.nbytes == 0:
+            return
+        if name in self._mapped:
+            if name not in self._copied:  # never on memory of our own: MADV_DONTNEED would zero it
+                _madvise(self._mapped[name], advice)
             return
         start = info.offset - info.offset % mmap.PAGESIZE
         try:
@@ -223,6 +289,7 @@ class Checkpoint:
                 except BufferError:  # a view is still alive; the mapping closes with it
                     pass
             self._maps.clear()
+            self._mapped.clear()
 
     def __enter__(self):
         return self
@@ -467,8 +534,8 @@ def _sync_file_range():
     """libc's ``sync_file_range`` (Linux): starts writing a file range's dirty pages back to
     disk without waiting for it or dropping them from the page cache; None elsewhere."""
     try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+        function = LIBC.sync_file_range
+    except AttributeError:
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return function
@@ -494,6 +561,7 @@ class ShardWriter:
         self.final = os.path.join(folder, layout.filename)
         self.tmp = self.final + ".tmp"
         self._file = open(self.tmp, "wb")
+        self._failed: OSError | None = None  # the write error that broke this shard
         self._crc = 0
         self._crc_thread: ThreadPoolExecutor | None = None
         self._written = self._synced = 0
@@ -502,6 +570,15 @@ class ShardWriter:
 
     def append(self, data) -> None:
         """Raw bytes of the tensor being written (``start`` names it)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._append(data)
+        except OSError as exc:  # named by the shard; every later append fails alike
+            self._failed = OSError(exc.errno, exc.strerror, self.final)
+            raise self._failed from exc
+
+    def _append(self, data) -> None:
         nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
         if CRC_THREAD_BYTES is not None and nbytes >= CRC_THREAD_BYTES:
             if self._crc_thread is None:
@@ -539,19 +616,26 @@ class ShardWriter:
 
     def finish(self) -> str:
         self._close_crc_thread()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.final) from exc
         if self._next != len(self.layout.names) or os.path.getsize(self.tmp) != self.layout.size:
             raise RuntimeError(f"shard {self.layout.filename}: incomplete ({self._next}/{len(self.layout.names)})")
         os.replace(self.tmp, self.final)
         return f"{self._crc:08x}"
 
     def abort(self) -> None:
+        """Closes and removes the temporary; never raises on the error that stopped the run
+        (closing flushes, and may hit ENOSPC again)."""
         self._close_crc_thread()
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self.tmp):
+        with suppress(OSError):
+            self._file.close()  # closes the descriptor even when the flush fails
+        with suppress(FileNotFoundError):
             os.remove(self.tmp)
 
     def _close_crc_thread(self) -> None:

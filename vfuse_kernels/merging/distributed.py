@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from .checkpoint import parse_size, plan_shards
 from .config import MergeConfig, load_config
 from .engine import MergeSummary, _finish_out_dir, _prepare_out_dir, _run, _write_state, rank_state_name
+from .lock import OutLock
 from .plan import build_plan
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -178,6 +180,7 @@ def _merge(config, out_dir, device, out_shard_size, resume, progress, timeout, s
     rank, world = dist.get_rank(), dist.get_world_size()
     wait = min(VISIBILITY_WAIT, (timeout or DEFAULT_TIMEOUT) / 2)
     plan = None
+    held = ExitStack()  # rank 0: the lock on out_dir, until the job ends
     try:
         with _Step("planning", timeout) as step:
             plan = build_plan(load_config(config) if isinstance(config, str) else config)
@@ -189,8 +192,9 @@ def _merge(config, out_dir, device, out_shard_size, resume, progress, timeout, s
                                         "input checkpoints must be the same on every node", differ)
         with _Step(f"preparing {out_dir}", timeout) as step:
             if rank == 0:  # rank 0's fingerprint (its inputs' mtimes) keys the state files of every rank
+                held.enter_context(OutLock(out_dir))
                 fingerprint = plan.fingerprint()
-                step.value = fingerprint, _prepare_out_dir(out_dir, fingerprint, resume)
+                step.value = fingerprint, _prepare_out_dir(out_dir, plan, layouts, fingerprint, resume)
         fingerprint, done = step.values[0]
         with _Step(f"writing its state file into {out_dir}", timeout):
             if not os.path.isdir(out_dir):
@@ -214,6 +218,7 @@ def _merge(config, out_dir, device, out_shard_size, resume, progress, timeout, s
                 _await_files(out_dir, {layout.filename: layout.size for layout in layouts}, wait)
                 _finish_out_dir(plan, out_dir, layouts)  # fails, naming the shard, if one is still missing
     finally:
+        held.close()
         if plan is not None:
             plan.close()
     if rank != 0:

@@ -18,7 +18,8 @@ writer, so peak memory is a few of the largest tensors, not the model.
   last copy before reusing it. Copied (unmerged) tensors go from the files' pages straight
   to the output, as on the CPU.
 
-Shards are written as ``<name>.tmp`` and renamed when complete; the index is written last,
+One merge at a time writes into a folder (``OutLock``). Shards are written as
+``<name>.tmp`` and renamed when complete; the index is written last,
 so a failed or killed run never leaves a complete-looking output, and ``resume=True`` keeps
 the shards a previous run finished (checked by CRC-32). ``_run`` can be restricted to some
 of the shards (each rank of a distributed merge writes its own, with its own state file),
@@ -26,25 +27,28 @@ and ``_finish_out_dir`` publishes the folder once all shards exist.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import resource
 import shutil
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from .checkpoint import (INDEX_NAME, DeviceReader, HostReader, ShardWriter, file_crc32, host_buffers, parse_size,
-                         plan_shards, read_ahead, staged, staging_bytes)
+from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceReader, HostReader, ShardWriter,
+                         file_crc32, host_buffers, parse_size, plan_shards, read_ahead, staged, staging_bytes)
 from .config import MergeConfig, load_config
+from .lock import OutLock
 from .methods import METHODS, TensorInputs
 from .plan import MergePlan, TensorTask, build_plan
 
@@ -53,6 +57,37 @@ WRITE_SLOTS = 4  # pinned buffers the writer copies device outputs into
 STATE_PREFIX = ".vfuse-merge-state"
 STATE_NAME = STATE_PREFIX + ".json"
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (``signum``: SIGINT, SIGTERM) stopped the merge; ``vfuse merge`` raises it
+    from its handlers."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class MergeStopped(Exception):
+    """A merge stopped part-way by a fault (ENOSPC, EIO, an input that became unreadable) or
+    a signal (``signum``, else None): the partial shard is removed, the finished ones are
+    kept for ``resume``, no index is written. The message is one line."""
+
+    def __init__(self, cause: BaseException, finished: int, total: int):
+        self.signum = getattr(cause, "signum", signal.SIGINT) if isinstance(cause, KeyboardInterrupt) else None
+        what = "interrupted" if self.signum else describe_error(cause)
+        super().__init__(f"{what}: {finished} of {total} shards finished; rerun with --resume")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: 'FILE: cause' for an OSError from the system, else the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB"
 
 
 @dataclass
@@ -256,39 +291,77 @@ def _state_files(out_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(out_dir) if n.startswith(STATE_PREFIX) and n.endswith(".json"))
 
 
-def _prepare_out_dir(out_dir: str, fingerprint: str, resume: bool) -> dict[str, str]:
-    """Creates the folder; returns the shards (name → CRC-32) a previous run completed and
-    that resume may keep (from its state files: the single-process one and any per-rank
-    ones, folded into one). Refuses to overwrite a complete merge."""
-    os.makedirs(out_dir, exist_ok=True)
+def _prepare_out_dir(out_dir: str, plan: MergePlan, layouts, fingerprint: str, resume: bool) -> dict[str, str]:
+    """Returns the shards (name → CRC-32) a previous run completed and that resume may keep
+    (from its state files: the single-process one and any per-rank ones, folded into one),
+    removes everything else a previous run left and records them in a fresh state file.
+    Refuses, before changing anything, to overwrite a complete merge and a merge that does
+    not fit (``check_space``). The caller holds the folder's ``OutLock``."""
     if os.path.exists(os.path.join(out_dir, INDEX_NAME)):
         raise FileExistsError(f"{out_dir} already holds a complete merge ({INDEX_NAME}); choose another folder")
-    for name in os.listdir(out_dir):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
     recorded: dict[str, str] = {}
-    for name in _state_files(out_dir):
-        if resume:
-            with open(os.path.join(out_dir, name)) as f:
-                state = json.load(f)
-            if state.get("fingerprint") == fingerprint:
-                recorded.update(state.get("shards", {}))
-        os.remove(os.path.join(out_dir, name))
+    for name in _state_files(out_dir) if resume else []:
+        with open(os.path.join(out_dir, name)) as f:
+            state = json.load(f)
+        if state.get("fingerprint") == fingerprint:
+            recorded.update(state.get("shards", {}))
     done = {name: digest for name, digest in recorded.items()
             if os.path.exists(os.path.join(out_dir, name)) and file_crc32(os.path.join(out_dir, name)) == digest}
-    if not done:
-        for name in os.listdir(out_dir):
-            if name.startswith("model-") and name.endswith(".safetensors"):
-                os.remove(os.path.join(out_dir, name))
+    stale = [name for name in os.listdir(out_dir) if name.endswith(".tmp")
+             or (name.startswith("model-") and name.endswith(".safetensors") and name not in done)]
+    check_space(out_dir, plan, layouts, done, freed=sum(os.path.getsize(os.path.join(out_dir, n)) for n in stale))
+    for name in stale + _state_files(out_dir):
+        os.remove(os.path.join(out_dir, name))
     _write_state(out_dir, fingerprint, done)
     return done
 
 
+def check_space(out_dir: str, plan: MergePlan, layouts, done: Collection[str], freed: int = 0) -> None:
+    """Refuses a merge whose shards still to write and the config files copied beside them
+    exceed the free space of ``out_dir``'s filesystem (plus ``freed``: bytes about to be
+    removed)."""
+    source = plan.checkpoints[plan.reference].folder
+    needed = sum(layout.size for layout in layouts if layout.filename not in done)
+    needed += sum(os.path.getsize(os.path.join(source, n)) for n in _copied_files(source))
+    stat = os.statvfs(out_dir)
+    free = stat.f_bavail * stat.f_frsize + freed
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"the merge needs {_size(needed)} there, {_size(free)} free", out_dir)
+
+
+@contextmanager
+def stopped_cleanly(out_dir: str, layouts):
+    """Turns a fault (an OSError, an unreadable input) or a signal into ``MergeStopped``,
+    counting the shards finished in ``out_dir``."""
+    try:
+        yield
+    except (OSError, CheckpointError, KeyboardInterrupt) as exc:
+        finished = sum(os.path.exists(os.path.join(out_dir, layout.filename)) for layout in layouts)
+        raise MergeStopped(exc, finished, len(layouts)) from exc
+
+
+def _write_json(path: str, value, **options) -> None:
+    """Writes ``value`` to ``path`` through a temporary renamed into place, removed if the
+    write fails (the error then names ``path``)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, **options)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise OSError(exc.errno, exc.strerror, path) from exc
+
+
 def _write_state(out_dir: str, fingerprint: str, shards: dict[str, str], name: str = STATE_NAME) -> None:
-    tmp = os.path.join(out_dir, name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "shards": shards}, f)
-    os.replace(tmp, os.path.join(out_dir, name))
+    _write_json(os.path.join(out_dir, name), {"fingerprint": fingerprint, "shards": shards})
+
+
+def _copied_files(source: str) -> list[str]:
+    """The reference model's config and tokenizer files, copied into the output."""
+    return [name for name in os.listdir(source) if os.path.isfile(os.path.join(source, name))
+            and name.endswith(COPIED_SUFFIXES) and name not in (INDEX_NAME, BIN_INDEX_NAME)]
 
 
 def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
@@ -301,10 +374,8 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
             found = "is missing" if size is None else f"has {size} bytes, expected {layout.size}"
             raise RuntimeError(f"{out_dir}: shard {layout.filename} {found}; not writing {INDEX_NAME}")
     source = plan.checkpoints[plan.reference].folder
-    for name in os.listdir(source):
-        path = os.path.join(source, name)
-        if os.path.isfile(path) and name.endswith(COPIED_SUFFIXES) and name != INDEX_NAME:
-            shutil.copyfile(path, os.path.join(out_dir, name))
+    for name in _copied_files(source):
+        shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
     config_path = os.path.join(out_dir, "config.json")
     out_dtype = plan.config.out_dtype or plan.config.dtype
     if (out_dtype or plan.layers_out is not None) and os.path.exists(config_path):
@@ -325,10 +396,7 @@ def _finish_out_dir(plan: MergePlan, out_dir: str, layouts) -> None:
     total = sum(tasks_by_name[n].nbytes for layout in layouts for n in layout.names)
     index = {"metadata": {"total_size": total, "merged_by": "vfuse_kernels"},
              "weight_map": {n: layout.filename for layout in layouts for n in layout.names}}
-    tmp = os.path.join(out_dir, INDEX_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
+    _write_json(os.path.join(out_dir, INDEX_NAME), index, indent=2)
     for name in _state_files(out_dir):
         os.remove(os.path.join(out_dir, name))
 
@@ -359,9 +427,11 @@ def merge_checkpoints(
     try:
         layouts = plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(out_shard_size))
         fingerprint = plan.fingerprint()
-        done = _prepare_out_dir(out_dir, fingerprint, resume)
-        summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start, staging=staging)
-        _finish_out_dir(plan, out_dir, layouts)
+        with OutLock(out_dir):
+            done = _prepare_out_dir(out_dir, plan, layouts, fingerprint, resume)
+            with stopped_cleanly(out_dir, layouts):
+                summary = _run(plan, layouts, fingerprint, done, out_dir, device, progress, start, staging=staging)
+                _finish_out_dir(plan, out_dir, layouts)
         return summary
     finally:
         plan.close()
@@ -389,9 +459,21 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
     drain = _DeviceToFile(device, staging_bytes(largest)) if staging else None
     completed = dict(done)
-    state = {"writer": None, "written": 0}
+    state = {"writer": None, "written": 0, "failed": False}
 
     def write(layout, task, result: _Result):
+        if state["failed"]:  # an earlier write failed (the error the run stops with): write nothing more
+            return
+        try:
+            _write(layout, task, result)
+        except BaseException:
+            state["failed"] = True
+            if state["writer"] is not None:
+                state["writer"].abort()
+                state["writer"] = None
+            raise
+
+    def _write(layout, task, result: _Result):
         writer = state["writer"]
         if writer is None or writer.layout is not layout:
             writer = state["writer"] = ShardWriter(out_dir, layout)

@@ -1,0 +1,32 @@
+"""Start-up: `vfuse --help` loads no torch, and a merge loads neither transformers nor triton
+(checked on the modules a real process imported, not on timings)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from checkpoints import family, llama, write_yaml
+
+
+
+def imported_after(args: list[str], *modules: str) -> dict[str, bool]:
+    """Which of ``modules`` a fresh `vfuse ARGS` process had imported when it finished."""
+    code = (f"import json, sys\nfrom vfuse_kernels.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n"
+            f"    pass\nprint(json.dumps({{m: m in sys.modules for m in {modules!r}}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_help_imports_no_torch():
+    assert imported_after(["--help"], "torch") == {"torch": False}
+    assert imported_after(["merge", "--help"], "torch") == {"torch": False}
+
+
+def test_merge_imports_neither_transformers_nor_triton(tmp_path):
+    base, tuned = family(str(tmp_path), llama, n=1)
+    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                                 f"  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}\n")
+    found = imported_after(["merge", config, str(tmp_path / "out"), "--quiet"], "torch", "transformers", "triton")
+    assert found == {"torch": True, "transformers": False, "triton": False}
