@@ -46,3 +46,14 @@ def test_dare_mask_matches_reference_bits(backend, numel, seed):
                              tuned_are_deltas=True)
         expected_keep = dare_random_bits(numel, seed, i) < dare_keep_threshold(p)
         assert torch.equal((out != 0).cpu(), expected_keep)
+
+
+@pytest.mark.parametrize("numel", [0, 1, 5, 4099, 10_007])
+@pytest.mark.parametrize("seed,model", [(0, 0), (2**40 + 17, 3), (2**64 - 1, 2**32 - 1)])
+def test_random_bits_op_is_the_reference_stream(backend, numel, seed, model):
+    """ops.random_bits (C++ / Triton) gives the reference stream's bits, element for element."""
+    from vfuse_kernels.ops.random_bits import random_bits
+
+    got = random_bits(numel, seed, model, backend_device(backend))
+    assert got.dtype == torch.int64 and got.shape == (numel,)
+    assert torch.equal(got.cpu(), dare_random_bits(numel, seed, model))

@@ -14,6 +14,7 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
 std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
+void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
 }  // namespace vfuse
 
 using vfuse::DeltaInputs;
@@ -77,6 +78,12 @@ PYBIND11_MODULE(_C, m) {
           vfuse::bracket_pass(in, lo.data(), hi.data(), rate.data(), cap, block, reinterpret_cast<int32_t*>(counts),
                               reinterpret_cast<int64_t*>(cand), reinterpret_cast<int64_t*>(fill));
         });
+
+  m.def("random_bits", [](uint64_t seed, uint32_t model, int64_t numel, uintptr_t out) {
+    if (numel < 0) throw std::invalid_argument("numel must be >= 0");
+    py::gil_scoped_release release;
+    vfuse::random_bits(seed, model, numel, reinterpret_cast<int64_t*>(out));
+  });
 
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });

@@ -137,8 +137,10 @@ def main(argv=None) -> list[dict]:
                 config = write_config(root, method, base, tuned)
                 tools = {"vfuse merge": ([vfuse] if vfuse != sys.executable else [vfuse, "-m", "vfuse_kernels.cli"])
                          + ["merge", config, os.path.join(root, f"vfuse-{method}"), "--quiet"]}
-                if not args.no_mergekit and shutil.which("mergekit-yaml"):
-                    tools["mergekit-yaml"] = ["mergekit-yaml", config, os.path.join(root, f"mergekit-{method}"),
+                mergekit = shutil.which("mergekit-yaml") or shutil.which("mergekit-yaml", path=os.path.dirname(
+                    sys.executable))  # the environment's own, when its bin/ is not on PATH
+                if not args.no_mergekit and mergekit:
+                    tools["mergekit-yaml"] = [mergekit, config, os.path.join(root, f"mergekit-{method}"),
                                               "--no-write-model-card", "--no-copy-tokenizer"]
                 results = {tool: measure(cmd) for tool, cmd in tools.items()}
                 for tool, r in results.items():

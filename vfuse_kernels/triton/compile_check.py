@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..ops import magnitude_select as selection
-from . import delta_merge, magnitude_select
+from . import delta_merge, magnitude_select, philox
 from . import query_key_scores as qk_kernels
 from . import select_tokens as select_kernels
 
@@ -72,6 +72,8 @@ def kernel_configs():
     yield "tie_find[models=blocks=chunks=1]", magnitude_select._tie_find_kernel, sig, dict(
         models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=selection.BLOCK,
         CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
+    yield "random_bits", philox._bits_kernel, dict(out_ptr="*i64", numel="i64", k0="i64", k1="i64", model="i32"), dict(
+        BLOCK=philox.BITS_BLOCK)
     yield from _token_configs()
 
 

@@ -1,4 +1,5 @@
 """Philox 4x32-10 in Triton: the same function as csrc/cpu/common.h and reference/philox.py."""
+import torch
 import triton
 import triton.language as tl
 
@@ -34,3 +35,24 @@ def dare_bits(k0, k1, model, start, BLOCK: tl.constexpr):
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
     # interleave so that word j of group g lands at flat position 4g + j
     return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
+
+
+BITS_BLOCK = 1024
+
+
+@triton.jit
+def _bits_kernel(out_ptr, numel, k0, k1, model, BLOCK: tl.constexpr):
+    """out[e] = dare_bits of element e (int64), one block of BLOCK elements per program."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    bits = dare_bits(k0.to(tl.uint32), k1.to(tl.uint32), model.to(tl.uint32), start, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, bits.to(tl.int64), mask=offs < numel)
+
+
+def random_bits(numel: int, seed: int, model: int, device) -> torch.Tensor:
+    """ops/random_bits.py's bits in one launch."""
+    out = torch.empty(numel, dtype=torch.int64, device=device)
+    if numel:
+        _bits_kernel[(triton.cdiv(numel, BITS_BLOCK),)](out, numel, seed & 0xFFFFFFFF, seed >> 32, model,
+                                                         BLOCK=BITS_BLOCK)
+    return out

@@ -13,14 +13,14 @@ elements drawn with replacement.
 
 Deliberate difference from mergekit: that sample's indices come from our Philox stream, not
 torch.randint: sample j takes element floor(u_j·numel) with u_j = bits_j / 2^32 (float64),
-bits = ``dare_random_bits(1_000_000, seed, 0)`` — reproducible on CPU and CUDA for the same
+bits = ``random_bits(1_000_000, seed, 0)`` (DARE's Philox stream) — reproducible on CPU and CUDA for the same
 (seed, tensor name). At or below 1,000,000 elements the result equals mergekit's.
 """
 from __future__ import annotations
 
 import torch
 
-from ...reference.philox import dare_random_bits
+from ...ops.random_bits import random_bits
 from . import TensorInputs, TensorMethod, register
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
@@ -39,7 +39,7 @@ def fusion_threshold(scores: torch.Tensor, seed: int) -> torch.Tensor:
     """median + 1.5·IQR of ``scores`` (0-d tensor; see the module docstring for the rule)."""
     flat = scores.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE_SIZE:
-        bits = dare_random_bits(QUANTILE_SAMPLE_SIZE, seed, 0, device=flat.device)
+        bits = random_bits(QUANTILE_SAMPLE_SIZE, seed, 0, flat.device)
         index = torch.floor(bits.to(torch.float64) / 2.0**32 * flat.numel()).long().clamp_(max=flat.numel() - 1)
         flat = flat[index]
     ordered = torch.sort(flat).values

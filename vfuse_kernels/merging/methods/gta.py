@@ -33,7 +33,7 @@ Deliberate differences from mergekit:
 
 - DELLA's random mask is not torch.bernoulli: element e (row-major flat index) of the
   j-th non-base model (j = 0, 1, … in config order, as DARE) is kept iff
-  ``dare_random_bits(numel, seed, j)[e] < floor(p · 2^32)``, with p evaluated in float64 as
+  ``random_bits(numel, seed, j)[e] < floor(p · 2^32)`` (ops/random_bits.py: DARE's stream), with p evaluated in float64 as
   ``(d − ε) + (r / (m − 1)) · (2ε)`` (separate IEEE operations, so CPU and CUDA agree bit
   for bit). Results depend only on (seed, tensor name, model position), not on any global
   RNG state.
@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ...reference.philox import dare_random_bits
+from ...ops.random_bits import random_bits
 from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
@@ -130,16 +130,44 @@ def ascending_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 # --- sparsification ------------------------------------------------------------------------
 
+def largest_masks(values: torch.Tensor, counts: list[int], lower_index_first: bool) -> list[torch.Tensor]:
+    """For each c of ``counts``: the mask of the c largest |values| — among equal magnitudes the
+    lower flat index counts as larger (``lower_index_first``) or the higher one — found by the
+    exact O(n) magnitude selection of the TIES trim (``vfuse::magnitude_select``), no sort."""
+    from ...ops.magnitude_threshold import magnitude_select_op
+
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    picked = [c for c in counts if 0 < c < n]
+    # the selection breaks ties towards the lower index: flipped, towards the higher original one
+    source = flat if lower_index_first else flat.flip(0).contiguous()
+    keys, cutoffs = magnitude_select_op(source, [source] * len(picked), picked, True) if picked else ([], [])
+    key = flat.view(torch.int32) & 0x7FFFFFFF
+    masks = []
+    for c in counts:
+        if c <= 0 or c >= n:
+            masks.append(torch.full(values.shape, c >= n and n > 0, dtype=torch.bool, device=values.device))
+            continue
+        j = picked.index(c)
+        threshold, cutoff = int(keys[j]), int(cutoffs[j])  # (one host read per count)
+        tie = key == threshold
+        if lower_index_first:
+            tie[cutoff + 1:] = False
+        else:
+            tie[: n - 1 - cutoff] = False
+        masks.append(((key > threshold) | tie).reshape(values.shape))
+    return masks
+
+
 def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs mask: ranks [n_bot, n_bot + k) of |δ| ascending (see module docstring)."""
+    """Breadcrumbs mask: ranks [n_bot, n_bot + k) of |δ| ascending (see module docstring) = the
+    min(n, k + n_top) largest without the (that − k) largest, the higher index counting as
+    larger among equal magnitudes (the stable ascending order)."""
     n = delta.numel()
     k = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - k - n_top)
-    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[order[n_bot:n_bot + k]] = True
-    return keep.reshape(delta.shape)
+    top = min(n, k + int(gamma * n))
+    keep, outliers = largest_masks(delta, [top, top - k], lower_index_first=False)
+    return keep & ~outliers
 
 
 def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -158,7 +186,7 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
     """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index."""
     p = della_keep_probability(delta, density, epsilon)
     threshold = torch.floor(p * 2.0**32)
-    bits = dare_random_bits(delta.numel(), seed, model, device=delta.device).reshape(delta.shape)
+    bits = random_bits(delta.numel(), seed, model, delta.device).reshape(delta.shape)
     return bits.to(torch.float64) < threshold
 
 

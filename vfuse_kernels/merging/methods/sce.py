@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, TensorInputs, TensorMethod, register
-from .gta import ascending_ranks, is_bool, sign_consensus, task_vectors, unit_interval
+from .gta import is_bool, largest_masks, sign_consensus, task_vectors, unit_interval
 
 WEIGHT_SUM_EPS = 1e-6
 ERASED_SUM_MIN = 1e-6
@@ -38,9 +38,7 @@ def sce_select_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
         return torch.ones(tvs.shape[1:], dtype=torch.bool, device=tvs.device)
     var = torch.var(tvs, dim=0, unbiased=False)
     k = torch.floor(torch.count_nonzero(var) * topk)  # float32, like mergekit's int(count * topk)
-    # descending order with ties to the lower index = ascending ranks of (−σ²) with stable sort
-    rank = ascending_ranks(-var.reshape(-1), dim=0)
-    return (rank < k).reshape(var.shape)
+    return largest_masks(var, [int(k)], lower_index_first=True)[0]
 
 
 def sce_weights(tvs: torch.Tensor) -> torch.Tensor:
