@@ -2,19 +2,23 @@
 
 M MLLMs that share a base LLM → one model: their language models merged into one (in
 place, streaming the other checkpoints tensor by tensor: one LLM resident at a time),
-every member's vision tower and projector kept. An image goes through each tower with
-that tower's own preprocessing and feature layer(s); ``project_concat`` projects every
-encoder's (optionally pruned) tokens straight into one ``[B, ΣKⱼ, H]`` sequence, which
-replaces the prompt's ``<image>`` placeholder.
+every member's vision tower and projector kept. Members are LLaVA(-1.5) or LLaVA-NeXT
+models, in any mix. An image goes through each member's own image processor (its
+``AutoImageProcessor``) and tower with its feature layer(s); ``project_concat`` projects every
+encoder's (optionally pruned) tokens straight into one ``[B, ΣTⱼ, H]`` sequence (a LLaVA-NeXT
+member's packed as transformers does: ``anyres``), which replaces the prompt's ``<image>``
+placeholder.
 
 Documented choices:
 - encoder order is ``model_paths`` order; the tokens of encoder j follow those of j − 1
   with no separator tokens, and positions are sequential (as LLaVA numbers image tokens);
-- the prompt holds one ``<image>`` token (prepended when missing), expanded to ΣKⱼ
+- the prompt holds one ``<image>`` token (prepended when missing), expanded to ΣTⱼ
   placeholders;
-- pruning (``keep``: tokens per image or a ratio of ΣNⱼ) scores each encoder's tokens by
-  its [CLS] attention in the tower layer that produces its last selected feature
-  (VisionZip) and splits the budget with ``TokenPruner`` (``prune_mode``).
+- pruning (``keep``: tokens per image or a ratio of the scored tokens) scores each token by
+  its crop's [CLS] attention in the tower layer that produces its last selected feature
+  (VisionZip) and splits the budget with ``TokenPruner`` (``prune_mode``); a LLaVA-NeXT
+  member's kept tokens keep their packed order and every grid row its ``image_newline``
+  token, which is not scored and not counted in the budget.
 """
 from __future__ import annotations
 
@@ -36,31 +40,81 @@ from ..ops import METHODS as FUSED_METHODS
 from ..ops import project_concat
 from ..ops.query_key_scores import cls_attention
 from ..patch import _encoder_layers, run_vision_tower
-from .preprocess import ImagePreprocessor
+from .anyres import NEWLINE, anyres_layout, grid_shape, insert_newlines
 
 # where a LLaVA checkpoint keeps its language model (save_pretrained's layout differs across
 # transformers versions: 5.17+, 4.x-5.16, 5.5), or a plain LLM
 LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.language_model.model.", "model.")
 HEAD_PREFIXES = ("lm_head.", "language_model.lm_head.")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
-FAMILY_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size")
+FAMILY_KEYS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size")
 
 
 class Encoder(nn.Module):
-    """One member's visual path: tower, feature-layer selection, projector, preprocessing."""
+    """One member's visual path: its image processor, tower, feature-layer selection,
+    projector and, for a LLaVA-NeXT member, anyres packing (``grid_pinpoints``, ``image_newline``)."""
 
     def __init__(self, name: str, tower: nn.Module, projector: nn.Module, fusion: MultiLayerFeatureFusion,
-                 preprocess: ImagePreprocessor):
+                 processor, *, grid_pinpoints=None, image_newline: torch.Tensor | None = None):
         super().__init__()
-        self.name, self.tower, self.projector, self.fusion, self.preprocess = name, tower, projector, fusion, preprocess
+        self.name, self.tower, self.projector, self.fusion = name, tower, projector, fusion
+        self.processor, self.grid_pinpoints = processor, grid_pinpoints
+        self.register_buffer("image_newline", None if image_newline is None else image_newline.detach())
 
     @property
-    def num_tokens(self) -> int:
-        """Visual tokens per image before pruning."""
+    def anyres(self) -> bool:
+        return self.grid_pinpoints is not None
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Visual tokens one crop yields."""
         cfg = self.tower.config
         patches = (cfg.image_size // cfg.patch_size) ** 2
         return patches if self.fusion.select_strategy == "default" else patches + 1
+
+    def preprocess(self, images) -> dict[str, torch.Tensor]:
+        """This member's processor outputs for ``images``: ``pixel_values`` (and ``image_sizes``)."""
+        return dict(self.processor(images, return_tensors="pt"))
+
+    def layout(self, image_size: tuple[int, int]) -> torch.Tensor:
+        """[T]: a LLaVA-NeXT member's tokens for an image of ``image_size`` (h, w), as indices into
+        its crops' tokens (``anyres_layout``)."""
+        cfg = self.tower.config
+        side = cfg.image_size // cfg.patch_size
+        if self.tokens_per_crop != side * side:
+            raise ValueError(f"{self.name}: anyres packing needs {side}x{side} tokens per crop, the "
+                             f"{self.fusion.select_strategy!r} strategy gives {self.tokens_per_crop}")
+        return anyres_layout(image_size, self.grid_pinpoints, cfg.image_size, side)
+
+    def num_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens per image before pruning (LLaVA-NeXT: for an image of ``image_size``, (h, w))."""
+        return len(self.layout(image_size)) if self.anyres else self.tokens_per_crop
+
+    def crops(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(crops [B, P, 3, h, w], layout [T]) for processor outputs ``inputs`` of B images, which
+        must all give this member one layout (P crops each); a LLaVA member: ([B, 1, 3, h, w], None)."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"pixel_values": inputs}
+        pixels = inputs["pixel_values"]
+        if not self.anyres:
+            return pixels[:, None], None
+        if "image_sizes" not in inputs:
+            raise ValueError(f"{self.name} is a LLaVA-NeXT member: its inputs need image_sizes")
+        size = self.tower.config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"{self.name}: its processor gives {tuple(pixels.shape[-2:])} crops, its vision "
+                             f"tower takes {size}x{size}")
+        layouts = [self.layout(tuple(s.tolist())) for s in inputs["image_sizes"]]
+        if any(not torch.equal(t, layouts[0]) for t in layouts[1:]):
+            raise ValueError(f"{self.name}: the images' sizes give different anyres layouts; "
+                             "pass them one at a time")
+        rows, cols = grid_shape(tuple(inputs["image_sizes"][0].tolist()), self.grid_pinpoints, size)
+        count = 1 + rows * cols
+        if pixels.shape[1] < count:
+            raise ValueError(f"{self.name}: {pixels.shape[1]} crops per image, its anyres grid needs {count} "
+                             "(do the processor's image_grid_pinpoints match the model's?)")
+        return pixels[:, :count], layouts[0]
 
 
 @dataclass
@@ -84,26 +138,53 @@ class Generation:
     timings: dict = field(default_factory=dict)
 
 
-def _llava_class():
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
-def _text_config(path: str):
+def _config(path: str):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).get_text_config()
+    return AutoConfig.from_pretrained(path)
+
+
+def model_class(path: str):
+    """The transformers class of the member at ``path`` (LLaVA or LLaVA-NeXT)."""
+    import transformers
+
+    model_type = _config(path).model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a supported member "
+                         f"({', '.join(MODEL_CLASSES)})")
+    return getattr(transformers, MODEL_CLASSES[model_type])
+
+
+def image_processor(path: str):
+    """The member's own image processor (``AutoImageProcessor``); raises naming the member when it has none."""
+    from transformers import AutoImageProcessor
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "preprocessor_config.json")):
+        raise FileNotFoundError(f"member {path} has no image processor (preprocessor_config.json): save its "
+                                "processor into its folder")
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"member {path}: cannot load its image processor: {exc}") from exc
 
 
 def check_family(paths: Sequence[str]) -> None:
-    """All members must share the language model's shape; raises naming what differs."""
-    configs = [_text_config(p) for p in paths]
+    """All members must share the language model (architecture and shape) and the tokenizer's
+    vocabulary; raises naming what differs."""
+    configs = [_config(p).get_text_config() for p in paths]
     for key in FAMILY_KEYS:
         values = [getattr(c, key, None) for c in configs]
         if len(set(values)) > 1:
             shown = ", ".join(f"{v} ({p})" for v, p in zip(values, paths))
             raise ValueError(f"the models are not one family: text {key} differs: {shown}")
+    vocabularies = [(p, t.get_vocab()) for p in paths if (t := _tokenizer(p)) is not None]
+    for path, vocab in vocabularies[1:]:
+        if vocab != vocabularies[0][1]:
+            raise ValueError(f"the models are not one family: the tokenizer of {path} differs from that of "
+                             f"{vocabularies[0][0]}")
 
 
 def _prefix(checkpoint: Checkpoint, candidates: Sequence[str], probe: str) -> str | None:
@@ -169,13 +250,14 @@ class VisionFuse(nn.Module):
         if len(weights) != len(paths):
             raise ValueError(f"{len(paths)} models but {len(weights)} weights")
         check_family(paths + ([base_model] if base_model else []))
+        classes = [model_class(p) for p in paths]
+        processors = [image_processor(p) for p in paths]
         device = torch.device(device)
-        llava = _llava_class()
-        host = llava.from_pretrained(paths[0], dtype=dtype).to(device).eval()
-        encoders = [cls._encoder(paths[0], host)]
-        for path in paths[1:]:
-            member = llava.from_pretrained(path, dtype=dtype)
-            encoders.append(cls._encoder(path, member, device))
+        host = classes[0].from_pretrained(paths[0], dtype=dtype).to(device).eval()
+        encoders = [cls._encoder(paths[0], host, processors[0])]
+        for path, member_class, processor in zip(paths[1:], classes[1:], processors[1:]):
+            member = member_class.from_pretrained(path, dtype=dtype)
+            encoders.append(cls._encoder(path, member, processor).to(device))
             del member
         tokenizer = _tokenizer(paths[0])
         model = cls(host, encoders, tokenizer, keep=keep, prune_mode=prune_mode)
@@ -184,14 +266,18 @@ class VisionFuse(nn.Module):
         return model
 
     @staticmethod
-    def _encoder(path: str, llava: nn.Module, device=None) -> Encoder:
-        inner = llava.model
-        tower, projector = inner.vision_tower, inner.multi_modal_projector
-        if device is not None:
-            tower, projector = tower.to(device), projector.to(device)
-        fusion = MultiLayerFeatureFusion.from_config(llava.config)
-        preprocess = ImagePreprocessor.from_pretrained(path, default_size=llava.config.vision_config.image_size)
-        return Encoder(path, tower.eval(), projector.eval(), fusion, preprocess)
+    def _encoder(path: str, member: nn.Module, processor) -> Encoder:
+        """The visual path of a loaded LLaVA / LLaVA-NeXT ``member``."""
+        inner, config = member.model, member.config
+        anyres = getattr(inner, "image_newline", None) is not None
+        pinpoints = getattr(processor, "image_grid_pinpoints", None)
+        if anyres and [list(p) for p in pinpoints or []] != [list(p) for p in config.image_grid_pinpoints]:
+            raise ValueError(f"member {path}: its image processor's image_grid_pinpoints {pinpoints} differ from "
+                             f"the model's {config.image_grid_pinpoints}")
+        return Encoder(path, inner.vision_tower.eval(), inner.multi_modal_projector.eval(),
+                       MultiLayerFeatureFusion.from_config(config), processor,
+                       grid_pinpoints=config.image_grid_pinpoints if anyres else None,
+                       image_newline=inner.image_newline if anyres else None)
 
     def _language_module(self) -> nn.Module:
         return nn.ModuleDict({"lm": self.language_model, "head": self.lm_head})
@@ -228,35 +314,54 @@ class VisionFuse(nn.Module):
         return MergeStats(time.perf_counter() - start, bytes_read, counts["merged"])
 
     @torch.no_grad()
-    def image_tokens(self, images=None, pixel_values: Sequence[torch.Tensor] | None = None, stage=None):
-        """[B, ΣKⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder. ``pixel_values[j]`` (already
-        preprocessed for tower j) bypasses the towers' own preprocessing of ``images``.
+    def image_tokens(self, images=None, pixel_values: Sequence | None = None, stage=None):
+        """[B, ΣTⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder: its tokens per image before and
+        after pruning (``image_newline`` tokens included). ``pixel_values[j]``, encoder j's
+        processor outputs (a mapping with ``pixel_values`` and, for LLaVA-NeXT, ``image_sizes``;
+        or a pixel tensor), replaces running its processor on ``images``.
+
+        Pruning scores every visual token by its crop's [CLS] attention and splits the budget
+        over all encoders' scored tokens (``TokenPruner``); a LLaVA-NeXT member's kept tokens stay
+        in packed order (downscaled view, then the unpadded grid row by row) and every grid row
+        keeps its ``image_newline``, outside the budget.
         ``stage(name)``, when given, returns a context manager wrapped around each stage
         ("towers", "scoring", "pruning", "projection"; per encoder for the first two): a
         profiling hook."""
         stage = stage or (lambda name: contextlib.nullcontext())
-        features, scores = [], []
+        scored = self.pruner is not None
+        features, scores, layouts, counts, newlines = [], [], [], [], []
         for j, enc in enumerate(self.encoders):
             with stage("towers"):
-                pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
-                pv = pv.to(self.device, self.dtype)
-                scored = self.pruner is not None
+                crops, layout = enc.crops(pixel_values[j] if pixel_values is not None else enc.preprocess(images))
+                batch = crops.shape[0]
                 indices = enc.fusion.hidden_state_indices(enc.tower.config.num_hidden_layers + 1 if scored else None)
-                hidden = run_vision_tower(enc.tower, pv, indices).hidden_states
-                features.append(enc.fusion(hidden))
-            if self.pruner is not None:
+                hidden = run_vision_tower(enc.tower, crops.flatten(0, 1).to(self.device, self.dtype),
+                                          indices).hidden_states
+                feature = _per_image(enc.fusion(hidden), batch)
+            if layout is not None:
+                layout = layout.to(self.device)
+            features.append(feature)
+            layouts.append(layout)
+            newlines.append(0 if layout is None else int((layout == NEWLINE).sum()))
+            counts.append(_tokens(feature) if layout is None else len(layout))
+            if scored:
                 with stage("scoring"):
                     layer = enc.fusion.attention_layer(len(hidden))
                     q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
-                    s = cls_attention(q, k, scale=scale)
-                    scores.append(s[:, 1:] if enc.fusion.select_strategy == "default" else s)
+                    s = cls_attention(q, k, scale=scale)  # per crop
+                    s = (s[:, 1:] if enc.fusion.select_strategy == "default" else s).reshape(batch, -1)
+                    scores.append(s if layout is None else s[:, _visual(layout)])
         with stage("pruning"):
-            keep = self.pruner(scores).keep if self.pruner is not None else None
+            kept = self.pruner(scores).keep if scored else [None] * len(self.encoders)
         with stage("projection"):
+            keep = [k if layout is None else _flat_indices(layout, k, batch) for layout, k in zip(layouts, kept)]
             tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
-        counts = [(f[0].shape[1] if isinstance(f, list) else f.shape[1]) for f in features]
-        kept = [k.shape[1] for k in keep] if keep is not None else counts
-        return tokens, list(zip(counts, kept))
+            if any(layout is not None for layout in layouts):
+                parts = tokens.split([_tokens(f) if k is None else k.shape[1] for f, k in zip(features, keep)], dim=1)
+                tokens = torch.cat([part if layout is None else insert_newlines(part, layout, k, enc.image_newline)
+                                    for part, enc, layout, k in zip(parts, self.encoders, layouts, kept)], dim=1)
+        kept_counts = [n if k is None else k.shape[1] + r for n, k, r in zip(counts, kept, newlines)]
+        return tokens, list(zip(counts, kept_counts))
 
     def expand_prompt(self, prompt: str | Sequence[int], num_visual: int) -> torch.Tensor:
         """[1, L] input ids: the prompt with its one ``<image>`` token expanded to ``num_visual``."""
@@ -312,6 +417,29 @@ class VisionFuse(nn.Module):
         text = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer is not None else ""
         return Generation(text, generated, counts, prefill, decode,
                           {"visual_seconds": visual_seconds, "prompt_tokens": input_ids.shape[1]})
+
+
+def _per_image(features, batch: int):
+    """Crop features [B·P, N, D] (or a list of layers) as [B, P·N, D]: each image's crop tokens in one row."""
+    if isinstance(features, list):
+        return [_per_image(f, batch) for f in features]
+    return features.reshape(batch, -1, features.shape[-1])
+
+
+def _tokens(features) -> int:
+    """Tokens per image of one encoder's features (a tensor or a list of layers)."""
+    return (features[0] if isinstance(features, list) else features).shape[1]
+
+
+def _visual(layout: torch.Tensor) -> torch.Tensor:
+    """The entries of ``layout`` that are visual tokens (crop-token indices), in packed order."""
+    return layout[layout != NEWLINE]
+
+
+def _flat_indices(layout: torch.Tensor, kept: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """[B, K]: crop-token indices of the kept visual tokens (``kept`` indexes ``_visual(layout)``; None: all)."""
+    visual = _visual(layout)
+    return visual.expand(batch, -1) if kept is None else visual[kept]
 
 
 def _copy_into_(module: nn.Module, checkpoint: Checkpoint, prefix_map: dict[str, str]) -> int:

@@ -1,0 +1,63 @@
+"""LLaVA-NeXT anyres packing as index maps, so that pruning can act on the packed sequence.
+
+A LLaVA-NeXT image becomes crops (its processor's output): crop 0 the whole image resized
+to the tower's size, then a ``rows × cols`` grid of crops of the image resized and padded to the
+best of ``image_grid_pinpoints``. The language model sees (HF ``pack_image_features``): crop
+0's tokens, then the grid's tokens stitched into one ``rows·s × cols·s`` patch map (s patches a
+side per crop), the padding rows or columns cut off (unpadding), read row by row with one
+``image_newline`` token after each row.
+
+``anyres_layout`` gives that sequence as indices into the image's crop tokens flattened
+crop-major (crop c, patch t → c·s² + t), ``NEWLINE`` (−1) where ``image_newline`` goes.
+"""
+from __future__ import annotations
+
+import torch
+
+NEWLINE = -1
+
+
+def grid_shape(image_size: tuple[int, int], grid_pinpoints, crop_size: int) -> tuple[int, int]:
+    """(rows, cols) of grid crops the processor makes for an image of ``image_size`` (height, width)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution(tuple(int(v) for v in image_size), grid_pinpoints)
+    return height // crop_size, width // crop_size
+
+
+def unpad(patch_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """``patch_map`` [H, W] without the rows or columns that cover the processor's padding
+    (the image was scaled to fit H×W, aspect ratio kept, and centred)."""
+    height, width = (int(v) for v in image_size)
+    rows, cols = patch_map.shape
+    if width / height > cols / rows:  # wider than the map: padding above and below
+        pad = (rows - int(round(height * (cols / width), 7))) // 2
+        return patch_map[pad:rows - pad]
+    pad = (cols - int(round(width * (rows / height), 7))) // 2
+    return patch_map[:, pad:cols - pad]
+
+
+def anyres_layout(image_size: tuple[int, int], grid_pinpoints, crop_size: int, side: int) -> torch.Tensor:
+    """[T] int64: the packed token order of one image (see the module docstring)."""
+    rows, cols = grid_shape(image_size, grid_pinpoints, crop_size)
+    per_crop = side * side
+    grid = torch.arange(per_crop, per_crop * (1 + rows * cols)).view(rows, cols, side, side)
+    patch_map = unpad(grid.permute(0, 2, 1, 3).reshape(rows * side, cols * side), image_size)
+    newlines = torch.full((patch_map.shape[0], 1), NEWLINE)
+    return torch.cat([torch.arange(per_crop), torch.cat([patch_map, newlines], dim=1).flatten()])
+
+
+def insert_newlines(tokens: torch.Tensor, layout: torch.Tensor, kept: torch.Tensor | None,
+                    newline: torch.Tensor) -> torch.Tensor:
+    """[B, K + R, H]: ``tokens`` [B, K, H] (the kept visual tokens of ``layout``, in its order;
+    ``kept`` [B, K] their indices among its visual tokens, None for all) with ``newline`` [H]
+    after each of the R rows, as in ``layout``. Every row keeps its newline, even one whose
+    tokens were all pruned."""
+    batch, count, hidden = tokens.shape
+    is_newline = layout == NEWLINE
+    newlines_before = torch.cumsum(is_newline, 0)[~is_newline].to(tokens.device)  # per visual token
+    if kept is None:
+        kept = torch.arange(count, device=tokens.device).expand(batch, count)
+    positions = torch.arange(count, device=tokens.device) + newlines_before[kept]
+    out = newline.to(tokens.dtype).expand(batch, count + int(is_newline.sum()), hidden).clone()
+    return out.scatter_(1, positions[..., None].expand(-1, -1, hidden), tokens)
