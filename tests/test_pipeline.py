@@ -82,6 +82,22 @@ def test_single_next_member_equals_stock_llava_next(family):
     assert {grid_shape(size, PINPOINTS, 8) for size in SIZES} == {(2, 2), (1, 2), (2, 1), (1, 3), (3, 1)}
 
 
+@pytest.mark.parametrize("keep", [None, 0.5])
+def test_next_batches_equal_single_images(family, keep):
+    """A batch of same-size images gives each image's own tokens; sizes with different layouts
+    are an error naming the member."""
+    path = family[1][NEXT]
+    fused = VisionFuse.from_pretrained([family[1][0], path], method="linear", keep=keep)
+    images = [_image(7, (20, 26)), _image(8, (20, 26))]
+    tokens, counts = fused.image_tokens(images)
+    for i, image in enumerate(images):
+        single, single_counts = fused.image_tokens(image)
+        assert single_counts == counts
+        torch.testing.assert_close(tokens[i:i + 1], single, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: the images' sizes give different anyres layouts"):
+        fused.image_tokens([images[0], _image(9, (16, 8))])
+
+
 def test_processor_outputs_equal_the_hf_processors(family):
     """Each member preprocesses with its own processor: the one saved in its folder, whose
     outputs equal a freshly built transformers processor's, and which image_tokens runs."""
