@@ -18,8 +18,9 @@ MEMBERS = [dict(feature_layer=-2, strategy="default", act="gelu"),
            dict(vision=dict(image_size=12, patch_size=3, hidden_size=24, num_attention_heads=2),
                 feature_layer=[-3, -1], strategy="default", act="gelu_pytorch_tanh"),
            dict(vision=dict(image_size=10, patch_size=5, num_hidden_layers=3), feature_layer=-1, strategy="full"),
-           dict(feature_layer=[-2, -1], grid_pinpoints=PINPOINTS)]  # LLaVA-NeXT
-NEXT = 3
+           dict(feature_layer=[-2, -1], grid_pinpoints=PINPOINTS),  # LLaVA-NeXT
+           dict(feature_layer=-1, grid_pinpoints=PINPOINTS + [[24, 24]], max_crops=4)]  # LLaVA-OneVision
+NEXT, ONEVISION = 3, 4
 # (height, width): anyres grids 2x2, 1x2, 2x1, 1x3 and 3x1, with and without unpadding
 SIZES = [(16, 16), (20, 26), (8, 16), (16, 8), (7, 30), (50, 20), (9, 23)]
 
@@ -64,13 +65,14 @@ def test_single_model_equals_stock_llava(family, member):
     assert _parity(family[1][member], _image()) < 1e-5
 
 
-def test_single_next_member_equals_stock_llava_next(family):
-    """Images of several sizes and aspect ratios (SIZES)."""
-    from transformers import LlavaNextForConditionalGeneration
+@pytest.mark.parametrize("member", [NEXT, ONEVISION])
+def test_single_anyres_member_equals_stock(family, member):
+    """LLaVA-NeXT and LLaVA-OneVision members, images of several sizes and aspect ratios (SIZES)."""
+    from vfuse_kernels.pipeline.visionfuse import model_class
 
-    path = family[1][NEXT]
+    path = family[1][member]
     fused = VisionFuse.from_pretrained([path], weights=[1.0], method="linear")
-    stock = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    stock = model_class(path).from_pretrained(path).eval()
     encoder = fused.encoders[0]
     for i, size in enumerate(SIZES):
         image = _image(i, size)
@@ -80,11 +82,13 @@ def test_single_next_member_equals_stock_llava_next(family):
             expected = stock(input_ids=ids, **inputs).logits
         torch.testing.assert_close(fused(ids, pixel_values=[inputs]), expected, rtol=1e-5, atol=1e-5)
     assert {grid_shape(size, PINPOINTS, 8) for size in SIZES} == {(2, 2), (1, 2), (2, 1), (1, 3), (3, 1)}
+    if member == ONEVISION:  # its unpadded map resized for some sizes (anyres_max_4), not for others
+        assert {encoder.packing(size).size is None for size in SIZES} == {True, False}
 
 
 @pytest.mark.parametrize("keep", [None, 0.5])
 def test_next_batches_equal_single_images(family, keep):
-    """A batch of same-size images gives each image's own tokens; sizes with different layouts
+    """A batch of same-size images gives each image's own tokens; images of different sizes
     are an error naming the member."""
     path = family[1][NEXT]
     fused = VisionFuse.from_pretrained([family[1][0], path], method="linear", keep=keep)
@@ -94,7 +98,7 @@ def test_next_batches_equal_single_images(family, keep):
         single, single_counts = fused.image_tokens(image)
         assert single_counts == counts
         torch.testing.assert_close(tokens[i:i + 1], single, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=f"{re.escape(path)}: the images' sizes give different anyres layouts"):
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: the images have different sizes"):
         fused.image_tokens([images[0], _image(9, (16, 8))])
 
 
@@ -123,7 +127,7 @@ def test_processor_outputs_equal_the_hf_processors(family):
 
 def test_merged_language_model_is_task_arithmetic_of_the_members(family):
     base, paths = family
-    weights = [0.4, 0.3, 0.2, 0.1]  # the last a LLaVA-NeXT member
+    weights = [0.3, 0.3, 0.2, 0.1, 0.1]  # the last two LLaVA-NeXT and LLaVA-OneVision
     fused = VisionFuse.from_pretrained(paths, base_model=base, weights=weights, method="task_arithmetic")
     base_t = load_tensors(base)
     members = [load_tensors(p) for p in paths]
@@ -168,7 +172,7 @@ def test_llava_and_llava_next_members_generate(family, keep, mode):
     fused = VisionFuse.from_pretrained([paths[0], paths[NEXT]], base_model=base, method="ties", density=0.5,
                                        keep=keep, prune_mode=mode)
     size = (20, 26)
-    rows = int((fused.encoders[1].layout(size) == -1).sum())
+    rows = int((fused.encoders[1].packing(size).layout == -1).sum())
     assert rows == 6
     result = fused.generate(_image(5, size), [3, 0, 5, 6], max_new_tokens=5)
     assert [n for n, _ in result.visual_tokens] == [16, 70]
@@ -181,16 +185,31 @@ def test_llava_and_llava_next_members_generate(family, keep, mode):
     assert 1 <= len(result.token_ids) <= 5 and all(0 <= t < 99 for t in result.token_ids)
 
 
-def test_pruned_next_tokens_keep_the_grid_layout(family):
-    """Pruned LLaVA-NeXT tokens are the unpruned ones with some removed: in their order, each in
-    its row of the unpadded grid, every row's image_newline kept; the budget counts the others."""
-    full = VisionFuse.from_pretrained([family[1][NEXT]], weights=[1.0], method="linear")
+def test_three_model_classes_generate_with_pruning(family):
+    """M=3: LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision members with a global budget."""
+    base, paths = family
+    fused = VisionFuse.from_pretrained([paths[0], paths[NEXT], paths[ONEVISION]], base_model=base, keep=0.5,
+                                       prune_mode="global")
+    result = fused.generate(_image(5, (20, 26)), [3, 0, 5, 6], max_new_tokens=3)
+    rows = [0, 6, 7]
+    assert [n for n, _ in result.visual_tokens] == [16, 70, 79]
+    kept = [k for _, k in result.visual_tokens]
+    assert sum(kept) - sum(rows) == int(0.5 * (16 + 70 + 79 - sum(rows)))
+    assert result.timings["prompt_tokens"] == 3 + sum(kept) and 1 <= len(result.token_ids) <= 3
+
+
+@pytest.mark.parametrize("member, rows", [(NEXT, 6), (ONEVISION, 7)])  # OneVision: 10x12 resized to 7x8
+def test_pruned_anyres_tokens_keep_the_grid_layout(family, member, rows):
+    """Pruned anyres tokens are the unpruned ones with some removed: in their order, each in
+    its row of the (unpadded, resized) grid, every row's image_newline kept; the budget counts
+    the others."""
+    full = VisionFuse.from_pretrained([family[1][member]], weights=[1.0], method="linear")
     pruned = VisionFuse(full.host, list(full.encoders), keep=0.4)
     image = _image(6, (20, 26))
     tokens, kept = full.image_tokens(image)[0][0], pruned.image_tokens(image)[0][0]
     newline = full.encoders[0].image_newline
     newline_full, newline_kept = (tokens == newline).all(-1), (kept == newline).all(-1)
-    assert int(newline_full.sum()) == int(newline_kept.sum()) == 6
+    assert int(newline_full.sum()) == int(newline_kept.sum()) == rows
     visual_full, visual_kept = tokens[~newline_full], kept[~newline_kept]
     assert len(visual_kept) == int(0.4 * len(visual_full))
     match = (visual_kept[:, None] - visual_full[None]).abs().amax(-1).argmin(dim=1)
@@ -198,7 +217,7 @@ def test_pruned_next_tokens_keep_the_grid_layout(family):
     assert bool((match.diff() > 0).all())
     row_full, row_kept = newline_full.cumsum(0)[~newline_full], newline_kept.cumsum(0)[~newline_kept]
     assert torch.equal(row_kept, row_full[match])
-    assert 0 < int((row_kept == 0).sum()) < 16  # some of the downscaled view's tokens pruned, some kept
+    assert 0 < int((row_kept == 0).sum()) < 16  # some of the whole-image crop's tokens pruned, some kept
 
 
 def test_different_families_are_rejected(family, tmp_path):

@@ -1,18 +1,24 @@
-"""LLaVA-NeXT anyres packing as index maps, so that pruning can act on the packed sequence.
+"""LLaVA-NeXT / LLaVA-OneVision anyres packing as index maps, so that pruning can act on the
+packed sequence.
 
-A LLaVA-NeXT image becomes crops (its processor's output): crop 0 the whole image resized
-to the tower's size, then a ``rows × cols`` grid of crops of the image resized and padded to the
-best of ``image_grid_pinpoints``. The language model sees (HF ``pack_image_features``): crop
-0's tokens, then the grid's tokens stitched into one ``rows·s × cols·s`` patch map (s patches a
-side per crop), the padding rows or columns cut off (unpadding), read row by row with one
-``image_newline`` token after each row.
+An image becomes crops (its processor's output): crop 0 the whole image resized to the
+tower's size, then a ``rows × cols`` grid of crops of the image resized and padded to the best
+of ``image_grid_pinpoints``. The language model sees (HF ``pack_image_features``): crop 0's
+tokens, then the grid's tokens stitched into one ``rows·s × cols·s`` patch map (s patches a side
+per crop), the padding rows or columns cut off (unpadding) — LLaVA-OneVision (``anyres_max_N``)
+then resizes the projected map bilinearly when it holds over ~N crops' patches
+(``downscaled_size``) — read row by row with one ``image_newline`` token after each row.
 
-``anyres_layout`` gives that sequence as indices into the image's crop tokens flattened
-crop-major (crop c, patch t → c·s² + t), ``NEWLINE`` (−1) where ``image_newline`` goes.
+``unpadded_grid`` gives the patch map as indices into the image's crop tokens flattened
+crop-major (crop c, patch t → c·s² + t); ``with_newlines`` the packed sequence, ``NEWLINE``
+(−1) where ``image_newline`` goes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 NEWLINE = -1
 
@@ -37,14 +43,33 @@ def unpad(patch_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     return patch_map[:, pad:cols - pad]
 
 
-def anyres_layout(image_size: tuple[int, int], grid_pinpoints, crop_size: int, side: int) -> torch.Tensor:
-    """[T] int64: the packed token order of one image (see the module docstring)."""
+def unpadded_grid(image_size: tuple[int, int], grid_pinpoints, crop_size: int, side: int) -> torch.Tensor:
+    """[h, w] int64: the unpadded patch map of an image's grid crops, as crop-token indices."""
     rows, cols = grid_shape(image_size, grid_pinpoints, crop_size)
     per_crop = side * side
     grid = torch.arange(per_crop, per_crop * (1 + rows * cols)).view(rows, cols, side, side)
-    patch_map = unpad(grid.permute(0, 2, 1, 3).reshape(rows * side, cols * side), image_size)
-    newlines = torch.full((patch_map.shape[0], 1), NEWLINE)
-    return torch.cat([torch.arange(per_crop), torch.cat([patch_map, newlines], dim=1).flatten()])
+    return unpad(grid.permute(0, 2, 1, 3).reshape(rows * side, cols * side), image_size)
+
+
+def with_newlines(first: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """[T] int64: ``first`` [N], then ``grid`` [h, w] row by row, ``NEWLINE`` after each row."""
+    newlines = torch.full((grid.shape[0], 1), NEWLINE)
+    return torch.cat([first, torch.cat([grid, newlines], dim=1).flatten()])
+
+
+def downscaled_size(grid: tuple[int, int], side: int, max_crops: int) -> tuple[int, int] | None:
+    """LLaVA-OneVision's ``anyres_max_N`` (N = ``max_crops``): the size the unpadded ``grid``
+    (h, w) is resized to when it holds over 1.1² · N crops' patches; None when it is kept."""
+    ratio = math.sqrt(grid[0] * grid[1] / (max_crops * side**2))
+    return (int(grid[0] // ratio), int(grid[1] // ratio)) if ratio > 1.1 else None
+
+
+def downscale(values: torch.Tensor, per_crop: int, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, N + h'·w', C]: crop 0's ``per_crop`` (N) values, then the ``grid`` map of ``values``
+    [B, P·N, C] (rows of crop-token indices) resized bilinearly to ``size`` (h', w'), row by row."""
+    mapped = values[:, grid].permute(0, 3, 1, 2)  # [B, C, h, w]
+    resized = F.interpolate(mapped, list(size), mode="bilinear").flatten(2).transpose(1, 2)
+    return torch.cat([values[:, :per_crop], resized.to(values.dtype)], dim=1)
 
 
 def insert_newlines(tokens: torch.Tensor, layout: torch.Tensor, kept: torch.Tensor | None,

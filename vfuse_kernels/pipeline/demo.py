@@ -62,16 +62,20 @@ def _tokenizer():
 
 
 def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)):
-    """An image processor for a LLaVA (``CLIPImageProcessor``) or LLaVA-NeXT (``LlavaNextImageProcessor``,
-    the model's ``image_grid_pinpoints``) config, at its vision tower's image size."""
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor
+    """An image processor for a LLaVA (``CLIPImageProcessor``), LLaVA-NeXT (``LlavaNextImageProcessor``)
+    or LLaVA-OneVision (``LlavaOnevisionImageProcessor``) config at its vision tower's image size
+    (anyres: with the model's ``image_grid_pinpoints``)."""
+    import transformers
 
     size = config.vision_config.image_size
-    kwargs = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(mean),
-                  image_std=list(std))
+    kwargs = dict(image_mean=list(mean), image_std=list(std))
+    if config.model_type == "llava_onevision":
+        return transformers.LlavaOnevisionImageProcessor(size={"height": size, "width": size},
+                                                         image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
+    kwargs.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if config.model_type == "llava_next":
-        return LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
-    return CLIPImageProcessor(**kwargs)
+        return transformers.LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
+    return transformers.CLIPImageProcessor(**kwargs)
 
 
 def build_family(root: str, log=print) -> tuple[str, list[str]]:

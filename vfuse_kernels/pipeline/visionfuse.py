@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,7 +41,8 @@ from ..ops import METHODS as FUSED_METHODS
 from ..ops import project_concat
 from ..ops.query_key_scores import cls_attention
 from ..patch import _encoder_layers, run_vision_tower
-from .anyres import NEWLINE, anyres_layout, grid_shape, insert_newlines
+from .anyres import (NEWLINE, downscale, downscaled_size, grid_shape, insert_newlines, unpadded_grid,
+                     with_newlines)
 
 # where a LLaVA checkpoint keeps its language model (save_pretrained's layout differs across
 # transformers versions: 5.17+, 4.x-5.16, 5.5), or a plain LLM
@@ -51,15 +53,27 @@ FAMILY_KEYS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "
                "num_key_value_heads", "intermediate_size")
 
 
+class Packing(NamedTuple):
+    """How an anyres member packs one image's tokens: ``layout`` [T] indexes the image's crop
+    tokens (``NEWLINE`` for ``image_newline``) or, for a LLaVA-OneVision map resized to ``size``,
+    the tokens ``downscale(…, grid, size)`` makes of them."""
+
+    layout: torch.Tensor
+    grid: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
+
+
 class Encoder(nn.Module):
     """One member's visual path: its image processor, tower, feature-layer selection,
-    projector and, for a LLaVA-NeXT member, anyres packing (``grid_pinpoints``, ``image_newline``)."""
+    projector and, for a LLaVA-NeXT / LLaVA-OneVision member, anyres packing (``grid_pinpoints``,
+    ``image_newline``, OneVision's ``max_crops``)."""
 
     def __init__(self, name: str, tower: nn.Module, projector: nn.Module, fusion: MultiLayerFeatureFusion,
-                 processor, *, grid_pinpoints=None, image_newline: torch.Tensor | None = None):
+                 processor, *, grid_pinpoints=None, image_newline: torch.Tensor | None = None,
+                 max_crops: int | None = None):
         super().__init__()
         self.name, self.tower, self.projector, self.fusion = name, tower, projector, fusion
-        self.processor, self.grid_pinpoints = processor, grid_pinpoints
+        self.processor, self.grid_pinpoints, self.max_crops = processor, grid_pinpoints, max_crops
         self.register_buffer("image_newline", None if image_newline is None else image_newline.detach())
 
     @property
@@ -77,44 +91,54 @@ class Encoder(nn.Module):
         """This member's processor outputs for ``images``: ``pixel_values`` (and ``image_sizes``)."""
         return dict(self.processor(images, return_tensors="pt"))
 
-    def layout(self, image_size: tuple[int, int]) -> torch.Tensor:
-        """[T]: a LLaVA-NeXT member's tokens for an image of ``image_size`` (h, w), as indices into
-        its crops' tokens (``anyres_layout``)."""
+    def packing(self, image_size: tuple[int, int]) -> Packing:
+        """An anyres member's ``Packing`` of an image of ``image_size`` (h, w)."""
         cfg = self.tower.config
         side = cfg.image_size // cfg.patch_size
         if self.tokens_per_crop != side * side:
             raise ValueError(f"{self.name}: anyres packing needs {side}x{side} tokens per crop, the "
                              f"{self.fusion.select_strategy!r} strategy gives {self.tokens_per_crop}")
-        return anyres_layout(image_size, self.grid_pinpoints, cfg.image_size, side)
+        first = torch.arange(side * side)
+        grid = unpadded_grid(image_size, self.grid_pinpoints, cfg.image_size, side)
+        size = None if self.max_crops is None else downscaled_size(tuple(grid.shape), side, self.max_crops)
+        if size is None:
+            return Packing(with_newlines(first, grid))
+        return Packing(with_newlines(first, len(first) + torch.arange(size[0] * size[1]).view(size)), grid, size)
+
+    def downscale(self, values: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """[B, N + h'·w', C]: per-image crop-token ``values`` [B, P·N, C] as a OneVision ``packing`` resizes them."""
+        return downscale(values, self.tokens_per_crop, packing.grid.to(values.device), packing.size)
 
     def num_tokens(self, image_size: tuple[int, int] | None = None) -> int:
-        """Visual tokens per image before pruning (LLaVA-NeXT: for an image of ``image_size``, (h, w))."""
-        return len(self.layout(image_size)) if self.anyres else self.tokens_per_crop
+        """Visual tokens per image before pruning (anyres: for an image of ``image_size``, (h, w))."""
+        return len(self.packing(image_size).layout) if self.anyres else self.tokens_per_crop
 
-    def crops(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(crops [B, P, 3, h, w], layout [T]) for processor outputs ``inputs`` of B images, which
-        must all give this member one layout (P crops each); a LLaVA member: ([B, 1, 3, h, w], None)."""
+    def crops(self, inputs) -> tuple[torch.Tensor, Packing | None]:
+        """(crops [B, P, 3, h, w], packing) for processor outputs ``inputs`` of B images of one
+        size; a LLaVA member: ([B, 1, 3, h, w], None)."""
         if isinstance(inputs, torch.Tensor):
             inputs = {"pixel_values": inputs}
         pixels = inputs["pixel_values"]
         if not self.anyres:
             return pixels[:, None], None
         if "image_sizes" not in inputs:
-            raise ValueError(f"{self.name} is a LLaVA-NeXT member: its inputs need image_sizes")
+            raise ValueError(f"{self.name} is an anyres (LLaVA-NeXT/OneVision) member: its inputs need image_sizes")
+        if any(n != 1 for n in inputs.get("batch_num_images", [1])):
+            raise ValueError(f"{self.name}: VisionFuse takes one image per prompt (batch_num_images "
+                             f"{list(inputs['batch_num_images'])})")
+        sizes = {tuple(s.tolist()) for s in inputs["image_sizes"]}
+        if len(sizes) > 1:
+            raise ValueError(f"{self.name}: the images have different sizes {sorted(sizes)}; pass them one at a time")
         size = self.tower.config.image_size
         if tuple(pixels.shape[-2:]) != (size, size):
             raise ValueError(f"{self.name}: its processor gives {tuple(pixels.shape[-2:])} crops, its vision "
                              f"tower takes {size}x{size}")
-        layouts = [self.layout(tuple(s.tolist())) for s in inputs["image_sizes"]]
-        if any(not torch.equal(t, layouts[0]) for t in layouts[1:]):
-            raise ValueError(f"{self.name}: the images' sizes give different anyres layouts; "
-                             "pass them one at a time")
-        rows, cols = grid_shape(tuple(inputs["image_sizes"][0].tolist()), self.grid_pinpoints, size)
-        count = 1 + rows * cols
-        if pixels.shape[1] < count:
-            raise ValueError(f"{self.name}: {pixels.shape[1]} crops per image, its anyres grid needs {count} "
-                             "(do the processor's image_grid_pinpoints match the model's?)")
-        return pixels[:, :count], layouts[0]
+        image_size = sizes.pop()
+        rows, cols = grid_shape(image_size, self.grid_pinpoints, size)
+        if pixels.shape[1] < 1 + rows * cols:
+            raise ValueError(f"{self.name}: {pixels.shape[1]} crops per image, its anyres grid needs "
+                             f"{1 + rows * cols} (do the processor's image_grid_pinpoints match the model's?)")
+        return pixels[:, :1 + rows * cols], self.packing(image_size)
 
 
 @dataclass
@@ -138,7 +162,8 @@ class Generation:
     timings: dict = field(default_factory=dict)
 
 
-MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def _config(path: str):
@@ -277,7 +302,7 @@ class VisionFuse(nn.Module):
         return Encoder(path, inner.vision_tower.eval(), inner.multi_modal_projector.eval(),
                        MultiLayerFeatureFusion.from_config(config), processor,
                        grid_pinpoints=config.image_grid_pinpoints if anyres else None,
-                       image_newline=inner.image_newline if anyres else None)
+                       image_newline=inner.image_newline if anyres else None, max_crops=_max_crops(config))
 
     def _language_module(self) -> nn.Module:
         return nn.ModuleDict({"lm": self.language_model, "head": self.lm_head})
@@ -329,18 +354,22 @@ class VisionFuse(nn.Module):
         profiling hook."""
         stage = stage or (lambda name: contextlib.nullcontext())
         scored = self.pruner is not None
-        features, scores, layouts, counts, newlines = [], [], [], [], []
+        features, projected, scores, layouts, counts, newlines = [], [], [], [], [], []
         for j, enc in enumerate(self.encoders):
             with stage("towers"):
-                crops, layout = enc.crops(pixel_values[j] if pixel_values is not None else enc.preprocess(images))
+                crops, packing = enc.crops(pixel_values[j] if pixel_values is not None else enc.preprocess(images))
                 batch = crops.shape[0]
                 indices = enc.fusion.hidden_state_indices(enc.tower.config.num_hidden_layers + 1 if scored else None)
                 hidden = run_vision_tower(enc.tower, crops.flatten(0, 1).to(self.device, self.dtype),
                                           indices).hidden_states
                 feature = _per_image(enc.fusion(hidden), batch)
-            if layout is not None:
-                layout = layout.to(self.device)
+            resize = packing is not None and packing.size is not None
+            if resize:  # OneVision resizes the projected map: project all tokens now
+                with stage("projection"):
+                    feature = enc.downscale(project_concat([feature], [enc.projector]), packing)
+            layout = None if packing is None else packing.layout.to(self.device)
             features.append(feature)
+            projected.append(resize)
             layouts.append(layout)
             newlines.append(0 if layout is None else int((layout == NEWLINE).sum()))
             counts.append(_tokens(feature) if layout is None else len(layout))
@@ -350,18 +379,31 @@ class VisionFuse(nn.Module):
                     q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
                     s = cls_attention(q, k, scale=scale)  # per crop
                     s = (s[:, 1:] if enc.fusion.select_strategy == "default" else s).reshape(batch, -1)
+                    if resize:
+                        s = enc.downscale(s[..., None], packing)[..., 0]
                     scores.append(s if layout is None else s[:, _visual(layout)])
         with stage("pruning"):
             kept = self.pruner(scores).keep if scored else [None] * len(self.encoders)
         with stage("projection"):
             keep = [k if layout is None else _flat_indices(layout, k, batch) for layout, k in zip(layouts, kept)]
-            tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
-            if any(layout is not None for layout in layouts):
-                parts = tokens.split([_tokens(f) if k is None else k.shape[1] for f, k in zip(features, keep)], dim=1)
-                tokens = torch.cat([part if layout is None else insert_newlines(part, layout, k, enc.image_newline)
-                                    for part, enc, layout, k in zip(parts, self.encoders, layouts, kept)], dim=1)
+            parts = self._project(features, keep, projected)
+            tokens = torch.cat([part if layout is None else insert_newlines(part, layout, k, enc.image_newline)
+                                for part, enc, layout, k in zip(parts, self.encoders, layouts, kept)], dim=1)
         kept_counts = [n if k is None else k.shape[1] + r for n, k, r in zip(counts, kept, newlines)]
         return tokens, list(zip(counts, kept_counts))
+
+    def _project(self, features, keep, projected) -> list[torch.Tensor]:
+        """Each encoder's kept tokens, projected: one ``project_concat`` for the encoders whose
+        ``features`` are not ``projected`` yet, a gather for the others."""
+        parts = [_gather(f, k) if done else None for f, k, done in zip(features, keep, projected)]
+        todo = [j for j, done in enumerate(projected) if not done]
+        if todo:
+            tokens = project_concat([features[j] for j in todo], [self.encoders[j].projector for j in todo],
+                                    keep=[keep[j] for j in todo])
+            sizes = [_tokens(features[j]) if keep[j] is None else keep[j].shape[1] for j in todo]
+            for j, part in zip(todo, tokens.split(sizes, dim=1)):
+                parts[j] = part
+        return parts
 
     def expand_prompt(self, prompt: str | Sequence[int], num_visual: int) -> torch.Tensor:
         """[1, L] input ids: the prompt with its one ``<image>`` token expanded to ``num_visual``."""
@@ -419,6 +461,12 @@ class VisionFuse(nn.Module):
                           {"visual_seconds": visual_seconds, "prompt_tokens": input_ids.shape[1]})
 
 
+def _max_crops(config) -> int | None:
+    """N of a LLaVA-OneVision config's ``vision_aspect_ratio`` "anyres_max_N"; None for other models."""
+    ratio = getattr(config, "vision_aspect_ratio", None)
+    return None if ratio is None else int(ratio.removeprefix("anyres_max_"))
+
+
 def _per_image(features, batch: int):
     """Crop features [B·P, N, D] (or a list of layers) as [B, P·N, D]: each image's crop tokens in one row."""
     if isinstance(features, list):
@@ -429,6 +477,11 @@ def _per_image(features, batch: int):
 def _tokens(features) -> int:
     """Tokens per image of one encoder's features (a tensor or a list of layers)."""
     return (features[0] if isinstance(features, list) else features).shape[1]
+
+
+def _gather(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[B, K, H]: ``tokens`` [B, N, H] at ``keep`` [B, K] (None: all)."""
+    return tokens if keep is None else tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 def _visual(layout: torch.Tensor) -> torch.Tensor:
