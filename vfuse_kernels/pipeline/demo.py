@@ -1,9 +1,9 @@
 """``vfuse demo``: a small LLaVA-family model family built offline, fused with VisionFuse.
 
 Builds (once, into a cache folder) a shared random base LLM, a word-level tokenizer, three
-LLaVA-1.5-style members and one LLaVA-NeXT member (anyres), whose language models are the base
-plus small deterministic perturbations and whose vision towers, feature layers, projectors and
-image processors differ; saves them as real checkpoints with their image processors; then
+LLaVA-1.5-style members, a LLaVA-NeXT and a LLaVA-OneVision member (anyres), whose language
+models are the base plus small deterministic perturbations and whose vision towers, feature
+layers, projectors and image processors differ; saves them as real checkpoints with their image processors; then
 merges the members' language models, runs every member's processor and tower on a generated
 image, prunes and concatenates the visual tokens, generates text, and checks for every member
 that VisionFuse with that member alone equals its stock transformers class.
@@ -19,7 +19,7 @@ import torch
 
 from .visionfuse import VisionFuse
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 WORDS = ("a the of and in on with is are to this that image picture photo shows there red green blue yellow "
          "black white small large round square circle line sky sun tree house car dog cat person water light "
          "dark left right top bottom center near far bright soft sharp color shape pattern corner edge gradient "
@@ -40,6 +40,10 @@ MEMBERS = (
                                                  num_hidden_layers=3, num_attention_heads=4),
          feature_layer=-2, strategy="default", act="gelu", mean=(0.48145466, 0.4578275, 0.40821073),
          grid_pinpoints=[[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]),
+    dict(name="member-onevision", seed=5, vision=dict(image_size=32, patch_size=4, hidden_size=64,
+                                                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+         feature_layer=-1, strategy="default", act="gelu", mean=(0.5, 0.5, 0.5),
+         grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 96]], max_crops=4),
 )
 STD = (0.26, 0.26, 0.27)
 
@@ -79,10 +83,11 @@ def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26
 
 
 def build_family(root: str, log=print) -> tuple[str, list[str]]:
-    """Writes base/ (LlamaForCausalLM) and the members (LLaVA / LLaVA-NeXT, each with its
-    tokenizer and image processor) under root."""
+    """Writes base/ (LlamaForCausalLM) and the members (LLaVA / LLaVA-NeXT / LLaVA-OneVision, each
+    with its tokenizer and image processor) under root."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration)
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)
 
     marker = os.path.join(root, "family.json")
     members = [os.path.join(root, m["name"]) for m in MEMBERS]
@@ -105,7 +110,11 @@ def build_family(root: str, log=print) -> tuple[str, list[str]]:
         kwargs = dict(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text, image_token_id=image_token,
                       vision_feature_layer=spec["feature_layer"], vision_feature_select_strategy=spec["strategy"],
                       projector_hidden_act=spec["act"])
-        if "grid_pinpoints" in spec:
+        if "max_crops" in spec:
+            member = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+                image_grid_pinpoints=spec["grid_pinpoints"], vision_aspect_ratio=f"anyres_max_{spec['max_crops']}",
+                **kwargs))
+        elif "grid_pinpoints" in spec:
             member = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=spec["grid_pinpoints"],
                                                                        **kwargs))
         else:
