@@ -19,7 +19,8 @@ MEMBERS = [dict(feature_layer=-2, strategy="default", act="gelu"),
                 feature_layer=[-3, -1], strategy="default", act="gelu_pytorch_tanh"),
            dict(vision=dict(image_size=10, patch_size=5, num_hidden_layers=3), feature_layer=-1, strategy="full"),
            dict(feature_layer=[-2, -1], grid_pinpoints=PINPOINTS),  # LLaVA-NeXT
-           dict(feature_layer=-1, grid_pinpoints=PINPOINTS + [[24, 24]], max_crops=4)]  # LLaVA-OneVision
+           dict(feature_layer=-1, strategy="full", grid_pinpoints=PINPOINTS + [[24, 24]], max_crops=4,
+                siglip=True)]  # LLaVA-OneVision
 NEXT, ONEVISION = 3, 4
 # (height, width): anyres grids 2x2, 1x2, 2x1, 1x3 and 3x1, with and without unpadding
 SIZES = [(16, 16), (20, 26), (8, 16), (16, 8), (7, 30), (50, 20), (9, 23)]

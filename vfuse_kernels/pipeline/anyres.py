@@ -69,15 +69,15 @@ def downscale(values: torch.Tensor, per_crop: int, grid: torch.Tensor, size: tup
     [B, P·N, C] (rows of crop-token indices) resized bilinearly to ``size`` (h', w'), row by row."""
     mapped = values[:, grid].permute(0, 3, 1, 2)  # [B, C, h, w]
     resized = F.interpolate(mapped, list(size), mode="bilinear").flatten(2).transpose(1, 2)
-    return torch.cat([values[:, :per_crop], resized.to(values.dtype)], dim=1)
+    return torch.cat([values[:, :per_crop], resized], dim=1)
 
 
 def insert_newlines(tokens: torch.Tensor, layout: torch.Tensor, kept: torch.Tensor | None,
                     newline: torch.Tensor) -> torch.Tensor:
     """[B, K + R, H]: ``tokens`` [B, K, H] (the kept visual tokens of ``layout``, in its order;
     ``kept`` [B, K] their indices among its visual tokens, None for all) with ``newline`` [H]
-    after each of the R rows, as in ``layout``. Every row keeps its newline, even one whose
-    tokens were all pruned."""
+    after each of the R rows, as in ``layout`` (on the host). Every row keeps its newline, even
+    one whose tokens were all pruned."""
     batch, count, hidden = tokens.shape
     is_newline = layout == NEWLINE
     newlines_before = torch.cumsum(is_newline, 0)[~is_newline].to(tokens.device)  # per visual token

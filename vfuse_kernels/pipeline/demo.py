@@ -40,10 +40,11 @@ MEMBERS = (
                                                  num_hidden_layers=3, num_attention_heads=4),
          feature_layer=-2, strategy="default", act="gelu", mean=(0.48145466, 0.4578275, 0.40821073),
          grid_pinpoints=[[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]),
-    dict(name="member-onevision", seed=5, vision=dict(image_size=32, patch_size=4, hidden_size=64,
-                                                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-         feature_layer=-1, strategy="default", act="gelu", mean=(0.5, 0.5, 0.5),
-         grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 96]], max_crops=4),
+    dict(name="member-onevision", seed=5,  # a SigLIP tower (no [CLS]) as in LLaVA-OneVision
+         vision=dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4),
+         feature_layer=-1, strategy="full", act="gelu", mean=(0.5, 0.5, 0.5),
+         grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 96]], max_crops=4, siglip=True),
 )
 STD = (0.26, 0.26, 0.27)
 
@@ -85,7 +86,7 @@ def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26
 def build_family(root: str, log=print) -> tuple[str, list[str]]:
     """Writes base/ (LlamaForCausalLM) and the members (LLaVA / LLaVA-NeXT / LLaVA-OneVision, each
     with its tokenizer and image processor) under root."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, SiglipVisionConfig,
                               LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)
 
@@ -107,7 +108,8 @@ def build_family(root: str, log=print) -> tuple[str, list[str]]:
     tokenizer.save_pretrained(base_dir)
     for spec, path in zip(MEMBERS, members):
         torch.manual_seed(spec["seed"])
-        kwargs = dict(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text, image_token_id=image_token,
+        vision = (SiglipVisionConfig if spec.get("siglip") else CLIPVisionConfig)(**spec["vision"])
+        kwargs = dict(vision_config=vision, text_config=text, image_token_id=image_token,
                       vision_feature_layer=spec["feature_layer"], vision_feature_select_strategy=spec["strategy"],
                       projector_hidden_act=spec["act"])
         if "max_crops" in spec:
@@ -187,7 +189,8 @@ def run_demo(device: str = "cpu", cache_dir: str | None = None, keep: float | No
     for enc, (n, k) in zip(fused.encoders, result.visual_tokens):
         cfg = enc.tower.config
         anyres = f"anyres {enc.grid_pinpoints}, " if enc.anyres else ""
-        log(f"  {os.path.basename(enc.name)}: tower {cfg.image_size}px/{cfg.patch_size} x{cfg.num_hidden_layers} "
+        log(f"  {os.path.basename(enc.name)}: {type(enc.tower).__name__} {cfg.image_size}px/{cfg.patch_size} "
+            f"x{cfg.num_hidden_layers} "
             f"layers, {anyres}feature layer {enc.fusion.layers}, '{enc.fusion.select_strategy}', visual tokens {n}, "
             f"kept {k}")
     total = sum(n for n, _ in result.visual_tokens)

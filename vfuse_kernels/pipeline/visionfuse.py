@@ -16,9 +16,11 @@ Documented choices:
   placeholders;
 - pruning (``keep``: tokens per image or a ratio of the scored tokens) scores each token by
   its crop's [CLS] attention in the tower layer that produces its last selected feature
-  (VisionZip) and splits the budget with ``TokenPruner`` (``prune_mode``); a LLaVA-NeXT
-  member's kept tokens keep their packed order and every grid row its ``image_newline``
-  token, which is not scored and not counted in the budget.
+  (VisionZip; without a [CLS] token, e.g. SigLIP: the mean attention it receives there) and
+  splits the budget with ``TokenPruner`` (``prune_mode``); an anyres member's kept tokens keep
+  their packed order and every grid row its ``image_newline`` token, which is not scored and
+  not counted in the budget; a OneVision map that ``anyres_max_N`` resizes is projected whole
+  first, its scores resized alike.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from ..merging.plan import rewrite_prefix
 from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
 from ..ops import METHODS as FUSED_METHODS
 from ..ops import project_concat
-from ..ops.query_key_scores import cls_attention
+from ..ops.query_key_scores import cls_attention, query_key_scores
 from ..patch import _encoder_layers, run_vision_tower
 from .anyres import (NEWLINE, downscale, downscaled_size, grid_shape, insert_newlines, unpadded_grid,
                      with_newlines)
@@ -81,11 +83,26 @@ class Encoder(nn.Module):
         return self.grid_pinpoints is not None
 
     @property
+    def has_cls(self) -> bool:
+        """Whether the tower prepends a [CLS] token (CLIP) or not (SigLIP)."""
+        embeddings = getattr(getattr(self.tower, "vision_model", self.tower), "embeddings", None)
+        return getattr(embeddings, "class_embedding", None) is not None
+
+    @property
     def tokens_per_crop(self) -> int:
-        """Visual tokens one crop yields."""
+        """Visual tokens one crop yields (the "default" strategy drops the tower's first token)."""
         cfg = self.tower.config
         patches = (cfg.image_size // cfg.patch_size) ** 2
-        return patches if self.fusion.select_strategy == "default" else patches + 1
+        return patches + int(self.has_cls) - int(self.fusion.select_strategy == "default")
+
+    def scores(self, hidden_states) -> torch.Tensor:
+        """[B·P, Nⱼ] pruning scores of each crop's tokens, from the tower layer that produces the
+        last selected feature: its [CLS] query's attention (VisionZip), or for a tower without
+        [CLS] the mean attention each token receives."""
+        layer = self.fusion.attention_layer(len(hidden_states))
+        q, k, scale = attention_qk(_encoder_layers(self.tower)[layer], hidden_states[layer])
+        s = cls_attention(q, k, scale=scale) if self.has_cls else query_key_scores(q, k, scale=scale)
+        return s[:, 1:] if self.fusion.select_strategy == "default" else s
 
     def preprocess(self, images) -> dict[str, torch.Tensor]:
         """This member's processor outputs for ``images``: ``pixel_values`` (and ``image_sizes``)."""
@@ -367,7 +384,7 @@ class VisionFuse(nn.Module):
             if resize:  # OneVision resizes the projected map: project all tokens now
                 with stage("projection"):
                     feature = enc.downscale(project_concat([feature], [enc.projector]), packing)
-            layout = None if packing is None else packing.layout.to(self.device)
+            layout = None if packing is None else packing.layout  # on the host
             features.append(feature)
             projected.append(resize)
             layouts.append(layout)
@@ -375,17 +392,15 @@ class VisionFuse(nn.Module):
             counts.append(_tokens(feature) if layout is None else len(layout))
             if scored:
                 with stage("scoring"):
-                    layer = enc.fusion.attention_layer(len(hidden))
-                    q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
-                    s = cls_attention(q, k, scale=scale)  # per crop
-                    s = (s[:, 1:] if enc.fusion.select_strategy == "default" else s).reshape(batch, -1)
+                    s = enc.scores(hidden).reshape(batch, -1)
                     if resize:
                         s = enc.downscale(s[..., None], packing)[..., 0]
-                    scores.append(s if layout is None else s[:, _visual(layout)])
+                    scores.append(s if layout is None else s[:, _visual(layout).to(s.device)])
         with stage("pruning"):
             kept = self.pruner(scores).keep if scored else [None] * len(self.encoders)
         with stage("projection"):
-            keep = [k if layout is None else _flat_indices(layout, k, batch) for layout, k in zip(layouts, kept)]
+            keep = [k if layout is None else _flat_indices(layout, k, batch, self.device)
+                    for layout, k in zip(layouts, kept)]
             parts = self._project(features, keep, projected)
             tokens = torch.cat([part if layout is None else insert_newlines(part, layout, k, enc.image_newline)
                                 for part, enc, layout, k in zip(parts, self.encoders, layouts, kept)], dim=1)
@@ -489,9 +504,9 @@ def _visual(layout: torch.Tensor) -> torch.Tensor:
     return layout[layout != NEWLINE]
 
 
-def _flat_indices(layout: torch.Tensor, kept: torch.Tensor | None, batch: int) -> torch.Tensor:
+def _flat_indices(layout: torch.Tensor, kept: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """[B, K]: crop-token indices of the kept visual tokens (``kept`` indexes ``_visual(layout)``; None: all)."""
-    visual = _visual(layout)
+    visual = _visual(layout).to(device)
     return visual.expand(batch, -1) if kept is None else visual[kept]
 
 
