@@ -358,17 +358,13 @@ class VisionFuse(nn.Module):
     @torch.no_grad()
     def image_tokens(self, images=None, pixel_values: Sequence | None = None, stage=None):
         """[B, ΣTⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder: its tokens per image before and
-        after pruning (``image_newline`` tokens included). ``pixel_values[j]``, encoder j's
-        processor outputs (a mapping with ``pixel_values`` and, for LLaVA-NeXT, ``image_sizes``;
-        or a pixel tensor), replaces running its processor on ``images``.
-
-        Pruning scores every visual token by its crop's [CLS] attention and splits the budget
-        over all encoders' scored tokens (``TokenPruner``); a LLaVA-NeXT member's kept tokens stay
-        in packed order (downscaled view, then the unpadded grid row by row) and every grid row
-        keeps its ``image_newline``, outside the budget.
+        after pruning (``image_newline`` tokens included; pruning: see the module docstring).
+        ``images``: B images (of one size when a member is anyres). ``pixel_values[j]``, encoder
+        j's processor outputs (a mapping with ``pixel_values`` and, for an anyres member,
+        ``image_sizes``; or a pixel tensor), replaces running its processor on ``images``.
         ``stage(name)``, when given, returns a context manager wrapped around each stage
-        ("towers", "scoring", "pruning", "projection"; per encoder for the first two): a
-        profiling hook."""
+        ("towers", "scoring", "pruning", "projection"; per encoder for the first two, and for
+        the projection of a resized OneVision map): a profiling hook."""
         stage = stage or (lambda name: contextlib.nullcontext())
         scored = self.pruner is not None
         features, projected, scores, layouts, counts, newlines = [], [], [], [], [], []
