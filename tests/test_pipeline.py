@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from checkpoints import llama, llava, load_tensors, save_member
 
 from vfuse_kernels.cli import main as cli_main
@@ -101,6 +102,35 @@ def test_next_batches_equal_single_images(family, keep):
         torch.testing.assert_close(tokens[i:i + 1], single, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=f"{re.escape(path)}: the images have different sizes"):
         fused.image_tokens([images[0], _image(9, (16, 8))])
+
+
+def test_next_token_counts_at_real_sizes_equal_the_hf_processors():
+    """At LLaVA-1.6's sizes (336 px / 14 CLIP crops, its default pinpoints, 576 tokens a crop) a
+    LLaVA-NeXT member packs as many tokens as LlavaNextProcessor expands ``<image>`` to."""
+    from PIL import Image
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlavaNextConfig, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+
+    from vfuse_kernels.nn import MultiLayerFeatureFusion
+    from vfuse_kernels.pipeline.demo import _tokenizer
+    from vfuse_kernels.pipeline.visionfuse import Encoder
+
+    pinpoints, tokenizer = LlavaNextConfig().image_grid_pinpoints, _tokenizer()
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=8, intermediate_size=8,
+                                             num_hidden_layers=1, num_attention_heads=1))
+    encoder = Encoder("llava-v1.6", tower, nn.Identity(), MultiLayerFeatureFusion(-2, "default"), image_processor,
+                      grid_pinpoints=pinpoints)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    counts = []
+    for size in [(480, 640), (300, 1000), (1000, 300), (224, 224), (1080, 1920), (333, 777)]:
+        ids = processor(images=Image.new("RGB", size[::-1]), text="<image>", return_tensors="pt")["input_ids"]
+        counts.append(encoder.num_tokens(size))
+        assert counts[-1] == int((ids == image_token).sum()), size
+    assert counts[0] == 2340 and len(set(counts)) == 6
 
 
 def test_processor_outputs_equal_the_hf_processors(family):
