@@ -32,7 +32,8 @@ def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     base = llama(0)
     base.save_pretrained(str(root / "base"))
-    paths = [save_member(llava(10 + i, base_lm=base, **spec), str(root / f"m{i}"), mean=(0.5, 0.4, (3 + i) / 10))
+    paths = [save_member(llava(10 + i, base_lm=base, **spec), str(root / f"m{i}"), mean=(0.5, 0.4, (3 + i) / 10),
+                         pad=i == 1)  # LLaVA-1.5's pad to square
              for i, spec in enumerate(MEMBERS)]
     return str(root / "base"), paths
 
@@ -136,14 +137,16 @@ def test_next_token_counts_at_real_sizes_equal_the_hf_processors():
 def test_processor_outputs_equal_the_hf_processors(family):
     """Each member preprocesses with its own processor: the one saved in its folder, whose
     outputs equal a freshly built transformers processor's, and which image_tokens runs."""
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor
+    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor
 
     paths = family[1]
-    fused = VisionFuse.from_pretrained([paths[0], paths[NEXT]], method="linear")
+    fused = VisionFuse.from_pretrained([paths[0], paths[1], paths[NEXT]], method="linear")
     images = [_image(3, (20, 26)), _image(4, (20, 26))]
-    size = dict(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, image_std=[0.26862954, 0.26130258,
-                                                                                           0.27577711])
+    std = dict(image_std=[0.26862954, 0.26130258, 0.27577711])
+    size = dict(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, **std)
     hf = [CLIPImageProcessor(image_mean=[0.5, 0.4, 0.3], **size),
+          LlavaImageProcessor(do_pad=True, size={"shortest_edge": 12}, crop_size={"height": 12, "width": 12},
+                              image_mean=[0.5, 0.4, 0.4], **std),
           LlavaNextImageProcessor(image_mean=[0.5, 0.4, 0.6], image_grid_pinpoints=PINPOINTS, **size)]
     expected = [dict(p(images, return_tensors="pt")) for p in hf]
     for enc, want in zip(fused.encoders, expected):
@@ -153,7 +156,7 @@ def test_processor_outputs_equal_the_hf_processors(family):
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
     tokens, _ = fused.image_tokens(images)
     torch.testing.assert_close(tokens, fused.image_tokens(pixel_values=expected)[0], rtol=0, atol=0)
-    assert not torch.allclose(expected[0]["pixel_values"], expected[1]["pixel_values"][:, 0])  # two processors
+    assert not torch.allclose(expected[0]["pixel_values"], expected[2]["pixel_values"][:, 0])  # not one processor
 
 
 def test_merged_language_model_is_task_arithmetic_of_the_members(family):

@@ -19,7 +19,7 @@ import torch
 
 from .visionfuse import VisionFuse
 
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 WORDS = ("a the of and in on with is are to this that image picture photo shows there red green blue yellow "
          "black white small large round square circle line sky sun tree house car dog cat person water light "
          "dark left right top bottom center near far bright soft sharp color shape pattern corner edge gradient "
@@ -32,7 +32,7 @@ MEMBERS = (
          feature_layer=-2, strategy="default", act="gelu", mean=(0.48145466, 0.4578275, 0.40821073)),
     dict(name="member-b", seed=2, vision=dict(image_size=56, patch_size=7, hidden_size=96, intermediate_size=192,
                                               num_hidden_layers=4, num_attention_heads=4),
-         feature_layer=[-3, -1], strategy="default", act="gelu", mean=(0.5, 0.5, 0.5)),
+         feature_layer=[-3, -1], strategy="default", act="gelu", mean=(0.5, 0.5, 0.5), pad=True),
     dict(name="member-c", seed=3, vision=dict(image_size=48, patch_size=6, hidden_size=112, intermediate_size=224,
                                               num_hidden_layers=3, num_attention_heads=4),
          feature_layer=-1, strategy="full", act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5)),
@@ -66,10 +66,12 @@ def _tokenizer():
                                    pad_token="<pad>", additional_special_tokens=["<image>"])
 
 
-def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)):
-    """An image processor for a LLaVA (``CLIPImageProcessor``), LLaVA-NeXT (``LlavaNextImageProcessor``)
-    or LLaVA-OneVision (``LlavaOnevisionImageProcessor``) config at its vision tower's image size
-    (anyres: with the model's ``image_grid_pinpoints``)."""
+def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                     pad: bool = False):
+    """An image processor for a LLaVA (``CLIPImageProcessor``; with ``pad``, LLaVA-1.5's pad to
+    square: ``LlavaImageProcessor``), LLaVA-NeXT (``LlavaNextImageProcessor``) or LLaVA-OneVision
+    (``LlavaOnevisionImageProcessor``) config at its vision tower's image size (anyres: with the
+    model's ``image_grid_pinpoints``)."""
     import transformers
 
     size = config.vision_config.image_size
@@ -80,6 +82,8 @@ def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26
     kwargs.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if config.model_type == "llava_next":
         return transformers.LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
+    if pad:
+        return transformers.LlavaImageProcessor(do_pad=True, **kwargs)
     return transformers.CLIPImageProcessor(**kwargs)
 
 
@@ -130,7 +134,7 @@ def build_family(root: str, log=print) -> tuple[str, list[str]]:
                                                                                    generator=gen))
         member.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        member_processor(member.config, spec["mean"], STD).save_pretrained(path)
+        member_processor(member.config, spec["mean"], STD, pad=spec.get("pad", False)).save_pretrained(path)
     with open(marker, "w") as f:
         json.dump({"version": SPEC_VERSION}, f)
     log(f"built the demo family in {time.perf_counter() - start:.1f} s -> {root}")
