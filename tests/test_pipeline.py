@@ -267,12 +267,13 @@ def test_different_families_are_rejected(family, tmp_path):
 
 
 def test_bad_members_are_named(family, tmp_path):
-    """A member without an image processor, with a processor for another grid, or whose LLM or
-    tokenizer differs: an error naming it."""
+    """A member without an image processor, with a processor for another grid, of an unsupported
+    class, or whose LLM or tokenizer differs: an error naming it."""
     import shutil
 
-    from checkpoints import qwen2
-    from transformers import LlavaNextImageProcessor
+    from checkpoints import TEXT, qwen2
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextImageProcessor, VipLlavaConfig,
+                              VipLlavaForConditionalGeneration)
 
     from vfuse_kernels.pipeline.demo import _tokenizer
 
@@ -293,6 +294,14 @@ def test_bad_members_are_named(family, tmp_path):
     qwen2(0).save_pretrained(other_base)
     with pytest.raises(ValueError, match=rf"text model_type differs: llama .*, qwen2 \({re.escape(other_base)}\)"):
         VisionFuse.from_pretrained([paths[0], paths[NEXT]], base_model=other_base)
+    vip = str(tmp_path / "vip")
+    VipLlavaForConditionalGeneration(VipLlavaConfig(vision_config=CLIPVisionConfig(image_size=8, patch_size=2),
+                                                    text_config=LlamaConfig(**TEXT))).save_pretrained(vip)
+    with pytest.raises(ValueError, match=f"{re.escape(vip)}: model_type 'vipllava' is not a supported member"):
+        VisionFuse.from_pretrained([paths[0], vip], method="linear")
+    fused = VisionFuse.from_pretrained([paths[0], paths[NEXT]], method="linear")
+    with pytest.raises(ValueError, match="pixel_values has 1 entries for 2 encoders"):
+        fused.image_tokens(pixel_values=[fused.encoders[0].preprocess(_image())])
     first, second = shutil.copytree(paths[0], tmp_path / "a"), shutil.copytree(paths[NEXT], tmp_path / "b")
     _tokenizer().save_pretrained(first)
     tokenizer = _tokenizer()

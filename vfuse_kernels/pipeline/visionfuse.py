@@ -173,7 +173,7 @@ class MergeStats:
 class Generation:
     text: str
     token_ids: list[int]
-    visual_tokens: list[tuple[int, int]]  # per encoder: (tokens, kept)
+    visual_tokens: list[tuple[int, int]]  # per encoder: (tokens, kept), image_newline tokens included
     prefill_seconds: float
     decode_seconds: float
     timings: dict = field(default_factory=dict)
@@ -365,6 +365,8 @@ class VisionFuse(nn.Module):
         ``stage(name)``, when given, returns a context manager wrapped around each stage
         ("towers", "scoring", "pruning", "projection"; per encoder for the first two, and for
         the projection of a resized OneVision map): a profiling hook."""
+        if pixel_values is not None and len(pixel_values) != len(self.encoders):
+            raise ValueError(f"pixel_values has {len(pixel_values)} entries for {len(self.encoders)} encoders")
         stage = stage or (lambda name: contextlib.nullcontext())
         scored = self.pruner is not None
         features, projected, scores, layouts, counts, newlines = [], [], [], [], [], []
