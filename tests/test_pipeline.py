@@ -232,6 +232,28 @@ def test_three_model_classes_generate_with_pruning(family):
     assert result.timings["prompt_tokens"] == 3 + sum(kept) and 1 <= len(result.token_ids) <= 3
 
 
+@pytest.mark.parametrize("mode", ["proportional", "global"])
+def test_pruning_576_and_2340_tokens(tmp_path_factory, mode):
+    """LLaVA-1.5 (576 tokens) and LLaVA-NeXT (2,340 for a 640x480 image: 576 + 36 rows of 48 + 36
+    image_newline) at their real crop sizes (336 px / 14; narrow towers): a quarter of the 2,880
+    scored tokens kept, split proportionally (144 + 576) or globally; all 36 rows keep their newline."""
+    from transformers import LlavaNextConfig
+
+    root = tmp_path_factory.mktemp("real-sizes")
+    vision = dict(image_size=336, patch_size=14, hidden_size=8, intermediate_size=8, num_attention_heads=1)
+    paths = [save_member(llava(30, vision=vision), str(root / "llava")),
+             save_member(llava(31, vision=vision, grid_pinpoints=LlavaNextConfig().image_grid_pinpoints),
+                         str(root / "next"))]
+    fused = VisionFuse.from_pretrained(paths, method="linear", keep=0.25, prune_mode=mode)
+    tokens, counts = fused.image_tokens(_image(10, (480, 640)))
+    assert [n for n, _ in counts] == [576, 2340]
+    kept = [k for _, k in counts]
+    assert sum(kept) - 36 == 720 == tokens.shape[1] - 36
+    if mode == "proportional":
+        assert kept == [144, 576 + 36]
+    assert (tokens[0] == fused.encoders[1].image_newline).all(-1).sum() == 36
+
+
 @pytest.mark.parametrize("member, rows", [(NEXT, 6), (ONEVISION, 7)])  # OneVision: 10x12 resized to 7x8
 def test_pruned_anyres_tokens_keep_the_grid_layout(family, member, rows):
     """Pruned anyres tokens are the unpruned ones with some removed: in their order, each in
