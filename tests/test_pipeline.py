@@ -12,6 +12,7 @@ from checkpoints import llama, llava, load_tensors, save_member
 
 from vfuse_kernels.cli import main as cli_main
 from vfuse_kernels.pipeline import VisionFuse
+from vfuse_kernels.pipeline.demo import parity_check
 from vfuse_kernels.pipeline.anyres import grid_shape
 
 PINPOINTS = [[8, 16], [16, 8], [16, 16], [8, 24], [24, 8]]
@@ -50,43 +51,26 @@ def _image(seed=0, size=(20, 26)):
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def _parity(path, image):
-    """max |Δlogits| between VisionFuse([path]) and the member's stock transformers class."""
-    from vfuse_kernels.pipeline.visionfuse import model_class
-
-    fused = VisionFuse.from_pretrained([path], weights=[1.0], method="linear")
-    stock = model_class(path).from_pretrained(path).eval()
-    inputs = fused.encoders[0].preprocess(image)
-    ids = fused.expand_prompt([5, 0, 7, 9, 11], fused.encoders[0].num_tokens((image.height, image.width)))
-    with torch.no_grad():
-        expected = stock(input_ids=ids, **inputs).logits
-    return (fused(ids, pixel_values=[inputs]) - expected).abs().max().item()
-
-
 @pytest.mark.parametrize("member", [0, 1, 2])
 def test_single_model_equals_stock_llava(family, member):
-    assert _parity(family[1][member], _image()) < 1e-5
+    class_name, error = parity_check(family[1][member], "cpu", _image(), prompt=[5, 0, 7, 9, 11])
+    assert class_name == "LlavaForConditionalGeneration" and error < 1e-5
 
 
-@pytest.mark.parametrize("member", [NEXT, ONEVISION])
-def test_single_anyres_member_equals_stock(family, member):
+@pytest.mark.parametrize("member, class_name", [(NEXT, "LlavaNextForConditionalGeneration"),
+                                                (ONEVISION, "LlavaOnevisionForConditionalGeneration")])
+def test_single_anyres_member_equals_stock(family, member, class_name):
     """LLaVA-NeXT and LLaVA-OneVision members, images of several sizes and aspect ratios (SIZES)."""
-    from vfuse_kernels.pipeline.visionfuse import model_class
-
-    path = family[1][member]
-    fused = VisionFuse.from_pretrained([path], weights=[1.0], method="linear")
-    stock = model_class(path).from_pretrained(path).eval()
-    encoder = fused.encoders[0]
     for i, size in enumerate(SIZES):
-        image = _image(i, size)
-        inputs = encoder.preprocess(image)
-        ids = fused.expand_prompt([5, 0, 7, 9, 11], encoder.num_tokens(size))
-        with torch.no_grad():
-            expected = stock(input_ids=ids, **inputs).logits
-        torch.testing.assert_close(fused(ids, pixel_values=[inputs]), expected, rtol=1e-5, atol=1e-5)
+        name, error = parity_check(family[1][member], "cpu", _image(i, size), prompt=[5, 0, 7, 9, 11])
+        assert name == class_name and error < 1e-5, size
     assert {grid_shape(size, PINPOINTS, 8) for size in SIZES} == {(2, 2), (1, 2), (2, 1), (1, 3), (3, 1)}
-    if member == ONEVISION:  # its unpadded map resized for some sizes (anyres_max_4), not for others
-        assert {encoder.packing(size).size is None for size in SIZES} == {True, False}
+
+
+def test_onevision_resizes_the_map_for_some_sizes(family):
+    """anyres_max_4: SIZES include images whose unpadded map OneVision resizes and some it keeps."""
+    encoder = VisionFuse.from_pretrained([family[1][ONEVISION]], weights=[1.0], method="linear").encoders[0]
+    assert {encoder.packing(size).size is None for size in SIZES} == {True, False}
 
 
 @pytest.mark.parametrize("keep", [None, 0.5])

@@ -155,9 +155,9 @@ def demo_image(height: int = 96, width: int = 128):
     return Image.fromarray((image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def parity_check(member: str, device, image) -> tuple[str, float]:
+def parity_check(member: str, device, image, prompt="<image> what is in the picture") -> tuple[str, float]:
     """(the member's transformers class, max |Δlogits| between VisionFuse([member], weight 1) and
-    that class) on the member's processor output for ``image``."""
+    that class) on the member's processor output for the PIL ``image`` and ``prompt`` (text or ids)."""
     from .visionfuse import model_class
 
     fused = VisionFuse.from_pretrained([member], weights=[1.0], method="linear", device=device)
@@ -165,7 +165,7 @@ def parity_check(member: str, device, image) -> tuple[str, float]:
     stock = stock_class.from_pretrained(member).to(device).eval()
     encoder = fused.encoders[0]
     inputs = {k: v.to(device) for k, v in encoder.preprocess(image).items()}
-    ids = fused.expand_prompt("<image> what is in the picture", encoder.num_tokens((image.height, image.width)))
+    ids = fused.expand_prompt(prompt, encoder.num_tokens((image.height, image.width)))
     with torch.no_grad():
         expected = stock(input_ids=ids, **inputs).logits
         got = fused(ids, pixel_values=[inputs])

@@ -190,7 +190,7 @@ def _config(path: str):
 
 
 def model_class(path: str):
-    """The transformers class of the member at ``path`` (LLaVA or LLaVA-NeXT)."""
+    """The transformers class of the member at ``path`` (LLaVA, LLaVA-NeXT or LLaVA-OneVision)."""
     import transformers
 
     model_type = _config(path).model_type
@@ -309,7 +309,7 @@ class VisionFuse(nn.Module):
 
     @staticmethod
     def _encoder(path: str, member: nn.Module, processor) -> Encoder:
-        """The visual path of a loaded LLaVA / LLaVA-NeXT ``member``."""
+        """The visual path of a loaded LLaVA-family ``member`` with its image ``processor``."""
         inner, config = member.model, member.config
         anyres = getattr(inner, "image_newline", None) is not None
         pinpoints = getattr(processor, "image_grid_pinpoints", None)
