@@ -19,7 +19,8 @@ PINPOINTS = [[8, 16], [16, 8], [16, 16], [8, 24], [24, 8]]
 MEMBERS = [dict(feature_layer=-2, strategy="default", act="gelu"),
            dict(vision=dict(image_size=12, patch_size=3, hidden_size=24, num_attention_heads=2),
                 feature_layer=[-3, -1], strategy="default", act="gelu_pytorch_tanh"),
-           dict(vision=dict(image_size=10, patch_size=5, num_hidden_layers=3), feature_layer=-1, strategy="full"),
+           dict(vision=dict(image_size=10, patch_size=5, num_hidden_layers=3), feature_layer=-1, strategy="full",
+                siglip=True),
            dict(feature_layer=[-2, -1], grid_pinpoints=PINPOINTS),  # LLaVA-NeXT
            dict(feature_layer=-1, strategy="full", grid_pinpoints=PINPOINTS + [[24, 24]], max_crops=4,
                 siglip=True)]  # LLaVA-OneVision
