@@ -93,17 +93,28 @@ def index_of(path: str) -> dict:
 
 
 def llava(seed: int, *, vision=None, text=None, feature_layer=-2, strategy="default", act="gelu", base_lm=None,
-          image_token_id=0):
-    """A tiny LLaVA model; its language model copied (and perturbed) from ``base_lm`` if given."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+          image_token_id=0, grid_pinpoints=None, max_crops=None, siglip=False):
+    """A tiny LLaVA model (LLaVA-NeXT with ``grid_pinpoints``, LLaVA-OneVision "anyres_max_N" with
+    ``max_crops`` N too) with a CLIP (or SigLIP) tower; its language model copied (and perturbed)
+    from ``base_lm`` if given."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration, SiglipVisionConfig)
 
     torch.manual_seed(seed)
     vision = dict(dict(image_size=8, patch_size=2, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4), **(vision or {}))
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**dict(TEXT, **(text or {}))),
-                         image_token_id=image_token_id, vision_feature_layer=feature_layer,
-                         vision_feature_select_strategy=strategy, projector_hidden_act=act)
-    model = LlavaForConditionalGeneration(config)
+    kwargs = dict(vision_config=(SiglipVisionConfig if siglip else CLIPVisionConfig)(**vision),
+                  text_config=LlamaConfig(**dict(TEXT, **(text or {}))), image_token_id=image_token_id,
+                  vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy, projector_hidden_act=act)
+    if grid_pinpoints is None:
+        model = LlavaForConditionalGeneration(LlavaConfig(**kwargs))
+    elif max_crops is None:
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=grid_pinpoints, **kwargs))
+    else:
+        config = LlavaOnevisionConfig(image_grid_pinpoints=grid_pinpoints,
+                                      vision_aspect_ratio=f"anyres_max_{max_crops}", **kwargs)
+        model = LlavaOnevisionForConditionalGeneration(config)
     if base_lm is not None:
         gen = torch.Generator().manual_seed(1000 + seed)
         with torch.no_grad():
@@ -140,3 +151,12 @@ def as_bin(path: str, out: str, single: bool = False) -> str:
             with open(os.path.join(path, name), "rb") as src, open(os.path.join(out, name), "wb") as dst:
                 dst.write(src.read())
     return out
+
+
+def save_member(model, path: str, **processor) -> str:
+    """``model`` and its image processor (``member_processor``) saved into ``path``."""
+    from vfuse_kernels.pipeline.demo import member_processor
+
+    model.save_pretrained(path)
+    member_processor(model.config, **processor).save_pretrained(path)
+    return path

@@ -166,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(run=_sweep)
     demo = commands.add_parser("demo", help="build a small LLaVA family offline and run VisionFuse on it",
-                               description="Builds (once, cached) a base LLM and three LLaVA-style members as real "
-                                           "checkpoints, merges their language models, fuses their visual tokens "
-                                           "and generates text; checks M=1 parity with transformers.")
+                               description="Builds (once, cached) a base LLM and five members (three LLaVA-1.5, "
+                                           "a LLaVA-NeXT and a LLaVA-OneVision) as real checkpoints with their image "
+                                           "processors, merges their language models, fuses their visual tokens and "
+                                           "generates text; checks M=1 parity with transformers for every member.")
     demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     demo.add_argument("--cache-dir", help="where the demo checkpoints live (default ~/.cache/vfuse/demo)")
     demo.add_argument("--keep", type=float, default=0.5, help="ratio of visual tokens kept (1: no pruning)")

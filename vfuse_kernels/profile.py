@@ -98,6 +98,7 @@ def sweep(device: str = "cpu", quick: bool = False, cache_dir: str | None = None
     grid = QUICK if quick else FULL
     device = torch.device(device)
     base, members = build_family(cache_dir or default_cache_dir(), log=log)
+    members = members[:max(grid["encoders"])]  # the LLaVA-1.5 members (pixels rescaled below: no anyres)
     fused = VisionFuse.from_pretrained(members, base_model=base, method="task_arithmetic", device=device)
     for enc in fused.encoders:  # towers accept images larger than their native size
         enc.tower.forward = functools.partial(type(enc.tower).forward, enc.tower, interpolate_pos_encoding=True)
@@ -108,7 +109,7 @@ def sweep(device: str = "cpu", quick: bool = False, cache_dir: str | None = None
         for scale in grid["scales"]:
             pixel_values = []
             for enc in encoders:
-                pv = enc.preprocess(image).to(device, fused.dtype)
+                pv = enc.preprocess(image)["pixel_values"].to(device, fused.dtype)
                 pixel_values.append(torch.nn.functional.interpolate(pv, scale_factor=scale, mode="bilinear"))
             for keep in grid["keep"]:
                 model = VisionFuse(fused.host, encoders, fused.tokenizer, keep=None if keep >= 1 else keep)

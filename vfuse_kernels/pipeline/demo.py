@@ -1,11 +1,12 @@
-"""``vfuse demo``: a small LLaVA-style model family built offline, fused with VisionFuse.
+"""``vfuse demo``: a small LLaVA-family model family built offline, fused with VisionFuse.
 
-Builds (once, into a cache folder) a shared random base LLM, a word-level tokenizer and
-three LLaVA-style members whose language models are the base plus small deterministic
-perturbations and whose vision towers, feature layers and projectors differ; saves them as
-real checkpoints; then merges the members' language models, runs every tower on a
-generated image, prunes and concatenates the visual tokens, generates text, and checks
-that VisionFuse with one member equals the stock ``LlavaForConditionalGeneration``.
+Builds (once, into a cache folder) a shared random base LLM, a word-level tokenizer, three
+LLaVA-1.5-style members, a LLaVA-NeXT and a LLaVA-OneVision member (anyres), whose language
+models are the base plus small deterministic perturbations and whose vision towers, feature
+layers, projectors and image processors differ; saves them as real checkpoints with their image processors; then
+merges the members' language models, runs every member's processor and tower on a generated
+image, prunes and concatenates the visual tokens, generates text, and checks for every member
+that VisionFuse with that member alone equals its stock transformers class.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import time
 
 import torch
 
-from .preprocess import ImagePreprocessor
 from .visionfuse import VisionFuse
 
-SPEC_VERSION = 1
+SPEC_VERSION = 4
 WORDS = ("a the of and in on with is are to this that image picture photo shows there red green blue yellow "
          "black white small large round square circle line sky sun tree house car dog cat person water light "
          "dark left right top bottom center near far bright soft sharp color shape pattern corner edge gradient "
@@ -32,11 +32,21 @@ MEMBERS = (
          feature_layer=-2, strategy="default", act="gelu", mean=(0.48145466, 0.4578275, 0.40821073)),
     dict(name="member-b", seed=2, vision=dict(image_size=56, patch_size=7, hidden_size=96, intermediate_size=192,
                                               num_hidden_layers=4, num_attention_heads=4),
-         feature_layer=[-3, -1], strategy="default", act="gelu", mean=(0.5, 0.5, 0.5)),
+         feature_layer=[-3, -1], strategy="default", act="gelu", mean=(0.5, 0.5, 0.5), pad=True),
     dict(name="member-c", seed=3, vision=dict(image_size=48, patch_size=6, hidden_size=112, intermediate_size=224,
                                               num_hidden_layers=3, num_attention_heads=4),
          feature_layer=-1, strategy="full", act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5)),
+    dict(name="member-next", seed=4, vision=dict(image_size=32, patch_size=4, hidden_size=96, intermediate_size=192,
+                                                 num_hidden_layers=3, num_attention_heads=4),
+         feature_layer=-2, strategy="default", act="gelu", mean=(0.48145466, 0.4578275, 0.40821073),
+         grid_pinpoints=[[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]),
+    dict(name="member-onevision", seed=5,  # a SigLIP tower (no [CLS]) as in LLaVA-OneVision
+         vision=dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4),
+         feature_layer=-1, strategy="full", act="gelu", mean=(0.5, 0.5, 0.5),
+         grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 96]], max_crops=4, siglip=True),
 )
+STD = (0.26, 0.26, 0.27)
 
 
 def default_cache_dir() -> str:
@@ -56,10 +66,33 @@ def _tokenizer():
                                    pad_token="<pad>", additional_special_tokens=["<image>"])
 
 
+def member_processor(config, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                     pad: bool = False):
+    """An image processor for a LLaVA (``CLIPImageProcessor``; with ``pad``, LLaVA-1.5's pad to
+    square: ``LlavaImageProcessor``), LLaVA-NeXT (``LlavaNextImageProcessor``) or LLaVA-OneVision
+    (``LlavaOnevisionImageProcessor``) config at its vision tower's image size (anyres: with the
+    model's ``image_grid_pinpoints``)."""
+    import transformers
+
+    size = config.vision_config.image_size
+    kwargs = dict(image_mean=list(mean), image_std=list(std))
+    if config.model_type == "llava_onevision":
+        return transformers.LlavaOnevisionImageProcessor(size={"height": size, "width": size},
+                                                         image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
+    kwargs.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if config.model_type == "llava_next":
+        return transformers.LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints, **kwargs)
+    if pad:
+        return transformers.LlavaImageProcessor(do_pad=True, **kwargs)
+    return transformers.CLIPImageProcessor(**kwargs)
+
+
 def build_family(root: str, log=print) -> tuple[str, list[str]]:
-    """Writes base/ (LlamaForCausalLM) and the members (LlavaForConditionalGeneration) under root."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    """Writes base/ (LlamaForCausalLM) and the members (LLaVA / LLaVA-NeXT / LLaVA-OneVision, each
+    with its tokenizer and image processor) under root."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, SiglipVisionConfig,
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)
 
     marker = os.path.join(root, "family.json")
     members = [os.path.join(root, m["name"]) for m in MEMBERS]
@@ -79,10 +112,19 @@ def build_family(root: str, log=print) -> tuple[str, list[str]]:
     tokenizer.save_pretrained(base_dir)
     for spec, path in zip(MEMBERS, members):
         torch.manual_seed(spec["seed"])
-        config = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text,
-                             image_token_id=image_token, vision_feature_layer=spec["feature_layer"],
-                             vision_feature_select_strategy=spec["strategy"], projector_hidden_act=spec["act"])
-        member = LlavaForConditionalGeneration(config)
+        vision = (SiglipVisionConfig if spec.get("siglip") else CLIPVisionConfig)(**spec["vision"])
+        kwargs = dict(vision_config=vision, text_config=text, image_token_id=image_token,
+                      vision_feature_layer=spec["feature_layer"], vision_feature_select_strategy=spec["strategy"],
+                      projector_hidden_act=spec["act"])
+        if "max_crops" in spec:
+            member = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+                image_grid_pinpoints=spec["grid_pinpoints"], vision_aspect_ratio=f"anyres_max_{spec['max_crops']}",
+                **kwargs))
+        elif "grid_pinpoints" in spec:
+            member = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=spec["grid_pinpoints"],
+                                                                       **kwargs))
+        else:
+            member = LlavaForConditionalGeneration(LlavaConfig(**kwargs))
         gen = torch.Generator().manual_seed(100 + spec["seed"])
         with torch.no_grad():  # the language model: base + a small "fine-tuning" perturbation
             for (name, p), (_, q) in zip(member.model.language_model.named_parameters(),
@@ -92,17 +134,17 @@ def build_family(root: str, log=print) -> tuple[str, list[str]]:
                                                                                    generator=gen))
         member.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        processor = ImagePreprocessor(spec["vision"]["image_size"], mean=spec["mean"], std=(0.26, 0.26, 0.27))
-        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-            json.dump(processor.to_dict(), f, indent=2)
+        member_processor(member.config, spec["mean"], STD, pad=spec.get("pad", False)).save_pretrained(path)
     with open(marker, "w") as f:
         json.dump({"version": SPEC_VERSION}, f)
     log(f"built the demo family in {time.perf_counter() - start:.1f} s -> {root}")
     return base_dir, members
 
 
-def demo_image(height: int = 96, width: int = 128) -> torch.Tensor:
-    """A uint8 [3, H, W] picture: a sky-to-ground gradient, a sun and a square."""
+def demo_image(height: int = 96, width: int = 128):
+    """A PIL picture: a sky-to-ground gradient, a sun and a square."""
+    from PIL import Image
+
     y = torch.linspace(0, 1, height)[:, None].expand(height, width)
     x = torch.linspace(0, 1, width)[None, :].expand(height, width)
     image = torch.stack([0.3 + 0.5 * y, 0.5 + 0.3 * (1 - y), 0.9 - 0.6 * y])
@@ -110,21 +152,24 @@ def demo_image(height: int = 96, width: int = 128) -> torch.Tensor:
     image[:, sun] = torch.tensor([1.0, 0.85, 0.2])[:, None]
     square = (x > 0.15) & (x < 0.4) & (y > 0.55) & (y < 0.85)
     image[:, square] = torch.tensor([0.8, 0.1, 0.1])[:, None]
-    return (image * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray((image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def parity_check(member: str, device, image: torch.Tensor) -> float:
-    """max |Δlogits| between VisionFuse([member], weight 1) and the stock LLaVA model."""
-    from transformers import LlavaForConditionalGeneration
+def parity_check(member: str, device, image, prompt="<image> what is in the picture") -> tuple[str, float]:
+    """(the member's transformers class, max |Δlogits| between VisionFuse([member], weight 1) and
+    that class) on the member's processor output for the PIL ``image`` and ``prompt`` (text or ids)."""
+    from .visionfuse import model_class
 
     fused = VisionFuse.from_pretrained([member], weights=[1.0], method="linear", device=device)
-    stock = LlavaForConditionalGeneration.from_pretrained(member).to(device).eval()
-    pixel_values = fused.encoders[0].preprocess(image).to(device)
-    ids = fused.expand_prompt("<image> what is in the picture", fused.encoders[0].num_tokens)
+    stock_class = model_class(member)
+    stock = stock_class.from_pretrained(member).to(device).eval()
+    encoder = fused.encoders[0]
+    inputs = {k: v.to(device) for k, v in encoder.preprocess(image).items()}
+    ids = fused.expand_prompt(prompt, encoder.num_tokens((image.height, image.width)))
     with torch.no_grad():
-        expected = stock(input_ids=ids, pixel_values=pixel_values).logits
-        got = fused(ids, pixel_values=[pixel_values])
-    return (got - expected).abs().max().item()
+        expected = stock(input_ids=ids, **inputs).logits
+        got = fused(ids, pixel_values=[inputs])
+    return stock_class.__name__, (got - expected).abs().max().item()
 
 
 def run_demo(device: str = "cpu", cache_dir: str | None = None, keep: float | None = 0.5,
@@ -139,7 +184,7 @@ def run_demo(device: str = "cpu", cache_dir: str | None = None, keep: float | No
     fused = VisionFuse.from_pretrained(members, base_model=base, method="task_arithmetic",
                                        weights=[1.0 / len(members)] * len(members), keep=keep, device=device)
     result = fused.generate(image, "<image> describe the picture", max_new_tokens=max_new_tokens)
-    error = parity_check(members[0], device, image)
+    parity = [parity_check(member, device, image) for member in members]
     stats = fused.merge_stats
     new_tokens = len(result.token_ids)
     log(f"VisionFuse demo on {device} ({root})")
@@ -147,8 +192,10 @@ def run_demo(device: str = "cpu", cache_dir: str | None = None, keep: float | No
         f"{sum(p.numel() for p in fused.language_model.parameters()) / 1e6:.1f}M parameters")
     for enc, (n, k) in zip(fused.encoders, result.visual_tokens):
         cfg = enc.tower.config
-        log(f"  {os.path.basename(enc.name)}: tower {cfg.image_size}px/{cfg.patch_size} x{cfg.num_hidden_layers} "
-            f"layers, feature layer {enc.fusion.layers}, '{enc.fusion.select_strategy}', visual tokens {n}, "
+        anyres = f"anyres {enc.grid_pinpoints}, " if enc.anyres else ""
+        log(f"  {os.path.basename(enc.name)}: {type(enc.tower).__name__} {cfg.image_size}px/{cfg.patch_size} "
+            f"x{cfg.num_hidden_layers} "
+            f"layers, {anyres}feature layer {enc.fusion.layers}, '{enc.fusion.select_strategy}', visual tokens {n}, "
             f"kept {k}")
     total = sum(n for n, _ in result.visual_tokens)
     kept = sum(k for _, k in result.visual_tokens)
@@ -159,9 +206,14 @@ def run_demo(device: str = "cpu", cache_dir: str | None = None, keep: float | No
         f"decode {new_tokens} tokens: {result.decode_seconds * 1e3:.1f} ms "
         f"({new_tokens / max(result.decode_seconds, 1e-9):.0f} tokens/s)")
     log(f"  generated: {result.text!r}")
-    passed = error <= 1e-4 and math.isfinite(error)
-    log(f"  M=1 parity with LlavaForConditionalGeneration: max |dlogits| = {error:.2e} "
-        f"({'PASS' if passed else 'FAIL'})")
+    for member, (class_name, error) in zip(members, parity):
+        log(f"  {os.path.basename(member)}: M=1 parity with {class_name}: max |dlogits| = {error:.2e} "
+            f"({'PASS' if _passes(error) else 'FAIL'})")
     log(f"  total {time.perf_counter() - start:.1f} s")
-    return {"text": result.text, "visual_tokens": result.visual_tokens, "parity_error": error, "parity": passed,
-            "merge_seconds": stats.seconds}
+    errors = [error for _, error in parity]
+    return {"text": result.text, "visual_tokens": result.visual_tokens, "parity_errors": errors,
+            "parity": all(map(_passes, errors)), "merge_seconds": stats.seconds}
+
+
+def _passes(error: float) -> bool:
+    return math.isfinite(error) and error <= 1e-4

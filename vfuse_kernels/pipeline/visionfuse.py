@@ -2,19 +2,25 @@
 
 M MLLMs that share a base LLM → one model: their language models merged into one (in
 place, streaming the other checkpoints tensor by tensor: one LLM resident at a time),
-every member's vision tower and projector kept. An image goes through each tower with
-that tower's own preprocessing and feature layer(s); ``project_concat`` projects every
-encoder's (optionally pruned) tokens straight into one ``[B, ΣKⱼ, H]`` sequence, which
-replaces the prompt's ``<image>`` placeholder.
+every member's vision tower and projector kept. Members are LLaVA(-1.5) or LLaVA-NeXT
+models, in any mix. An image goes through each member's own image processor (its
+``AutoImageProcessor``) and tower with its feature layer(s); ``project_concat`` projects every
+encoder's (optionally pruned) tokens straight into one ``[B, ΣTⱼ, H]`` sequence (a LLaVA-NeXT
+member's packed as transformers does: ``anyres``), which replaces the prompt's ``<image>``
+placeholder.
 
 Documented choices:
 - encoder order is ``model_paths`` order; the tokens of encoder j follow those of j − 1
   with no separator tokens, and positions are sequential (as LLaVA numbers image tokens);
-- the prompt holds one ``<image>`` token (prepended when missing), expanded to ΣKⱼ
+- the prompt holds one ``<image>`` token (prepended when missing), expanded to ΣTⱼ
   placeholders;
-- pruning (``keep``: tokens per image or a ratio of ΣNⱼ) scores each encoder's tokens by
-  its [CLS] attention in the tower layer that produces its last selected feature
-  (VisionZip) and splits the budget with ``TokenPruner`` (``prune_mode``).
+- pruning (``keep``: tokens per image or a ratio of the scored tokens) scores each token by
+  its crop's [CLS] attention in the tower layer that produces its last selected feature
+  (VisionZip; without a [CLS] token, e.g. SigLIP: the mean attention it receives there) and
+  splits the budget with ``TokenPruner`` (``prune_mode``); an anyres member's kept tokens keep
+  their packed order and every grid row its ``image_newline`` token, which is not scored and
+  not counted in the budget; a OneVision map that ``anyres_max_N`` resizes is projected whole
+  first, its scores resized alike.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,33 +41,121 @@ from ..merging.plan import rewrite_prefix
 from ..nn import MultiLayerFeatureFusion, TokenPruner, attention_qk
 from ..ops import METHODS as FUSED_METHODS
 from ..ops import project_concat
-from ..ops.query_key_scores import cls_attention
+from ..ops.query_key_scores import cls_attention, query_key_scores
 from ..patch import _encoder_layers, run_vision_tower
-from .preprocess import ImagePreprocessor
+from .anyres import (NEWLINE, downscale, downscaled_size, grid_shape, insert_newlines, unpadded_grid,
+                     with_newlines)
 
 # where a LLaVA checkpoint keeps its language model (save_pretrained's layout differs across
 # transformers versions: 5.17+, 4.x-5.16, 5.5), or a plain LLM
 LM_PREFIXES = ("model.language_model.", "language_model.model.", "model.language_model.model.", "model.")
 HEAD_PREFIXES = ("lm_head.", "language_model.lm_head.")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
-FAMILY_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size")
+FAMILY_KEYS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size")
+
+
+class Packing(NamedTuple):
+    """How an anyres member packs one image's tokens: ``layout`` [T] indexes the image's crop
+    tokens (``NEWLINE`` for ``image_newline``) or, for a LLaVA-OneVision map resized to ``size``,
+    the tokens ``downscale(…, grid, size)`` makes of them."""
+
+    layout: torch.Tensor
+    grid: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
 
 
 class Encoder(nn.Module):
-    """One member's visual path: tower, feature-layer selection, projector, preprocessing."""
+    """One member's visual path: its image processor, tower, feature-layer selection,
+    projector and, for a LLaVA-NeXT / LLaVA-OneVision member, anyres packing (``grid_pinpoints``,
+    ``image_newline``, OneVision's ``max_crops``)."""
 
     def __init__(self, name: str, tower: nn.Module, projector: nn.Module, fusion: MultiLayerFeatureFusion,
-                 preprocess: ImagePreprocessor):
+                 processor, *, grid_pinpoints=None, image_newline: torch.Tensor | None = None,
+                 max_crops: int | None = None):
         super().__init__()
-        self.name, self.tower, self.projector, self.fusion, self.preprocess = name, tower, projector, fusion, preprocess
+        self.name, self.tower, self.projector, self.fusion = name, tower, projector, fusion
+        self.processor, self.grid_pinpoints, self.max_crops = processor, grid_pinpoints, max_crops
+        self.register_buffer("image_newline", None if image_newline is None else image_newline.detach())
 
     @property
-    def num_tokens(self) -> int:
-        """Visual tokens per image before pruning."""
+    def anyres(self) -> bool:
+        return self.grid_pinpoints is not None
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the tower prepends a [CLS] token (CLIP) or not (SigLIP)."""
+        embeddings = getattr(getattr(self.tower, "vision_model", self.tower), "embeddings", None)
+        return getattr(embeddings, "class_embedding", None) is not None
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Visual tokens one crop yields (the "default" strategy drops the tower's first token)."""
         cfg = self.tower.config
         patches = (cfg.image_size // cfg.patch_size) ** 2
-        return patches if self.fusion.select_strategy == "default" else patches + 1
+        return patches + int(self.has_cls) - int(self.fusion.select_strategy == "default")
+
+    def scores(self, hidden_states) -> torch.Tensor:
+        """[B·P, Nⱼ] pruning scores of each crop's tokens, from the tower layer that produces the
+        last selected feature: its [CLS] query's attention (VisionZip), or for a tower without
+        [CLS] the mean attention each token receives."""
+        layer = self.fusion.attention_layer(len(hidden_states))
+        q, k, scale = attention_qk(_encoder_layers(self.tower)[layer], hidden_states[layer])
+        s = cls_attention(q, k, scale=scale) if self.has_cls else query_key_scores(q, k, scale=scale)
+        return s[:, 1:] if self.fusion.select_strategy == "default" else s
+
+    def preprocess(self, images) -> dict[str, torch.Tensor]:
+        """This member's processor outputs for ``images``: ``pixel_values`` (and ``image_sizes``)."""
+        return dict(self.processor(images, return_tensors="pt"))
+
+    def packing(self, image_size: tuple[int, int]) -> Packing:
+        """An anyres member's ``Packing`` of an image of ``image_size`` (h, w)."""
+        cfg = self.tower.config
+        side = cfg.image_size // cfg.patch_size
+        if self.tokens_per_crop != side * side:
+            raise ValueError(f"{self.name}: anyres packing needs {side}x{side} tokens per crop, the "
+                             f"{self.fusion.select_strategy!r} strategy gives {self.tokens_per_crop}")
+        first = torch.arange(side * side)
+        grid = unpadded_grid(image_size, self.grid_pinpoints, cfg.image_size, side)
+        size = None if self.max_crops is None else downscaled_size(tuple(grid.shape), side, self.max_crops)
+        if size is None:
+            return Packing(with_newlines(first, grid))
+        return Packing(with_newlines(first, len(first) + torch.arange(size[0] * size[1]).view(size)), grid, size)
+
+    def downscale(self, values: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """[B, N + h'·w', C]: per-image crop-token ``values`` [B, P·N, C] as a OneVision ``packing`` resizes them."""
+        return downscale(values, self.tokens_per_crop, packing.grid.to(values.device), packing.size)
+
+    def num_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens per image before pruning (anyres: for an image of ``image_size``, (h, w))."""
+        return len(self.packing(image_size).layout) if self.anyres else self.tokens_per_crop
+
+    def crops(self, inputs) -> tuple[torch.Tensor, Packing | None]:
+        """(crops [B, P, 3, h, w], packing) for processor outputs ``inputs`` of B images of one
+        size; a LLaVA member: ([B, 1, 3, h, w], None)."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"pixel_values": inputs}
+        pixels = inputs["pixel_values"]
+        if not self.anyres:
+            return pixels[:, None], None
+        if "image_sizes" not in inputs:
+            raise ValueError(f"{self.name} is an anyres (LLaVA-NeXT/OneVision) member: its inputs need image_sizes")
+        if any(n != 1 for n in inputs.get("batch_num_images", [1])):
+            raise ValueError(f"{self.name}: VisionFuse takes one image per prompt (batch_num_images "
+                             f"{list(inputs['batch_num_images'])})")
+        sizes = {tuple(s.tolist()) for s in inputs["image_sizes"]}
+        if len(sizes) > 1:
+            raise ValueError(f"{self.name}: the images have different sizes {sorted(sizes)}; pass them one at a time")
+        size = self.tower.config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"{self.name}: its processor gives {tuple(pixels.shape[-2:])} crops, its vision "
+                             f"tower takes {size}x{size}")
+        image_size = sizes.pop()
+        rows, cols = grid_shape(image_size, self.grid_pinpoints, size)
+        if pixels.shape[1] < 1 + rows * cols:
+            raise ValueError(f"{self.name}: {pixels.shape[1]} crops per image, its anyres grid needs "
+                             f"{1 + rows * cols} (do the processor's image_grid_pinpoints match the model's?)")
+        return pixels[:, :1 + rows * cols], self.packing(image_size)
 
 
 @dataclass
@@ -78,32 +173,60 @@ class MergeStats:
 class Generation:
     text: str
     token_ids: list[int]
-    visual_tokens: list[tuple[int, int]]  # per encoder: (tokens, kept)
+    visual_tokens: list[tuple[int, int]]  # per encoder: (tokens, kept), image_newline tokens included
     prefill_seconds: float
     decode_seconds: float
     timings: dict = field(default_factory=dict)
 
 
-def _llava_class():
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-def _text_config(path: str):
+def _config(path: str):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).get_text_config()
+    return AutoConfig.from_pretrained(path)
+
+
+def model_class(path: str):
+    """The transformers class of the member at ``path`` (LLaVA, LLaVA-NeXT or LLaVA-OneVision)."""
+    import transformers
+
+    model_type = _config(path).model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a supported member "
+                         f"({', '.join(MODEL_CLASSES)})")
+    return getattr(transformers, MODEL_CLASSES[model_type])
+
+
+def image_processor(path: str):
+    """The member's own image processor (``AutoImageProcessor``); raises naming the member when it has none."""
+    from transformers import AutoImageProcessor
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "preprocessor_config.json")):
+        raise FileNotFoundError(f"member {path} has no image processor (preprocessor_config.json): save its "
+                                "processor into its folder")
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"member {path}: cannot load its image processor: {exc}") from exc
 
 
 def check_family(paths: Sequence[str]) -> None:
-    """All members must share the language model's shape; raises naming what differs."""
-    configs = [_text_config(p) for p in paths]
+    """All members must share the language model (architecture and shape) and the tokenizer's
+    vocabulary; raises naming what differs."""
+    configs = [_config(p).get_text_config() for p in paths]
     for key in FAMILY_KEYS:
         values = [getattr(c, key, None) for c in configs]
         if len(set(values)) > 1:
             shown = ", ".join(f"{v} ({p})" for v, p in zip(values, paths))
             raise ValueError(f"the models are not one family: text {key} differs: {shown}")
+    vocabularies = [(p, t.get_vocab()) for p in paths if (t := _tokenizer(p)) is not None]
+    for path, vocab in vocabularies[1:]:
+        if vocab != vocabularies[0][1]:
+            raise ValueError(f"the models are not one family: the tokenizer of {path} differs from that of "
+                             f"{vocabularies[0][0]}")
 
 
 def _prefix(checkpoint: Checkpoint, candidates: Sequence[str], probe: str) -> str | None:
@@ -169,13 +292,14 @@ class VisionFuse(nn.Module):
         if len(weights) != len(paths):
             raise ValueError(f"{len(paths)} models but {len(weights)} weights")
         check_family(paths + ([base_model] if base_model else []))
+        classes = [model_class(p) for p in paths]
+        processors = [image_processor(p) for p in paths]
         device = torch.device(device)
-        llava = _llava_class()
-        host = llava.from_pretrained(paths[0], dtype=dtype).to(device).eval()
-        encoders = [cls._encoder(paths[0], host)]
-        for path in paths[1:]:
-            member = llava.from_pretrained(path, dtype=dtype)
-            encoders.append(cls._encoder(path, member, device))
+        host = classes[0].from_pretrained(paths[0], dtype=dtype).to(device).eval()
+        encoders = [cls._encoder(paths[0], host, processors[0])]
+        for path, member_class, processor in zip(paths[1:], classes[1:], processors[1:]):
+            member = member_class.from_pretrained(path, dtype=dtype)
+            encoders.append(cls._encoder(path, member, processor).to(device))
             del member
         tokenizer = _tokenizer(paths[0])
         model = cls(host, encoders, tokenizer, keep=keep, prune_mode=prune_mode)
@@ -184,14 +308,18 @@ class VisionFuse(nn.Module):
         return model
 
     @staticmethod
-    def _encoder(path: str, llava: nn.Module, device=None) -> Encoder:
-        inner = llava.model
-        tower, projector = inner.vision_tower, inner.multi_modal_projector
-        if device is not None:
-            tower, projector = tower.to(device), projector.to(device)
-        fusion = MultiLayerFeatureFusion.from_config(llava.config)
-        preprocess = ImagePreprocessor.from_pretrained(path, default_size=llava.config.vision_config.image_size)
-        return Encoder(path, tower.eval(), projector.eval(), fusion, preprocess)
+    def _encoder(path: str, member: nn.Module, processor) -> Encoder:
+        """The visual path of a loaded LLaVA-family ``member`` with its image ``processor``."""
+        inner, config = member.model, member.config
+        anyres = getattr(inner, "image_newline", None) is not None
+        pinpoints = getattr(processor, "image_grid_pinpoints", None)
+        if anyres and [list(p) for p in pinpoints or []] != [list(p) for p in config.image_grid_pinpoints]:
+            raise ValueError(f"member {path}: its image processor's image_grid_pinpoints {pinpoints} differ from "
+                             f"the model's {config.image_grid_pinpoints}")
+        return Encoder(path, inner.vision_tower.eval(), inner.multi_modal_projector.eval(),
+                       MultiLayerFeatureFusion.from_config(config), processor,
+                       grid_pinpoints=config.image_grid_pinpoints if anyres else None,
+                       image_newline=inner.image_newline if anyres else None, max_crops=_max_crops(config))
 
     def _language_module(self) -> nn.Module:
         return nn.ModuleDict({"lm": self.language_model, "head": self.lm_head})
@@ -228,35 +356,67 @@ class VisionFuse(nn.Module):
         return MergeStats(time.perf_counter() - start, bytes_read, counts["merged"])
 
     @torch.no_grad()
-    def image_tokens(self, images=None, pixel_values: Sequence[torch.Tensor] | None = None, stage=None):
-        """[B, ΣKⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder. ``pixel_values[j]`` (already
-        preprocessed for tower j) bypasses the towers' own preprocessing of ``images``.
+    def image_tokens(self, images=None, pixel_values: Sequence | None = None, stage=None):
+        """[B, ΣTⱼ, H] visual tokens, and (Nⱼ, Kⱼ) per encoder: its tokens per image before and
+        after pruning (``image_newline`` tokens included; pruning: see the module docstring).
+        ``images``: B images (of one size when a member is anyres). ``pixel_values[j]``, encoder
+        j's processor outputs (a mapping with ``pixel_values`` and, for an anyres member,
+        ``image_sizes``; or a pixel tensor), replaces running its processor on ``images``.
         ``stage(name)``, when given, returns a context manager wrapped around each stage
-        ("towers", "scoring", "pruning", "projection"; per encoder for the first two): a
-        profiling hook."""
+        ("towers", "scoring", "pruning", "projection"; per encoder for the first two, and for
+        the projection of a resized OneVision map): a profiling hook."""
+        if pixel_values is not None and len(pixel_values) != len(self.encoders):
+            raise ValueError(f"pixel_values has {len(pixel_values)} entries for {len(self.encoders)} encoders")
         stage = stage or (lambda name: contextlib.nullcontext())
-        features, scores = [], []
+        scored = self.pruner is not None
+        features, projected, scores, layouts, counts, newlines = [], [], [], [], [], []
         for j, enc in enumerate(self.encoders):
             with stage("towers"):
-                pv = pixel_values[j] if pixel_values is not None else enc.preprocess(images)
-                pv = pv.to(self.device, self.dtype)
-                scored = self.pruner is not None
+                crops, packing = enc.crops(pixel_values[j] if pixel_values is not None else enc.preprocess(images))
+                batch = crops.shape[0]
                 indices = enc.fusion.hidden_state_indices(enc.tower.config.num_hidden_layers + 1 if scored else None)
-                hidden = run_vision_tower(enc.tower, pv, indices).hidden_states
-                features.append(enc.fusion(hidden))
-            if self.pruner is not None:
+                hidden = run_vision_tower(enc.tower, crops.flatten(0, 1).to(self.device, self.dtype),
+                                          indices).hidden_states
+                feature = _per_image(enc.fusion(hidden), batch)
+            resize = packing is not None and packing.size is not None
+            if resize:  # OneVision resizes the projected map: project all tokens now
+                with stage("projection"):
+                    feature = enc.downscale(project_concat([feature], [enc.projector]), packing)
+            layout = None if packing is None else packing.layout  # on the host
+            features.append(feature)
+            projected.append(resize)
+            layouts.append(layout)
+            newlines.append(0 if layout is None else int((layout == NEWLINE).sum()))
+            counts.append(_tokens(feature) if layout is None else len(layout))
+            if scored:
                 with stage("scoring"):
-                    layer = enc.fusion.attention_layer(len(hidden))
-                    q, k, scale = attention_qk(_encoder_layers(enc.tower)[layer], hidden[layer])
-                    s = cls_attention(q, k, scale=scale)
-                    scores.append(s[:, 1:] if enc.fusion.select_strategy == "default" else s)
+                    s = enc.scores(hidden).reshape(batch, -1)
+                    if resize:
+                        s = enc.downscale(s[..., None], packing)[..., 0]
+                    scores.append(s if layout is None else s[:, _visual(layout).to(s.device)])
         with stage("pruning"):
-            keep = self.pruner(scores).keep if self.pruner is not None else None
+            kept = self.pruner(scores).keep if scored else [None] * len(self.encoders)
         with stage("projection"):
-            tokens = project_concat(features, [e.projector for e in self.encoders], keep=keep)
-        counts = [(f[0].shape[1] if isinstance(f, list) else f.shape[1]) for f in features]
-        kept = [k.shape[1] for k in keep] if keep is not None else counts
-        return tokens, list(zip(counts, kept))
+            keep = [k if layout is None else _flat_indices(layout, k, batch, self.device)
+                    for layout, k in zip(layouts, kept)]
+            parts = self._project(features, keep, projected)
+            tokens = torch.cat([part if layout is None else insert_newlines(part, layout, k, enc.image_newline)
+                                for part, enc, layout, k in zip(parts, self.encoders, layouts, kept)], dim=1)
+        kept_counts = [n if k is None else k.shape[1] + r for n, k, r in zip(counts, kept, newlines)]
+        return tokens, list(zip(counts, kept_counts))
+
+    def _project(self, features, keep, projected) -> list[torch.Tensor]:
+        """Each encoder's kept tokens, projected: one ``project_concat`` for the encoders whose
+        ``features`` are not ``projected`` yet, a gather for the others."""
+        parts = [_gather(f, k) if done else None for f, k, done in zip(features, keep, projected)]
+        todo = [j for j, done in enumerate(projected) if not done]
+        if todo:
+            tokens = project_concat([features[j] for j in todo], [self.encoders[j].projector for j in todo],
+                                    keep=[keep[j] for j in todo])
+            sizes = [_tokens(features[j]) if keep[j] is None else keep[j].shape[1] for j in todo]
+            for j, part in zip(todo, tokens.split(sizes, dim=1)):
+                parts[j] = part
+        return parts
 
     def expand_prompt(self, prompt: str | Sequence[int], num_visual: int) -> torch.Tensor:
         """[1, L] input ids: the prompt with its one ``<image>`` token expanded to ``num_visual``."""
@@ -312,6 +472,40 @@ class VisionFuse(nn.Module):
         text = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer is not None else ""
         return Generation(text, generated, counts, prefill, decode,
                           {"visual_seconds": visual_seconds, "prompt_tokens": input_ids.shape[1]})
+
+
+def _max_crops(config) -> int | None:
+    """N of a LLaVA-OneVision config's ``vision_aspect_ratio`` "anyres_max_N"; None for other models."""
+    ratio = getattr(config, "vision_aspect_ratio", None)
+    return None if ratio is None else int(ratio.removeprefix("anyres_max_"))
+
+
+def _per_image(features, batch: int):
+    """Crop features [B·P, N, D] (or a list of layers) as [B, P·N, D]: each image's crop tokens in one row."""
+    if isinstance(features, list):
+        return [_per_image(f, batch) for f in features]
+    return features.reshape(batch, -1, features.shape[-1])
+
+
+def _tokens(features) -> int:
+    """Tokens per image of one encoder's features (a tensor or a list of layers)."""
+    return (features[0] if isinstance(features, list) else features).shape[1]
+
+
+def _gather(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[B, K, H]: ``tokens`` [B, N, H] at ``keep`` [B, K] (None: all)."""
+    return tokens if keep is None else tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def _visual(layout: torch.Tensor) -> torch.Tensor:
+    """The entries of ``layout`` that are visual tokens (crop-token indices), in packed order."""
+    return layout[layout != NEWLINE]
+
+
+def _flat_indices(layout: torch.Tensor, kept: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """[B, K]: crop-token indices of the kept visual tokens (``kept`` indexes ``_visual(layout)``; None: all)."""
+    visual = _visual(layout).to(device)
+    return visual.expand(batch, -1) if kept is None else visual[kept]
 
 
 def _copy_into_(module: nn.Module, checkpoint: Checkpoint, prefix_map: dict[str, str]) -> int:
