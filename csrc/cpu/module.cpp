@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
+
 #include "delta_merge.h"
 #include "parallel.h"
 
@@ -15,6 +17,9 @@ std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
 void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
+std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel);
+void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
+                  float cb);
 }  // namespace vfuse
 
 using vfuse::DeltaInputs;
@@ -83,6 +88,18 @@ PYBIND11_MODULE(_C, m) {
     if (numel < 0) throw std::invalid_argument("numel must be >= 0");
     py::gil_scoped_release release;
     vfuse::random_bits(seed, model, numel, reinterpret_cast<int64_t*>(out));
+  });
+
+  m.def("pair_sums", [](uintptr_t a, uintptr_t b, int dtype, int64_t numel) {
+    py::gil_scoped_release release;
+    return vfuse::pair_sums(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), dtype, numel);
+  });
+
+  m.def("pair_combine", [](uintptr_t out, int out_dtype, uintptr_t a, uintptr_t b, int dtype, int64_t numel, float ca,
+                           float cb) {
+    py::gil_scoped_release release;
+    vfuse::pair_combine(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(a),
+                        reinterpret_cast<const void*>(b), dtype, numel, ca, cb);
   });
 
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });

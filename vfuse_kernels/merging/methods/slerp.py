@@ -33,6 +33,12 @@ inputs, but refuses more whose unit vectors cancel; karcher leaves inputs with n
 of the mean but keeps them in the norm scale, and returns zero when all are.
 
 Deliberate differences from mergekit:
+- slerp on the CPU runs as two C++ passes over the stored tensors (csrc/cpu/slerp.cpp): the
+  sums Σa², Σb², Σab in fp64, then ca·a + cb·b in fp32, stored in the inputs' dtype. mergekit
+  sums normalised fp32 chunks; on near-parallel tensors (fine-tunes of one base) its cos θ is
+  off enough to move the result by up to ~4e-5 relative at 2M elements, where the C++ result
+  is the exactly rounded one (tests/test_merge_methods_slerp.py). Elsewhere (CUDA, fp64,
+  mixed dtypes, VFUSE_BACKEND=reference) slerp runs mergekit's torch arithmetic bit for bit.
 - Arithmetic is fp32 (fp64 when an input is fp64) whatever the loaded dtype; mergekit runs
   nuslerp, multislerp, nearswap and karcher in the loaded dtype (bf16 arithmetic for bf16
   checkpoints), and slerp rounds its fp32 result to the input dtype before the output cast.
@@ -45,12 +51,14 @@ Deliberate differences from mergekit:
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ..._backend import DTYPE_CODES, cpu_extension, select_backend
 from . import REQUIRED, Param, TensorInputs, TensorMethod, register
 
 # ---------------------------------------------------------------------------------------------
@@ -176,18 +184,37 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         n = torch.linalg.vector_norm(torch.stack(parts), dim=0)
         return torch.where(n > _SLERP_EPS, n, 1)
 
-    na, nb = norm(a), norm(b)
-    dot = torch.stack([(piece(a, s) / na * (piece(b, s) / nb)).sum(dim=1, keepdim=True) for s in spans])
-    cos = dot.sum(dim=0).clamp(-1, 1)
+    ext = _pair_kernels(v0, v1)
+    if ext is not None:  # C++: the sums in one pass (fp64), the combination in a second
+        aa, bb, ab = ext.pair_sums(v0.data_ptr(), v1.data_ptr(), DTYPE_CODES[v0.dtype], v0.numel())
+        na, nb = (n if n > _SLERP_EPS else 1.0 for n in (math.sqrt(aa), math.sqrt(bb)))
+        cos = torch.tensor([[max(-1.0, min(1.0, ab / (na * nb)))]], dtype=dtype)
+    else:
+        na, nb = norm(a), norm(b)
+        dot = torch.stack([(piece(a, s) / na * (piece(b, s) / nb)).sum(dim=1, keepdim=True) for s in spans])
+        cos = dot.sum(dim=0).clamp(-1, 1)
     linear = cos.abs() > _SLERP_LINEAR_ABOVE
     theta = torch.acos(torch.where(linear, 0, cos))  # keeps the unused branch finite
     sin_theta = torch.sin(theta)
     ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    if ext is not None:  # in the inputs' dtype, as mergekit rounds slerp's result
+        out = torch.empty(v0.shape, dtype=v0.dtype)
+        ext.pair_combine(out.data_ptr(), DTYPE_CODES[out.dtype], v0.data_ptr(), v1.data_ptr(), DTYPE_CODES[v0.dtype],
+                         v0.numel(), float(ca), float(cb))
+        return out
     out = torch.empty(a.shape, dtype=dtype, device=a.device)
     for s in spans:
         out[:, s] = ca * piece(a, s) + cb * piece(b, s)
     return out.reshape(v0.shape)
+
+
+def _pair_kernels(v0: torch.Tensor, v1: torch.Tensor):
+    """The C++ extension when it can take the pair (CPU, one fp32/bf16/fp16 dtype, contiguous), else None."""
+    if (v0.device.type != "cpu" or v1.device.type != "cpu" or v0.dtype != v1.dtype or v0.dtype not in DTYPE_CODES
+            or not (v0.is_contiguous() and v1.is_contiguous()) or select_backend(v0.device) != "cpp"):
+        return None
+    return cpu_extension()
 
 
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
