@@ -160,3 +160,12 @@ def save_member(model, path: str, **processor) -> str:
     model.save_pretrained(path)
     member_processor(model.config, **processor).save_pretrained(path)
     return path
+
+
+def folder_bytes(folder: str) -> dict[str, bytes]:
+    """Every file of ``folder`` by name: its bytes."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from checkpoints import as_bin, family, llama, write_yaml
+from checkpoints import as_bin, family, folder_bytes, llama, write_yaml
 
 from vfuse_kernels.merging import CheckpointError, merge_checkpoints, merge_into_
 from vfuse_kernels.merging.checkpoint import Checkpoint
@@ -33,14 +33,6 @@ def models(tmp_path_factory):
             "ft1_bin": as_bin(tuned[1], str(root / "ft1_bin"))}
 
 
-def _files(folder: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
 @pytest.mark.parametrize("staging", [False, True], ids=["views", "staged"])
 def test_bin_merge_writes_the_safetensors_bytes(models, tmp_path, staging):
     paths = {}
@@ -49,9 +41,9 @@ def test_bin_merge_writes_the_safetensors_bytes(models, tmp_path, staging):
         config = write_yaml(str(tmp_path / f"{kind}.yml"), CONFIG.format(**{k: models[v] for k, v in names.items()}))
         paths[kind] = str(tmp_path / kind)
         merge_checkpoints(config, paths[kind], out_shard_size="30KB", progress=False, staging=staging)
-    expected = _files(paths["st"])
+    expected = folder_bytes(paths["st"])
     assert len([n for n in expected if n.endswith(".safetensors")]) > 1
-    assert _files(paths["bin"]) == expected  # every file, byte for byte; no pytorch_model.bin.index.json copied
+    assert folder_bytes(paths["bin"]) == expected  # every file, byte for byte; no pytorch_model.bin.index.json copied
 
 
 def test_merge_into_reads_bin(models):

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from checkpoints import family, llama, write_yaml
+from checkpoints import family, folder_bytes, llama, write_yaml
 
 from vfuse_kernels.merging import merge_checkpoints
 
@@ -48,14 +48,6 @@ def setup(tmp_path_factory):
     reference = str(root / "reference")
     merge_checkpoints(config, reference, out_shard_size=SHARD, progress=False)
     return config, reference
-
-
-def files(folder: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 def vfuse(*args, release: str | None = None) -> subprocess.Popen:
@@ -92,7 +84,7 @@ def assert_incomplete_then_resumes(out: str, reference: str, config: str) -> Non
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "kept from the previous run" in stdout
-    assert files(out) == files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_second_writer_fails_at_once_naming_the_first(setup, tmp_path):
@@ -109,7 +101,7 @@ def test_second_writer_fails_at_once_naming_the_first(setup, tmp_path):
                                    f"{socket.gethostname()} (lock {out}/.vfuse-merge.lock)"]
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    assert files(out) == files(reference)  # the first is unaffected; no lock file left
+    assert folder_bytes(out) == folder_bytes(reference)  # the first is unaffected; no lock file left
 
 
 def test_lock_of_a_dead_process_is_taken_over(setup, tmp_path):
@@ -122,7 +114,7 @@ def test_lock_of_a_dead_process_is_taken_over(setup, tmp_path):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0
     assert f"note: took over the lock of pid {int(gone.stdout)} on {socket.gethostname()}" in stderr
-    assert files(str(out)) == files(reference)
+    assert folder_bytes(str(out)) == folder_bytes(reference)
 
 
 @pytest.fixture
