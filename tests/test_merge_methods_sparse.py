@@ -588,3 +588,20 @@ def test_ram_base_only():
     base = torch.randn(5, 7)
     assert torch.equal(ours("ram", [base]), base)
     assert torch.equal(ours("ramplus_tl", [base]), base)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock_cpp_passes_match_the_torch_path(monkeypatch, n, dtype):
+    """The C++ Gram + blend passes give the torch path's result within fp32 rounding of t."""
+    from vfuse_kernels.merging.methods import model_stock as stock
+
+    gen = torch.Generator().manual_seed(n)
+    base = torch.randn(301, 7, generator=gen).to(dtype)
+    tensors = [base] + [(base.float() + 0.01 * torch.randn(301, 7, generator=gen)).to(dtype) for _ in range(n)]
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    assert stock._stock_kernels(base, tensors[1:]) is not None
+    fast = ours("model_stock", tensors, shared={"filter_wise": False})
+    monkeypatch.setenv("VFUSE_BACKEND", "reference")
+    assert stock._stock_kernels(base, tensors[1:]) is None
+    torch.testing.assert_close(fast, ours("model_stock", tensors, shared={"filter_wise": False}), rtol=1e-6, atol=1e-6)

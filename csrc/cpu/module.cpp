@@ -20,7 +20,17 @@ void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel);
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb);
+std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel);
+void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
+                 float t);
 }  // namespace vfuse
+
+static std::vector<const void*> pointers(const std::vector<uintptr_t>& values) {
+  if (values.size() < 2 || values.size() > 4) throw std::invalid_argument("2 to 4 tuned tensors");
+  std::vector<const void*> out;
+  for (uintptr_t v : values) out.push_back(reinterpret_cast<const void*>(v));
+  return out;
+}
 
 using vfuse::DeltaInputs;
 
@@ -100,6 +110,19 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     vfuse::pair_combine(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(a),
                         reinterpret_cast<const void*>(b), dtype, numel, ca, cb);
+  });
+
+  m.def("offset_gram", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel) {
+    std::vector<const void*> ptrs = pointers(tuned);
+    py::gil_scoped_release release;
+    return vfuse::offset_gram(reinterpret_cast<const void*>(base), ptrs, dtype, numel);
+  });
+
+  m.def("stock_blend", [](uintptr_t out, uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel,
+                          float t) {
+    std::vector<const void*> ptrs = pointers(tuned);
+    py::gil_scoped_release release;
+    vfuse::stock_blend(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, t);
   });
 
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
