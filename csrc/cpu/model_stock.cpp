@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "common.h"
-#include "delta_merge.h"
 #include "parallel.h"
 
 namespace vfuse {

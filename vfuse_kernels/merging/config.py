@@ -76,7 +76,6 @@ TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters"
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-PER_MODEL_PARAMS = {"weight", "density"}
 SHARED_PARAMS = {"normalize", "lambda", "rescale", "int8_mask"}
 METHOD_PARAMS = {
     "linear": {"weight", "normalize"},
@@ -272,7 +271,7 @@ def method_spec(method: str):
 
     if method in FUSED_METHODS:
         return None
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
     return METHODS[method]
 
@@ -295,8 +294,6 @@ def parse_config(data: dict, root: str = ".") -> MergeConfig:
             "modules", "tokenizer", "chat_template") else ""
         raise ConfigError(f"unsupported key {key!r}{hint}")
     method = data.get("merge_method")
-    if method not in _method_names():
-        raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
     spec = method_spec(method)
     base = data.get("base_model")
     base = resolve_model_path(base, "base_model", root) if base is not None else None
@@ -355,11 +352,9 @@ def _parameters(raw, where: str, method: str, spec, per_model: bool) -> dict:
                               f"({', '.join(known) if known else 'it takes none'})")
         _check_setting(value, f"{where}.{key}")
         if spec is not None:
-            _check_values(spec.model_params.get(key) or spec.global_params[key], value, f"{where}.{key}")
+            _check_values((spec.model_params.get(key) or spec.global_params[key]).check, value, f"{where}.{key}")
         elif key == "density":
-            from .methods import Param
-
-            _check_values(Param(check=_density_problem), value, f"{where}.{key}")
+            _check_values(_density_problem, value, f"{where}.{key}")
     return dict(params)
 
 
@@ -367,9 +362,9 @@ def _density_problem(value) -> str | None:
     return None if 0.0 < float(value) <= 1.0 else "a density must be in (0, 1]"
 
 
-def _check_values(param, setting, where: str) -> None:
-    """Runs the parameter's value check on every value a setting can take."""
-    if param.check is None:
+def _check_values(check, setting, where: str) -> None:
+    """Runs a parameter's value check (value → problem text or None) on every value a setting can take."""
+    if check is None:
         return
     if isinstance(setting, dict):
         values = [setting[k] for k in ("value", "start", "end") if k in setting]
@@ -379,10 +374,10 @@ def _check_values(param, setting, where: str) -> None:
         values = [setting]
     for value in values:
         if isinstance(value, (dict, list)):
-            _check_values(param, value, where)
+            _check_values(check, value, where)
             continue
         try:
-            problem = param.check(value)
+            problem = check(value)
         except (TypeError, ValueError):
             problem = f"cannot read {value!r}"
         if problem:
@@ -482,6 +477,11 @@ def _setting(config: MergeConfig, where: str, path: str | None, key: str):
     return None
 
 
+def slice_of(config: MergeConfig, group: str) -> SliceSpec:
+    """The slice of input group ``"slices[i]"`` (``input_groups``' names)."""
+    return config.slices[int(group[len("slices["):-1])]
+
+
 def parameter_scopes(config: MergeConfig, where: str, path: str | None) -> list[dict]:
     """mergekit's precedence for a parameter of model ``path`` (None: a global parameter) in
     group ``where``: the model's (or slice source's) own, the slice's, then the global ones."""
@@ -490,16 +490,12 @@ def parameter_scopes(config: MergeConfig, where: str, path: str | None) -> list[
         if path is not None:
             scopes += [m.parameters for m in config.models if m.path == path][:1]
     else:
-        sl = config.slices[int(where[len("slices["):-1])]
+        sl = slice_of(config, where)
         if path is not None:
             scopes += [s.parameters for s in sl.sources if s.path == path][:1]
         scopes.append(sl.parameters)
     scopes.append(config.parameters)
     return scopes
-
-
-def _lookup(model_params: dict, shared: dict, key: str):
-    return model_params.get(key, shared.get(key))
 
 
 def _dtype(value, key: str) -> str | None:

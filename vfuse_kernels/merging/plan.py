@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError
 from .config import (LAYER_PATTERN, METHOD_DEFAULTS, MergeConfig, filter_matches, input_groups, layer_index, method_spec,
-                     resolve)
+                     resolve, slice_of)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,12 +198,12 @@ class _TaskBuilder:
         config, checkpoints = self.config, self.checkpoints
         ref = checkpoints[self.reference]
         first, last = "slices[0]", f"slices[{len(config.slices) - 1}]"
-        tasks = []
+        pre, post = [], []
         for name, info in sorted(ref.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
             if layer_index(name) is None:
-                tasks.append(self._slice_task(name, info, first if "embed" in name else last, name, 0.0))
-        pre = [t for t in tasks if "embed" in t.name]
-        post = [t for t in tasks if "embed" not in t.name]
+                embedding = "embed" in name
+                (pre if embedding else post).append(self._slice_task(name, info, first if embedding else last,
+                                                                     name, 0.0))
         layer_tasks, out_layer = [], 0
         for i, sl in enumerate(config.slices):
             head = sl.sources[0]
@@ -223,7 +223,7 @@ class _TaskBuilder:
 
     def _slice_task(self, name: str, info, group: str, head_name: str, t: float, offset: int | None = None):
         """One output tensor of a slice group: each source's tensor at the same layer offset."""
-        sl = self.config.slices[int(group[len("slices["):-1])]
+        sl = slice_of(self.config, group)
         task = self._task(name, info)
         if info.dtype not in FLOAT_DTYPES:
             task.copy_from, task.out_dtype = (sl.sources[0].path, head_name), info.dtype
@@ -281,25 +281,15 @@ class _TaskBuilder:
             return
         inputs = ([base_source] if base_source else []) + others
         task.method_inputs, task.base_index = inputs, (0 if base_source else None)
-        for k, (path, src) in enumerate(inputs):
-            params = {}
-            for key, param in spec.model_params.items():
-                if k == task.base_index and param.scope != "input":
-                    continue
-                value = resolve(config, group, path, key, src, t)
-                if value is None:
-                    if param.default is REQUIRED:
-                        raise ValueError(f"{path}: no {key} for tensor {src!r} (no filter matched it)")
-                    value = param.default
-                params[key] = value
-            task.params.append(params)
-        for key, param in spec.global_params.items():
-            value = resolve(config, group, None, key, task.name, t)
-            if value is None:
-                if param.default is REQUIRED:
-                    raise ValueError(f"no {key} for tensor {task.name!r} (no filter matched it)")
-                value = param.default
-            task.shared[key] = value
+        def value(key, param, path, tensor):
+            found = resolve(config, group, path, key, tensor, t)
+            if found is None and param.default is REQUIRED:
+                raise ValueError(f"{path + ': ' if path else ''}no {key} for tensor {tensor!r} (no filter matched it)")
+            return param.default if found is None else found
+
+        task.params = [{key: value(key, param, path, src) for key, param in spec.model_params.items()
+                        if k != task.base_index or param.scope == "input"} for k, (path, src) in enumerate(inputs)]
+        task.shared = {key: value(key, param, None, task.name) for key, param in spec.global_params.items()}
         task.seed = tensor_seed(config.seed, task.name)
 
 

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ..._backend import DTYPE_CODES, cpu_extension, select_backend
-from . import Param, TensorInputs, TensorMethod, register
+from ..._backend import DTYPE_CODES
+from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, register
 from .gta import is_bool
 
 NORM_PRODUCT_MIN = 1e-6
@@ -29,14 +29,9 @@ SINGULAR_EPS = 1e-6
 
 
 def _stock_kernels(base: torch.Tensor, tuned: list[torch.Tensor]):
-    """The C++ extension when it can take the tensors (CPU, one fp32/bf16/fp16 dtype,
-    contiguous, 2 to 4 models besides the base), else None."""
-    tensors = [base, *tuned]
-    if (not 2 <= len(tuned) <= 4 or any(t.device.type != "cpu" or t.dtype != base.dtype or not t.is_contiguous()
-                                        for t in tensors)
-            or base.dtype not in DTYPE_CODES or select_backend(base.device) != "cpp"):
-        return None
-    return cpu_extension()
+    """The C++ extension when it can take the tensors as they are (2 to 4 models besides the
+    base), else None."""
+    return cpp_kernels_for([base, *tuned]) if 2 <= len(tuned) <= 4 else None
 
 
 def _stock_t(gram: list[float], n: int) -> float:

@@ -58,8 +58,8 @@ from typing import Any
 
 import torch
 
-from ..._backend import DTYPE_CODES, cpu_extension, select_backend
-from . import REQUIRED, Param, TensorInputs, TensorMethod, register
+from ..._backend import DTYPE_CODES
+from . import REQUIRED, Param, TensorInputs, TensorMethod, cpp_kernels_for, register
 
 # ---------------------------------------------------------------------------------------------
 # Parameter values (mergekit validates them with pydantic in lax mode)
@@ -210,11 +210,8 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_kernels(v0: torch.Tensor, v1: torch.Tensor):
-    """The C++ extension when it can take the pair (CPU, one fp32/bf16/fp16 dtype, contiguous), else None."""
-    if (v0.device.type != "cpu" or v1.device.type != "cpu" or v0.dtype != v1.dtype or v0.dtype not in DTYPE_CODES
-            or not (v0.is_contiguous() and v1.is_contiguous()) or select_backend(v0.device) != "cpp"):
-        return None
-    return cpu_extension()
+    """The C++ extension when it can take the pair as it is, else None."""
+    return cpp_kernels_for([v0, v1])
 
 
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
