@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+pytest.importorskip("mergekit")
 import torch
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.karcher import karcher_merge_method

@@ -22,6 +22,8 @@ import math
 from fractions import Fraction
 
 import pytest
+
+pytest.importorskip("mergekit")
 import torch
 from mergekit import sparsify as mk_sparsify
 from mergekit.merge_methods import registry as mk_registry

@@ -118,6 +118,19 @@ def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monk
     assert select_passes == [4, 3]  # density 1 needs no selection
 
 
+@pytest.mark.parametrize("block", [256, 1024, 2048])
+def test_selection_independent_of_block_size(backend, block, monkeypatch):
+    """The bracket pass's count blocks (1024 elements on the GPU, 2048 on the CPU) only change
+    the bookkeeping: the tie search and the counts give the same exact cut at every block size,
+    with the order statistics by a sort (as on the GPU)."""
+    monkeypatch.setattr(ms, "SMALL", 1024)
+    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ms, "block_size", lambda device: block)
+    base, tuned = _tie_heavy(50_021, 3, device=backend_device(backend))
+    densities = [0.002, 0.3, 0.7]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+
+
 @pytest.mark.parametrize("sorting", [False, True], ids=["select", "sort"])
 @pytest.mark.parametrize("miss", ["above", "below", "inside"])
 def test_selection_recovers_from_a_missed_sample(backend, miss, sorting, select_passes, monkeypatch):

@@ -414,8 +414,8 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     out = torch.empty_like(base)
     gb = 4 * base.numel() * 2 / 1e9
     rows = []
-    saved = kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS
-    sample_size = selection.sample_size
+    saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
+    block_size, sample_size = selection.block_size, selection.sample_size
     try:
         for block, warps in ((1024, 4), (2048, 8), (4096, 8)):
             kernels.BLOCK, kernels.NUM_WARPS = block, warps
@@ -424,31 +424,30 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
                          "impl": f"variant BLOCK={block} warps={warps}", "median_ms": ms, "GB/s": gb / ms * 1e3,
                          "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
-        for block, warps in ((2048, 8), (4096, 16), (1024, 4)):
-            selection.BLOCK, select_kernels.NUM_WARPS = block, warps
+        for block, warps in ((1024, 4), (2048, 8), (2048, 4), (1024, 2), (512, 4), (512, 2), (256, 1)):
+            selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant selection BLOCK={block} warps={warps}", "median_ms": ms,
                          "GB/s": 3 * base.numel() * 2 / ms / 1e6})
-        selection.BLOCK, select_kernels.NUM_WARPS = saved[2], saved[3]
-        sample_size = selection.sample_size
-        for size in (1 << 19, 1 << 20):
+            rows += _bracket_rows(base, tuned, device, copy_gbps, f" BLOCK={block} warps={warps}",
+                                  full=(block, warps) == (1024, 4))
+        selection.block_size, select_kernels.NUM_WARPS = block_size, saved[2]
+        for size in (1 << 19, 1 << 20, 1 << 21):
             selection.sample_size = lambda numel, device, size=size: size
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant sample of {size} keys", "median_ms": ms})
-        selection.sample_size = sample_size
-        rows += _bracket_rows(base, tuned, device, copy_gbps)
     finally:
-        kernels.BLOCK, kernels.NUM_WARPS, selection.BLOCK, select_kernels.NUM_WARPS = saved
-        selection.sample_size = sample_size
+        kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS = saved
+        selection.block_size, selection.sample_size = block_size, sample_size
     return rows
 
 
-def _bracket_rows(base, tuned, device, copy_gbps):
-    """The bracket pass alone at density 0.3 (its bracket from the real sample), beside the same
-    launch with no element picked for compaction (rate 0: the block scan, no slot atomics) and
-    with an empty bracket (lo = hi: counting only) — what compaction and counting cost."""
+def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
+    """The bracket pass alone at density 0.3 (its bracket from the real sample); with ``full``,
+    beside the same launch with no element picked for compaction (rate 0: the block scan, no slot
+    atomics) and with an empty bracket (lo = hi: counting only) — what compaction and counting cost."""
     from ..ops import magnitude_select as selection
     from ..triton import magnitude_select as select_kernels
 
@@ -459,20 +458,22 @@ def _bracket_rows(base, tuned, device, copy_gbps):
     brackets = [selection._bracket(model) for model in models]
     lo, hi = (selection._stack([b[j] for b in brackets], device) for j in (0, 1))
     cap = int(1.25 * max(b[2] for b in brackets) * numel) + 8192
-    counts = torch.empty(-(-numel // selection.BLOCK), len(tuned), 4, dtype=torch.int32, device=device)
+    block = selection.block_size(device)
+    counts = torch.empty(-(-numel // block), len(tuned), 4, dtype=torch.int32, device=device)
     cand = torch.empty(len(tuned), cap, dtype=torch.int64, device=device)
     fill = torch.zeros(len(tuned), dtype=torch.int64, device=device)
     gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
     rows = []
-    for name, hi_t, rate in (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),
-                             ("bracket pass, lo = hi (counting only)", lo, selection.FULL_RATE)):
+    variants = (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),
+                ("bracket pass, lo = hi (counting only)", lo, selection.FULL_RATE))
+    for name, hi_t, rate in variants if full else variants[:1]:
         rate_t = torch.full((len(tuned),), rate, dtype=torch.int64, device=device)
 
         def run(hi_t=hi_t, rate_t=rate_t):
             fill.zero_()
-            select_kernels.bracket_pass(base, tuned, lo, hi_t, rate_t, cap, selection.BLOCK, False, counts, cand, fill)
+            select_kernels.bracket_pass(base, tuned, lo, hi_t, rate_t, cap, block, False, counts, cand, fill)
         ms = _time(run, device)
-        rows.append({"op": "bracket_pass", "suite": "merge", "shape": "2x268M", "method": "ties", "impl": name,
+        rows.append({"op": "bracket_pass", "suite": "merge", "shape": "2x268M", "method": "ties", "impl": name + config,
                      "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
     return rows
 

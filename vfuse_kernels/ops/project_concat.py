@@ -169,27 +169,27 @@ def check_inputs(features, projectors, keep):
         n = len(projectors) if isinstance(projectors, (Sequence, torch.nn.ModuleList)) else type(projectors).__name__
         raise ValueError(f"projectors must hold one projector per encoder: {len(layers)} features, got {n}")
     ref = layers[0][0]
-    batch = ref.shape[0]
+    batch, dtype, device = ref.shape[0], ref.dtype, ref.device  # (each .device access builds an object)
     parts = []
     hidden = None
     for j, (feats, projector) in enumerate(zip(layers, projectors)):
         for i, t in enumerate(feats):
             where = f"features[{j}]" + (f"[{i}]" if len(feats) > 1 else "")
-            if t.dtype != ref.dtype:
-                raise TypeError(f"{where} has dtype {t.dtype} but features[0] has {ref.dtype}")
-            if t.device != ref.device:
-                raise ValueError(f"{where} is on {t.device} but features[0] is on {ref.device}")
+            if t.dtype != dtype:
+                raise TypeError(f"{where} has dtype {t.dtype} but features[0] has {dtype}")
+            if t.device != device:
+                raise ValueError(f"{where} is on {t.device} but features[0] is on {device}")
             if t.shape[0] != batch:
                 raise ValueError(f"{where} has shape {tuple(t.shape)}: batch {t.shape[0]}, features[0] has {batch}")
         w1, b1, w2, b2, act = projector_parts(f"projectors[{j}]", projector)
         d = sum(t.shape[2] for t in feats)
         for wname, w in (("linear_1", w1), ("linear_2", w2)):
-            if w.dtype != ref.dtype:
+            if w.dtype != dtype:
                 raise TypeError(f"projectors[{j}].{wname}.weight has dtype {w.dtype} but the features have "
-                                f"{ref.dtype}; cast the projector or the features")
-            if w.device != ref.device:
+                                f"{dtype}; cast the projector or the features")
+            if w.device != device:
                 raise ValueError(f"projectors[{j}].{wname}.weight is on {w.device} but the features are on "
-                                 f"{ref.device}")
+                                 f"{device}")
         if w1.shape[1] != d:
             raise ValueError(f"projectors[{j}].linear_1.weight has shape {tuple(w1.shape)}: expects "
                              f"{w1.shape[1]} input channels, features[{j}] has {d}")
@@ -202,7 +202,7 @@ def check_inputs(features, projectors, keep):
             raise ValueError(f"projectors[{j}].linear_2 outputs {w2.shape[0]} channels but projectors[0] "
                              f"outputs {hidden}: the encoders' tokens must share one width")
         parts.append((w1, b1, w2, b2, act))
-    keeps = _check_keep(keep, layers, batch, ref.device)
+    keeps = _check_keep(keep, layers, batch, device)
     return layers, parts, keeps
 
 
@@ -343,7 +343,8 @@ def _project_into(out, layers, parts, keeps) -> torch.Tensor:
         offset = 0
         for job in jobs:
             rows = job[0][0].shape[1] if job[-1] is None else job[-1].shape[1]
-            _project_encoder(*job, work, dst=out[:, offset:offset + rows].view(-1, hidden))
+            _project_encoder(*job, work, dst=out.narrow(1, offset, rows).view(-1, hidden))  # (narrow: less host
+            # time than slicing)
             offset += rows
     elif jobs:
         torch.cat([_project_encoder(*job, work).view(batch, -1, hidden) for job in jobs], dim=1, out=out)

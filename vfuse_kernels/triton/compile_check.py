@@ -52,7 +52,7 @@ def kernel_configs():
     for deltas in (False, True):
         sig = dict(counts_ptr="*i32", cand_ptr="*i64", fill_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2),
                    lo_ptr="*i64", hi_ptr="*i64", rate_ptr="*i64", numel="i64", cap="i64")
-        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK)
+        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.block_size(torch.device("cuda")))
         yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
             num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
         sig = dict(keys_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
@@ -61,7 +61,7 @@ def kernel_configs():
         sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*bf16",
                    tuned=_tuned("bf16", 2), models="i32", blocks="i32", chunks="i32", numel="i64")
         yield f"tie_find[deltas={deltas}]", magnitude_select._tie_find_kernel, sig, dict(
-            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.BLOCK, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
+            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.block_size(torch.device("cuda")), CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
             num_warps=8, enable_fp_fusion=False)
     sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
     yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
@@ -70,7 +70,7 @@ def kernel_configs():
     sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",
                tuned=_tuned("fp32", 1), numel="i64")
     yield "tie_find[models=blocks=chunks=1]", magnitude_select._tie_find_kernel, sig, dict(
-        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=selection.BLOCK,
+        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=selection.block_size(torch.device("cuda")),
         CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
     yield "random_bits", philox._bits_kernel, dict(out_ptr="*i64", numel="i64", k0="i64", k1="i64", model="i32"), dict(
         BLOCK=philox.BITS_BLOCK)
@@ -82,7 +82,7 @@ def _token_configs():
     on a GPU (options: the launch keyword arguments; precision: ieee for fp32, else tf32)."""
     for dtype, torch_dtype, n in (("fp32", torch.float32, 576), ("bf16", torch.bfloat16, 2880),
                                   ("fp16", torch.float16, 8192)):
-        consts = select_kernels.launch_config(n, torch_dtype)
+        consts = dict(select_kernels.launch_config(n, torch_dtype))  # (a copy: the launcher caches it)
         launch = dict(num_warps=consts.pop("num_warps"))
         sig = dict(scores_ptr=f"*{dtype}", out_ptr="*i64", N="i32", K="i32", stride_b="i32", stride_n="i32")
         yield f"select_tokens[{dtype},N={n}]", select_kernels._select_kernel, sig, consts, launch

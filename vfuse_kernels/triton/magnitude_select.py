@@ -1,7 +1,7 @@
 """The bracket pass of the exact magnitude selection on the GPU (see ops/magnitude_select.py).
 
 One launch reads base and every tuned tensor once. For model i and its bracket
-[loᵢ, hiᵢ] of magnitude keys, each program of ``block`` elements stores its counts of
+[loᵢ, hiᵢ] of magnitude keys, each program of ``block`` elements (1024) stores its counts of
 key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit field
 pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._backend import host_to_device
 
-NUM_WARPS = 8  # at 2048 elements per program: ~80 registers, three programs per SM
+NUM_WARPS = 4  # at 1024 elements per program (ops.magnitude_select.block_size): 8 per thread
 
 
 @triton.jit

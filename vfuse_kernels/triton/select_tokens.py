@@ -19,6 +19,8 @@ from chunk to chunk). No atomics, no host sync, deterministic.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -93,6 +95,7 @@ def _select_kernel(scores_ptr, out_ptr, N, K, stride_b, stride_n, SHIFT: tl.cons
         written += tl.sum(kept.to(tl.int32), axis=0)
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_config(n: int, dtype: torch.dtype) -> dict:
     """Block, step count and warps for rows of ``n`` scores of ``dtype``."""
     block = min(max(16, triton.next_power_of_2(n)), MAX_BLOCK)
