@@ -169,6 +169,9 @@ VFUSE_INLINE void dense_fused_dtype(const DeltaInputs& in, const MergeParams& p,
     p.normalize ? dense_fused_n<C, false, true>(in, p, start, len) : dense_fused_n<C, false, false>(in, p, start, len);
 }
 
+// x where c holds, else +0: a bit mask, so that the loops stay branch-free and vectorise.
+VFUSE_INLINE float keep_if(bool c, float x) { return bits_to_float(float_to_bits(x) & (0u - uint32_t(c))); }
+
 // TIES (trim, then election) with every tensor in one storage dtype and N models known at
 // compile time: one loop, each element's deltas, keep flags, vote and agreement in registers;
 // the same fp32 operations in the same order as merge_chunk (bit-identical results).
@@ -178,17 +181,21 @@ VFUSE_INLINE void trim_elect_fused(const DeltaInputs& in, const MergeParams& p, 
   const T* base = static_cast<const T*>(in.base) + start;
   const T* tuned[N];
   float coef[N], weight[N];
-  uint32_t key[N];
+  int32_t key[N];
   int32_t last[N];  // cutoff relative to this chunk, clamped so the comparison stays in 32 bits
   for (int i = 0; i < N; ++i) {
     tuned[i] = static_cast<const T*>(in.tuned[i]) + start;
     coef[i] = p.coefs[i];
     weight[i] = p.weights[i];
-    key[i] = uint32_t(in.keep_a[i]);
+    key[i] = int32_t(in.keep_a[i]);
     last[i] = int32_t(std::clamp<int64_t>(in.keep_b[i] - start, -1, kChunk));
   }
   T* out = static_cast<T*>(p.out) + start;
   const float scale = p.scale;
+  // Selects instead of multiplications by 0/1 flags, and signed 32-bit key compares (keys are
+  // < 2^31; AVX2 has no unsigned compare): a third fewer vector operations. A dropped or
+  // disagreeing term is +0 here where the flag product gave ±0; sums that start at +0 are
+  // unchanged by either zero, so the results are the same bits.
 #pragma GCC ivdep
   for (int32_t j = 0; j < int32_t(len); ++j) {
     const float b = C::load(base[j]);
@@ -196,17 +203,16 @@ VFUSE_INLINE void trim_elect_fused(const DeltaInputs& in, const MergeParams& p, 
     float vote = 0.f;
     for (int i = 0; i < N; ++i) {
       const float d = kDeltas ? C::load(tuned[i][j]) : C::load(tuned[i][j]) - b;
-      const uint32_t k = magnitude_key(d);
-      const float keep = float(int(k > key[i]) | (int(k == key[i]) & int(j <= last[i])));
-      u[i] = (d * coef[i]) * keep;
+      const int32_t k = int32_t(magnitude_key(d));
+      u[i] = keep_if((k > key[i]) | ((k == key[i]) & (j <= last[i])), d * coef[i]);
       vote += kCount ? float(u[i] > 0.f) - float(u[i] < 0.f) : u[i];
     }
-    const int positive = vote >= 0.f;
+    const bool positive = vote >= 0.f;
     float m = 0.f, divisor = 0.f;
     for (int i = 0; i < N; ++i) {
-      const float agree = float((positive & int(u[i] > 0.f)) | ((1 - positive) & int(u[i] < 0.f)));
-      m += u[i] * agree;
-      divisor += weight[i] * agree;
+      const bool agree = (positive & (u[i] > 0.f)) | (!positive & (u[i] < 0.f));
+      m += keep_if(agree, u[i]);
+      divisor += keep_if(agree, weight[i]);
     }
     if (kNormalize) m = m / (divisor + float(divisor == 0.f));
     out[j] = C::store(b + scale * m);
