@@ -607,3 +607,18 @@ def test_model_stock_cpp_passes_match_the_torch_path(monkeypatch, n, dtype):
     monkeypatch.setenv("VFUSE_BACKEND", "reference")
     assert stock._stock_kernels(base, tensors[1:]) is None
     torch.testing.assert_close(fast, ours("model_stock", tensors, shared={"filter_wise": False}), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"])
+@pytest.mark.parametrize("shape", [(37, 53), (5, 7, 11), (1031,)], ids=str)
+def test_chunked_combines_give_the_same_bits(name, shape, monkeypatch):
+    """The element-wise combines and DELLA's per-row keep masks run a CHUNK of elements (a
+    block of rows) at a time; chunks that split rows and tensors give the bits of one chunk."""
+    tensors = tie_models(shape, 3, seed=11)
+    extra = {"breadcrumbs": lambda i: {"gamma": 0.05}, "breadcrumbs_ties": lambda i: {"gamma": 0.05}}
+    params = None if name == "sce" else gta_params(3, 0.6, extra.get(name, lambda i: {"epsilon": 0.2}))
+    shared = {"select_topk": 0.5} if name == "sce" else None
+    whole = ours(name, tensors, params, shared, seed=3)
+    for chunk in (1, 7, 64):
+        monkeypatch.setattr(gta, "CHUNK", chunk)
+        assert torch.equal(ours(name, tensors, params, shared, seed=3), whole), chunk

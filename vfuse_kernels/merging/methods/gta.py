@@ -58,6 +58,7 @@ from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
+CHUNK = 1 << 22  # elements per step of the element-wise combines: their temporaries stay ~100 MB
 
 
 # --- parameter checks (shared by the other method modules) ---------------------------------
@@ -102,13 +103,19 @@ def task_vectors(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, list
     return base, deltas, others
 
 
-def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """δ·keep scaled by ‖δ‖₁ / ‖δ·keep‖₁, unscaled when either norm is below 1e-7 (no sync)."""
-    masked = delta * keep
+def l1_rescaled_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """δ·keep scaled by ‖δ‖₁ / ‖δ·keep‖₁, unscaled when either norm is below 1e-7 (no sync),
+    in place."""
     before = delta.abs().sum()
-    after = masked.abs().sum()
+    after = delta.mul_(keep).abs().sum()
     small = (before < L1_EPS) | (after < L1_EPS)
-    return masked * torch.where(small, torch.ones_like(before), before / after)
+    return delta.mul_(torch.where(small, torch.ones_like(before), before / after))
+
+
+def element_chunks(numel: int):
+    """[start, end) ranges of at most CHUNK elements covering ``numel``: element-wise work done
+    a range at a time gives the same bits with bounded temporaries."""
+    return ((start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
 
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
@@ -183,11 +190,17 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
 
 
 def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int) -> torch.Tensor:
-    """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index."""
-    p = della_keep_probability(delta, density, epsilon)
-    threshold = torch.floor(p * 2.0**32)
+    """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index; a block of
+    rows at a time (ranks are per row: the same mask, bounded temporaries)."""
     bits = random_bits(delta.numel(), seed, model, delta.device).reshape(delta.shape)
-    return bits.to(torch.float64) < threshold
+    if delta.dim() < 2:
+        return bits < torch.floor(della_keep_probability(delta, density, epsilon) * 2.0**32).to(torch.int64)
+    keep = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
+    step = max(1, CHUNK * delta.shape[0] // max(1, delta.numel()))
+    for start in range(0, delta.shape[0], step):
+        p = della_keep_probability(delta[start:start + step], density, epsilon)
+        torch.lt(bits[start:start + step], torch.floor(p * 2.0**32).to(torch.int64), out=keep[start:start + step])
+    return keep
 
 
 def check_della(density: float, epsilon: float) -> None:
@@ -197,44 +210,51 @@ def check_della(density: float, epsilon: float) -> None:
 
 
 def sparsify_outliers(delta: torch.Tensor, params: dict[str, Any], rescale: bool, **_) -> torch.Tensor:
+    """Breadcrumbs sparsification of δ, in place."""
     density = float(params["density"])
     if density >= 1:
         return delta
     keep = outlier_keep_mask(delta, density, float(params["gamma"]))
-    return l1_rescaled(delta, keep) if rescale else delta * keep
+    return l1_rescaled_(delta, keep) if rescale else delta.mul_(keep)
 
 
 def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, seed: int, model: int) -> torch.Tensor:
+    """DELLA sparsification of δ, in place."""
     density, epsilon = float(params["density"]), float(params["epsilon"])
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     keep = della_keep_mask(delta, density, epsilon, seed, model)
-    return l1_rescaled(delta, keep) if rescale else delta * keep
+    return l1_rescaled_(delta, keep) if rescale else delta.mul_(keep)
 
 
 # --- the combine ---------------------------------------------------------------------------
 
 def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
                 normalize: bool, scale: float) -> torch.Tensor:
-    """base + scale·(Σ wᵢδᵢ [/ divisor]) over the stacked sparsified deltas (module docstring)."""
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *[1] * base.dim())
-    weighted = deltas * w
-    if consensus:
-        agree = sign_consensus(weighted)
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < SUM_WEIGHT_EPS, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
-    if scale != 1:
-        mixed = mixed * scale
-    return base + mixed
+    """base + scale·(Σ wᵢδᵢ [/ divisor]) over the stacked sparsified deltas (module docstring),
+    a CHUNK of elements at a time."""
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
+    out = torch.empty_like(base)
+    flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), out.view(-1)
+    for start, end in element_chunks(base.numel()):
+        weighted = flat_deltas[:, start:end] * w
+        if consensus:
+            agree = sign_consensus(weighted)
+            mixed = (weighted * agree).sum(dim=0)
+            divisor = (w * agree).sum(dim=0)
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor = torch.where(divisor.abs() < SUM_WEIGHT_EPS, torch.ones_like(divisor), divisor)
+        if normalize:
+            mixed = mixed / divisor
+        if scale != 1:
+            mixed = mixed * scale
+        torch.add(flat_base[start:end], mixed, out=flat_out[start:end])
+    return out
 
 
 def make_gta_merge(sparsify, consensus: bool):
@@ -247,7 +267,7 @@ def make_gta_merge(sparsify, consensus: bool):
         for j, i in enumerate(others):
             if sparsify is sparsify_della:
                 check_della(float(inputs.params[i]["density"]), float(inputs.params[i]["epsilon"]))
-            deltas[j] = sparsify(deltas[j], inputs.params[i], rescale=rescale, seed=inputs.seed, model=j)
+            sparsify(deltas[j], inputs.params[i], rescale=rescale, seed=inputs.seed, model=j)  # in place
         weights = [float(inputs.params[i]["weight"]) for i in others]
         return gta_combine(base, deltas, weights, consensus=consensus, normalize=bool(shared["normalize"]),
                            scale=float(shared["lambda"]))

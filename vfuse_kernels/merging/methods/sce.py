@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, TensorInputs, TensorMethod, register
-from .gta import is_bool, largest_masks, sign_consensus, task_vectors, unit_interval
+from .gta import element_chunks, is_bool, largest_masks, sign_consensus, task_vectors, unit_interval
 
 WEIGHT_SUM_EPS = 1e-6
 ERASED_SUM_MIN = 1e-6
@@ -55,11 +55,16 @@ def sce_merge(inputs: TensorInputs) -> torch.Tensor:
         return base
     topk = float(inputs.shared["select_topk"])
     if topk < 1:
-        tvs = tvs * sce_select_mask(tvs, topk)
-    part = sign_consensus(tvs)
-    weights = sce_weights(tvs).reshape(-1, *[1] * base.dim())
-    erased = weights * part
-    return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=ERASED_SUM_MIN)
+        tvs.mul_(sce_select_mask(tvs, topk))
+    weights = sce_weights(tvs)[:, None]
+    out = torch.empty_like(base)
+    flat_base, flat_tvs, flat_out = base.reshape(-1), tvs.reshape(len(tvs), -1), out.view(-1)
+    for start, end in element_chunks(base.numel()):  # element-wise: bounded temporaries
+        part = flat_tvs[:, start:end]
+        erased = weights * sign_consensus(part)
+        torch.add(flat_base[start:end], (part * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=ERASED_SUM_MIN),
+                  out=flat_out[start:end])
+    return out
 
 
 SCE = register(TensorMethod(
