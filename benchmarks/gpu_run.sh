@@ -2,7 +2,10 @@
 # A GPU session's one call: build the C++ extension in place, run `vfuse bench gpu` and the
 # visual-sequence profile on CUDA, and leave every result under OUT (default benchmarks/results).
 #
-#   OUT=/some/dir BUDGET=420 benchmarks/gpu_run.sh
+#   OUT=/some/dir BUDGET=420 VFUSE_GIT_COMMIT=<commit> benchmarks/gpu_run.sh
+#
+# (VFUSE_GIT_COMMIT: the commit to record; a copy of the working tree on another machine may
+# carry a stale .git.)
 #
 # Wheels the machine lacks (it has no internet; e.g. a setuptools new enough for pyproject's
 # metadata) may be put in .whl/ beforehand: they are installed into /tmp/site first.

@@ -90,9 +90,10 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    commit = os.environ.get("VFUSE_GIT_COMMIT")  # a copied checkout's .git may be stale: the caller knows
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(__file__)).stdout.strip() or None
     except OSError:
         commit = None
     return {
