@@ -58,9 +58,9 @@ def sample_size(numel: int, device: torch.device) -> int:
 
 def block_size(device: torch.device) -> int:
     """Elements per block of the bracket pass's counts (< 2^16: 16-bit count fields): 1024 on GPU,
-    2048 on CPU. (H100, 2 × 268M bf16, density 0.3: ties_thresholds 1.71 ms with blocks of 1024
-    and 4 warps, 1.91 with 2048 and 8 warps, 2.39 with 4096 and 16 warps — its block-wide
-    reductions cost less with fewer warps.)"""
+    2048 on CPU. (H100, 2 × 268M bf16, density 0.3, one run: ties_thresholds 1.95 ms with blocks
+    of 1024 and 4 warps, 2.14 with 2048 and 8; the bracket pass alone 0.91 vs 1.03 ms — its
+    block-wide reductions cost less with fewer warps. benchmarks/NOTES.md, v0.4.)"""
     return 1024 if device.type == "cuda" else 2048
 
 
