@@ -93,13 +93,25 @@ def della_epsilon(value) -> str | None:
 
 # --- shared tensor helpers -----------------------------------------------------------------
 
+def element_chunks(numel: int):
+    """[start, end) ranges of at most CHUNK elements covering ``numel``: element-wise work done
+    a range at a time gives the same bits with bounded temporaries."""
+    return ((start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
+
+
 def task_vectors(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(fp32 base, fp32 stack of θᵢ − base over the non-base models, their input indices)."""
-    base = inputs.base.float()
+    """(base, fp32 stack of θᵢ − base over the non-base models, their input indices). The base
+    stays in its dtype when that is fp32 or narrower (its values exactly: arithmetic with an
+    fp32 tensor promotes it), and the deltas are computed a CHUNK at a time: no fp32 copy of
+    a whole input besides the stack."""
+    base = inputs.base if inputs.base.dtype in (torch.float32, torch.bfloat16, torch.float16) else inputs.base.float()
     others = [i for i in range(len(inputs.tensors)) if i != inputs.base_index]
-    deltas = base.new_empty((len(others), *base.shape))
+    deltas = torch.empty((len(others), *base.shape), dtype=torch.float32, device=base.device)
+    flat_base = base.reshape(-1)
     for row, i in enumerate(others):
-        torch.sub(inputs.tensors[i].float(), base, out=deltas[row])
+        flat, flat_delta = inputs.tensors[i].reshape(-1), deltas[row].view(-1)
+        for start, end in element_chunks(base.numel()):
+            torch.sub(flat[start:end].float(), flat_base[start:end].float(), out=flat_delta[start:end])
     return base, deltas, others
 
 
@@ -110,12 +122,6 @@ def l1_rescaled_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     after = delta.mul_(keep).abs().sum()
     small = (before < L1_EPS) | (after < L1_EPS)
     return delta.mul_(torch.where(small, torch.ones_like(before), before / after))
-
-
-def element_chunks(numel: int):
-    """[start, end) ranges of at most CHUNK elements covering ``numel``: element-wise work done
-    a range at a time gives the same bits with bounded temporaries."""
-    return ((start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
 
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
@@ -233,10 +239,10 @@ def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, s
 
 def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
                 normalize: bool, scale: float) -> torch.Tensor:
-    """base + scale·(Σ wᵢδᵢ [/ divisor]) over the stacked sparsified deltas (module docstring),
-    a CHUNK of elements at a time."""
+    """base + scale·(Σ wᵢδᵢ [/ divisor]) in fp32 over the stacked sparsified deltas (module
+    docstring), a CHUNK of elements at a time."""
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), out.view(-1)
     for start, end in element_chunks(base.numel()):
         weighted = flat_deltas[:, start:end] * w
@@ -261,7 +267,7 @@ def make_gta_merge(sparsify, consensus: bool):
     def merge(inputs: TensorInputs) -> torch.Tensor:
         base, deltas, others = task_vectors(inputs)
         if not others:
-            return base
+            return base.float()
         shared = inputs.shared
         rescale = bool(shared["rescale"])
         for j, i in enumerate(others):

@@ -33,7 +33,7 @@ def ram_masks(tvs: torch.Tensor, epsilon: float):
 def ram_combine(inputs: TensorInputs, unique_scale) -> torch.Tensor:
     base, tvs, others = task_vectors(inputs)
     if not others:
-        return base
+        return base.float()
     epsilon = float(inputs.shared["epsilon"])
     flat, contrib, count, unique, shared = ram_masks(tvs, epsilon)
     scale = unique_scale(contrib, unique, shared, epsilon)

@@ -52,12 +52,12 @@ def sce_weights(tvs: torch.Tensor) -> torch.Tensor:
 def sce_merge(inputs: TensorInputs) -> torch.Tensor:
     base, tvs, others = task_vectors(inputs)
     if not others:
-        return base
+        return base.float()
     topk = float(inputs.shared["select_topk"])
     if topk < 1:
         tvs.mul_(sce_select_mask(tvs, topk))
     weights = sce_weights(tvs)[:, None]
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_base, flat_tvs, flat_out = base.reshape(-1), tvs.reshape(len(tvs), -1), out.view(-1)
     for start, end in element_chunks(base.numel()):  # element-wise: bounded temporaries
         part = flat_tvs[:, start:end]
