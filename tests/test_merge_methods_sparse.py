@@ -40,6 +40,7 @@ from vfuse_kernels.merging.methods import (  # noqa: F401  (importing a module r
     ram,
     sce,
 )
+from vfuse_kernels._backend import cpu_extension
 from vfuse_kernels.reference.philox import dare_random_bits
 
 NEW_METHODS = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "arcee_fusion",
@@ -622,3 +623,21 @@ def test_chunked_combines_give_the_same_bits(name, shape, monkeypatch):
     for chunk in (1, 7, 64):
         monkeypatch.setattr(gta, "CHUNK", chunk)
         assert torch.equal(ours(name, tensors, params, shared, seed=3), whole), chunk
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+@pytest.mark.parametrize("data", ["normal", "ties"])
+def test_model_variance_is_torch_var_bit_for_bit(models, data, monkeypatch):
+    """SCE's variance across models: the C++ pass (fp64 Welford, models in order) gives
+    torch.var's bits — on plain and on tie-heavy (bf16-rounded) deltas, odd lengths."""
+    if cpu_extension() is None:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.delenv("VFUSE_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(models)
+    tvs = torch.randn(models, 7 * 14_293, generator=gen) * 0.01
+    if data == "ties":
+        tvs = ((tvs * 512).round() / 512).bfloat16().float()
+    assert sce.cpp_kernels_for([tvs]) is not None  # the C++ pass runs
+    assert torch.equal(sce.model_variance(tvs), torch.var(tvs, dim=0, unbiased=False))
+    assert torch.equal(sce.model_variance(tvs.reshape(models, 7, -1)),
+                       torch.var(tvs.reshape(models, 7, -1), dim=0, unbiased=False))

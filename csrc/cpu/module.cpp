@@ -23,6 +23,7 @@ void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dt
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel);
 void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                  float t);
+void model_variance(float* out, const float* stack, int models, int64_t numel);
 }  // namespace vfuse
 
 static std::vector<const void*> pointers(const std::vector<uintptr_t>& values) {
@@ -125,6 +126,11 @@ PYBIND11_MODULE(_C, m) {
     vfuse::stock_blend(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, t);
   });
 
+  m.def("model_variance", [](uintptr_t out, uintptr_t stack, int models, int64_t numel) {
+    if (models < 1 || numel < 0) throw std::invalid_argument("models >= 1 and numel >= 0");
+    py::gil_scoped_release release;
+    vfuse::model_variance(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(stack), models, numel);
+  });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });
 #ifdef _OPENMP
