@@ -612,17 +612,23 @@ def test_model_stock_cpp_passes_match_the_torch_path(monkeypatch, n, dtype):
 
 @pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"])
 @pytest.mark.parametrize("shape", [(37, 53), (5, 7, 11), (1031,)], ids=str)
-def test_chunked_combines_give_the_same_bits(name, shape, monkeypatch):
-    """The element-wise combines and DELLA's per-row keep masks run a CHUNK of elements (a
-    block of rows) at a time; chunks that split rows and tensors give the bits of one chunk."""
+def test_chunked_combines_and_cpp_passes_give_the_same_bits(name, shape, monkeypatch):
+    """The torch path's element-wise combines and DELLA's per-row keep masks run a CHUNK of
+    elements (a block of rows) at a time: chunks that split rows and tensors give the bits of
+    one chunk. The CPU's C++ passes (DELLA's mask, SCE's variance, the consensus combine) give
+    those bits too."""
     tensors = tie_models(shape, 3, seed=11)
     extra = {"breadcrumbs": lambda i: {"gamma": 0.05}, "breadcrumbs_ties": lambda i: {"gamma": 0.05}}
     params = None if name == "sce" else gta_params(3, 0.6, extra.get(name, lambda i: {"epsilon": 0.2}))
     shared = {"select_topk": 0.5} if name == "sce" else None
+    monkeypatch.setenv("VFUSE_BACKEND", "reference")
     whole = ours(name, tensors, params, shared, seed=3)
     for chunk in (1, 7, 64):
         monkeypatch.setattr(gta, "CHUNK", chunk)
         assert torch.equal(ours(name, tensors, params, shared, seed=3), whole), chunk
+    if cpu_extension() is not None:
+        monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+        assert torch.equal(ours(name, tensors, params, shared, seed=3), whole)
 
 
 @pytest.mark.parametrize("models", [1, 2, 3, 5])
@@ -641,3 +647,27 @@ def test_model_variance_is_torch_var_bit_for_bit(models, data, monkeypatch):
     assert torch.equal(sce.model_variance(tvs), torch.var(tvs, dim=0, unbiased=False))
     assert torch.equal(sce.model_variance(tvs.reshape(models, 7, -1)),
                        torch.var(tvs.reshape(models, 7, -1), dim=0, unbiased=False))
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1031,), (3, 2), (9, 896)], ids=str)
+@pytest.mark.parametrize("data", ["normal", "ties", "zeros_and_nan"])
+def test_della_cpp_mask_is_the_torch_mask(shape, data, monkeypatch):
+    """The C++ DELLA mask (a radix sort per row, then the fp64 keep rule) equals the torch path's
+    (stable sort, scatter, the same rule) on plain, tie-heavy and NaN/±0 deltas, for rows that
+    start mid Philox group and seeds above 2^63."""
+    if cpu_extension() is None:
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(sum(shape))
+    delta = torch.randn(shape, generator=gen) * 0.01
+    if data == "ties":
+        delta = ((delta * 512).round() / 512).bfloat16().float()
+    if data == "zeros_and_nan":
+        delta = (delta * 64).round() / 64
+        delta.view(-1)[::7] = float("nan")
+        delta.view(-1)[1::5] = -0.0
+    for density, epsilon, seed, model in ((0.5, 0.2, 3, 0), (0.3, 0.1, 2**63 + 5, 2)):
+        monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+        assert gta.cpp_kernels_for([delta]) is not None  # the C++ pass runs
+        fast = gta.della_keep_mask(delta, density, epsilon, seed, model)
+        monkeypatch.setenv("VFUSE_BACKEND", "reference")
+        assert torch.equal(fast, gta.della_keep_mask(delta, density, epsilon, seed, model))

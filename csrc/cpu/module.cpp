@@ -24,6 +24,8 @@ std::vector<double> offset_gram(const void* base, const std::vector<const void*>
 void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                  float t);
 void model_variance(float* out, const float* stack, int models, int64_t numel);
+void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
+                     uint64_t seed, uint32_t model);
 }  // namespace vfuse
 
 static std::vector<const void*> pointers(const std::vector<uintptr_t>& values) {
@@ -130,6 +132,13 @@ PYBIND11_MODULE(_C, m) {
     if (models < 1 || numel < 0) throw std::invalid_argument("models >= 1 and numel >= 0");
     py::gil_scoped_release release;
     vfuse::model_variance(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(stack), models, numel);
+  });
+  m.def("della_keep_mask", [](uintptr_t keep, uintptr_t delta, int64_t rows, int64_t m, double density,
+                              double epsilon, uint64_t seed, uint32_t model) {
+    if (rows < 0 || m < 2 || m > (int64_t(1) << 32)) throw std::invalid_argument("rows >= 0 and 2 <= m <= 2^32");
+    py::gil_scoped_release release;
+    vfuse::della_keep_mask(reinterpret_cast<uint8_t*>(keep), reinterpret_cast<const float*>(delta), rows, m, density,
+                           epsilon, seed, model);
   });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });

@@ -53,8 +53,9 @@ from typing import Any
 
 import torch
 
+from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import random_bits
-from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
+from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, in_unit_interval, register
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
@@ -196,8 +197,17 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
 
 
 def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int) -> torch.Tensor:
-    """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index; a block of
-    rows at a time (ranks are per row: the same mask, bounded temporaries)."""
+    """Keep iff Philox bits < floor(p·2^32), bits of (seed, model) at the flat index. On the CPU
+    (1-D and 2-D fp32 δ) one C++ pass per row — a radix sort for the ranks, then the same fp64
+    arithmetic (csrc/cpu/della_mask.cpp); elsewhere torch, a block of rows at a time (ranks are
+    per row: the same mask, bounded temporaries)."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    ext = cpp_kernels_for([delta]) if delta.dtype == torch.float32 and delta.dim() <= 2 else None
+    if ext is not None and rows.shape[1] >= 2:
+        keep = torch.empty(delta.shape, dtype=torch.bool)
+        ext.della_keep_mask(keep.data_ptr(), delta.data_ptr(), rows.shape[0], rows.shape[1], float(density),
+                            float(epsilon), seed & (2**64 - 1), model)
+        return keep
     bits = random_bits(delta.numel(), seed, model, delta.device).reshape(delta.shape)
     if delta.dim() < 2:
         return bits < torch.floor(della_keep_probability(delta, density, epsilon) * 2.0**32).to(torch.int64)
@@ -240,9 +250,14 @@ def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, s
 def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
                 normalize: bool, scale: float) -> torch.Tensor:
     """base + scale·(Σ wᵢδᵢ [/ divisor]) in fp32 over the stacked sparsified deltas (module
-    docstring), a CHUNK of elements at a time."""
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
+    docstring). With consensus on the CPU: one pass of the fused C++ TIES merge (untrimmed,
+    sum election — the same fp32 operations in the same order); otherwise torch, a CHUNK of
+    elements at a time."""
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    if consensus and cpp_kernels_for([deltas]) is not None:
+        return delta_merge(base, list(deltas), weights, method="ties", density=1.0, normalize=normalize, scale=scale,
+                           tuned_are_deltas=True, out=out)
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
     flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), out.view(-1)
     for start, end in element_chunks(base.numel()):
         weighted = flat_deltas[:, start:end] * w

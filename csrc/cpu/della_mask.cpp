@@ -1,0 +1,52 @@
+// DELLA's keep mask for a [rows, m] fp32 tensor of deltas (della_keep_mask in
+// vfuse_kernels/merging/methods/gta.py): per row the stable ascending rank r of |δ| (equal
+// magnitudes: the lower index first), p = (r / (m − 1))·2ε + (d − ε) in fp64, and element e
+// kept iff bits(e) < floor(p·2^32), bits DARE's Philox stream of (seed, model) at the flat
+// index. Per row one LSD radix sort of (key, index) pairs — stable, so the ranks are the
+// stable sort's — then the same fp64 operations as the torch path: the same mask.
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "parallel.h"
+
+namespace vfuse {
+
+void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
+                     uint64_t seed, uint32_t model) {
+  const double two_eps = 2.0 * epsilon, low = density - epsilon, last = double(m - 1);
+#pragma omp parallel num_threads(threads_for(rows * m))
+  {
+    std::vector<uint64_t> pairs(m), spare(m);
+    std::vector<uint32_t> bits(m + 4);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* d = delta + row * m;
+      for (int64_t j = 0; j < m; ++j) {
+        uint32_t key = float_to_bits(d[j]) & 0x7fffffffu;
+        if (key > 0x7f800000u) key = 0x7fc00000u;  // every NaN one key: NaNs stay in index order
+        pairs[j] = (uint64_t(key) << 32) | uint64_t(j);
+      }
+      for (int shift = 32; shift < 64; shift += 8) {  // the key's four bytes, lowest first
+        int64_t start[257] = {};
+        for (int64_t j = 0; j < m; ++j) ++start[((pairs[j] >> shift) & 0xff) + 1];
+        for (int k = 0; k < 256; ++k) start[k + 1] += start[k];
+        for (int64_t j = 0; j < m; ++j) spare[start[(pairs[j] >> shift) & 0xff]++] = pairs[j];
+        std::swap(pairs, spare);
+      }
+      const int64_t first = row * m, aligned = first & ~int64_t(3);  // Philox groups start at multiples of 4
+      dare_bits_chunk(seed, model, aligned, first - aligned + m, bits.data());
+      const uint32_t* random = bits.data() + (first - aligned);
+      uint8_t* out = keep + first;
+      for (int64_t rank = 0; rank < m; ++rank) {
+        const int64_t j = int64_t(pairs[rank] & 0xffffffffu);
+        const double p = (double(rank) / last) * two_eps + low;
+        out[j] = uint8_t(int64_t(random[j]) < int64_t(std::floor(p * 4294967296.0)));
+      }
+    }
+  }
+}
+
+}  // namespace vfuse
