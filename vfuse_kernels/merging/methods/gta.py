@@ -250,13 +250,14 @@ def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, s
 def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
                 normalize: bool, scale: float) -> torch.Tensor:
     """base + scale·(Σ wᵢδᵢ [/ divisor]) in fp32 over the stacked sparsified deltas (module
-    docstring). With consensus on the CPU: one pass of the fused C++ TIES merge (untrimmed,
-    sum election — the same fp32 operations in the same order); otherwise torch, a CHUNK of
-    elements at a time."""
+    docstring). On the CPU one pass of the fused C++ merge where it performs the same fp32
+    operations in the same order: with consensus its untrimmed TIES (sum election), without
+    consensus or normalisation its task arithmetic (the unconsensual divisor, Σ wᵢ, it sums in
+    fp64: torch here); otherwise torch, a CHUNK of elements at a time."""
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-    if consensus and cpp_kernels_for([deltas]) is not None:
-        return delta_merge(base, list(deltas), weights, method="ties", density=1.0, normalize=normalize, scale=scale,
-                           tuned_are_deltas=True, out=out)
+    if (consensus or not normalize) and cpp_kernels_for([deltas]) is not None:
+        return delta_merge(base, list(deltas), weights, method="ties" if consensus else "task_arithmetic",
+                           normalize=normalize, scale=scale, tuned_are_deltas=True, out=out)
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
     flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), out.view(-1)
     for start, end in element_chunks(base.numel()):
