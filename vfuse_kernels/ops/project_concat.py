@@ -343,8 +343,8 @@ def _project_into(out, layers, parts, keeps) -> torch.Tensor:
         offset = 0
         for job in jobs:
             rows = job[0][0].shape[1] if job[-1] is None else job[-1].shape[1]
-            _project_encoder(*job, work, dst=out.narrow(1, offset, rows).view(-1, hidden))  # (narrow: less host
-            # time than slicing)
+            # (narrow: less host time than tensor indexing)
+            _project_encoder(*job, work, dst=out.narrow(1, offset, rows).view(-1, hidden))
             offset += rows
     elif jobs:
         torch.cat([_project_encoder(*job, work).view(batch, -1, hidden) for job in jobs], dim=1, out=out)

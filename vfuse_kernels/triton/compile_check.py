@@ -30,6 +30,7 @@ def _tuned(dtype: str, n: int) -> tuple:
 
 def kernel_configs():
     """(name, kernel, signature, constexprs[, launch options]) for the configurations worth compiling."""
+    select_block = selection.block_size(torch.device("cuda"))
     merges = [("bf16", 3, sparsify, elect, False) for sparsify, elect in itertools.product((0, 1, 2), (0, 1, 2))]
     merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False)]
     for dtype, n, sparsify, elect, deltas in merges:
@@ -52,7 +53,7 @@ def kernel_configs():
     for deltas in (False, True):
         sig = dict(counts_ptr="*i32", cand_ptr="*i64", fill_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2),
                    lo_ptr="*i64", hi_ptr="*i64", rate_ptr="*i64", numel="i64", cap="i64")
-        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.block_size(torch.device("cuda")))
+        consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block)
         yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
             num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
         sig = dict(keys_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
@@ -61,7 +62,7 @@ def kernel_configs():
         sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*bf16",
                    tuned=_tuned("bf16", 2), models="i32", blocks="i32", chunks="i32", numel="i64")
         yield f"tie_find[deltas={deltas}]", magnitude_select._tie_find_kernel, sig, dict(
-            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=selection.block_size(torch.device("cuda")), CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
+            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
             num_warps=8, enable_fp_fusion=False)
     sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
     yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
@@ -70,7 +71,7 @@ def kernel_configs():
     sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",
                tuned=_tuned("fp32", 1), numel="i64")
     yield "tie_find[models=blocks=chunks=1]", magnitude_select._tie_find_kernel, sig, dict(
-        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=selection.block_size(torch.device("cuda")),
+        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=select_block,
         CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
     yield "random_bits", philox._bits_kernel, dict(out_ptr="*i64", numel="i64", k0="i64", k1="i64", model="i32"), dict(
         BLOCK=philox.BITS_BLOCK)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from ...ops.delta_merge import delta_merge
-from ...ops.random_bits import random_bits
+from ...ops.random_bits import MASK64, random_bits
 from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, in_unit_interval, register
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
@@ -206,17 +206,15 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
     if ext is not None and rows.shape[1] >= 2:
         keep = torch.empty(delta.shape, dtype=torch.bool)
         ext.della_keep_mask(keep.data_ptr(), delta.data_ptr(), rows.shape[0], rows.shape[1], float(density),
-                            float(epsilon), seed & (2**64 - 1), model)
+                            float(epsilon), seed & MASK64, model)
         return keep
-    bits = random_bits(delta.numel(), seed, model, delta.device).reshape(delta.shape)
-    if delta.dim() < 2:
-        return bits < torch.floor(della_keep_probability(delta, density, epsilon) * 2.0**32).to(torch.int64)
-    keep = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
-    step = max(1, CHUNK * delta.shape[0] // max(1, delta.numel()))
-    for start in range(0, delta.shape[0], step):
-        p = della_keep_probability(delta[start:start + step], density, epsilon)
+    bits = random_bits(delta.numel(), seed, model, delta.device).reshape(rows.shape)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    step = max(1, CHUNK * rows.shape[0] // max(1, rows.numel()))
+    for start in range(0, rows.shape[0], step):
+        p = della_keep_probability(rows[start:start + step], density, epsilon)
         torch.lt(bits[start:start + step], torch.floor(p * 2.0**32).to(torch.int64), out=keep[start:start + step])
-    return keep
+    return keep.reshape(delta.shape)
 
 
 def check_della(density: float, epsilon: float) -> None:

@@ -33,7 +33,7 @@ def model_variance(tvs: torch.Tensor) -> torch.Tensor:
     """σ² across models per element: ``torch.var(tvs, dim=0, unbiased=False)``, bit for bit; on
     the CPU one C++ pass (csrc/cpu/model_variance.cpp: the same fp64 Welford updates, ~18× faster
     than torch's reduction over the model axis)."""
-    ext = cpp_kernels_for([tvs])
+    ext = cpp_kernels_for([tvs]) if tvs.dtype == torch.float32 else None  # (the pass reads fp32)
     if ext is None:
         return torch.var(tvs, dim=0, unbiased=False)
     var = torch.empty(tvs.shape[1:], dtype=torch.float32)
