@@ -40,7 +40,8 @@ def test_docstring_examples():
     import doctest
     import importlib
 
-    for name in ("vfuse_kernels", "vfuse_kernels.ops.delta_merge", "vfuse_kernels.ops.magnitude_threshold"):
+    for name in ("vfuse_kernels", "vfuse_kernels.ops.delta_merge", "vfuse_kernels.ops.magnitude_threshold",
+                 "vfuse_kernels.ops.slerp"):
         module = importlib.import_module(name)
         result = doctest.testmod(module, extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -9,9 +9,14 @@
 #include <emmintrin.h>
 #endif
 
-// Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load
-// time (GCC/Clang function multiversioning): portable binaries that still use 8-wide SIMD.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+// Hot loops are compiled for AVX-512 (x86-64-v4: F, BW, DQ, VL; GCC >= 11), for AVX2 and for
+// baseline x86-64, and picked at load time (function multiversioning): portable binaries that
+// still use wide SIMD. The AVX-512 clone (2-core Sapphire Rapids VM, 2 × 32M bf16): TIES merge
+// pass 30–35 → 20–21 ms, whole TIES 66–79 → 41–50 ms against the AVX2 clone; an "avx512f"-only
+// clone was no faster than AVX2 (benchmarks/NOTES.md).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11
+#define VFUSE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define VFUSE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define VFUSE_MULTIVERSION

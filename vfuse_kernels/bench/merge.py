@@ -321,6 +321,7 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     for label, numel, n in shapes:
         step(f"merge timings {label}", lambda: _shape_part(result, label, numel, n, device, full, copy_gbps))
     step("merge timings, foreach", lambda: _foreach_part(result, device, quick, copy_gbps[0]))
+    step("slerp", lambda: _slerp_part(result, device, quick, copy_gbps[0]))
     if on_gpu:
         step("delta_merge vs fp64 reference", lambda: result["checks"].extend(_parity_checks(device)), True)
     if full:
@@ -367,6 +368,49 @@ def _foreach_part(result, device, quick, copy_gbps) -> None:
     result["targets"].append(_target("delta_merge_foreach task_arithmetic % of copy, 8 Llama-7B layers × 2 bf16"
                                      if not quick else "delta_merge_foreach task_arithmetic % of copy (quick sizes)",
                                      pct, ">= 75"))
+
+
+def eager_slerp(a, b, t: float):
+    """slerp as eager torch writes it (mergekit's formula on fp32 copies), in a's dtype."""
+    x, y = a.float(), b.float()
+    na, nb = x.norm(), y.norm()
+    cos = ((x / torch.where(na > 1e-8, na, 1)) * (y / torch.where(nb > 1e-8, nb, 1))).sum().clamp(-1, 1)
+    theta = torch.acos(cos)
+    linear = cos.abs() > 0.9995
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+    cb = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+    return (ca * x + cb * y).to(a.dtype)
+
+
+def _slerp_part(result, device, quick, copy_gbps) -> None:
+    """``vk.slerp`` against its fp64 reference (every dtype, awkward sizes), then timed at a
+    Llama-7B MLP weight (4096×11008 bf16) against eager torch and torch.compile of the same
+    formula; GB/s from its ideal traffic (two passes: a and b read twice, out written once)."""
+    from ..reference.slerp import slerp as reference_slerp
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for numel in (1, 4099, 1 << 20):
+            a, b = tie_heavy_inputs(numel, 1, dtype, device, seed=numel)
+            b = b[0]
+            got, expected = vk.slerp(a, b, 0.3).double(), reference_slerp(a, b, 0.3)
+            # one rounding to the dtype, plus fp32 arithmetic error on the scale of the values
+            allowed = torch.finfo(dtype).eps * expected.abs() + 16 * 2**-23 * max(1.0, expected.abs().max().item())
+            excess = ((got - expected).abs() - allowed).max().item()
+            result["checks"].append({"name": f"slerp vs fp64 reference, {numel} {str(dtype)[6:]}",
+                                     "passed": excess <= 0, "detail": f"max error {(got - expected).abs().max():.3g}"})
+    numel = 4096 * 11008 if not quick else 64 * 172
+    a, (b,) = tie_heavy_inputs(numel, 1, torch.bfloat16, device)
+    gb = 5 * numel * a.element_size() / 1e9
+    impls = [("vfuse", lambda: vk.slerp(a, b, 0.3)), ("eager fp32", lambda: eager_slerp(a, b, 0.3))]
+    if device.type == "cuda" and not quick:
+        compiled, seconds = _compiled(lambda x, y: eager_slerp(x, y, 0.3), (a, b))
+        impls.append(("torch.compile", lambda: compiled(a, b)))
+    for impl, fn in impls:
+        timed = _timed(fn, device, 5)
+        result["rows"].append({"op": "slerp", "suite": "merge", "shape": "4096x11008" if not quick else "64x172",
+                               "method": "slerp", "impl": impl, "numel": numel, "dtype": "bfloat16", **timed,
+                               "GB/s": gb / timed["median_ms"] * 1e3,
+                               "pct_of_copy": 100 * gb / timed["median_ms"] * 1e3 / copy_gbps})
 
 
 def _foreach_rows(device, quick, copy_gbps):

@@ -27,6 +27,16 @@ METHODS = {
     "dare_ties": ("drop", True, False),
 }
 SPARSE_METHODS = tuple(m for m, (sparsify, _, _) in METHODS.items() if sparsify != "none")  # take a density
+# mergekit's generalized task arithmetic with magnitude-ranked sparsification: method → (sign
+# consensus, default normalize, default L1 rescale, its parameter and that parameter's default).
+# The sparsification and combine are the merge methods' (merging/methods/gta.py, which builds on
+# this module: imported on first use); they run as torch ops plus the C++ passes on the CPU.
+GTA_METHODS = {
+    "breadcrumbs": (False, False, False, "gamma", 0.01),
+    "breadcrumbs_ties": (True, False, False, "gamma", 0.01),
+    "della": (True, True, True, "epsilon", 0.15),
+    "della_linear": (False, False, True, "epsilon", 0.15),
+}
 SPARSIFY_CODES = {"none": 0, "trim": 1, "drop": 2}
 ELECT_CODES = {None: 0, "sum": 1, "count": 2}
 SPARSIFY_NAMES = {code: name for name, code in SPARSIFY_CODES.items()}
@@ -131,12 +141,20 @@ def delta_merge(
     tuned_are_deltas: bool = False,
     out: torch.Tensor | None = None,
     thresholds: MagnitudeThresholds | None = None,
+    gamma: float | None = None,
+    epsilon: float | None = None,
 ) -> torch.Tensor:
     """Merge fine-tuned tensors into ``base``: ``base + scale · combine(wᵢ · sparsify(θᵢ − base))``.
 
     Methods (mergekit's): ``task_arithmetic`` (Σ wᵢδᵢ), ``linear`` (weighted average),
     ``ties`` (trim to the top ``density`` by |δᵢ|, sign election, disjoint mean),
-    ``dare_linear`` / ``dare_ties`` (drop with probability 1 − density, rescale).
+    ``dare_linear`` / ``dare_ties`` (drop with probability 1 − density, rescale),
+    ``breadcrumbs`` / ``breadcrumbs_ties`` (keep the ``density`` share of |δᵢ| below the top
+    ``gamma`` share, default 0.01; without / with sign consensus), ``della`` / ``della_linear``
+    (drop with a probability ranked by |δᵢ| in density ± ``epsilon``, default 0.15, drawn from
+    DARE's stream; with / without sign consensus). For these four the default ``rescale`` means
+    mergekit's default for the method (``"l1"`` for DELLA, none for breadcrumbs), ``consensus``
+    is "sum" only, and ``merging/methods/gta.py`` states the semantics.
     Arithmetic is fp32 whatever the storage dtype; the result is rounded once to
     ``out``'s dtype (``base``'s when ``out`` is None). ``out=base`` merges in place.
     ``rescale``: ``"density"`` (DARE: ×1/densityᵢ), ``"l1"`` (keep each sparsified delta's
@@ -146,7 +164,18 @@ def delta_merge(
     >>> base = torch.zeros(4)
     >>> delta_merge(base, [torch.ones(4), 3 * torch.ones(4)], [0.5, 0.5], method="linear")
     tensor([2., 2., 2., 2.])
+    >>> delta_merge(base, [torch.tensor([4.0, -1.0, 2.0, 3.0])], 1.0, method="breadcrumbs", density=0.5, gamma=0.25)
+    tensor([0., 0., 2., 3.])
     """
+    check_choice("method", method, (*METHODS, *GTA_METHODS))
+    if method in GTA_METHODS:
+        return _gta_delta_merge(base, tuned, weights, method=method, density=density, normalize=normalize,
+                                scale=scale, consensus=consensus, rescale=rescale, seed=seed,
+                                tuned_are_deltas=tuned_are_deltas, out=out, thresholds=thresholds, gamma=gamma,
+                                epsilon=epsilon)
+    for name, value in (("gamma", gamma), ("epsilon", epsilon)):
+        if value is not None:
+            raise ValueError(f"{name} has no effect with method={method!r}; it is a parameter of breadcrumbs / della")
     tuned, args = merge_arguments(base, tuned, weights, method=method, density=density, normalize=normalize,
                                   scale=scale, consensus=consensus, rescale=rescale, seed=seed,
                                   tuned_are_deltas=tuned_are_deltas, out=out, thresholds=thresholds)
@@ -154,6 +183,56 @@ def delta_merge(
     with torch.no_grad():
         delta_merge_op(target, base, tuned, *args)
     return target
+
+
+def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale, consensus, rescale, seed,
+                     tuned_are_deltas, out, thresholds, gamma, epsilon) -> torch.Tensor:
+    """``delta_merge`` for GTA_METHODS: fp32 deltas, each sparsified in place (model i keyed like
+    DARE's i-th model), then the merge methods' combine, rounded once into the target."""
+    from ..merging.methods import gta
+
+    consensus_vote, default_normalize, default_l1, param, default = GTA_METHODS[method]
+    tuned, densities = check_merge_inputs(base, tuned, density, tuned_are_deltas)
+    weights = per_model("weights", weights, len(tuned))
+    given = {"gamma": gamma, "epsilon": epsilon}
+    other = next(name for name in given if name != param)
+    if given[other] is not None:
+        raise ValueError(f"{other} has no effect with method={method!r}; it takes {param}")
+    value = check_real(param, default if given[param] is None else given[param])
+    error = gta.unit_interval(value) if param == "gamma" else gta.della_epsilon(value)
+    if error:
+        raise ValueError(f"{param}={value} {error}")
+    if param == "epsilon":
+        for p in densities:
+            gta.check_della(p, value)
+    if normalize is None:
+        normalize = default_normalize
+    elif not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be None or a bool, got {type(normalize).__name__}")
+    scale = check_real("scale", scale)
+    if consensus != "sum":
+        raise ValueError(f"consensus={consensus!r}: {method} elects signs by their sum only")
+    check_choice("rescale", rescale, RESCALES)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if thresholds is not None:
+        raise ValueError(f"thresholds apply to method='ties' only, got method={method!r}")
+    if out is not None:
+        check_tensor("out", out)
+        check_like("out", out, base)
+    l1 = default_l1 if rescale == "density" else rescale == "l1"
+    sparsify = gta.sparsify_outliers if param == "gamma" else gta.sparsify_della
+    with torch.no_grad():
+        deltas = torch.empty((len(tuned), *base.shape), dtype=torch.float32, device=base.device)
+        for i, (t, p) in enumerate(zip(tuned, densities)):
+            if tuned_are_deltas:
+                deltas[i].copy_(t)
+            else:
+                torch.sub(t.float(), base.float(), out=deltas[i])
+            sparsify(deltas[i], {"density": p, param: value}, rescale=l1, seed=seed, model=i)
+        merged = gta.gta_combine(base, deltas, weights, consensus=consensus_vote, normalize=normalize, scale=scale)
+        target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
+        return target.copy_(merged)
 
 
 def merge_arguments(base, tuned, weights, *, method, density, normalize, scale, consensus, rescale, seed,

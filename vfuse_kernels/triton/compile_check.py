@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..ops import magnitude_select as selection
-from . import delta_merge, magnitude_select, philox
+from . import delta_merge, magnitude_select, philox, slerp
 from . import query_key_scores as qk_kernels
 from . import select_tokens as select_kernels
 
@@ -75,6 +75,14 @@ def kernel_configs():
         CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
     yield "random_bits", philox._bits_kernel, dict(out_ptr="*i64", numel="i64", k0="i64", k1="i64", model="i32"), dict(
         BLOCK=philox.BITS_BLOCK)
+    for dtype in ("bf16", "fp16", "fp32"):
+        options = dict(num_warps=slerp.NUM_WARPS, enable_fp_fusion=False)
+        yield f"slerp_sums[{dtype}]", slerp._pair_sums_kernel, dict(partial_ptr="*fp64", a_ptr=f"*{dtype}",
+                                                                   b_ptr=f"*{dtype}", numel="i64"), dict(
+            BLOCK=slerp.SUM_BLOCK), options
+        yield f"slerp_combine[{dtype}]", slerp._pair_combine_kernel, dict(
+            out_ptr=f"*{dtype}", a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", coef_ptr="*fp32", numel="i64"), dict(
+            BLOCK=slerp.COMBINE_BLOCK), options
     yield from _token_configs()
 
 

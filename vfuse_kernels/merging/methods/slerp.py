@@ -33,12 +33,13 @@ inputs, but refuses more whose unit vectors cancel; karcher leaves inputs with n
 of the mean but keeps them in the norm scale, and returns zero when all are.
 
 Deliberate differences from mergekit:
-- slerp on the CPU runs as two C++ passes over the stored tensors (csrc/cpu/slerp.cpp): the
-  sums Σa², Σb², Σab in fp64, then ca·a + cb·b in fp32, stored in the inputs' dtype. mergekit
-  sums normalised fp32 chunks; on near-parallel tensors (fine-tunes of one base) its cos θ is
-  off enough to move the result by up to ~4e-5 relative at 2M elements, where the C++ result
-  is the exactly rounded one (tests/test_merge_methods_slerp.py). Elsewhere (CUDA, fp64,
-  mixed dtypes, VFUSE_BACKEND=reference) slerp runs mergekit's torch arithmetic bit for bit.
+- slerp of two fp32/bf16/fp16 tensors of one dtype runs as ``vk.slerp`` (ops/slerp.py): two
+  passes over the stored tensors, in C++ on the CPU and in Triton on CUDA — the sums Σa², Σb²,
+  Σab in fp64, then ca·a + cb·b in fp32, stored in the inputs' dtype. mergekit sums normalised
+  fp32 chunks; on near-parallel tensors (fine-tunes of one base) its cos θ is off enough to
+  move the result by up to ~4e-5 relative at 2M elements, where the fp64 sums give the exactly
+  rounded one (tests/test_merge_methods_slerp.py). Elsewhere (fp64, mixed dtypes,
+  VFUSE_BACKEND=reference) slerp runs mergekit's torch arithmetic bit for bit.
 - Arithmetic is fp32 (fp64 when an input is fp64) whatever the loaded dtype; mergekit runs
   nuslerp, multislerp, nearswap and karcher in the loaded dtype (bf16 arithmetic for bf16
   checkpoints), and slerp rounds its fp32 result to the input dtype before the output cast.
@@ -58,8 +59,10 @@ from typing import Any
 
 import torch
 
-from ..._backend import DTYPE_CODES
-from . import REQUIRED, Param, TensorInputs, TensorMethod, cpp_kernels_for, register
+from ..._backend import DTYPE_CODES, select_backend
+from ...ops.slerp import slerp
+from ...reference import slerp as slerp_reference
+from . import REQUIRED, Param, TensorInputs, TensorMethod, register
 
 # ---------------------------------------------------------------------------------------------
 # Parameter values (mergekit validates them with pydantic in lax mode)
@@ -161,14 +164,14 @@ def _unit_rows(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 # slerp
 
 _SLERP_CHUNK = 1 << 20  # elements converted to fp32 at a time (mergekit's chunking: same sums)
-_SLERP_LINEAR_ABOVE = 0.9995  # |cos θ| beyond which slerp interpolates linearly
-_SLERP_EPS = 1e-8  # a norm at or below this counts as 1
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """``(sin((1-t)θ)·v0 + sin(tθ)·v1) / sin θ`` over the whole tensor, ``θ`` the angle between
     v0 and v1 (a zero vector has cos θ = 0), or ``(1-t)·v0 + t·v1`` when ``|cos θ| > 0.9995``.
     Chunked over the flattened tensor so the fp32 scratch stays bounded."""
+    if v0.dtype == v1.dtype and v0.dtype in DTYPE_CODES and select_backend(v0.device) != "reference":
+        return slerp(v0, v1, t)  # the fused passes (C++ / Triton), fp64 sums
     dtype = compute_dtype((v0, v1))
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     t = torch.tensor([float(t)], dtype=dtype, device=a.device).reshape(1, 1)
@@ -182,36 +185,20 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     def norm(x: torch.Tensor) -> torch.Tensor:  # the norm of the chunks' norms
         parts = [torch.linalg.vector_norm(piece(x, s), dim=1, keepdim=True) for s in spans]
         n = torch.linalg.vector_norm(torch.stack(parts), dim=0)
-        return torch.where(n > _SLERP_EPS, n, 1)
+        return torch.where(n > slerp_reference.EPS, n, 1)
 
-    ext = _pair_kernels(v0, v1)
-    if ext is not None:  # C++: the sums in one pass (fp64), the combination in a second
-        aa, bb, ab = ext.pair_sums(v0.data_ptr(), v1.data_ptr(), DTYPE_CODES[v0.dtype], v0.numel())
-        na, nb = (n if n > _SLERP_EPS else 1.0 for n in (math.sqrt(aa), math.sqrt(bb)))
-        cos = torch.tensor([[max(-1.0, min(1.0, ab / (na * nb)))]], dtype=dtype)
-    else:
-        na, nb = norm(a), norm(b)
-        dot = torch.stack([(piece(a, s) / na * (piece(b, s) / nb)).sum(dim=1, keepdim=True) for s in spans])
-        cos = dot.sum(dim=0).clamp(-1, 1)
-    linear = cos.abs() > _SLERP_LINEAR_ABOVE
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([(piece(a, s) / na * (piece(b, s) / nb)).sum(dim=1, keepdim=True) for s in spans])
+    cos = dot.sum(dim=0).clamp(-1, 1)
+    linear = cos.abs() > slerp_reference.LINEAR_ABOVE
     theta = torch.acos(torch.where(linear, 0, cos))  # keeps the unused branch finite
     sin_theta = torch.sin(theta)
     ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    if ext is not None:  # in the inputs' dtype, as mergekit rounds slerp's result
-        out = torch.empty(v0.shape, dtype=v0.dtype)
-        ext.pair_combine(out.data_ptr(), DTYPE_CODES[out.dtype], v0.data_ptr(), v1.data_ptr(), DTYPE_CODES[v0.dtype],
-                         v0.numel(), float(ca), float(cb))
-        return out
     out = torch.empty(a.shape, dtype=dtype, device=a.device)
     for s in spans:
         out[:, s] = ca * piece(a, s) + cb * piece(b, s)
     return out.reshape(v0.shape)
-
-
-def _pair_kernels(v0: torch.Tensor, v1: torch.Tensor):
-    """The C++ extension when it can take the pair as it is, else None."""
-    return cpp_kernels_for([v0, v1])
 
 
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
