@@ -41,7 +41,8 @@ def test_docstring_examples():
     import importlib
 
     for name in ("vfuse_kernels", "vfuse_kernels.ops.delta_merge", "vfuse_kernels.ops.magnitude_threshold",
-                 "vfuse_kernels.ops.slerp"):
+                 "vfuse_kernels.ops.slerp", "vfuse_kernels.ops.nuslerp", "vfuse_kernels.ops.multislerp",
+                 "vfuse_kernels.ops.nearswap", "vfuse_kernels.ops.karcher", "vfuse_kernels.ops.model_stock"):
         module = importlib.import_module(name)
         result = doctest.testmod(module, extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, module.__name__

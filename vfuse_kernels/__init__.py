@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _SOURCES = {name: ".ops" for name in (
     "METHODS", "MagnitudeThresholds", "delta_merge", "delta_merge_foreach", "magnitude_threshold", "ties_thresholds",
     "project_concat", "query_key_scores", "cls_attention", "select_tokens", "select_encoder_tokens",
-    "encoder_budgets", "slerp")}
+    "encoder_budgets", "slerp", "nuslerp", "multislerp", "nearswap", "karcher_mean", "model_stock")}
 _SOURCES.update(patch_llava=".patch", unpatch_llava=".patch")
 __all__ = list(_SOURCES)
 

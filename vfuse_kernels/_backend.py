@@ -61,6 +61,16 @@ def select_backend(device: torch.device) -> str:
     return "reference"
 
 
+def cpp_kernels_for(tensors):
+    """The C++ extension when it can take ``tensors`` as they are (contiguous CPU tensors of
+    one fp32/bf16/fp16 dtype, the ``cpp`` backend selected), else None (a torch path)."""
+    first = tensors[0]
+    if (first.dtype not in DTYPE_CODES or select_backend(first.device) != "cpp"
+            or any(t.device.type != "cpu" or t.dtype != first.dtype or not t.is_contiguous() for t in tensors)):
+        return None
+    return cpu_extension()
+
+
 def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of host ``values`` on ``device``, without waiting for the device: a
     non-blocking copy from pinned memory (``torch.tensor(values, device=cuda)`` synchronises)."""

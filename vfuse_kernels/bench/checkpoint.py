@@ -39,8 +39,18 @@ HEADERS = {  # method → (YAML without models, the model line for a fine-tune; 
     "sce": ("merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\n", "  - {{model: {t}}}"),
     "model_stock": ("merge_method: model_stock\nbase_model: {base}\n", "  - {{model: {t}}}"),
     "slerp": ("merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.4}}\n", "  - {{model: {t}}}"),
+    "nuslerp": ("merge_method: nuslerp\nbase_model: {base}\n", "  - {{model: {t}, parameters: {{weight: {w:.4f}}}}}"),
+    "multislerp": ("merge_method: multislerp\nbase_model: {base}\n",
+                   "  - {{model: {t}, parameters: {{weight: {w:.4f}}}}}"),
+    "nearswap": ("merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\n", "  - {{model: {t}}}"),
+    "karcher": ("merge_method: karcher\n", "  - {{model: {t}}}"),
+    "arcee_fusion": ("merge_method: arcee_fusion\nbase_model: {base}\n", "  - {{model: {t}}}"),
+    "ram": ("merge_method: ram\nbase_model: {base}\n", "  - {{model: {t}}}"),
+    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: {base}\n", "  - {{model: {t}}}"),
 }
 CONFIGS = list(HEADERS)
+PAIR_METHODS = ("slerp", "nearswap", "arcee_fusion")  # the base and exactly one other model
+BASE_LISTED = (*PAIR_METHODS, "karcher")  # the base is one of the models in the list
 def write_checkpoints(root: str, layers: int, tuned: int, shard_bytes: int = 1 << 30) -> tuple[str, list[str]]:
     """A Qwen2-shaped base (``QWEN2_05B`` with ``layers`` layers) and ``tuned`` fine-tunes."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -93,12 +103,12 @@ def write_family(root: str, shapes: dict[str, tuple[int, ...]], config: dict, tu
 
 
 def write_config(root: str, method: str, base: str, tuned: list[str]) -> str:
-    """The ``HEADERS[method]`` YAML for these checkpoints in bf16 (slerp: the base and the first
-    fine-tune; the others: the base and every fine-tune, equal weights)."""
+    """The ``HEADERS[method]`` YAML for these checkpoints in bf16 (PAIR_METHODS: the base and the
+    first fine-tune; the others: the base and every fine-tune, equal weights)."""
     header, line = HEADERS[method]
-    models = tuned[:1] if method == "slerp" else tuned
+    models = tuned[:1] if method in PAIR_METHODS else tuned
     body = "\n".join(line.format(t=t, w=1 / len(models)) for t in models)
-    if method == "slerp":
+    if method in BASE_LISTED:
         body = f"  - {{model: {base}}}\n" + body
     path = os.path.join(root, f"{method}.yml")
     with open(path, "w") as f:

@@ -53,15 +53,37 @@ def check_like(name: str, tensor: torch.Tensor, base: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {tensor.device} but base is on {base.device}")
 
 
+def check_tensor_list(name: str, tensors, like: torch.Tensor | None = None, least: int = 1) -> list[torch.Tensor]:
+    """A list or tuple of at least ``least`` supported tensors, each of ``like``'s shape and
+    device (the first one's when ``like`` is None); returned as a list."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or len(tensors) < least:
+        what = "a non-empty list or tuple of tensors" if least == 1 else f"a list or tuple of at least {least} tensors"
+        raise TypeError(f"{name} must be {what}")
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        check_tensor(f"{name}[{i}]", t)
+        check_like(f"{name}[{i}]", t, tensors[0] if like is None else like)
+    return tensors
+
+
+def check_pair(a, b) -> None:
+    """Two supported tensors of one shape and device."""
+    check_tensor("a", a)
+    check_tensor("b", b)
+    check_like("b", b, a)
+
+
+def check_out(out, like: torch.Tensor) -> None:
+    """``out`` is None or a supported tensor of ``like``'s shape and device."""
+    if out is not None:
+        check_tensor("out", out)
+        check_like("out", out, like)
+
+
 def check_merge_inputs(base, tuned, density, tuned_are_deltas) -> tuple[list[torch.Tensor], list[float]]:
     """Checks base, the tuned tensors, density and tuned_are_deltas; returns (tuned, densities)."""
     check_tensor("base", base)
-    if isinstance(tuned, torch.Tensor) or not isinstance(tuned, Sequence) or not tuned:
-        raise TypeError("tuned must be a non-empty list or tuple of tensors")
-    tuned = list(tuned)
-    for i, t in enumerate(tuned):
-        check_tensor(f"tuned[{i}]", t)
-        check_like(f"tuned[{i}]", t, base)
+    tuned = check_tensor_list("tuned", tuned, base)
     densities = per_model("density", density, len(tuned))
     for i, p in enumerate(densities):
         if not 0.0 < p <= 1.0:

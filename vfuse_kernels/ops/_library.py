@@ -18,3 +18,12 @@ def define(schema: str, kernel, fake) -> None:
     LIB.impl(name, kernel, "CPU")
     LIB.impl(name, kernel, "CUDA")
     torch.library.register_fake(f"vfuse::{name}", fake, lib=LIB)
+
+
+def run_into(op, out: torch.Tensor | None, like: torch.Tensor, *args) -> torch.Tensor:
+    """Calls the out-variant ``op(target, *args)`` without autograd; target = ``out``, or a new
+    contiguous tensor like ``like``. Returns the target."""
+    target = torch.empty_like(like, memory_format=torch.contiguous_format) if out is None else out
+    with torch.no_grad():
+        op(target, *args)
+    return target

@@ -19,8 +19,8 @@ import torch
 
 from .._backend import DTYPE_CODES, cpu_extension, select_backend
 from ..reference import slerp as ref
-from ._checks import check_like, check_real, check_tensor
-from ._library import define
+from ._checks import check_out, check_pair, check_real
+from ._library import define, run_into
 
 
 def slerp_coefficients(sums: torch.Tensor, t: float) -> torch.Tensor:
@@ -75,16 +75,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out: torch.Tensor | Non
     >>> slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
     tensor([0.7071, 0.7071])
     """
-    check_tensor("a", a)
-    check_tensor("b", b)
-    check_like("b", b, a)
+    check_pair(a, b)
     t = check_real("t", t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t={t} is outside [0, 1]")
-    if out is not None:
-        check_tensor("out", out)
-        check_like("out", out, a)
-    target = torch.empty_like(a, memory_format=torch.contiguous_format) if out is None else out
-    with torch.no_grad():
-        slerp_op(target, a, b, t)
-    return target
+    check_out(out, a)
+    return run_into(slerp_op, out, a, a, b, t)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..._backend import DTYPE_CODES, cpu_extension, select_backend
+from ..._backend import cpp_kernels_for  # noqa: F401 - the method modules take it from here
 
 REQUIRED = object()  # a parameter without a default
 
@@ -87,16 +87,6 @@ def register(method: TensorMethod) -> TensorMethod:
         raise ValueError(f"merge method {method.name!r} is already registered")
     METHODS[method.name] = method
     return method
-
-
-def cpp_kernels_for(tensors) -> Any:
-    """The C++ extension when it can take ``tensors`` as they are (contiguous CPU tensors of
-    one fp32/bf16/fp16 dtype, the ``cpp`` backend selected), else None (the torch path)."""
-    first = tensors[0]
-    if (first.dtype not in DTYPE_CODES or select_backend(first.device) != "cpp"
-            or any(t.device.type != "cpu" or t.dtype != first.dtype or not t.is_contiguous() for t in tensors)):
-        return None
-    return cpu_extension()
 
 
 def in_unit_interval(value) -> str | None:

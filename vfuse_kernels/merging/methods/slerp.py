@@ -49,10 +49,13 @@ Deliberate differences from mergekit:
   degenerate start (unit vectors that cancel: mergekit starts from the first one) can differ.
 - Host syncs: karcher tests ``θ < tol`` per model with ``torch.where`` rather than ``.item()``
   (same values), multislerp picks its two-model linear fallback the same way.
+
+The tensor math is the public ops' (``vk.slerp``, ``vk.nuslerp``, ``vk.multislerp``,
+``vk.nearswap``, ``vk.karcher_mean``: ops/<name>.py); this module maps mergekit's parameters
+onto it.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,6 +63,10 @@ from typing import Any
 import torch
 
 from ..._backend import DTYPE_CODES, select_backend
+from ...ops.karcher import karcher_tensors
+from ...ops.multislerp import multislerp_tensors
+from ...ops.nearswap import nearswap_tensors
+from ...ops.nuslerp import nuslerp_tensors
 from ...ops.slerp import slerp
 from ...reference import slerp as slerp_reference
 from . import REQUIRED, Param, TensorInputs, TensorMethod, register
@@ -156,10 +163,6 @@ def _base_and_other(inputs: TensorInputs, method: str, upcast: bool = True):
     return base, others[0]
 
 
-def _unit_rows(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=eps)
-
-
 # ---------------------------------------------------------------------------------------------
 # slerp
 
@@ -210,30 +213,6 @@ def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # nuslerp
 
-_NUSLERP_EPS = 1e-8
-
-
-def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False,
-                    flatten: bool = True) -> torch.Tensor:
-    """slerp of v0 and v1 (no renormalisation), vector by vector: the flattened tensor, else
-    each vector along the last dim, or (``row_wise``) along dim 0, swapping dims 0 and -1 as
-    mergekit does. A vector pair with
-    ``1 - cos²θ <= 1e-16`` interpolates linearly; a zero vector has cos θ = 0."""
-    shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    cos = (_unit_rows(v0) * _unit_rows(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= _NUSLERP_EPS**2
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
-    if row_wise and not flatten:
-        out = out.transpose(0, -1)
-    return out.reshape(shape)
-
-
 def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     """nuslerp of the two non-base models (of their deltas from the base when there is one)
     at ``t = w_1 / (w_0 + w_1)``."""
@@ -251,41 +230,6 @@ def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
 # multislerp
 
 
-def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                       base: torch.Tensor | None = None, normalize: bool = True,
-                       eps: float = 1e-8) -> torch.Tensor:
-    """With ``x_i`` the tensors (minus the base), ``u_i = x_i / (|x_i| + eps)``, ``w`` the
-    weights (divided by their sum when ``normalize``): ``m = Σ w_i u_i / |Σ w_i u_i|``,
-    ``v = Σ w_i (u_i - <u_i, m> m)``, ``r = m cos|v|' + v sin|v|' / |v|'`` (``|v|' = |v| + eps``),
-    result ``r · Σ w_i |x_i|`` (plus the base). A single tensor is returned as is. When
-    ``|Σ w_i u_i| < eps``: two tensors fall back to ``Σ w_i x_i``, more are an error."""
-    if len(tensors) == 1:
-        return tensors[0]
-    x = torch.stack(list(tensors))
-    if base is not None:
-        x = x - base
-    flat = x.reshape(len(tensors), -1)
-    w = torch.tensor(list(weights), dtype=x.dtype, device=x.device)
-    if normalize:
-        w = w / w.sum()
-    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(dim=0)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if len(tensors) > 2 and mean_norm < eps:
-        raise ValueError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose "
-                         "weights cancel); change the weights")
-    mean = mean / mean_norm
-    tangent = units - (units * mean).sum(dim=-1, keepdim=True) * mean
-    step = (tangent * w.view(-1, 1)).sum(dim=0)
-    step_norm = torch.linalg.vector_norm(step) + eps
-    out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
-    out = (out * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
-    if len(tensors) == 2:  # the linear fallback, chosen without a host sync
-        out = torch.where(mean_norm < eps, (x[0] * w[0] + x[1] * w[1]).view(x.shape[1:]), out)
-    return out if base is None else out + base
-
-
 def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
     """multislerp of the non-base models (of their deltas from the base when there is one)."""
     base, others, params = _split(inputs, "multislerp", 1, None)
@@ -297,13 +241,6 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
 # nearswap
 
 
-def nearswap_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per element, ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)`` and ``w·b + (1-w)·a``: elements
-    closer than ``t`` take b, the others move towards b by ``t / |a - b|``."""
-    weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * b + (1 - weight) * a
-
-
 def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
     """nearswap of the base (a) towards the other model (b)."""
     base, other = _base_and_other(inputs, "nearswap")
@@ -312,50 +249,6 @@ def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # karcher
-
-
-def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10,
-                    tol: float = 1e-5) -> torch.Tensor:
-    """Weighted Karcher (Fréchet) mean on the unit sphere, times ``Σ w_i |x_i|``.
-
-    Inputs with ``|x_i| <= tol`` are left out of the mean (their weights renormalised over the
-    rest); if all are, the result is zero. Start: the normalised weighted sum of the unit
-    vectors (the first unit vector if that sum is below tol). Step:
-    ``v = Σ w_i θ_i / sin θ_i · (u_i - cos θ_i · m)`` over the ``θ_i >= tol``, stop when
-    ``|v| < tol``, else ``m ← cos|v| · m + sin|v| · v / |v|``, renormalised; at most max_iter."""
-    if len(tensors) == 1:
-        return tensors[0]
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
-    norm_values = torch.stack(norms).tolist()  # one sync: which inputs take part
-    valid = [i for i, n in enumerate(norm_values) if n > tol]
-    if not valid:
-        return sum(x * 0 for x in tensors)
-    total = sum(weights[i] for i in valid)
-    alphas = [weights[i] / total for i in valid]
-    units = [tensors[i] / norms[i] for i in valid]  # valid norms are > tol >= 0: no 0/0
-
-    mean = torch.zeros_like(units[0])
-    for alpha, unit in zip(alphas, units):
-        mean += alpha * unit
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0] if mean_norm.item() < tol else mean / mean_norm
-    zero = torch.zeros((), dtype=mean.dtype, device=mean.device)
-    # mergekit compares .item() values with tol, i.e. in fp64: so do these tests
-    # (an fp32 tensor against a Python float would round tol to fp32)
-    for _ in range(max_iter):
-        step = torch.zeros_like(mean)
-        for alpha, unit in zip(alphas, units):
-            cos = torch.dot(mean.flatten(), unit.flatten()).clamp(-1.0, 1.0)
-            theta = torch.arccos(cos)
-            coef = torch.where(theta.double() < tol, zero, alpha * (theta / torch.sin(theta)))
-            step += coef * (unit - cos * mean)
-        step_norm = torch.linalg.vector_norm(step)
-        if step_norm.item() < tol:
-            break
-        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
-        mean_norm = torch.linalg.vector_norm(mean)
-        mean = torch.where(mean_norm.double() > tol, mean / mean_norm, mean)
-    return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
 def merge_karcher(inputs: TensorInputs) -> torch.Tensor:

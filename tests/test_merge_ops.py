@@ -1,0 +1,128 @@
+"""The public ops of the merge methods that are not delta merges — ``vk.nuslerp``,
+``vk.multislerp``, ``vk.nearswap``, ``vk.karcher_mean``, ``vk.model_stock`` — against mergekit
+0.1.5's own methods on the same fp32 values (``vk.slerp``: tests/test_slerp.py), on every
+backend; then outputs, dtypes and bad arguments.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mergekit")
+import torch
+from mergekit.merge_methods import registry
+
+import vfuse_kernels as vk
+from conftest import backend_device, poisoned_like
+
+
+def mergekit(name, tensors, base_index=None, **params):
+    """mergekit's registered method on one group of fp32 tensors."""
+    from mergekit.merge_methods.base import TensorGroup
+
+    (result,) = registry.get(name)((TensorGroup.from_tensors(list(tensors), base_index=base_index),),
+                                   parameters=params)
+    return result
+
+
+def tensors(n, shape=(37, 53), seed=0, tie_heavy=True):
+    """n correlated fp32 tensors (fine-tunes of one base), bf16-quantised: many equal values."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    out = [base] + [base + 0.05 * torch.randn(shape, generator=gen) for _ in range(n - 1)]
+    return [x.bfloat16().float() for x in out] if tie_heavy else out
+
+
+def on(device, xs):
+    return [x.to(device) for x in xs]
+
+
+@pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp(backend, flatten, row_wise, with_base):
+    base, a, b = tensors(3, seed=1)
+    device = backend_device(backend)
+    got = vk.nuslerp(*on(device, [a, b]), 0.3, base=base.to(device) if with_base else None, row_wise=row_wise,
+                     flatten=flatten).cpu()
+    group = [base, a, b] if with_base else [a, b]
+    expected = mergekit("nuslerp", group, 0 if with_base else None, weight=[0.7, 0.3], nuslerp_flatten=flatten,
+                        nuslerp_row_wise=row_wise)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp(backend, n, with_base, normalize):
+    base, *models = tensors(n + 1, seed=n)
+    device = backend_device(backend)
+    weights = [0.6, 0.25, 0.9, 0.4][:n]
+    got = vk.multislerp(on(device, models), weights, base=base.to(device) if with_base else None,
+                        normalize_weights=normalize).cpu()
+    group = [base, *models] if with_base else models
+    expected = mergekit("multislerp", group, 0 if with_base else None, weight=weights, normalize_weights=normalize)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.01, 0.5, 3.0])
+def test_nearswap(backend, t):
+    a, b = tensors(2, seed=3)
+    got = vk.nearswap(*on(backend_device(backend), [a, b]), t).cpu()
+    torch.testing.assert_close(got, mergekit("nearswap", [a, b], 0, t=t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_karcher_mean(backend, n):
+    xs = tensors(n, seed=4, tie_heavy=False)
+    got = vk.karcher_mean(on(backend_device(backend), xs), max_iter=20, tol=1e-6).cpu()
+    torch.testing.assert_close(got, mergekit("karcher", xs, None, max_iter=20, tol=1e-6), rtol=1e-5, atol=1e-6)
+    weighted = vk.karcher_mean(xs, [0.9, 0.1] + [0.0] * (n - 2))  # closer to the heavier input
+    assert (weighted - xs[0]).norm() < (weighted - xs[1]).norm()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock(backend, n, filter_wise):
+    base, *models = tensors(n + 1, seed=5)
+    device = backend_device(backend)
+    got = vk.model_stock(base.to(device), on(device, models), filter_wise=filter_wise).cpu()
+    expected = mergekit("model_stock", [base, *models], 0, filter_wise=filter_wise)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_and_dtypes():
+    base, a, b = (x.bfloat16() for x in tensors(3, seed=6))
+    for call in (lambda **o: vk.nuslerp(a, b, 0.4, **o), lambda **o: vk.multislerp([a, b], [0.5, 0.5], **o),
+                 lambda **o: vk.nearswap(a, b, 0.01, **o), lambda **o: vk.karcher_mean([a, b], **o),
+                 lambda **o: vk.model_stock(base, [a, b], **o)):
+        plain = call()
+        assert plain.dtype == torch.bfloat16 and plain.shape == a.shape
+        out = poisoned_like(a, torch.float32)
+        assert call(out=out) is out  # fp32 output: the unrounded result
+        assert torch.equal(out.bfloat16(), plain)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda a, b: vk.nuslerp(a, b[:3], 0.5), ValueError, "shape"),
+    (lambda a, b: vk.nuslerp(a, b, 0.5, flatten=1), TypeError, "flatten"),
+    (lambda a, b: vk.multislerp([], [1.0]), TypeError, "non-empty"),
+    (lambda a, b: vk.multislerp([a, b], [1.0]), ValueError, "1 values for 2"),
+    (lambda a, b: vk.multislerp([a, b], [1.0, -1.0]), ValueError, "sum to 0"),
+    (lambda a, b: vk.nearswap(a, b.double(), 0.5), TypeError, "float64"),
+    (lambda a, b: vk.karcher_mean([a, b], tol=-1.0), ValueError, "tol"),
+    (lambda a, b: vk.model_stock(a, [b]), TypeError, "at least 2 tensors"),
+    (lambda a, b: vk.model_stock(a, [b, b], out=torch.empty(2)), ValueError, "shape"),
+])
+def test_bad_arguments(call, error, message):
+    a, b = tensors(2)
+    with pytest.raises(error, match=message):
+        call(a, b)
+
+
+def test_opcheck():
+    base, a, b = tensors(3, shape=(9, 11))
+    ops = torch.ops.vfuse
+    for op, args in ((ops.nuslerp_, (a, b, 0.3, base, False, True)), (ops.multislerp_, ([a, b], [0.5, 0.5], None, True,
+                                                                                         1e-8)),
+                     (ops.nearswap_, (a, b, 0.1)), (ops.karcher_mean_, ([a, b], [0.5, 0.5], 10, 1e-5)),
+                     (ops.model_stock_, (base, [a, b], False))):
+        torch.library.opcheck(op.default, (torch.empty_like(a), *args))

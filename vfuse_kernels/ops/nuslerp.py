@@ -1,0 +1,85 @@
+"""``nuslerp(a, b, t)``: mergekit's ``nuslerp`` — slerp without renormalisation, over the whole
+tensor or vector by vector.
+
+For each vector pair (the flattened tensors with ``flatten``, the default; else each vector
+along the last dim, or with ``row_wise`` along dim 0): ``(sin((1−t)θ)·a + sin(tθ)·b) / sin θ``,
+θ their angle (a zero vector has cos θ = 0), or ``(1−t)·a + t·b`` where ``1 − cos²θ ≤ 1e-16``.
+With ``base``: ``base + nuslerp(a − base, b − base)``. mergekit's per-model weights w₀, w₁ give
+``t = w₁ / (w₀ + w₁)``; t is not range-checked (mergekit extrapolates). Arithmetic in fp32 (fp64
+when an input is fp64: the merge method's inputs), torch ops on the device of the inputs:
+memory-bound element-wise work plus one reduction per vector.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_like, check_out, check_pair, check_real, check_tensor
+from ._library import define, run_into
+
+NUSLERP_EPS = 1e-8
+
+
+def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False,
+                    flatten: bool = True) -> torch.Tensor:
+    """slerp of v0 and v1 (no renormalisation), vector by vector: the flattened tensor, else
+    each vector along the last dim, or (``row_wise``) along dim 0, swapping dims 0 and -1 as
+    mergekit does. A vector pair with
+    ``1 - cos²θ <= 1e-16`` interpolates linearly; a zero vector has cos θ = 0."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    cos = (_unit_rows(v0) * _unit_rows(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= NUSLERP_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+
+
+def _unit_rows(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=eps)
+
+
+def _nuslerp_into(out, a, b, t, base, row_wise, flatten) -> None:
+    a, b = a.float(), b.float()
+    if base is None:
+        out.copy_(nuslerp_tensors(t, a, b, row_wise, flatten))
+    else:
+        base = base.float()
+        out.copy_(base + nuslerp_tensors(t, a - base, b - base, row_wise, flatten))
+
+
+def _nuslerp_fake(out, a, b, t, base, row_wise, flatten) -> None:
+    return None
+
+
+define("nuslerp_(Tensor(a!) out, Tensor a, Tensor b, float t, Tensor? base, bool row_wise, bool flatten) -> ()",
+       _nuslerp_into, _nuslerp_fake)
+nuslerp_op = torch.ops.vfuse.nuslerp_
+
+
+def nuslerp(a: torch.Tensor, b: torch.Tensor, t: float, *, base: torch.Tensor | None = None, row_wise: bool = False,
+            flatten: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """nuslerp from ``a`` (t = 0) to ``b`` (t = 1), of their deltas from ``base`` when given
+    (module docstring); the result in ``out``, or a new tensor of a's dtype.
+
+    >>> nuslerp(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [0.0, 4.0]]), 0.5, flatten=False)
+    tensor([[0.7071, 0.7071],
+            [0.0000, 3.0000]])
+    """
+    check_pair(a, b)
+    t = check_real("t", t)
+    if base is not None:
+        check_tensor("base", base)
+        check_like("base", base, a)
+    for name, value in (("row_wise", row_wise), ("flatten", flatten)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    check_out(out, a)
+    return run_into(nuslerp_op, out, a, a, b, t, base, row_wise, flatten)
