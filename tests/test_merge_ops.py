@@ -126,3 +126,48 @@ def test_opcheck():
                      (ops.nearswap_, (a, b, 0.1)), (ops.karcher_mean_, ([a, b], [0.5, 0.5], 10, 1e-5)),
                      (ops.model_stock_, (base, [a, b], False))):
         torch.library.opcheck(op.default, (torch.empty_like(a), *args))
+
+
+@pytest.mark.parametrize("case", ["plain", "tie_heavy", "zero_offset", "colinear", "cancelling"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gram_paths_match_the_torch_paths(monkeypatch, case, dtype):
+    """On the CPU nuslerp (flattened) and multislerp with a base run as the offsets' Gram matrix
+    plus one fused blend: within fp32 rounding of the torch path, edge cases included (a zero
+    offset, colinear offsets, two cancelling unit vectors: the linear fallback; three: an error)."""
+    from vfuse_kernels._backend import cpp_kernels_for
+    from vfuse_kernels.ops.multislerp import multislerp_merge
+    from vfuse_kernels.ops.nuslerp import nuslerp_merge
+
+    base, a, b, c = tensors(4, shape=(61, 29), seed=7, tie_heavy=case == "tie_heavy")
+    if case == "zero_offset":
+        a = base.clone()
+    elif case == "colinear":
+        b = base + 2 * (a - base)
+    elif case == "cancelling":  # exactly opposite offsets (a zero base): the unit vectors cancel exactly
+        base, b = torch.zeros_like(base), -a
+    base, a, b, c = (x.to(dtype) for x in (base, a, b, c))
+    weights = [0.5, 0.5] if case == "cancelling" else [0.7, 0.2]
+
+    def both(fn):
+        monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+        assert cpp_kernels_for([base, a, b]) is not None
+        fast = fn()
+        monkeypatch.setenv("VFUSE_BACKEND", "reference")
+        return fast, fn()
+
+    scale = float(a.float().abs().max()) * 4
+    pairs = [both(lambda: multislerp_merge([a, b], weights, base)),
+             both(lambda: multislerp_merge([a, b], weights, base, normalize=False))]
+    if case != "cancelling":  # (antipodal offsets: nuslerp's θ ≈ π is ill-conditioned in fp32 sums)
+        pairs.append(both(lambda: nuslerp_merge(0.3, a, b, base)))
+    for fast, slow in pairs:
+        assert fast.dtype == slow.dtype == torch.float32
+        torch.testing.assert_close(fast, slow, rtol=4e-7, atol=4 * 2**-23 * scale)
+    if case == "cancelling":
+        for backend in ("cpp", "reference"):
+            monkeypatch.setenv("VFUSE_BACKEND", backend)
+            with pytest.raises(ValueError, match="weights cancel"):
+                multislerp_merge([a, b, base - (c - base) * 0], [0.5, 0.5, 0.0], base)
+    else:
+        fast, slow = both(lambda: multislerp_merge([a, b, c], [0.5, 0.3, 0.2], base))
+        torch.testing.assert_close(fast, slow, rtol=4e-7, atol=4 * 2**-23 * scale)

@@ -6,16 +6,26 @@ weights w (divided by their sum with ``normalize_weights``): ``m = Σ w_i u_i / 
 ``v = Σ w_i (u_i − <u_i, m> m)``, ``r = m cos|v|' + v sin|v|' / |v|'`` (``|v|' = |v| + eps``),
 result ``r · Σ w_i |x_i|`` (plus the base). One tensor is returned as is; two whose unit
 vectors cancel fall back to ``Σ w_i x_i`` (chosen without a host sync); more are an error.
-Arithmetic in fp32 (fp64 when an input is fp64: the merge method's inputs), torch ops.
+Arithmetic in fp32 (fp64 when an input is fp64: the merge method's inputs), torch ops — except
+on the CPU with a base and 2 to 4 contiguous inputs of one dtype: every vector above is a linear
+combination of the offsets x_i, so two C++ passes give it — their Gram matrix in fp64
+(model_stock's pass), then ``base + Σ k_i x_i`` in fp32 (the fused task-arithmetic pass), k
+from the Gram matrix in fp64: within fp32 rounding of the torch path, without fp32 copies.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_real, check_tensor, check_tensor_list, per_model
 from ._library import define, run_into
+
+
+CANCELLING = ("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose weights cancel); "
+              "change the weights")
 
 
 def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -40,8 +50,7 @@ def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     mean = (units * w.view(-1, 1)).sum(dim=0)
     mean_norm = torch.linalg.vector_norm(mean)
     if len(tensors) > 2 and mean_norm < eps:
-        raise ValueError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose "
-                         "weights cancel); change the weights")
+        raise ValueError(CANCELLING)
     mean = mean / mean_norm
     tangent = units - (units * mean).sum(dim=-1, keepdim=True) * mean
     step = (tangent * w.view(-1, 1)).sum(dim=0)
@@ -53,9 +62,52 @@ def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     return out if base is None else out + base
 
 
+def _offset_coefficients(gram: list[float], n: int, weights: list[float], normalize: bool, eps: float) -> list[float]:
+    """k with multislerp(offsets) = Σ k_i x_i, from the offsets' Gram matrix (upper triangle,
+    row-major), in fp64: the steps of ``multislerp_tensors`` on the coefficients."""
+    entries, g = iter(gram), [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = g[j][i] = next(entries)
+    w = [x / sum(weights) for x in weights] if normalize else list(weights)
+
+    def norm(c):  # |Σ c_i x_i|
+        return math.sqrt(max(0.0, sum(c[i] * c[j] * g[i][j] for i in range(n) for j in range(n))))
+
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
+    mean = [w[i] / (norms[i] + eps) for i in range(n)]  # Σ w_i u_i
+    mean_norm = norm(mean)
+    if mean_norm < eps:
+        if n > 2:
+            raise ValueError(CANCELLING)
+        return w  # two inputs: the linear fallback Σ w_i x_i
+    unit_mean = [c / mean_norm for c in mean]
+    along = sum(w[i] * sum(unit_mean[j] * g[i][j] for j in range(n)) / (norms[i] + eps) for i in range(n))
+    step = [mean[j] - along * unit_mean[j] for j in range(n)]  # Σ w_i (u_i − <u_i, m> m)
+    length = norm(step) + eps
+    scale = sum(wi * ni for wi, ni in zip(w, norms))
+    return [scale * (unit_mean[j] * math.cos(length) + step[j] * math.sin(length) / length) for j in range(n)]
+
+
+def multislerp_merge(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None,
+                     normalize: bool = True, eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """multislerp of ``tensors`` (of their offsets from ``base`` when given) in ``dtype`` (fp32 or
+    fp64; the module docstring says where it runs)."""
+    if base is not None and 2 <= len(tensors) <= 4 and dtype == torch.float32:
+        ext = cpp_kernels_for([base, *tensors])
+        if ext is not None:
+            from .delta_merge import delta_merge
+
+            gram = ext.offset_gram(base.data_ptr(), [x.data_ptr() for x in tensors], DTYPE_CODES[base.dtype],
+                                   base.numel())
+            k = _offset_coefficients(gram, len(tensors), weights, normalize, eps)
+            return delta_merge(base, tensors, k, out=torch.empty(base.shape, dtype=torch.float32))
+    return multislerp_tensors([x.to(dtype) for x in tensors], weights, None if base is None else base.to(dtype),
+                              normalize, eps)
+
+
 def _multislerp_into(out, tensors, weights, base, normalize_weights, eps) -> None:
-    base = None if base is None else base.float()
-    out.copy_(multislerp_tensors([x.float() for x in tensors], weights, base, normalize_weights, eps))
+    out.copy_(multislerp_merge(list(tensors), list(weights), base, normalize_weights, eps))
 
 
 def _multislerp_fake(out, tensors, weights, base, normalize_weights, eps) -> None:

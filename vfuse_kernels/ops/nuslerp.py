@@ -7,12 +7,19 @@ along the last dim, or with ``row_wise`` along dim 0): ``(sin((1−t)θ)·a + si
 With ``base``: ``base + nuslerp(a − base, b − base)``. mergekit's per-model weights w₀, w₁ give
 ``t = w₁ / (w₀ + w₁)``; t is not range-checked (mergekit extrapolates). Arithmetic in fp32 (fp64
 when an input is fp64: the merge method's inputs), torch ops on the device of the inputs:
-memory-bound element-wise work plus one reduction per vector.
+memory-bound element-wise work plus one reduction per vector — except the common case on the
+CPU (flattened, with a base, contiguous inputs of one dtype): two C++ passes, the offsets' Gram
+matrix in fp64 (model_stock's pass), then ``base + k₀·(a − base) + k₁·(b − base)`` in fp32 (the
+fused task-arithmetic pass), k from the Gram matrix in fp64 — within fp32 rounding of the
+torch path, without fp32 copies of the inputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_pair, check_real, check_tensor
 from ._library import define, run_into
 
@@ -42,17 +49,41 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool
 
 
 
-def _unit_rows(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=eps)
+UNIT_EPS = 1e-7  # a vector's norm is at least this when it is normalised
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
+
+
+def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, row_wise: bool = False,
+                  flatten: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """nuslerp of a and b, of their offsets from ``base`` when given, in ``dtype`` (fp32 or fp64;
+    the module docstring says where it runs)."""
+    if base is not None and flatten and dtype == torch.float32:
+        ext = cpp_kernels_for([base, a, b])
+        if ext is not None:
+            from .delta_merge import delta_merge
+
+            g00, g01, g11 = ext.offset_gram(base.data_ptr(), [a.data_ptr(), b.data_ptr()], DTYPE_CODES[base.dtype],
+                                            base.numel())
+            cos = g01 / (max(math.sqrt(g00), UNIT_EPS) * max(math.sqrt(g11), UNIT_EPS))
+            cos = max(-1.0, min(1.0, cos))
+            if 1 - cos * cos <= NUSLERP_EPS**2:
+                k = [1 - t, t]
+            else:
+                theta = math.acos(cos)
+                k = [math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
+            return delta_merge(base, [a, b], k, out=torch.empty(base.shape, dtype=torch.float32))
+    a, b = a.to(dtype), b.to(dtype)
+    if base is None:
+        return nuslerp_tensors(t, a, b, row_wise, flatten)
+    base = base.to(dtype)
+    return base + nuslerp_tensors(t, a - base, b - base, row_wise, flatten)
 
 
 def _nuslerp_into(out, a, b, t, base, row_wise, flatten) -> None:
-    a, b = a.float(), b.float()
-    if base is None:
-        out.copy_(nuslerp_tensors(t, a, b, row_wise, flatten))
-    else:
-        base = base.float()
-        out.copy_(base + nuslerp_tensors(t, a - base, b - base, row_wise, flatten))
+    out.copy_(nuslerp_merge(t, a, b, base, row_wise, flatten))
 
 
 def _nuslerp_fake(out, a, b, t, base, row_wise, flatten) -> None:

@@ -40,6 +40,11 @@ Deliberate differences from mergekit:
   move the result by up to ~4e-5 relative at 2M elements, where the fp64 sums give the exactly
   rounded one (tests/test_merge_methods_slerp.py). Elsewhere (fp64, mixed dtypes,
   VFUSE_BACKEND=reference) slerp runs mergekit's torch arithmetic bit for bit.
+- nuslerp (flattened) and multislerp with a base run on the CPU as two C++ passes: the
+  offsets' Gram matrix with fp64 sums, then one fused blend ``base + Σ k_i (M_i − B)`` in fp32
+  (ops/nuslerp.py, ops/multislerp.py): within fp32 rounding of mergekit's fp32 arithmetic,
+  except where that is ill-conditioned (antipodal offsets, θ ≈ π: the fp64 sums see them
+  colinear). The tests against mergekit run the torch path (VFUSE_BACKEND=reference).
 - Arithmetic is fp32 (fp64 when an input is fp64) whatever the loaded dtype; mergekit runs
   nuslerp, multislerp, nearswap and karcher in the loaded dtype (bf16 arithmetic for bf16
   checkpoints), and slerp rounds its fp32 result to the input dtype before the output cast.
@@ -64,9 +69,9 @@ import torch
 
 from ..._backend import DTYPE_CODES, select_backend
 from ...ops.karcher import karcher_tensors
-from ...ops.multislerp import multislerp_tensors
+from ...ops.multislerp import multislerp_merge
 from ...ops.nearswap import nearswap_tensors
-from ...ops.nuslerp import nuslerp_tensors
+from ...ops.nuslerp import nuslerp_merge
 from ...ops.slerp import slerp
 from ...reference import slerp as slerp_reference
 from . import REQUIRED, Param, TensorInputs, TensorMethod, register
@@ -216,14 +221,11 @@ def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
 def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     """nuslerp of the two non-base models (of their deltas from the base when there is one)
     at ``t = w_1 / (w_0 + w_1)``."""
-    base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2)
+    base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2, upcast=False)
     w0, w1 = (as_float(p["weight"]) for p in params)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    row_wise = as_bool(inputs.shared["nuslerp_row_wise"])
-    flatten = as_bool(inputs.shared["nuslerp_flatten"])
-    if base is None:
-        return nuslerp_tensors(t, m0, m1, row_wise, flatten)
-    return base + nuslerp_tensors(t, m0 - base, m1 - base, row_wise, flatten)
+    return nuslerp_merge(t, m0, m1, base, as_bool(inputs.shared["nuslerp_row_wise"]),
+                         as_bool(inputs.shared["nuslerp_flatten"]), compute_dtype(inputs.tensors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +234,10 @@ def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
     """multislerp of the non-base models (of their deltas from the base when there is one)."""
-    base, others, params = _split(inputs, "multislerp", 1, None)
-    return multislerp_tensors(others, [as_float(p["weight"]) for p in params], base,
-                              as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]))
+    base, others, params = _split(inputs, "multislerp", 1, None, upcast=False)
+    return multislerp_merge(others, [as_float(p["weight"]) for p in params], base,
+                            as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]),
+                            compute_dtype(inputs.tensors))
 
 
 # ---------------------------------------------------------------------------------------------
