@@ -171,3 +171,24 @@ def test_gram_paths_match_the_torch_paths(monkeypatch, case, dtype):
     else:
         fast, slow = both(lambda: multislerp_merge([a, b, c], [0.5, 0.3, 0.2], base))
         torch.testing.assert_close(fast, slow, rtol=4e-7, atol=4 * 2**-23 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nearswap_cpp_pass_gives_the_torch_bits(monkeypatch, dtype):
+    """The C++ pass performs the torch path's fp32 operations in their order: the same bits,
+    equal elements, a NaN and every branch of the clamp included; into an fp32 or a bf16 out."""
+    from vfuse_kernels._backend import cpp_kernels_for
+    from vfuse_kernels.ops.nearswap import nearswap_merge, nearswap_tensors
+
+    a, b = (x.to(dtype) for x in tensors(2, shape=(1009, 7), seed=8))
+    b[:3] = a[:3]
+    a[5, 2] = float("nan")
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    assert cpp_kernels_for([a, b]) is not None
+    for t in (0.0, 1e-7, 0.003, 0.5, -0.1):
+        expected = nearswap_tensors(t, a.float(), b.float())
+        got = nearswap_merge(t, a, b)
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)) and got.isnan().sum() == 1
+        into = poisoned_like(a, torch.bfloat16)
+        nearswap_merge(t, a, b, out=into)
+        assert torch.equal(into.nan_to_num(7.0), expected.bfloat16().nan_to_num(7.0))

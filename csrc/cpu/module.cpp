@@ -24,6 +24,7 @@ std::vector<double> offset_gram(const void* base, const std::vector<const void*>
 void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                  float t);
 void model_variance(float* out, const float* stack, int models, int64_t numel);
+void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model);
 }  // namespace vfuse
@@ -126,6 +127,12 @@ PYBIND11_MODULE(_C, m) {
     std::vector<const void*> ptrs = pointers(tuned);
     py::gil_scoped_release release;
     vfuse::stock_blend(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, t);
+  });
+
+  m.def("nearswap", [](uintptr_t out, int out_dtype, uintptr_t a, uintptr_t b, int dtype, int64_t numel, float t) {
+    py::gil_scoped_release release;
+    vfuse::nearswap(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(a),
+                    reinterpret_cast<const void*>(b), dtype, numel, t);
   });
 
   m.def("model_variance", [](uintptr_t out, uintptr_t stack, int models, int64_t numel) {

@@ -1,12 +1,14 @@
 """``nearswap(a, b, t)``: mergekit's ``nearswap`` — per element, ``w = clamp(t / max(|a − b|,
 1e-6), 0, 1)`` and ``w·b + (1 − w)·a``: elements closer than t take b, the others move
-towards b by ``t / |a − b|``. One element-wise pass (torch ops, fp32 arithmetic; fp64 when an
-input is fp64: the merge method's inputs).
+towards b by ``t / |a − b|``. One element-wise pass in fp32 (fp64 when an input is fp64: the
+merge method's inputs): in C++ on the CPU (csrc/cpu/nearswap.cpp: the torch operations in their
+order, the same bits, no fp32 copies of the inputs), else torch ops.
 """
 from __future__ import annotations
 
 import torch
 
+from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_out, check_pair, check_real
 from ._library import define, run_into
 
@@ -18,8 +20,21 @@ def nearswap_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return weight * b + (1 - weight) * a
 
 
+def nearswap_merge(t: float, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """nearswap in ``dtype`` (fp32 or fp64), into ``out`` when given (else a new ``dtype`` tensor)."""
+    ext = cpp_kernels_for([a, b]) if dtype == torch.float32 else None
+    if ext is not None:
+        target = out if out is not None and out.is_contiguous() else torch.empty(a.shape, dtype=torch.float32)
+        ext.nearswap(target.data_ptr(), DTYPE_CODES[target.dtype], a.data_ptr(), b.data_ptr(), DTYPE_CODES[a.dtype],
+                     a.numel(), t)
+    else:
+        target = nearswap_tensors(t, a.to(dtype), b.to(dtype))
+    return target if out is None or target is out else out.copy_(target)
+
+
 def _nearswap_into(out, a, b, t) -> None:
-    out.copy_(nearswap_tensors(t, a.float(), b.float()))
+    nearswap_merge(t, a, b, out=out)
 
 
 def _nearswap_fake(out, a, b, t) -> None:

@@ -70,7 +70,7 @@ import torch
 from ..._backend import DTYPE_CODES, select_backend
 from ...ops.karcher import karcher_tensors
 from ...ops.multislerp import multislerp_merge
-from ...ops.nearswap import nearswap_tensors
+from ...ops.nearswap import nearswap_merge
 from ...ops.nuslerp import nuslerp_merge
 from ...ops.slerp import slerp
 from ...reference import slerp as slerp_reference
@@ -246,8 +246,8 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
     """nearswap of the base (a) towards the other model (b)."""
-    base, other = _base_and_other(inputs, "nearswap")
-    return nearswap_tensors(as_float(inputs.shared["t"]), base, other)
+    base, other = _base_and_other(inputs, "nearswap", upcast=False)
+    return nearswap_merge(as_float(inputs.shared["t"]), base, other, compute_dtype(inputs.tensors))
 
 
 # ---------------------------------------------------------------------------------------------
