@@ -192,3 +192,31 @@ def test_nearswap_cpp_pass_gives_the_torch_bits(monkeypatch, dtype):
         into = poisoned_like(a, torch.bfloat16)
         nearswap_merge(t, a, b, out=into)
         assert torch.equal(into.nan_to_num(7.0), expected.bfloat16().nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("case", ["plain", "one_zero_input", "all_zero", "identical", "opposite"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_karcher_gram_path_matches_the_torch_path(monkeypatch, case, n):
+    """On the CPU the Karcher mean runs on coefficient vectors over the inputs' Gram matrix:
+    within the stopping tolerance of the torch path's fp32 iteration, edge cases included (an
+    input of zero norm left out of the mean, all inputs zero, identical inputs, opposite ones)."""
+    from vfuse_kernels._backend import cpp_kernels_for
+    from vfuse_kernels.ops.karcher import karcher_merge
+
+    xs = tensors(n, shape=(97, 31), seed=9, tie_heavy=False)
+    if case == "one_zero_input":
+        xs[1] = torch.zeros_like(xs[1])
+    elif case == "all_zero":
+        xs = [torch.zeros_like(x) for x in xs]
+    elif case == "identical":
+        xs = [xs[0].clone() for _ in xs]
+    elif case == "opposite":
+        xs[1] = -xs[0]
+    weights = [1.0 / n] * n
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    assert cpp_kernels_for(xs) is not None
+    fast = karcher_merge(xs, weights)
+    monkeypatch.setenv("VFUSE_BACKEND", "reference")
+    slow = karcher_merge(xs, weights)
+    assert fast.dtype == slow.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, rtol=2e-5, atol=2e-5 * float(slow.abs().max()))

@@ -1,6 +1,8 @@
-// The two passes of Model Stock over whole tensors (vfuse_kernels/merging/methods/model_stock.py):
-// the Gram matrix of the offsets oᵢ = wᵢ − w₀ (fp64 sums), then
-// out = t·((w₁ + … + w_N) / N) + (1 − t)·w₀ in fp32, the operations in mergekit's order.
+// Whole-tensor passes over 2–4 tensors of one storage dtype: the Gram matrix of the offsets
+// oᵢ = wᵢ − w₀ from a base w₀, or of the tensors themselves without one (fp64 sums) — Model Stock,
+// nuslerp, multislerp and karcher reduce to it (vfuse_kernels/ops/) — then Model Stock's blend
+// out = t·((w₁ + … + w_N) / N) + (1 − t)·w₀ in fp32 in mergekit's order, or a linear combination
+// out = Σ kᵢwᵢ in fp32.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -13,7 +15,7 @@ namespace {
 
 constexpr int64_t kItem = 4096;
 
-template <typename C, int N>
+template <typename C, int N, bool kBase>
 std::vector<double> gram(const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel) {
   using T = typename C::T;
   const T* base = static_cast<const T*>(base_ptr);
@@ -29,7 +31,7 @@ std::vector<double> gram(const void* base_ptr, const std::vector<const void*>& t
     for (int64_t item = 0; item < items; ++item) {
       const int64_t start = item * kItem, end = std::min(numel, start + kItem);
       for (int64_t e = start; e < end; ++e) {
-        const float b = C::load(base[e]);
+        const float b = kBase ? C::load(base[e]) : 0.f;
         double o[N];
         for (int i = 0; i < N; ++i) o[i] = double(C::load(tuned[i][e]) - b);
         int p = 0;
@@ -58,12 +60,43 @@ void blend(float* out, const void* base_ptr, const std::vector<const void*>& tun
   }
 }
 
-template <typename C>
+template <typename C, bool kBase>
 std::vector<double> gram_n(const void* base, const std::vector<const void*>& tuned, int64_t numel) {
   switch (tuned.size()) {
-    case 2: return gram<C, 2>(base, tuned, numel);
-    case 3: return gram<C, 3>(base, tuned, numel);
-    default: return gram<C, 4>(base, tuned, numel);
+    case 2: return gram<C, 2, kBase>(base, tuned, numel);
+    case 3: return gram<C, 3, kBase>(base, tuned, numel);
+    default: return gram<C, 4, kBase>(base, tuned, numel);
+  }
+}
+
+template <typename C>
+std::vector<double> gram_of(const void* base, const std::vector<const void*>& tuned, int64_t numel) {
+  return base ? gram_n<C, true>(base, tuned, numel) : gram_n<C, false>(base, tuned, numel);
+}
+
+template <typename C, int N>
+void combination(float* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
+  using T = typename C::T;
+  const T* x[N];
+  float coef[N];
+  for (int i = 0; i < N; ++i) {
+    x[i] = static_cast<const T*>(ptrs[i]);
+    coef[i] = k[i];
+  }
+#pragma omp parallel for schedule(static) num_threads(threads_for(numel))
+  for (int64_t e = 0; e < numel; ++e) {
+    float sum = coef[0] * C::load(x[0][e]);
+    for (int i = 1; i < N; ++i) sum = sum + coef[i] * C::load(x[i][e]);
+    out[e] = sum;
+  }
+}
+
+template <typename C>
+void combination_n(float* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
+  switch (ptrs.size()) {
+    case 2: return combination<C, 2>(out, ptrs, k, numel);
+    case 3: return combination<C, 3>(out, ptrs, k, numel);
+    default: return combination<C, 4>(out, ptrs, k, numel);
   }
 }
 
@@ -78,13 +111,25 @@ void blend_n(float* out, const void* base, const std::vector<const void*>& tuned
 
 }  // namespace
 
-// Σₑ oᵢ[e]·oⱼ[e] for i ≤ j (row-major upper triangle), 2 to 4 tuned tensors of one dtype.
+// Σₑ oᵢ[e]·oⱼ[e] for i ≤ j (row-major upper triangle), 2 to 4 tuned tensors of one dtype;
+// oᵢ = tunedᵢ − base, or tunedᵢ where base is null.
 VFUSE_MULTIVERSION
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel) {
   switch (dtype) {
-    case kBFloat16: return gram_n<Bf16>(base, tuned, numel);
-    case kFloat16: return gram_n<Fp16>(base, tuned, numel);
-    default: return gram_n<Fp32>(base, tuned, numel);
+    case kBFloat16: return gram_of<Bf16>(base, tuned, numel);
+    case kFloat16: return gram_of<Fp16>(base, tuned, numel);
+    default: return gram_of<Fp32>(base, tuned, numel);
+  }
+}
+
+// out = Σ kᵢ·xᵢ in fp32 (left to right), 2 to 4 tensors of one dtype.
+VFUSE_MULTIVERSION
+void linear_combination(float* out, const std::vector<const void*>& tensors, const std::vector<float>& k, int dtype,
+                        int64_t numel) {
+  switch (dtype) {
+    case kBFloat16: return combination_n<Bf16>(out, tensors, k.data(), numel);
+    case kFloat16: return combination_n<Fp16>(out, tensors, k.data(), numel);
+    default: return combination_n<Fp32>(out, tensors, k.data(), numel);
   }
 }
 

@@ -21,6 +21,8 @@ std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb);
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel);
+void linear_combination(float* out, const std::vector<const void*>& tensors, const std::vector<float>& k, int dtype,
+                        int64_t numel);
 void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                  float t);
 void model_variance(float* out, const float* stack, int models, int64_t numel);
@@ -120,6 +122,14 @@ PYBIND11_MODULE(_C, m) {
     std::vector<const void*> ptrs = pointers(tuned);
     py::gil_scoped_release release;
     return vfuse::offset_gram(reinterpret_cast<const void*>(base), ptrs, dtype, numel);
+  });
+
+  m.def("linear_combination", [](uintptr_t out, std::vector<uintptr_t> tensors, std::vector<float> k, int dtype,
+                                 int64_t numel) {
+    std::vector<const void*> ptrs = pointers(tensors);
+    if (k.size() != ptrs.size()) throw std::invalid_argument("one coefficient per tensor");
+    py::gil_scoped_release release;
+    vfuse::linear_combination(reinterpret_cast<float*>(out), ptrs, k, dtype, numel);
   });
 
   m.def("stock_blend", [](uintptr_t out, uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel,

@@ -7,14 +7,20 @@ rest); if all are, the result is zero. Start: the normalised weighted sum of the
 cos θ_i · m)`` over the ``θ_i >= tol``; stop when ``|v| < tol``, else ``m ← cos|v|·m +
 sin|v|·v/|v|``, renormalised; at most ``max_iter`` steps. Torch ops on the inputs' device,
 fp32 arithmetic (fp64 when an input is fp64: the merge method's inputs); one host read per step
-(the stopping test, as mergekit's).
+(the stopping test, as mergekit's). On the CPU, 2 to 4 contiguous inputs of one dtype: every
+vector above is a linear combination of the inputs, so two C++ passes give the mean — their
+Gram matrix in fp64, the iteration on coefficient vectors in fp64, then ``Σ k_i x_i`` in fp32 —
+without fp32 copies of the inputs or ``max_iter`` sweeps over them (fp64 inner products:
+within the stopping tolerance of the torch path).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
 from ._library import define, run_into
 
@@ -63,8 +69,63 @@ def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], m
     return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
+def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter: int, tol: float) -> list[float] | None:
+    """k with the Karcher mean = Σ k_i x_i, from the inputs' Gram matrix (upper triangle,
+    row-major): ``karcher_tensors``' steps on coefficient vectors, in fp64. None where every
+    input's norm is <= tol (the torch path returns its zero)."""
+    entries, g = iter(gram), [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = g[j][i] = next(entries)
+
+    def dot(c, d):
+        return sum(c[i] * d[j] * g[i][j] for i in range(n) for j in range(n))
+
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return None
+    total = sum(weights[i] for i in valid)
+    units = {i: [1.0 / norms[i] if j == i else 0.0 for j in range(n)] for i in valid}
+    alphas = {i: weights[i] / total for i in valid}
+    mean = [sum(alphas[i] * units[i][j] for i in valid) for j in range(n)]
+    mean_norm = math.sqrt(max(0.0, dot(mean, mean)))
+    mean = list(units[valid[0]]) if mean_norm < tol else [c / mean_norm for c in mean]
+    for _ in range(max_iter):
+        step = [0.0] * n
+        for i in valid:
+            cos = max(-1.0, min(1.0, dot(mean, units[i])))
+            theta = math.acos(cos)
+            coef = 0.0 if theta < tol else alphas[i] * theta / math.sin(theta)
+            step = [s + coef * (u - cos * m) for s, u, m in zip(step, units[i], mean)]
+        step_norm = math.sqrt(max(0.0, dot(step, step)))
+        if step_norm < tol:
+            break
+        mean = [math.cos(step_norm) * m + math.sin(step_norm) * s / step_norm for m, s in zip(mean, step)]
+        mean_norm = math.sqrt(max(0.0, dot(mean, mean)))
+        if mean_norm > tol:
+            mean = [m / mean_norm for m in mean]
+    scale = sum(w * r for w, r in zip(weights, norms))
+    return [scale * m for m in mean]
+
+
+def karcher_merge(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Karcher mean in ``dtype`` (fp32 or fp64; the module docstring says where it runs)."""
+    ext = cpp_kernels_for(tensors) if 2 <= len(tensors) <= 4 and dtype == torch.float32 else None
+    if ext is not None:
+        ptrs, code = [x.data_ptr() for x in tensors], DTYPE_CODES[tensors[0].dtype]
+        k = _gram_coefficients(ext.offset_gram(0, ptrs, code, tensors[0].numel()), len(tensors), weights, max_iter,
+                               tol)
+        if k is not None:
+            out = torch.empty(tensors[0].shape, dtype=torch.float32)
+            ext.linear_combination(out.data_ptr(), ptrs, k, code, out.numel())
+            return out
+    return karcher_tensors([x.to(dtype) for x in tensors], weights, max_iter, tol)
+
+
 def _karcher_into(out, tensors, weights, max_iter, tol) -> None:
-    out.copy_(karcher_tensors([x.float() for x in tensors], weights, max_iter, tol))
+    out.copy_(karcher_merge(list(tensors), list(weights), max_iter, tol))
 
 
 def _karcher_fake(out, tensors, weights, max_iter, tol) -> None:

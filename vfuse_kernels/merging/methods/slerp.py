@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from ..._backend import DTYPE_CODES, select_backend
-from ...ops.karcher import karcher_tensors
+from ...ops.karcher import karcher_merge
 from ...ops.multislerp import multislerp_merge
 from ...ops.nearswap import nearswap_merge
 from ...ops.nuslerp import nuslerp_merge
@@ -257,9 +257,9 @@ def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
 def merge_karcher(inputs: TensorInputs) -> torch.Tensor:
     """Equal-weight Karcher mean of every input, the base included (mergekit ignores the
     base's role for karcher)."""
-    tensors = _upcast(inputs.tensors)
-    return karcher_tensors(tensors, [1.0 / len(tensors)] * len(tensors), as_int(inputs.shared["max_iter"]),
-                           as_float(inputs.shared["tol"]))
+    n = len(inputs.tensors)
+    return karcher_merge(list(inputs.tensors), [1.0 / n] * n, as_int(inputs.shared["max_iter"]),
+                         as_float(inputs.shared["tol"]), compute_dtype(inputs.tensors))
 
 
 # ---------------------------------------------------------------------------------------------
