@@ -185,6 +185,22 @@ def delta_merge(
     return target
 
 
+def _shared_arguments(base, out, normalize, default_normalize, scale, rescale, seed) -> tuple[bool, float]:
+    """Checks the arguments every method takes; returns (normalize, scale) resolved."""
+    if normalize is None:
+        normalize = default_normalize
+    elif not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be None or a bool, got {type(normalize).__name__}")
+    scale = check_real("scale", scale)
+    check_choice("rescale", rescale, RESCALES)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if out is not None:
+        check_tensor("out", out)
+        check_like("out", out, base)
+    return normalize, scale
+
+
 def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale, consensus, rescale, seed,
                      tuned_are_deltas, out, thresholds, gamma, epsilon) -> torch.Tensor:
     """``delta_merge`` for GTA_METHODS: fp32 deltas, each sparsified in place (model i keyed like
@@ -205,21 +221,11 @@ def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale,
     if param == "epsilon":
         for p in densities:
             gta.check_della(p, value)
-    if normalize is None:
-        normalize = default_normalize
-    elif not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be None or a bool, got {type(normalize).__name__}")
-    scale = check_real("scale", scale)
+    normalize, scale = _shared_arguments(base, out, normalize, default_normalize, scale, rescale, seed)
     if consensus != "sum":
         raise ValueError(f"consensus={consensus!r}: {method} elects signs by their sum only")
-    check_choice("rescale", rescale, RESCALES)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
     if thresholds is not None:
         raise ValueError(f"thresholds apply to method='ties' only, got method={method!r}")
-    if out is not None:
-        check_tensor("out", out)
-        check_like("out", out, base)
     l1 = default_l1 if rescale == "density" else rescale == "l1"
     sparsify = gta.sparsify_outliers if param == "gamma" else gta.sparsify_della
     with torch.no_grad():
@@ -248,18 +254,8 @@ def merge_arguments(base, tuned, weights, *, method, density, normalize, scale, 
     weights = per_model("weights", weights, n)
     if sparsify == "none" and any(p != 1.0 for p in densities):
         raise ValueError(f"density={density!r} has no effect with method={method!r}; use ties or dare_*")
-    if normalize is None:
-        normalize = default_normalize
-    elif not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be None or a bool, got {type(normalize).__name__}")
-    scale = check_real("scale", scale)
+    normalize, scale = _shared_arguments(base, out, normalize, default_normalize, scale, rescale, seed)
     check_choice("consensus", consensus, ("sum", "count"))
-    check_choice("rescale", rescale, RESCALES)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    if out is not None:
-        check_tensor("out", out)
-        check_like("out", out, base)
     trim_keys = trim_cutoffs = None
     if thresholds is not None:
         if sparsify != "trim":

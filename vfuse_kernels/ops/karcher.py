@@ -23,6 +23,7 @@ import torch
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
 from ._library import define, run_into
+from .model_stock import gram_matrix
 
 
 def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10,
@@ -73,10 +74,7 @@ def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter
     """k with the Karcher mean = Σ k_i x_i, from the inputs' Gram matrix (upper triangle,
     row-major): ``karcher_tensors``' steps on coefficient vectors, in fp64. None where every
     input's norm is <= tol (the torch path returns its zero)."""
-    entries, g = iter(gram), [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            g[i][j] = g[j][i] = next(entries)
+    g = gram_matrix(gram, n)
 
     def dot(c, d):
         return sum(c[i] * d[j] * g[i][j] for i in range(n) for j in range(n))

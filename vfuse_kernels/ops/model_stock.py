@@ -29,15 +29,21 @@ NORM_PRODUCT_MIN = 1e-6
 SINGULAR_EPS = 1e-6
 
 
-def _stock_t(gram: list[float], n: int) -> float:
-    """t from the offsets' Gram matrix (upper triangle, row-major): mergekit's formula in fp64."""
-    index, entry = {}, iter(gram)
+def gram_matrix(upper: list[float], n: int) -> list[list[float]]:
+    """The n × n symmetric matrix of the C++ Gram pass's upper triangle (row-major)."""
+    entries, g = iter(upper), [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            index[i, j] = next(entry)
-    norms = [math.sqrt(index[i, i]) for i in range(n)]
+            g[i][j] = g[j][i] = next(entries)
+    return g
+
+
+def _stock_t(gram: list[float], n: int) -> float:
+    """t from the offsets' Gram matrix (upper triangle, row-major): mergekit's formula in fp64."""
+    g = gram_matrix(gram, n)
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    cos = sum(max(-1.0, min(1.0, index[i, j] / max(norms[i] * norms[j], NORM_PRODUCT_MIN))) for i, j in pairs)
+    cos = sum(max(-1.0, min(1.0, g[i][j] / max(norms[i] * norms[j], NORM_PRODUCT_MIN))) for i, j in pairs)
     cos /= len(pairs)
     denominator = 1 + (n - 1) * cos
     return 0.0 if abs(denominator) < SINGULAR_EPS else n * cos / denominator

@@ -22,6 +22,8 @@ import torch
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_real, check_tensor, check_tensor_list, per_model
 from ._library import define, run_into
+from .model_stock import gram_matrix
+from .delta_merge import delta_merge
 
 
 CANCELLING = ("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose weights cancel); "
@@ -65,10 +67,7 @@ def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]
 def _offset_coefficients(gram: list[float], n: int, weights: list[float], normalize: bool, eps: float) -> list[float]:
     """k with multislerp(offsets) = Σ k_i x_i, from the offsets' Gram matrix (upper triangle,
     row-major), in fp64: the steps of ``multislerp_tensors`` on the coefficients."""
-    entries, g = iter(gram), [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            g[i][j] = g[j][i] = next(entries)
+    g = gram_matrix(gram, n)
     w = [x / sum(weights) for x in weights] if normalize else list(weights)
 
     def norm(c):  # |Σ c_i x_i|
@@ -96,8 +95,6 @@ def multislerp_merge(tensors: list[torch.Tensor], weights: list[float], base: to
     if base is not None and 2 <= len(tensors) <= 4 and dtype == torch.float32:
         ext = cpp_kernels_for([base, *tensors])
         if ext is not None:
-            from .delta_merge import delta_merge
-
             gram = ext.offset_gram(base.data_ptr(), [x.data_ptr() for x in tensors], DTYPE_CODES[base.dtype],
                                    base.numel())
             k = _offset_coefficients(gram, len(tensors), weights, normalize, eps)

@@ -22,8 +22,14 @@ import torch
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_pair, check_real, check_tensor
 from ._library import define, run_into
+from .delta_merge import delta_merge
 
 NUSLERP_EPS = 1e-8
+UNIT_EPS = 1e-7  # a vector's norm is at least this when it is normalised
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
 
 
 def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False,
@@ -47,15 +53,6 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool
     return out.reshape(shape)
 
 
-
-
-UNIT_EPS = 1e-7  # a vector's norm is at least this when it is normalised
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=UNIT_EPS)
-
-
 def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, row_wise: bool = False,
                   flatten: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """nuslerp of a and b, of their offsets from ``base`` when given, in ``dtype`` (fp32 or fp64;
@@ -63,8 +60,6 @@ def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor
     if base is not None and flatten and dtype == torch.float32:
         ext = cpp_kernels_for([base, a, b])
         if ext is not None:
-            from .delta_merge import delta_merge
-
             g00, g01, g11 = ext.offset_gram(base.data_ptr(), [a.data_ptr(), b.data_ptr()], DTYPE_CODES[base.dtype],
                                             base.numel())
             cos = g01 / (max(math.sqrt(g00), UNIT_EPS) * max(math.sqrt(g11), UNIT_EPS))
