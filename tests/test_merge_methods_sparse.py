@@ -587,6 +587,22 @@ def test_ram_matches_mergekit(name, shared, shape, n):
         assert not torch.allclose(got, ours("ram", tensors, shared={"epsilon": shared.get("epsilon", 1e-5)}))
 
 
+@pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_ram_cpp_passes_match_the_torch_path(monkeypatch, name, n, dtype):
+    """The C++ counts and merge passes give the torch path's result within fp32 rounding (the
+    sum over models may run in another order), unique, shared and untouched elements included."""
+    tensors = [t.to(dtype) for t in ram_models((61, 37), n, seed=70 + n)]
+    shared = {"r": 0.5, "alpha": 1.5, "epsilon": 1e-4} if name == "ramplus_tl" else {"epsilon": 1e-3}
+    monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+    assert cpp_kernels_for(tensors) is not None
+    fast = ours(name, tensors, shared=shared)
+    monkeypatch.setenv("VFUSE_BACKEND", "reference")
+    assert cpp_kernels_for(tensors) is None
+    close(fast, ours(name, tensors, shared=shared), rtol=2e-7, atol=2e-7)
+
+
 def test_ram_base_only():
     base = torch.randn(5, 7)
     assert torch.equal(ours("ram", [base]), base)

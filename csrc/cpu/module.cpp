@@ -26,6 +26,10 @@ void linear_combination(float* out, const std::vector<const void*>& tensors, con
 void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                  float t);
 void model_variance(float* out, const float* stack, int models, int64_t numel);
+std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
+                                float eps);
+void ram_merge(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
+               float eps, const std::vector<float>& unique_scale);
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model);
@@ -137,6 +141,25 @@ PYBIND11_MODULE(_C, m) {
     std::vector<const void*> ptrs = pointers(tuned);
     py::gil_scoped_release release;
     vfuse::stock_blend(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, t);
+  });
+
+  m.def("ram_counts", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, float eps) {
+    if (tuned.empty() || tuned.size() > 4) throw std::invalid_argument("1 to 4 tuned tensors");
+    std::vector<const void*> ptrs;
+    for (uintptr_t t : tuned) ptrs.push_back(reinterpret_cast<const void*>(t));
+    py::gil_scoped_release release;
+    return vfuse::ram_counts(reinterpret_cast<const void*>(base), ptrs, dtype, numel, eps);
+  });
+
+  m.def("ram_merge", [](uintptr_t out, uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, float eps,
+                        std::vector<float> unique_scale) {
+    if (tuned.empty() || tuned.size() > 4 || unique_scale.size() != tuned.size())
+      throw std::invalid_argument("1 to 4 tuned tensors, one scale each");
+    std::vector<const void*> ptrs;
+    for (uintptr_t t : tuned) ptrs.push_back(reinterpret_cast<const void*>(t));
+    py::gil_scoped_release release;
+    vfuse::ram_merge(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, eps,
+                     unique_scale);
   });
 
   m.def("nearswap", [](uintptr_t out, int out_dtype, uintptr_t a, uintptr_t b, int dtype, int64_t numel, float t) {

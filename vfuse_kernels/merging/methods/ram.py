@@ -12,13 +12,15 @@ contributors' τᵢ), c = 0 keeps the base:
 
 Differences from mergekit: epsilon must be ≥ 0 for ``ram`` and > 0 for ``ramplus_tl``
 (mergekit accepts any float; with ε ≤ 0 a model without unique elements makes ρ = 0/0 and
-the whole ``ramplus_tl`` tensor NaN); r and alpha must be finite numbers. Computed in float32.
+the whole ``ramplus_tl`` tensor NaN); r and alpha must be finite numbers. Computed in float32 —
+on the CPU by C++ passes over the stored tensors (csrc/cpu/ram.cpp).
 """
 from __future__ import annotations
 
 import torch
 
-from . import Param, TensorInputs, TensorMethod, register
+from ..._backend import DTYPE_CODES
+from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, register
 from .gta import is_number, non_negative, positive, task_vectors
 
 
@@ -30,31 +32,48 @@ def ram_masks(tvs: torch.Tensor, epsilon: float):
     return flat * contrib, contrib, count, count == 1, count > 1
 
 
-def ram_combine(inputs: TensorInputs, unique_scale) -> torch.Tensor:
+def ram_combine(inputs: TensorInputs, unique_scale=None) -> torch.Tensor:
+    """b + the merged task vectors, unique contributions of model i scaled by
+    ``unique_scale(n_shared, n_unique, epsilon)[i]`` (None: 1), the counts [N] of the shared and
+    unique elements each model contributes to. On the CPU (1 to 4 models, one storage dtype) C++
+    passes — the counts when they are needed, then the merge, without fp32 copies of the inputs;
+    elsewhere torch over the fp32 task vectors. Within fp32 rounding of each other (the sum over
+    models may be ordered differently)."""
+    epsilon = float(inputs.shared["epsilon"])
+    tuned = [t for i, t in enumerate(inputs.tensors) if i != inputs.base_index]
+    ext = cpp_kernels_for([inputs.base, *tuned]) if 1 <= len(tuned) <= 4 else None
+    if ext is not None:
+        base, n = inputs.base, len(tuned)
+        ptrs, code = [t.data_ptr() for t in tuned], DTYPE_CODES[base.dtype]
+        scale = [1.0] * n
+        if unique_scale is not None:
+            counts = torch.tensor(ext.ram_counts(base.data_ptr(), ptrs, code, base.numel(), epsilon))
+            scale = unique_scale(counts[:n], counts[n:], epsilon).tolist()
+        out = torch.empty(base.shape, dtype=torch.float32)
+        ext.ram_merge(out.data_ptr(), base.data_ptr(), ptrs, code, base.numel(), epsilon, scale)
+        return out
     base, tvs, others = task_vectors(inputs)
     if not others:
         return base.float()
-    epsilon = float(inputs.shared["epsilon"])
     flat, contrib, count, unique, shared = ram_masks(tvs, epsilon)
-    scale = unique_scale(contrib, unique, shared, epsilon)
+    scale = 1.0 if unique_scale is None else unique_scale(
+        (contrib & shared).sum(dim=1), (contrib & unique).sum(dim=1), epsilon).unsqueeze(-1)
     merged = (flat * unique * scale + flat * shared / count.clamp(min=1)).sum(dim=0)
     return base + merged.reshape(base.shape)
 
 
 def ram_merge(inputs: TensorInputs) -> torch.Tensor:
     """Unique contributions kept, shared ones averaged over their contributors."""
-    return ram_combine(inputs, lambda contrib, unique, shared, epsilon: 1.0)
+    return ram_combine(inputs)
 
 
 def ramplus_tl_merge(inputs: TensorInputs) -> torch.Tensor:
     """RAM with each model's unique contributions scaled by λᵢ = 1 + r·clamp(ρᵢ, 0, α)."""
     r, alpha = float(inputs.shared["r"]), float(inputs.shared["alpha"])
 
-    def unique_scale(contrib, unique, shared, epsilon):
-        n_shared = (contrib & shared).sum(dim=1)
-        n_unique = (contrib & unique).sum(dim=1)
+    def unique_scale(n_shared, n_unique, epsilon):
         rho = n_shared / n_unique.clamp(min=epsilon)
-        return (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
+        return 1 + r * rho.clamp(min=0, max=alpha)
 
     return ram_combine(inputs, unique_scale)
 
