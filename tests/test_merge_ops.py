@@ -220,3 +220,16 @@ def test_karcher_gram_path_matches_the_torch_path(monkeypatch, case, n):
     slow = karcher_merge(xs, weights)
     assert fast.dtype == slow.dtype == torch.float32
     torch.testing.assert_close(fast, slow, rtol=2e-5, atol=2e-5 * float(slow.abs().max()))
+
+
+def test_compiled_fullgraph():
+    """Every op traces whole under torch.compile (its schema and fake kernel)."""
+    base, a, b = tensors(3, shape=(16, 12))
+
+    def merge_all(base, a, b):
+        return (vk.slerp(a, b, 0.3), vk.nuslerp(a, b, 0.3, base=base), vk.multislerp([a, b], [0.6, 0.4], base=base),
+                vk.nearswap(a, b, 0.01), vk.karcher_mean([a, b]), vk.model_stock(base, [a, b]))
+
+    compiled = torch.compile(merge_all, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(base, a, b), merge_all(base, a, b)):
+        torch.testing.assert_close(got, expected)
