@@ -229,12 +229,8 @@ def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale,
     l1 = default_l1 if rescale == "density" else rescale == "l1"
     sparsify = gta.sparsify_outliers if param == "gamma" else gta.sparsify_della
     with torch.no_grad():
-        deltas = torch.empty((len(tuned), *base.shape), dtype=torch.float32, device=base.device)
-        for i, (t, p) in enumerate(zip(tuned, densities)):
-            if tuned_are_deltas:
-                deltas[i].copy_(t)
-            else:
-                torch.sub(t.float(), base.float(), out=deltas[i])
+        _, deltas = gta.delta_stack(base, tuned, tuned_are_deltas)
+        for i, p in enumerate(densities):
             sparsify(deltas[i], {"density": p, param: value}, rescale=l1, seed=seed, model=i)
         merged = gta.gta_combine(base, deltas, weights, consensus=consensus_vote, normalize=normalize, scale=scale)
         target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out

@@ -23,7 +23,7 @@ import torch
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
 from ._library import define, run_into
-from .model_stock import gram_matrix
+from .model_stock import gram_inner, gram_matrix, gram_norm
 
 
 def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10,
@@ -76,9 +76,6 @@ def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter
     input's norm is <= tol (the torch path returns its zero)."""
     g = gram_matrix(gram, n)
 
-    def dot(c, d):
-        return sum(c[i] * d[j] * g[i][j] for i in range(n) for j in range(n))
-
     norms = [math.sqrt(g[i][i]) for i in range(n)]
     valid = [i for i in range(n) if norms[i] > tol]
     if not valid:
@@ -87,20 +84,20 @@ def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter
     units = {i: [1.0 / norms[i] if j == i else 0.0 for j in range(n)] for i in valid}
     alphas = {i: weights[i] / total for i in valid}
     mean = [sum(alphas[i] * units[i][j] for i in valid) for j in range(n)]
-    mean_norm = math.sqrt(max(0.0, dot(mean, mean)))
+    mean_norm = gram_norm(g, mean)
     mean = list(units[valid[0]]) if mean_norm < tol else [c / mean_norm for c in mean]
     for _ in range(max_iter):
         step = [0.0] * n
         for i in valid:
-            cos = max(-1.0, min(1.0, dot(mean, units[i])))
+            cos = max(-1.0, min(1.0, gram_inner(g, mean, units[i])))
             theta = math.acos(cos)
             coef = 0.0 if theta < tol else alphas[i] * theta / math.sin(theta)
             step = [s + coef * (u - cos * m) for s, u, m in zip(step, units[i], mean)]
-        step_norm = math.sqrt(max(0.0, dot(step, step)))
+        step_norm = gram_norm(g, step)
         if step_norm < tol:
             break
         mean = [math.cos(step_norm) * m + math.sin(step_norm) * s / step_norm for m, s in zip(mean, step)]
-        mean_norm = math.sqrt(max(0.0, dot(mean, mean)))
+        mean_norm = gram_norm(g, mean)
         if mean_norm > tol:
             mean = [m / mean_norm for m in mean]
     scale = sum(w * r for w, r in zip(weights, norms))

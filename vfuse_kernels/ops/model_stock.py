@@ -38,6 +38,17 @@ def gram_matrix(upper: list[float], n: int) -> list[list[float]]:
     return g
 
 
+def gram_inner(g: list[list[float]], c: list[float], d: list[float]) -> float:
+    """⟨Σ cᵢxᵢ, Σ dⱼxⱼ⟩ from the Gram matrix g of the xᵢ."""
+    n = len(g)
+    return sum(c[i] * d[j] * g[i][j] for i in range(n) for j in range(n))
+
+
+def gram_norm(g: list[list[float]], c: list[float]) -> float:
+    """|Σ cᵢxᵢ| from the Gram matrix g of the xᵢ (rounding below 0 read as 0)."""
+    return math.sqrt(max(0.0, gram_inner(g, c, c)))
+
+
 def _stock_t(gram: list[float], n: int) -> float:
     """t from the offsets' Gram matrix (upper triangle, row-major): mergekit's formula in fp64."""
     g = gram_matrix(gram, n)

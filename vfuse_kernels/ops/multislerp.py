@@ -22,7 +22,7 @@ import torch
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_real, check_tensor, check_tensor_list, per_model
 from ._library import define, run_into
-from .model_stock import gram_matrix
+from .model_stock import gram_matrix, gram_norm
 from .delta_merge import delta_merge
 
 
@@ -69,13 +69,9 @@ def _offset_coefficients(gram: list[float], n: int, weights: list[float], normal
     row-major), in fp64: the steps of ``multislerp_tensors`` on the coefficients."""
     g = gram_matrix(gram, n)
     w = [x / sum(weights) for x in weights] if normalize else list(weights)
-
-    def norm(c):  # |Σ c_i x_i|
-        return math.sqrt(max(0.0, sum(c[i] * c[j] * g[i][j] for i in range(n) for j in range(n))))
-
     norms = [math.sqrt(g[i][i]) for i in range(n)]
     mean = [w[i] / (norms[i] + eps) for i in range(n)]  # Σ w_i u_i
-    mean_norm = norm(mean)
+    mean_norm = gram_norm(g, mean)
     if mean_norm < eps:
         if n > 2:
             raise ValueError(CANCELLING)
@@ -83,7 +79,7 @@ def _offset_coefficients(gram: list[float], n: int, weights: list[float], normal
     unit_mean = [c / mean_norm for c in mean]
     along = sum(w[i] * sum(unit_mean[j] * g[i][j] for j in range(n)) / (norms[i] + eps) for i in range(n))
     step = [mean[j] - along * unit_mean[j] for j in range(n)]  # Σ w_i (u_i − <u_i, m> m)
-    length = norm(step) + eps
+    length = gram_norm(g, step) + eps
     scale = sum(wi * ni for wi, ni in zip(w, norms))
     return [scale * (unit_mean[j] * math.cos(length) + step[j] * math.sin(length) / length) for j in range(n)]
 

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from ..._backend import cpp_kernels_for  # noqa: F401 - the method modules take it from here
-
 REQUIRED = object()  # a parameter without a default
 
 

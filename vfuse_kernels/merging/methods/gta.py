@@ -53,9 +53,10 @@ from typing import Any
 
 import torch
 
+from ..._backend import cpp_kernels_for
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
-from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, in_unit_interval, register
+from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
@@ -101,19 +102,29 @@ def element_chunks(numel: int):
 
 
 def task_vectors(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(base, fp32 stack of θᵢ − base over the non-base models, their input indices). The base
-    stays in its dtype when that is fp32 or narrower (its values exactly: arithmetic with an
-    fp32 tensor promotes it), and the deltas are computed a CHUNK at a time: no fp32 copy of
-    a whole input besides the stack."""
-    base = inputs.base if inputs.base.dtype in (torch.float32, torch.bfloat16, torch.float16) else inputs.base.float()
+    """(base, fp32 stack of θᵢ − base over the non-base models, their input indices): ``delta_stack``."""
     others = [i for i in range(len(inputs.tensors)) if i != inputs.base_index]
-    deltas = torch.empty((len(others), *base.shape), dtype=torch.float32, device=base.device)
-    flat_base = base.reshape(-1)
-    for row, i in enumerate(others):
-        flat, flat_delta = inputs.tensors[i].reshape(-1), deltas[row].view(-1)
-        for start, end in element_chunks(base.numel()):
-            torch.sub(flat[start:end].float(), flat_base[start:end].float(), out=flat_delta[start:end])
+    base, deltas = delta_stack(inputs.base, [inputs.tensors[i] for i in others])
     return base, deltas, others
+
+
+def delta_stack(base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, fp32 stack of the θᵢ − base, or of the θᵢ themselves when ``tuned_are_deltas``). The
+    base stays in its dtype when that is fp32 or narrower (its values exactly: arithmetic with
+    an fp32 tensor promotes it), and the deltas are computed a CHUNK at a time: no fp32 copy of
+    a whole input besides the stack."""
+    base = base if base.dtype in (torch.float32, torch.bfloat16, torch.float16) else base.float()
+    deltas = torch.empty((len(tuned), *base.shape), dtype=torch.float32, device=base.device)
+    flat_base = base.reshape(-1)
+    for row, t in enumerate(tuned):
+        flat, flat_delta = t.reshape(-1), deltas[row].view(-1)
+        for start, end in element_chunks(base.numel()):
+            if tuned_are_deltas:
+                flat_delta[start:end].copy_(flat[start:end])
+            else:
+                torch.sub(flat[start:end].float(), flat_base[start:end].float(), out=flat_delta[start:end])
+    return base, deltas
 
 
 def l1_rescaled_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

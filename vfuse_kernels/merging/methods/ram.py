@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import DTYPE_CODES
-from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, register
+from ..._backend import DTYPE_CODES, cpp_kernels_for
+from . import Param, TensorInputs, TensorMethod, register
 from .gta import is_number, non_negative, positive, task_vectors
 
 

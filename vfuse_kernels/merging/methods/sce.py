@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Param, TensorInputs, TensorMethod, cpp_kernels_for, register
+from ..._backend import cpp_kernels_for
+from . import Param, TensorInputs, TensorMethod, register
 from .gta import element_chunks, is_bool, largest_masks, sign_consensus, task_vectors, unit_interval
 
 WEIGHT_SUM_EPS = 1e-6

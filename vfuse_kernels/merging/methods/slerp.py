@@ -144,15 +144,10 @@ def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def _upcast(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    dtype = compute_dtype(tensors)
-    return [x.to(dtype) for x in tensors]
-
-
-def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None, upcast: bool = True):
+def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None):
     """(base or None, non-base tensors, their parameters), with lo..hi non-base models; the
-    tensors in the compute dtype unless ``upcast`` is false."""
-    tensors = _upcast(inputs.tensors) if upcast else list(inputs.tensors)
+    tensors as loaded (the ops convert them to the compute dtype, a chunk or a pass at a time)."""
+    tensors = list(inputs.tensors)
     keep = [i for i in range(len(tensors)) if i != inputs.base_index]
     if len(keep) < lo or (hi is not None and len(keep) > hi):
         expected = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
@@ -161,8 +156,8 @@ def _split(inputs: TensorInputs, method: str, lo: int, hi: int | None, upcast: b
     return base, [tensors[i] for i in keep], [inputs.params[i] for i in keep]
 
 
-def _base_and_other(inputs: TensorInputs, method: str, upcast: bool = True):
-    base, others, _ = _split(inputs, method, 1, 1, upcast)
+def _base_and_other(inputs: TensorInputs, method: str):
+    base, others, _ = _split(inputs, method, 1, 1)
     if base is None:
         raise ValueError(f"{method} needs a base model ({inputs.name})")
     return base, others[0]
@@ -211,7 +206,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
     """slerp from the base (t = 0) to the other model (t = 1)."""
-    base, other = _base_and_other(inputs, "slerp", upcast=False)  # converted chunk by chunk
+    base, other = _base_and_other(inputs, "slerp")
     return slerp_tensors(as_float(inputs.shared["t"]), base, other)
 
 
@@ -221,7 +216,7 @@ def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
 def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     """nuslerp of the two non-base models (of their deltas from the base when there is one)
     at ``t = w_1 / (w_0 + w_1)``."""
-    base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2, upcast=False)
+    base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2)
     w0, w1 = (as_float(p["weight"]) for p in params)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     return nuslerp_merge(t, m0, m1, base, as_bool(inputs.shared["nuslerp_row_wise"]),
@@ -234,7 +229,7 @@ def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
     """multislerp of the non-base models (of their deltas from the base when there is one)."""
-    base, others, params = _split(inputs, "multislerp", 1, None, upcast=False)
+    base, others, params = _split(inputs, "multislerp", 1, None)
     return multislerp_merge(others, [as_float(p["weight"]) for p in params], base,
                             as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]),
                             compute_dtype(inputs.tensors))
@@ -246,7 +241,7 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
     """nearswap of the base (a) towards the other model (b)."""
-    base, other = _base_and_other(inputs, "nearswap", upcast=False)
+    base, other = _base_and_other(inputs, "nearswap")
     return nearswap_merge(as_float(inputs.shared["t"]), base, other, compute_dtype(inputs.tensors))
 
 
