@@ -42,6 +42,7 @@ from vfuse_kernels.merging.methods import (  # noqa: F401  (importing a module r
 )
 from vfuse_kernels._backend import cpp_kernels_for, cpu_extension
 from vfuse_kernels.reference.philox import dare_random_bits
+from conftest import poisoned_like
 
 NEW_METHODS = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "arcee_fusion",
                "ram", "ramplus_tl"]
@@ -685,3 +686,28 @@ def test_della_cpp_mask_is_the_torch_mask(shape, data, monkeypatch):
         fast = gta.della_keep_mask(delta, density, epsilon, seed, model)
         monkeypatch.setenv("VFUSE_BACKEND", "reference")
         assert torch.equal(fast, gta.della_keep_mask(delta, density, epsilon, seed, model))
+
+
+@pytest.mark.parametrize("name", ["ram", "ramplus_tl", "model_stock", "slerp", "nuslerp", "multislerp", "nearswap",
+                                  "karcher", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_methods_fill_the_engines_output_buffer(name, dtype):
+    """A method handed the engine's output buffer (``TensorInputs.out``, the stored dtype) leaves
+    there exactly what the engine stored before: its fp32 result rounded once to that dtype."""
+    gen = torch.Generator().manual_seed(80)
+    base = torch.randn(61, 37, generator=gen)
+    models = 2 if name in ("slerp", "nearswap") else 3
+    tensors = [base] + [base + 0.01 * torch.randn(61, 37, generator=gen) for _ in range(models - 1)]
+    tensors = [t.to(dtype) for t in tensors]
+    model_params = None
+    if name in ("nuslerp", "multislerp"):
+        model_params = [{"weight": 0.6}, {"weight": 0.4}]
+    elif name.startswith(("breadcrumbs", "della")):
+        model_params = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
+    shared = {"t": 0.3} if name == "slerp" else {"t": 0.004} if name == "nearswap" else None
+    expected = METHODS[name].merge(inputs_for(name, tensors, model_params, shared)).to(dtype)
+    inputs = inputs_for(name, tensors, model_params, shared)
+    inputs.out = poisoned_like(tensors[0])
+    result = METHODS[name].merge(inputs)
+    assert torch.equal(result.to(dtype), expected)
+    assert result is inputs.out  # the C++ passes write there: no fp32 temporary, no copy

@@ -4,6 +4,7 @@ loaded model, resume after a killed run, and clean failures on bad inputs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -269,6 +270,42 @@ def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monk
     summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False, staging=staging)
     assert summary.skipped > 0
     assert index_of(out)["weight_map"] == index_of(reference)["weight_map"]
+    assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
+
+
+def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatch):
+    """Peak memory: an output of the largest size is computed only once the outputs still waiting
+    for the writer leave room for it — lm_head's and the embeddings' (adjacent in the file) share
+    one pooled buffer even when the writer is slow — and the bytes are those of a plain run."""
+    from vfuse_kernels.merging import engine
+    from vfuse_kernels.merging.checkpoint import ShardWriter
+
+    base = save_state_dict(llama(0), str(tmp_path / "base"))  # one file: lm_head, then the embeddings
+    tuned = save_state_dict(perturbed(llama(0), 7), str(tmp_path / "ft"))
+    config = task_arithmetic_config(tmp_path, base, tuned, 0.5)
+    infos = list(Checkpoint(base).tensors.values())
+    largest = max(info.nbytes for info in infos)
+    assert [info.nbytes == largest for info in sorted(infos, key=lambda i: i.offset)][:2] == [True, True]
+    reference = str(tmp_path / "reference")
+    merge_checkpoints(config, reference, progress=False)
+    fresh = []
+    take, write = engine._BufferPool.take, ShardWriter.write
+
+    def recording_take(self, shape, dtype):
+        nbytes = dtype.itemsize * math.prod(shape)
+        fresh.append(nbytes == largest and not self._idle.get(nbytes))
+        return take(self, shape, dtype)
+
+    def slow_write(self, name, tensor):
+        if tensor.numel() * tensor.element_size() == largest:
+            time.sleep(0.3)  # the next largest output is ready to be computed meanwhile
+        return write(self, name, tensor)
+
+    monkeypatch.setattr(engine._BufferPool, "take", recording_take)
+    monkeypatch.setattr(ShardWriter, "write", slow_write)
+    out = str(tmp_path / "out")
+    merge_checkpoints(config, out, progress=False)
+    assert sum(fresh) == 1
     assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
 
 

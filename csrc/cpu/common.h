@@ -200,6 +200,22 @@ struct Fp32 {
   static T store(float f) { return f; }
 };
 
+// f(C{}) with the storage codec of dtype: one switch for every kernel over one storage dtype.
+template <typename F>
+decltype(auto) with_codec(int dtype, F&& f) {
+  switch (dtype) {
+    case kBFloat16: return f(Bf16{});
+    case kFloat16: return f(Fp16{});
+    default: return f(Fp32{});
+  }
+}
+
+// f(C{}, O{}) with the codecs of the inputs' dtype and of the output's out_dtype.
+template <typename F>
+decltype(auto) with_codecs(int dtype, int out_dtype, F&& f) {
+  return with_codec(dtype, [&](auto c) { return with_codec(out_dtype, [&](auto o) { return f(c, o); }); });
+}
+
 // |x| of an fp32 value as an order-preserving unsigned key (31 bits).
 inline uint32_t magnitude_key(float x) { return float_to_bits(x) & 0x7fffffffu; }
 

@@ -2,7 +2,7 @@
 // oᵢ = wᵢ − w₀ from a base w₀, or of the tensors themselves without one (fp64 sums) — Model Stock,
 // nuslerp, multislerp and karcher reduce to it (vfuse_kernels/ops/) — then Model Stock's blend
 // out = t·((w₁ + … + w_N) / N) + (1 − t)·w₀ in fp32 in mergekit's order, or a linear combination
-// out = Σ kᵢwᵢ in fp32.
+// out = Σ kᵢwᵢ in fp32, each stored in the output's dtype.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -45,9 +45,10 @@ std::vector<double> gram(const void* base_ptr, const std::vector<const void*>& t
   return total;
 }
 
-template <typename C, int N>
-void blend(float* out, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float t) {
+template <typename C, typename O, int N>
+void blend(void* out_ptr, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float t) {
   using T = typename C::T;
+  typename O::T* out = static_cast<typename O::T*>(out_ptr);
   const T* base = static_cast<const T*>(base_ptr);
   const T* tuned[N];
   for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]);
@@ -56,7 +57,7 @@ void blend(float* out, const void* base_ptr, const std::vector<const void*>& tun
   for (int64_t e = 0; e < numel; ++e) {
     float sum = C::load(tuned[0][e]);
     for (int i = 1; i < N; ++i) sum = sum + C::load(tuned[i][e]);
-    out[e] = t * (sum / float(N)) + keep * C::load(base[e]);
+    out[e] = O::store(t * (sum / float(N)) + keep * C::load(base[e]));
   }
 }
 
@@ -74,9 +75,10 @@ std::vector<double> gram_of(const void* base, const std::vector<const void*>& tu
   return base ? gram_n<C, true>(base, tuned, numel) : gram_n<C, false>(base, tuned, numel);
 }
 
-template <typename C, int N>
-void combination(float* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
+template <typename C, typename O, int N>
+void combination(void* out_ptr, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
   using T = typename C::T;
+  typename O::T* out = static_cast<typename O::T*>(out_ptr);
   const T* x[N];
   float coef[N];
   for (int i = 0; i < N; ++i) {
@@ -87,25 +89,25 @@ void combination(float* out, const std::vector<const void*>& ptrs, const float* 
   for (int64_t e = 0; e < numel; ++e) {
     float sum = coef[0] * C::load(x[0][e]);
     for (int i = 1; i < N; ++i) sum = sum + coef[i] * C::load(x[i][e]);
-    out[e] = sum;
+    out[e] = O::store(sum);
   }
 }
 
-template <typename C>
-void combination_n(float* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
+template <typename C, typename O>
+void combination_n(void* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
   switch (ptrs.size()) {
-    case 2: return combination<C, 2>(out, ptrs, k, numel);
-    case 3: return combination<C, 3>(out, ptrs, k, numel);
-    default: return combination<C, 4>(out, ptrs, k, numel);
+    case 2: return combination<C, O, 2>(out, ptrs, k, numel);
+    case 3: return combination<C, O, 3>(out, ptrs, k, numel);
+    default: return combination<C, O, 4>(out, ptrs, k, numel);
   }
 }
 
-template <typename C>
-void blend_n(float* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float t) {
+template <typename C, typename O>
+void blend_n(void* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float t) {
   switch (tuned.size()) {
-    case 2: return blend<C, 2>(out, base, tuned, numel, t);
-    case 3: return blend<C, 3>(out, base, tuned, numel, t);
-    default: return blend<C, 4>(out, base, tuned, numel, t);
+    case 2: return blend<C, O, 2>(out, base, tuned, numel, t);
+    case 3: return blend<C, O, 3>(out, base, tuned, numel, t);
+    default: return blend<C, O, 4>(out, base, tuned, numel, t);
   }
 }
 
@@ -115,32 +117,22 @@ void blend_n(float* out, const void* base, const std::vector<const void*>& tuned
 // oᵢ = tunedᵢ − base, or tunedᵢ where base is null.
 VFUSE_MULTIVERSION
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel) {
-  switch (dtype) {
-    case kBFloat16: return gram_of<Bf16>(base, tuned, numel);
-    case kFloat16: return gram_of<Fp16>(base, tuned, numel);
-    default: return gram_of<Fp32>(base, tuned, numel);
-  }
+  return with_codec(dtype, [&](auto c) { return gram_of<decltype(c)>(base, tuned, numel); });
 }
 
-// out = Σ kᵢ·xᵢ in fp32 (left to right), 2 to 4 tensors of one dtype.
+// out = Σ kᵢ·xᵢ in fp32 (left to right), 2 to 4 tensors of one dtype; out fp32 or a storage dtype.
 VFUSE_MULTIVERSION
-void linear_combination(float* out, const std::vector<const void*>& tensors, const std::vector<float>& k, int dtype,
-                        int64_t numel) {
-  switch (dtype) {
-    case kBFloat16: return combination_n<Bf16>(out, tensors, k.data(), numel);
-    case kFloat16: return combination_n<Fp16>(out, tensors, k.data(), numel);
-    default: return combination_n<Fp32>(out, tensors, k.data(), numel);
-  }
+void linear_combination(void* out, int out_dtype, const std::vector<const void*>& tensors, const std::vector<float>& k,
+                        int dtype, int64_t numel) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) {
+    combination_n<decltype(c), decltype(o)>(out, tensors, k.data(), numel);
+  });
 }
 
 VFUSE_MULTIVERSION
-void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
-                 float t) {
-  switch (dtype) {
-    case kBFloat16: return blend_n<Bf16>(out, base, tuned, numel, t);
-    case kFloat16: return blend_n<Fp16>(out, base, tuned, numel, t);
-    default: return blend_n<Fp32>(out, base, tuned, numel, t);
-  }
+void stock_blend(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
+                 int64_t numel, float t) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) { blend_n<decltype(c), decltype(o)>(out, base, tuned, numel, t); });
 }
 
 }  // namespace vfuse

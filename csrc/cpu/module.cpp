@@ -21,15 +21,15 @@ std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb);
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel);
-void linear_combination(float* out, const std::vector<const void*>& tensors, const std::vector<float>& k, int dtype,
-                        int64_t numel);
-void stock_blend(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
-                 float t);
+void linear_combination(void* out, int out_dtype, const std::vector<const void*>& tensors, const std::vector<float>& k,
+                        int dtype, int64_t numel);
+void stock_blend(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
+                 int64_t numel, float t);
 void model_variance(float* out, const float* stack, int models, int64_t numel);
 std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                                 float eps);
-void ram_merge(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
-               float eps, const std::vector<float>& unique_scale);
+void ram_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
+               int64_t numel, float eps, const std::vector<float>& unique_scale);
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model);
@@ -128,19 +128,20 @@ PYBIND11_MODULE(_C, m) {
     return vfuse::offset_gram(reinterpret_cast<const void*>(base), ptrs, dtype, numel);
   });
 
-  m.def("linear_combination", [](uintptr_t out, std::vector<uintptr_t> tensors, std::vector<float> k, int dtype,
-                                 int64_t numel) {
+  m.def("linear_combination", [](uintptr_t out, int out_dtype, std::vector<uintptr_t> tensors, std::vector<float> k,
+                                 int dtype, int64_t numel) {
     std::vector<const void*> ptrs = pointers(tensors);
     if (k.size() != ptrs.size()) throw std::invalid_argument("one coefficient per tensor");
     py::gil_scoped_release release;
-    vfuse::linear_combination(reinterpret_cast<float*>(out), ptrs, k, dtype, numel);
+    vfuse::linear_combination(reinterpret_cast<void*>(out), out_dtype, ptrs, k, dtype, numel);
   });
 
-  m.def("stock_blend", [](uintptr_t out, uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel,
-                          float t) {
+  m.def("stock_blend", [](uintptr_t out, int out_dtype, uintptr_t base, std::vector<uintptr_t> tuned, int dtype,
+                          int64_t numel, float t) {
     std::vector<const void*> ptrs = pointers(tuned);
     py::gil_scoped_release release;
-    vfuse::stock_blend(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, t);
+    vfuse::stock_blend(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(base), ptrs, dtype, numel,
+                       t);
   });
 
   m.def("ram_counts", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, float eps) {
@@ -151,15 +152,15 @@ PYBIND11_MODULE(_C, m) {
     return vfuse::ram_counts(reinterpret_cast<const void*>(base), ptrs, dtype, numel, eps);
   });
 
-  m.def("ram_merge", [](uintptr_t out, uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, float eps,
-                        std::vector<float> unique_scale) {
+  m.def("ram_merge", [](uintptr_t out, int out_dtype, uintptr_t base, std::vector<uintptr_t> tuned, int dtype,
+                        int64_t numel, float eps, std::vector<float> unique_scale) {
     if (tuned.empty() || tuned.size() > 4 || unique_scale.size() != tuned.size())
       throw std::invalid_argument("1 to 4 tuned tensors, one scale each");
     std::vector<const void*> ptrs;
     for (uintptr_t t : tuned) ptrs.push_back(reinterpret_cast<const void*>(t));
     py::gil_scoped_release release;
-    vfuse::ram_merge(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(base), ptrs, dtype, numel, eps,
-                     unique_scale);
+    vfuse::ram_merge(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(base), ptrs, dtype, numel,
+                     eps, unique_scale);
   });
 
   m.def("nearswap", [](uintptr_t out, int out_dtype, uintptr_t a, uintptr_t b, int dtype, int64_t numel, float t) {

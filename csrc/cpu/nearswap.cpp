@@ -27,24 +27,13 @@ void nearswap_pass(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t 
   }
 }
 
-template <typename C>
-void nearswap_to(void* out, int out_dtype, const void* a, const void* b, int64_t numel, float t) {
-  switch (out_dtype) {
-    case kBFloat16: return nearswap_pass<C, Bf16>(out, a, b, numel, t);
-    case kFloat16: return nearswap_pass<C, Fp16>(out, a, b, numel, t);
-    default: return nearswap_pass<C, Fp32>(out, a, b, numel, t);
-  }
-}
-
 }  // namespace
 
 VFUSE_MULTIVERSION
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t) {
-  switch (dtype) {
-    case kBFloat16: return nearswap_to<Bf16>(out, out_dtype, a, b, numel, t);
-    case kFloat16: return nearswap_to<Fp16>(out, out_dtype, a, b, numel, t);
-    default: return nearswap_to<Fp32>(out, out_dtype, a, b, numel, t);
-  }
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) {
+    nearswap_pass<decltype(c), decltype(o)>(out, a, b, numel, t);
+  });
 }
 
 }  // namespace vfuse

@@ -53,10 +53,11 @@ std::vector<int64_t> counts(const void* base_ptr, const std::vector<const void*>
   return total;
 }
 
-template <typename C, int N>
-void merge(float* out, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float eps,
+template <typename C, typename O, int N>
+void merge(void* out_ptr, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float eps,
            const float* unique_scale) {
   using T = typename C::T;
+  typename O::T* out = static_cast<typename O::T*>(out_ptr);
   const T* base = static_cast<const T*>(base_ptr);
   const T* tuned[N];
   float scale[N];
@@ -78,7 +79,7 @@ void merge(float* out, const void* base_ptr, const std::vector<const void*>& tun
     const float count = float(c > 1 ? c : 1);
     float merged = 0.f;
     for (int i = 0; i < N; ++i) merged = merged + (c == 1 ? tau[i] * scale[i] : tau[i] / count);
-    out[e] = b + merged;
+    out[e] = O::store(b + merged);
   }
 }
 
@@ -92,14 +93,14 @@ std::vector<int64_t> counts_n(const void* base, const std::vector<const void*>& 
   }
 }
 
-template <typename C>
-void merge_n(float* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float eps,
+template <typename C, typename O>
+void merge_n(void* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float eps,
              const float* scale) {
   switch (tuned.size()) {
-    case 1: return merge<C, 1>(out, base, tuned, numel, eps, scale);
-    case 2: return merge<C, 2>(out, base, tuned, numel, eps, scale);
-    case 3: return merge<C, 3>(out, base, tuned, numel, eps, scale);
-    default: return merge<C, 4>(out, base, tuned, numel, eps, scale);
+    case 1: return merge<C, O, 1>(out, base, tuned, numel, eps, scale);
+    case 2: return merge<C, O, 2>(out, base, tuned, numel, eps, scale);
+    case 3: return merge<C, O, 3>(out, base, tuned, numel, eps, scale);
+    default: return merge<C, O, 4>(out, base, tuned, numel, eps, scale);
   }
 }
 
@@ -109,21 +110,15 @@ void merge_n(float* out, const void* base, const std::vector<const void*>& tuned
 VFUSE_MULTIVERSION
 std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                                 float eps) {
-  switch (dtype) {
-    case kBFloat16: return counts_n<Bf16>(base, tuned, numel, eps);
-    case kFloat16: return counts_n<Fp16>(base, tuned, numel, eps);
-    default: return counts_n<Fp32>(base, tuned, numel, eps);
-  }
+  return with_codec(dtype, [&](auto c) { return counts_n<decltype(c)>(base, tuned, numel, eps); });
 }
 
 VFUSE_MULTIVERSION
-void ram_merge(float* out, const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
-               float eps, const std::vector<float>& unique_scale) {
-  switch (dtype) {
-    case kBFloat16: return merge_n<Bf16>(out, base, tuned, numel, eps, unique_scale.data());
-    case kFloat16: return merge_n<Fp16>(out, base, tuned, numel, eps, unique_scale.data());
-    default: return merge_n<Fp32>(out, base, tuned, numel, eps, unique_scale.data());
-  }
+void ram_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
+               int64_t numel, float eps, const std::vector<float>& unique_scale) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) {
+    merge_n<decltype(c), decltype(o)>(out, base, tuned, numel, eps, unique_scale.data());
+  });
 }
 
 }  // namespace vfuse

@@ -48,34 +48,17 @@ void combine(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t numel,
   for (int64_t j = 0; j < numel; ++j) out[j] = O::store(ca * C::load(a[j]) + cb * C::load(b[j]));
 }
 
-template <typename C>
-void combine_to(void* out, int out_dtype, const void* a, const void* b, int64_t numel, float ca, float cb) {
-  switch (out_dtype) {
-    case kBFloat16: return combine<C, Bf16>(out, a, b, numel, ca, cb);
-    case kFloat16: return combine<C, Fp16>(out, a, b, numel, ca, cb);
-    default: return combine<C, Fp32>(out, a, b, numel, ca, cb);
-  }
-}
-
 }  // namespace
 
 VFUSE_MULTIVERSION
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel) {
-  switch (dtype) {
-    case kBFloat16: return sums<Bf16>(a, b, numel);
-    case kFloat16: return sums<Fp16>(a, b, numel);
-    default: return sums<Fp32>(a, b, numel);
-  }
+  return with_codec(dtype, [&](auto c) { return sums<decltype(c)>(a, b, numel); });
 }
 
 VFUSE_MULTIVERSION
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb) {
-  switch (dtype) {
-    case kBFloat16: return combine_to<Bf16>(out, out_dtype, a, b, numel, ca, cb);
-    case kFloat16: return combine_to<Fp16>(out, out_dtype, a, b, numel, ca, cb);
-    default: return combine_to<Fp32>(out, out_dtype, a, b, numel, ca, cb);
-  }
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) { combine<decltype(c), decltype(o)>(out, a, b, numel, ca, cb); });
 }
 
 }  // namespace vfuse

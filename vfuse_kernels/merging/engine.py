@@ -5,7 +5,9 @@ flight stay within the largest single tensor's (so two huge tensors, embeddings 
 lm_head, are never in flight at once), while the main thread merges the current tensor
 with ``delta_merge`` (C++ on CPU, Triton on CUDA) and a writer thread streams finished
 tensors into the output shard being written. At most ``WRITE_QUEUE`` outputs wait for the
-writer, so peak memory is a few of the largest tensors, not the model.
+writer, and on the host an output is computed only once the outputs still waiting leave room
+for it within the largest one's size (its buffer then comes back from the pool), so peak
+memory is the largest tensor's inputs plus one output, not the model.
 
 - CPU: the inputs are zero-copy views of the files' pages, populated ahead by a reader
   thread and dropped from the process (MADV_DONTNEED) once used; outputs come from a pool.
@@ -199,8 +201,11 @@ class _Runner:
         out = self.pool.take(task.shape, task.out_dtype) if on_cpu else \
             torch.empty(task.shape, dtype=task.out_dtype, device=loaded[0].device)
         if task.method_inputs is not None:
-            out.copy_(METHODS[plan.config.method].merge(TensorInputs(
-                task.name, list(loaded), task.base_index, task.params, task.shared, task.seed)))
+            result = METHODS[plan.config.method].merge(TensorInputs(
+                task.name, list(loaded), task.base_index, task.params, task.shared, task.seed, out))
+            if result is not out:
+                out.copy_(result)
+            del result
         else:
             if task.base is None:
                 base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=out.device), loaded
@@ -502,21 +507,23 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
             loads = read_ahead([runner.reads(task) for _, task in todo], lambda i: runner.reader(todo[i][1]))
-            writes: deque = deque()
+            writes: deque = deque()  # (future, output bytes) of the outputs waiting for the writer
             for i, ((layout, task), loaded) in enumerate(zip(todo, loads)):
+                while not staging and writes and sum(n for _, n in writes) + task.nbytes > largest:
+                    writes.popleft()[0].result()  # its buffer returns to the pool: the new output reuses it
                 result = runner.compute(task, loaded)
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)
-                writes.append(writer_pool.submit(write, layout, task, result))
+                writes.append((writer_pool.submit(write, layout, task, result), task.nbytes))
                 del result
                 while len(writes) > WRITE_QUEUE:
-                    writes.popleft().result()
+                    writes.popleft()[0].result()
                 if bar is not None:
                     bar.update(task.nbytes)
                     rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(tensors=f"{i + 1}/{len(todo)}", per_s=f"{rate:.0f}", refresh=False)
             while writes:
-                writes.popleft().result()
+                writes.popleft()[0].result()
     except BaseException:
         if state["writer"] is not None:
             state["writer"].abort()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import DTYPE_CODES
+
 LIB = torch.library.Library("vfuse", "DEF")
 
 
@@ -27,3 +29,17 @@ def run_into(op, out: torch.Tensor | None, like: torch.Tensor, *args) -> torch.T
     with torch.no_grad():
         op(target, *args)
     return target
+
+
+def kernel_output(out: torch.Tensor | None, shape) -> torch.Tensor:
+    """Where a C++ pass writes a result of ``shape``: ``out`` when it is a contiguous CPU tensor of a
+    dtype the passes store (fp32, bf16, fp16: rounded once from the fp32 result), else a new fp32
+    tensor (``deliver`` then copies it into ``out``)."""
+    if out is not None and out.is_contiguous() and out.device.type == "cpu" and out.dtype in DTYPE_CODES:
+        return out
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result``, copied into ``out`` when one is given and it is not already there."""
+    return result if out is None or result is out else out.copy_(result)

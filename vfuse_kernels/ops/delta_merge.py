@@ -232,9 +232,9 @@ def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale,
         _, deltas = gta.delta_stack(base, tuned, tuned_are_deltas)
         for i, p in enumerate(densities):
             sparsify(deltas[i], {"density": p, param: value}, rescale=l1, seed=seed, model=i)
-        merged = gta.gta_combine(base, deltas, weights, consensus=consensus_vote, normalize=normalize, scale=scale)
         target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
-        return target.copy_(merged)
+        return gta.gta_combine(base, deltas, weights, consensus=consensus_vote, normalize=normalize, scale=scale,
+                               out=target)
 
 
 def merge_arguments(base, tuned, weights, *, method, density, normalize, scale, consensus, rescale, seed,

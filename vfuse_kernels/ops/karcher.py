@@ -22,7 +22,7 @@ import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
-from ._library import define, run_into
+from ._library import define, deliver, kernel_output, run_into
 from .model_stock import gram_inner, gram_matrix, gram_norm
 
 
@@ -105,22 +105,23 @@ def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter
 
 
 def karcher_merge(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Karcher mean in ``dtype`` (fp32 or fp64; the module docstring says where it runs)."""
+                  dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Karcher mean in ``dtype`` (fp32 or fp64; the module docstring says where it runs), into
+    ``out`` when given."""
     ext = cpp_kernels_for(tensors) if 2 <= len(tensors) <= 4 and dtype == torch.float32 else None
     if ext is not None:
         ptrs, code = [x.data_ptr() for x in tensors], DTYPE_CODES[tensors[0].dtype]
         k = _gram_coefficients(ext.offset_gram(0, ptrs, code, tensors[0].numel()), len(tensors), weights, max_iter,
                                tol)
         if k is not None:
-            out = torch.empty(tensors[0].shape, dtype=torch.float32)
-            ext.linear_combination(out.data_ptr(), ptrs, k, code, out.numel())
-            return out
-    return karcher_tensors([x.to(dtype) for x in tensors], weights, max_iter, tol)
+            target = kernel_output(out, tensors[0].shape)
+            ext.linear_combination(target.data_ptr(), DTYPE_CODES[target.dtype], ptrs, k, code, target.numel())
+            return deliver(target, out)
+    return deliver(karcher_tensors([x.to(dtype) for x in tensors], weights, max_iter, tol), out)
 
 
 def _karcher_into(out, tensors, weights, max_iter, tol) -> None:
-    out.copy_(karcher_merge(list(tensors), list(weights), max_iter, tol))
+    karcher_merge(list(tensors), list(weights), max_iter, tol, out=out)
 
 
 def _karcher_fake(out, tensors, weights, max_iter, tol) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_out, check_tensor, check_tensor_list
-from ._library import define, run_into
+from ._library import define, deliver, kernel_output, run_into
 
 NORM_PRODUCT_MIN = 1e-6
 SINGULAR_EPS = 1e-6
@@ -60,16 +60,17 @@ def _stock_t(gram: list[float], n: int) -> float:
     return 0.0 if abs(denominator) < SINGULAR_EPS else n * cos / denominator
 
 
-def model_stock_tensors(base: torch.Tensor, tuned: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """The Model Stock merge (module docstring) as an fp32 tensor of base's shape."""
+def model_stock_tensors(base: torch.Tensor, tuned: list[torch.Tensor], filter_wise: bool,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Model Stock merge (module docstring): in ``out`` when given, else an fp32 tensor of base's shape."""
     ext = cpp_kernels_for([base, *tuned]) if 2 <= len(tuned) <= 4 else None
     if ext is not None and (not filter_wise or base.dim() < 2):
         # C++: the Gram matrix in one pass (fp64 sums), the blend in a second (fp32, mergekit's order)
         ptrs, code = [t.data_ptr() for t in tuned], DTYPE_CODES[base.dtype]
         t = _stock_t(ext.offset_gram(base.data_ptr(), ptrs, code, base.numel()), len(tuned))
-        out = torch.empty(base.shape, dtype=torch.float32)
-        ext.stock_blend(out.data_ptr(), base.data_ptr(), ptrs, code, base.numel(), t)
-        return out
+        target = kernel_output(out, base.shape)
+        ext.stock_blend(target.data_ptr(), DTYPE_CODES[target.dtype], base.data_ptr(), ptrs, code, base.numel(), t)
+        return deliver(target, out)
     w0 = base.float()
     ws = [t.float() for t in tuned]
     shape = w0.shape
@@ -92,11 +93,11 @@ def model_stock_tensors(base: torch.Tensor, tuned: list[torch.Tensor], filter_wi
     t = torch.where(singular, torch.zeros_like(cos),
                     n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
     average = sum(ws) / n
-    return (t * average + (1 - t) * w0).reshape(shape)
+    return deliver((t * average + (1 - t) * w0).reshape(shape), out)
 
 
 def _model_stock_into(out, base, tuned, filter_wise) -> None:
-    out.copy_(model_stock_tensors(base, list(tuned), filter_wise))
+    model_stock_tensors(base, list(tuned), filter_wise, out=out)
 
 
 def _model_stock_fake(out, base, tuned, filter_wise) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_real, check_tensor, check_tensor_list, per_model
-from ._library import define, run_into
+from ._library import define, deliver, kernel_output, run_into
 from .model_stock import gram_matrix, gram_norm
 from .delta_merge import delta_merge
 
@@ -85,22 +85,23 @@ def _offset_coefficients(gram: list[float], n: int, weights: list[float], normal
 
 
 def multislerp_merge(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None,
-                     normalize: bool = True, eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     normalize: bool = True, eps: float = 1e-8, dtype: torch.dtype = torch.float32,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """multislerp of ``tensors`` (of their offsets from ``base`` when given) in ``dtype`` (fp32 or
-    fp64; the module docstring says where it runs)."""
+    fp64; the module docstring says where it runs), into ``out`` when given."""
     if base is not None and 2 <= len(tensors) <= 4 and dtype == torch.float32:
         ext = cpp_kernels_for([base, *tensors])
         if ext is not None:
             gram = ext.offset_gram(base.data_ptr(), [x.data_ptr() for x in tensors], DTYPE_CODES[base.dtype],
                                    base.numel())
             k = _offset_coefficients(gram, len(tensors), weights, normalize, eps)
-            return delta_merge(base, tensors, k, out=torch.empty(base.shape, dtype=torch.float32))
-    return multislerp_tensors([x.to(dtype) for x in tensors], weights, None if base is None else base.to(dtype),
-                              normalize, eps)
+            return deliver(delta_merge(base, tensors, k, out=kernel_output(out, base.shape)), out)
+    return deliver(multislerp_tensors([x.to(dtype) for x in tensors], weights,
+                                      None if base is None else base.to(dtype), normalize, eps), out)
 
 
 def _multislerp_into(out, tensors, weights, base, normalize_weights, eps) -> None:
-    out.copy_(multislerp_merge(list(tensors), list(weights), base, normalize_weights, eps))
+    multislerp_merge(list(tensors), list(weights), base, normalize_weights, eps, out=out)
 
 
 def _multislerp_fake(out, tensors, weights, base, normalize_weights, eps) -> None:

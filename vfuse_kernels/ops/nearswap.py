@@ -10,7 +10,7 @@ import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_out, check_pair, check_real
-from ._library import define, run_into
+from ._library import define, deliver, kernel_output, run_into
 
 
 def nearswap_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,13 +24,12 @@ def nearswap_merge(t: float, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtyp
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """nearswap in ``dtype`` (fp32 or fp64), into ``out`` when given (else a new ``dtype`` tensor)."""
     ext = cpp_kernels_for([a, b]) if dtype == torch.float32 else None
-    if ext is not None:
-        target = out if out is not None and out.is_contiguous() else torch.empty(a.shape, dtype=torch.float32)
-        ext.nearswap(target.data_ptr(), DTYPE_CODES[target.dtype], a.data_ptr(), b.data_ptr(), DTYPE_CODES[a.dtype],
-                     a.numel(), t)
-    else:
-        target = nearswap_tensors(t, a.to(dtype), b.to(dtype))
-    return target if out is None or target is out else out.copy_(target)
+    if ext is None:
+        return deliver(nearswap_tensors(t, a.to(dtype), b.to(dtype)), out)
+    target = kernel_output(out, a.shape)
+    ext.nearswap(target.data_ptr(), DTYPE_CODES[target.dtype], a.data_ptr(), b.data_ptr(), DTYPE_CODES[a.dtype],
+                 a.numel(), t)
+    return deliver(target, out)
 
 
 def _nearswap_into(out, a, b, t) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
 from ._checks import check_like, check_out, check_pair, check_real, check_tensor
-from ._library import define, run_into
+from ._library import define, deliver, kernel_output, run_into
 from .delta_merge import delta_merge
 
 NUSLERP_EPS = 1e-8
@@ -54,9 +54,10 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool
 
 
 def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, row_wise: bool = False,
-                  flatten: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  flatten: bool = True, dtype: torch.dtype = torch.float32,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """nuslerp of a and b, of their offsets from ``base`` when given, in ``dtype`` (fp32 or fp64;
-    the module docstring says where it runs)."""
+    the module docstring says where it runs), into ``out`` when given."""
     if base is not None and flatten and dtype == torch.float32:
         ext = cpp_kernels_for([base, a, b])
         if ext is not None:
@@ -69,16 +70,16 @@ def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor
             else:
                 theta = math.acos(cos)
                 k = [math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
-            return delta_merge(base, [a, b], k, out=torch.empty(base.shape, dtype=torch.float32))
+            return deliver(delta_merge(base, [a, b], k, out=kernel_output(out, base.shape)), out)
     a, b = a.to(dtype), b.to(dtype)
     if base is None:
-        return nuslerp_tensors(t, a, b, row_wise, flatten)
+        return deliver(nuslerp_tensors(t, a, b, row_wise, flatten), out)
     base = base.to(dtype)
-    return base + nuslerp_tensors(t, a - base, b - base, row_wise, flatten)
+    return deliver(base + nuslerp_tensors(t, a - base, b - base, row_wise, flatten), out)
 
 
 def _nuslerp_into(out, a, b, t, base, row_wise, flatten) -> None:
-    out.copy_(nuslerp_merge(t, a, b, base, row_wise, flatten))
+    nuslerp_merge(t, a, b, base, row_wise, flatten, out=out)
 
 
 def _nuslerp_fake(out, a, b, t, base, row_wise, flatten) -> None:

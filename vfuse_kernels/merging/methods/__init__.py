@@ -6,7 +6,8 @@ given under ``models[i].parameters`` or globally under ``parameters``, gradients
 allowed), its global-only parameters (mergekit's ``parameters``), whether it needs a base
 model, how many models it takes, and ``merge(inputs) -> tensor``. ``merge`` gets one output
 tensor's inputs (``TensorInputs``) and returns the merged tensor in fp32 (or any float
-dtype: the engine casts it to the output dtype). The engine streams the inputs, so a method
+dtype: the engine casts it to the output dtype), or ``inputs.out`` after writing the result
+there, rounded once from fp32 — no whole-tensor fp32 temporary, no copy. The engine streams the inputs, so a method
 sees one tensor of each model at a time, as mergekit's tasks do.
 
 The five fused methods (linear, task_arithmetic, ties, dare_linear, dare_ties) keep their own
@@ -64,13 +65,15 @@ class TensorInputs:
     base model, then every other model in config order (loaded dtype, any device);
     ``params[i]``: model i's per-model parameters, resolved for this tensor (defaults filled);
     ``shared``: the global parameters, resolved for this tensor; ``seed``: the tensor's random
-    stream key (the DARE keying: config seed and tensor name)."""
+    stream key (the DARE keying: config seed and tensor name); ``out``: the engine's output
+    buffer (output dtype, contiguous), which ``merge`` may fill and return."""
     name: str
     tensors: list[torch.Tensor]
     base_index: int | None
     params: list[dict[str, Any]]
     shared: dict[str, Any]
     seed: int = 0
+    out: torch.Tensor | None = None
 
     @property
     def base(self) -> torch.Tensor | None:

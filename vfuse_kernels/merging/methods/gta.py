@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from ..._backend import cpp_kernels_for
+from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
 from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
@@ -257,18 +258,20 @@ def sparsify_della(delta: torch.Tensor, params: dict[str, Any], rescale: bool, s
 # --- the combine ---------------------------------------------------------------------------
 
 def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
-                normalize: bool, scale: float) -> torch.Tensor:
+                normalize: bool, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """base + scale·(Σ wᵢδᵢ [/ divisor]) in fp32 over the stacked sparsified deltas (module
     docstring). On the CPU one pass of the fused C++ merge where it performs the same fp32
     operations in the same order: with consensus its untrimmed TIES (sum election), without
     consensus or normalisation its task arithmetic (the unconsensual divisor, Σ wᵢ, it sums in
-    fp64: torch here); otherwise torch, a CHUNK of elements at a time."""
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    fp64: torch here); otherwise torch, a CHUNK of elements at a time. The result in ``out`` when
+    given (the C++ pass stores it there, rounded once), else in a new fp32 tensor."""
     if (consensus or not normalize) and cpp_kernels_for([deltas]) is not None:
-        return delta_merge(base, list(deltas), weights, method="ties" if consensus else "task_arithmetic",
-                           normalize=normalize, scale=scale, tuned_are_deltas=True, out=out)
+        return deliver(delta_merge(base, list(deltas), weights, method="ties" if consensus else "task_arithmetic",
+                                   normalize=normalize, scale=scale, tuned_are_deltas=True,
+                                   out=kernel_output(out, base.shape)), out)
+    result = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)[:, None]
-    flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), out.view(-1)
+    flat_base, flat_deltas, flat_out = base.reshape(-1), deltas.reshape(len(deltas), -1), result.view(-1)
     for start, end in element_chunks(base.numel()):
         weighted = flat_deltas[:, start:end] * w
         if consensus:
@@ -285,7 +288,7 @@ def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], 
         if scale != 1:
             mixed = mixed * scale
         torch.add(flat_base[start:end], mixed, out=flat_out[start:end])
-    return out
+    return deliver(result, out)
 
 
 def make_gta_merge(sparsify, consensus: bool):
@@ -301,7 +304,7 @@ def make_gta_merge(sparsify, consensus: bool):
             sparsify(deltas[j], inputs.params[i], rescale=rescale, seed=inputs.seed, model=j)  # in place
         weights = [float(inputs.params[i]["weight"]) for i in others]
         return gta_combine(base, deltas, weights, consensus=consensus, normalize=bool(shared["normalize"]),
-                           scale=float(shared["lambda"]))
+                           scale=float(shared["lambda"]), out=inputs.out)
     return merge
 
 

@@ -11,7 +11,7 @@ from .gta import is_bool
 
 def model_stock_merge(inputs: TensorInputs) -> torch.Tensor:
     tuned = [t for i, t in enumerate(inputs.tensors) if i != inputs.base_index]
-    return model_stock_tensors(inputs.base, tuned, bool(inputs.shared["filter_wise"]))
+    return model_stock_tensors(inputs.base, tuned, bool(inputs.shared["filter_wise"]), out=inputs.out)
 
 
 MODEL_STOCK = register(TensorMethod(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..._backend import DTYPE_CODES, cpp_kernels_for
+from ...ops._library import kernel_output
 from . import Param, TensorInputs, TensorMethod, register
 from .gta import is_number, non_negative, positive, task_vectors
 
@@ -36,7 +37,8 @@ def ram_combine(inputs: TensorInputs, unique_scale=None) -> torch.Tensor:
     """b + the merged task vectors, unique contributions of model i scaled by
     ``unique_scale(n_shared, n_unique, epsilon)[i]`` (None: 1), the counts [N] of the shared and
     unique elements each model contributes to. On the CPU (1 to 4 models, one storage dtype) C++
-    passes — the counts when they are needed, then the merge, without fp32 copies of the inputs;
+    passes — the counts when they are needed, then the merge (into ``inputs.out`` where it can),
+    without fp32 copies of the inputs;
     elsewhere torch over the fp32 task vectors. Within fp32 rounding of each other (the sum over
     models may be ordered differently)."""
     epsilon = float(inputs.shared["epsilon"])
@@ -49,8 +51,8 @@ def ram_combine(inputs: TensorInputs, unique_scale=None) -> torch.Tensor:
         if unique_scale is not None:
             counts = torch.tensor(ext.ram_counts(base.data_ptr(), ptrs, code, base.numel(), epsilon))
             scale = unique_scale(counts[:n], counts[n:], epsilon).tolist()
-        out = torch.empty(base.shape, dtype=torch.float32)
-        ext.ram_merge(out.data_ptr(), base.data_ptr(), ptrs, code, base.numel(), epsilon, scale)
+        out = kernel_output(inputs.out, base.shape)
+        ext.ram_merge(out.data_ptr(), DTYPE_CODES[out.dtype], base.data_ptr(), ptrs, code, base.numel(), epsilon, scale)
         return out
     base, tvs, others = task_vectors(inputs)
     if not others:

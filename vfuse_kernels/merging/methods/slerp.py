@@ -169,12 +169,13 @@ def _base_and_other(inputs: TensorInputs, method: str):
 _SLERP_CHUNK = 1 << 20  # elements converted to fp32 at a time (mergekit's chunking: same sums)
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(sin((1-t)θ)·v0 + sin(tθ)·v1) / sin θ`` over the whole tensor, ``θ`` the angle between
     v0 and v1 (a zero vector has cos θ = 0), or ``(1-t)·v0 + t·v1`` when ``|cos θ| > 0.9995``.
-    Chunked over the flattened tensor so the fp32 scratch stays bounded."""
+    Chunked over the flattened tensor so the fp32 scratch stays bounded. ``out`` (v0's dtype, for
+    the fused passes): where the result goes, when given."""
     if v0.dtype == v1.dtype and v0.dtype in DTYPE_CODES and select_backend(v0.device) != "reference":
-        return slerp(v0, v1, t)  # the fused passes (C++ / Triton), fp64 sums
+        return slerp(v0, v1, t, out=out)  # the fused passes (C++ / Triton), fp64 sums
     dtype = compute_dtype((v0, v1))
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     t = torch.tensor([float(t)], dtype=dtype, device=a.device).reshape(1, 1)
@@ -207,7 +208,8 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
     """slerp from the base (t = 0) to the other model (t = 1)."""
     base, other = _base_and_other(inputs, "slerp")
-    return slerp_tensors(as_float(inputs.shared["t"]), base, other)
+    out = inputs.out if inputs.out is not None and inputs.out.dtype == base.dtype == other.dtype else None
+    return slerp_tensors(as_float(inputs.shared["t"]), base, other, out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     w0, w1 = (as_float(p["weight"]) for p in params)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     return nuslerp_merge(t, m0, m1, base, as_bool(inputs.shared["nuslerp_row_wise"]),
-                         as_bool(inputs.shared["nuslerp_flatten"]), compute_dtype(inputs.tensors))
+                         as_bool(inputs.shared["nuslerp_flatten"]), compute_dtype(inputs.tensors), out=inputs.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
     base, others, params = _split(inputs, "multislerp", 1, None)
     return multislerp_merge(others, [as_float(p["weight"]) for p in params], base,
                             as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]),
-                            compute_dtype(inputs.tensors))
+                            compute_dtype(inputs.tensors), out=inputs.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
 def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
     """nearswap of the base (a) towards the other model (b)."""
     base, other = _base_and_other(inputs, "nearswap")
-    return nearswap_merge(as_float(inputs.shared["t"]), base, other, compute_dtype(inputs.tensors))
+    return nearswap_merge(as_float(inputs.shared["t"]), base, other, compute_dtype(inputs.tensors), out=inputs.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def merge_karcher(inputs: TensorInputs) -> torch.Tensor:
     base's role for karcher)."""
     n = len(inputs.tensors)
     return karcher_merge(list(inputs.tensors), [1.0 / n] * n, as_int(inputs.shared["max_iter"]),
-                         as_float(inputs.shared["tol"]), compute_dtype(inputs.tensors))
+                         as_float(inputs.shared["tol"]), compute_dtype(inputs.tensors), out=inputs.out)
 
 
 # ---------------------------------------------------------------------------------------------
