@@ -23,7 +23,6 @@ from vfuse_kernels.cli import main as cli_main
 from vfuse_kernels.merging import (CheckpointError, ConfigError, load_config, merge_checkpoints, merge_into_,
                                    parse_config)
 from vfuse_kernels.merging.checkpoint import Checkpoint
-from vfuse_kernels.merging.plan import build_plan
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-// DELLA's keep mask for a [rows, m] fp32 tensor of deltas (della_keep_mask in
+// DELLA's keep mask for a [rows, m] fp32 block of deltas, rows first_row… of the tensor (della_keep_mask in
 // vfuse_kernels/merging/methods/gta.py): per row the stable ascending rank r of |δ| (equal
 // magnitudes: the lower index first), p = (r / (m − 1))·2ε + (d − ε) in fp64, and element e
 // kept iff bits(e) < floor(p·2^32), bits DARE's Philox stream of (seed, model) at the flat
@@ -15,7 +15,7 @@
 namespace vfuse {
 
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
-                     uint64_t seed, uint32_t model) {
+                     uint64_t seed, uint32_t model, int64_t first_row) {
   const double two_eps = 2.0 * epsilon, low = density - epsilon, last = double(m - 1);
 #pragma omp parallel num_threads(threads_for(rows * m))
   {
@@ -36,10 +36,10 @@ void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m,
         for (int64_t j = 0; j < m; ++j) spare[start[(pairs[j] >> shift) & 0xff]++] = pairs[j];
         std::swap(pairs, spare);
       }
-      const int64_t first = row * m, aligned = first & ~int64_t(3);  // Philox groups start at multiples of 4
+      const int64_t first = (first_row + row) * m, aligned = first & ~int64_t(3);  // Philox groups: multiples of 4
       dare_bits_chunk(seed, model, aligned, first - aligned + m, bits.data());
       const uint32_t* random = bits.data() + (first - aligned);
-      uint8_t* out = keep + first;
+      uint8_t* out = keep + row * m;
       for (int64_t rank = 0; rank < m; ++rank) {
         const int64_t j = int64_t(pairs[rank] & 0xffffffffu);
         const double p = (double(rank) / last) * two_eps + low;

@@ -39,6 +39,24 @@ void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_ke
         uint32_t k = magnitude_key(d[j]);
         keep[j] = float(int(k > key) | (int(k == key) & int(j <= last)));
       }
+    } else if (in.sparsify == kBand) {
+      const int n = in.models();
+      const int64_t wide_key = in.keep_a[i], wide_cut = in.keep_b[i] - start;
+      const int64_t narrow_key = in.keep_a[n + i], narrow_cut = in.keep_b[n + i] - start;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t k = magnitude_key(d[j]);
+        const int wide = int(k > wide_key) | (int(k == wide_key) & int(j > wide_cut));
+        const int narrow = int(k > narrow_key) | (int(k == narrow_key) & int(j > narrow_cut));
+        keep[j] = float(wide & (1 - narrow));
+      }
+    } else if (in.sparsify == kMask) {
+      const uint8_t* bits = reinterpret_cast<const uint8_t*>(in.keep_a[i]);
+      if (bits == nullptr) {
+        std::fill(keep, keep + len, 1.f);
+        continue;
+      }
+      bits += start >> 3;  // start is a multiple of kChunk, so of 8
+      for (int64_t j = 0; j < len; ++j) keep[j] = float((bits[j >> 3] >> (j & 7)) & 1);
     } else {
       dare_bits_chunk(in.seed, uint32_t(i), start, len, s.bits.data());
       const uint64_t threshold = uint64_t(in.keep_a[i]);

@@ -8,7 +8,7 @@
 
 namespace vfuse {
 
-enum Sparsify : int { kKeepAll = 0, kTrim = 1, kDrop = 2 };
+enum Sparsify : int { kKeepAll = 0, kTrim = 1, kDrop = 2, kMask = 3, kBand = 4 };
 enum Elect : int { kNoElection = 0, kElectSum = 1, kElectCount = 2 };
 
 // Elements per work item: a multiple of 4 (Philox makes 4 words per counter), small
@@ -25,8 +25,14 @@ struct DeltaInputs {
   int64_t numel;
   bool tuned_are_deltas;
   int sparsify;                 // Sparsify
-  std::vector<int64_t> keep_a;  // trim: magnitude key of the threshold; drop: keep threshold on 32 random bits
+  std::vector<int64_t> keep_a;  // trim: magnitude key of the threshold; drop: keep threshold on 32 random bits;
+                                // mask: address of the keep flags, one bit per element (bit e & 7 of byte
+                                // e >> 3), or 0 to keep every element; band: 2N values, below
   std::vector<int64_t> keep_b;  // trim: last flat index kept among keys equal to the threshold
+  // band (Model Breadcrumbs): keep_a[i], keep_b[i] = key K and cutoff C of model i's wider cut,
+  // keep_a[N + i], keep_b[N + i] those of its narrower one; a cut holds key > K or (key == K and
+  // e > C) — ties to the higher flat index — and the kept elements are the wider cut's minus the
+  // narrower one's.
   uint64_t seed;
   int models() const { return int(tuned.size()); }
 };

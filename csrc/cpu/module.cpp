@@ -32,7 +32,7 @@ void ram_merge(void* out, int out_dtype, const void* base, const std::vector<con
                int64_t numel, float eps, const std::vector<float>& unique_scale);
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
-                     uint64_t seed, uint32_t model);
+                     uint64_t seed, uint32_t model, int64_t first_row);
 }  // namespace vfuse
 
 static std::vector<const void*> pointers(const std::vector<uintptr_t>& values) {
@@ -60,8 +60,9 @@ static DeltaInputs make_inputs(uintptr_t base, int base_dtype, const std::vector
   in.keep_b = std::move(keep_b);
   in.seed = seed;
   if (in.tuned_dtypes.size() != in.tuned.size()) throw std::invalid_argument("tuned/tuned_dtypes length");
+  const size_t per_model = sparsify == vfuse::kBand ? 2 : 1;
   if (sparsify != vfuse::kKeepAll &&
-      (in.keep_a.size() != in.tuned.size() || in.keep_b.size() != in.tuned.size()))
+      (in.keep_a.size() != per_model * in.tuned.size() || in.keep_b.size() != per_model * in.tuned.size()))
     throw std::invalid_argument("keep_a/keep_b length");
   return in;
 }
@@ -175,11 +176,12 @@ PYBIND11_MODULE(_C, m) {
     vfuse::model_variance(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(stack), models, numel);
   });
   m.def("della_keep_mask", [](uintptr_t keep, uintptr_t delta, int64_t rows, int64_t m, double density,
-                              double epsilon, uint64_t seed, uint32_t model) {
-    if (rows < 0 || m < 2 || m > (int64_t(1) << 32)) throw std::invalid_argument("rows >= 0 and 2 <= m <= 2^32");
+                              double epsilon, uint64_t seed, uint32_t model, int64_t first_row) {
+    if (rows < 0 || m < 2 || m > (int64_t(1) << 32) || first_row < 0)
+      throw std::invalid_argument("rows >= 0, 2 <= m <= 2^32 and first_row >= 0");
     py::gil_scoped_release release;
     vfuse::della_keep_mask(reinterpret_cast<uint8_t*>(keep), reinterpret_cast<const float*>(delta), rows, m, density,
-                           epsilon, seed, model);
+                           epsilon, seed, model, first_row);
   });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });

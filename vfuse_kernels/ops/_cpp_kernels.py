@@ -23,15 +23,26 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
     )
 
 
-def _keep_lists(n, dare_thresholds, trim):
+MASK = 3  # the C++ sparsify code of per-model keep masks, one bit per element (csrc/cpu/delta_merge.h)
+BAND = 4  # ... of a band between two magnitude cuts per model, ties to the higher index (pass them as trim)
+
+
+def packed_mask_bytes(numel: int) -> int:
+    """Bytes of a keep mask with one bit per element (``MASK``)."""
+    return (numel + 7) // 8
+
+
+def _keep_lists(n, dare_thresholds, trim, masks):
     if trim is not None:
         return trim[0].tolist(), trim[1].tolist()
+    if masks is not None:  # MASK: each model's packed keep bits (uint8 tensors), None keeping everything
+        return [0 if m is None else m.data_ptr() for m in masks], [0] * n
     return list(dare_thresholds), [0] * n
 
 
-def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed):
+def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed, masks=None):
     ptrs, codes = _pointers(tuned)
-    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim)
+    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim, masks)
     sums = cpu_extension().sparse_l1(
         base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas,
         sparsify, keep_a, keep_b, seed,
@@ -40,9 +51,9 @@ def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, se
 
 
 def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
-          trim, seed):
+          trim, seed, masks=None):
     ptrs, codes = _pointers(tuned)
-    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim)
+    keep_a, keep_b = _keep_lists(len(tuned), dare_thresholds, trim, masks)
     coefs = coefs.float().tolist() if isinstance(coefs, torch.Tensor) else coefs
     cpu_extension().merge(
         out.data_ptr(), DTYPE_CODES[out.dtype], base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes,

@@ -229,10 +229,18 @@ def _gta_delta_merge(base, tuned, weights, *, method, density, normalize, scale,
     l1 = default_l1 if rescale == "density" else rescale == "l1"
     sparsify = gta.sparsify_outliers if param == "gamma" else gta.sparsify_della
     with torch.no_grad():
+        target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
+        options = dict(consensus=consensus_vote, normalize=normalize, scale=scale, rescale=l1,
+                       tuned_are_deltas=tuned_are_deltas, out=target)
+        if param == "epsilon":
+            fused = gta.della_merge(base, tuned, weights, densities, [value] * len(densities), seed=seed, **options)
+        else:
+            fused = gta.breadcrumbs_merge(base, tuned, weights, densities, [value] * len(densities), **options)
+        if fused is not None:
+            return fused
         _, deltas = gta.delta_stack(base, tuned, tuned_are_deltas)
         for i, p in enumerate(densities):
             sparsify(deltas[i], {"density": p, param: value}, rescale=l1, seed=seed, model=i)
-        target = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
         return gta.gta_combine(base, deltas, weights, consensus=consensus_vote, normalize=normalize, scale=scale,
                                out=target)
 

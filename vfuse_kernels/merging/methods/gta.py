@@ -218,7 +218,7 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
     if ext is not None and rows.shape[1] >= 2:
         keep = torch.empty(delta.shape, dtype=torch.bool)
         ext.della_keep_mask(keep.data_ptr(), delta.data_ptr(), rows.shape[0], rows.shape[1], float(density),
-                            float(epsilon), seed & MASK64, model)
+                            float(epsilon), seed & MASK64, model, 0)
         return keep
     bits = random_bits(delta.numel(), seed, model, delta.device).reshape(rows.shape)
     keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
@@ -227,6 +227,146 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
         p = della_keep_probability(rows[start:start + step], density, epsilon)
         torch.lt(bits[start:start + step], torch.floor(p * 2.0**32).to(torch.int64), out=keep[start:start + step])
     return keep.reshape(delta.shape)
+
+
+def higher_index_cuts(base: torch.Tensor, tuned: list[torch.Tensor], counts: list[int], tuned_are_deltas: bool,
+                      kernels) -> tuple[list[int], list[int]]:
+    """For each (tuned[j], counts[j]): the key K and cutoff C of the counts[j] largest |δ| with
+    equal magnitudes ranked higher at the higher flat index (a stable ascending sort's order) —
+    kept iff key > K or (key == K and e > C) — from the exact selection's K (``magnitude_select``,
+    no sort), one bracket pass counting the keys above and equal to K, and the flat index of the
+    equal key where the kept ones start (``tie_indices``). Any count: ≥ numel keeps all, ≤ 0 none."""
+    from ...ops.magnitude_select import FULL_RATE, MAX_KEY, block_size, tie_indices
+    from ...ops.magnitude_threshold import magnitude_select_op
+
+    numel = base.numel()
+    keys = [-1 if c >= numel else MAX_KEY + 1 for c in counts]
+    cuts = [-1 if c >= numel else numel for c in counts]
+    inner = [j for j, c in enumerate(counts) if 0 < c < numel]
+    if not inner:
+        return keys, cuts
+    picked = [tuned[j] for j in inner]
+    found, _ = magnitude_select_op(base, picked, [counts[j] for j in inner], tuned_are_deltas)
+    found = found.tolist()
+    block = block_size(base.device)
+    tally = torch.empty(-(-numel // block), len(inner), 4, dtype=torch.int32)
+    at = torch.tensor(found, dtype=torch.int64)  # lo = hi = K: counts of key > K and key == K per block
+    kernels.bracket_pass(base, picked, at, at, torch.full((len(inner),), FULL_RATE), 1, block, tuned_are_deltas, tally,
+                         torch.empty(len(inner), 1, dtype=torch.int64), torch.zeros(len(inner), dtype=torch.int64))
+    totals = tally.sum(0, dtype=torch.int64).tolist()
+    queries = []
+    for row, (j, key) in enumerate(zip(inner, found)):
+        above, equal = totals[row][0], totals[row][1]
+        keys[j] = key
+        skipped = equal - (counts[j] - above)  # equal keys left out: the lowest indices
+        if skipped > 0:
+            queries.append((row, key, skipped, 1))
+        else:
+            cuts[j] = -1
+    for (row, _, _, _), index in zip(queries, tie_indices(base, picked, queries, tally, block, tuned_are_deltas)):
+        cuts[inner[row]] = int(index)
+    return keys, cuts
+
+
+def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
+                      gammas: list[float], *, consensus: bool, normalize: bool, scale: float, rescale: bool,
+                      tuned_are_deltas: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU: per model the
+    two magnitude cuts (``higher_index_cuts``: the min(n, k + int(γn)) largest and that minus k),
+    then one merge pass keeping the band between them (``_cpp_kernels.BAND``) — no fp32 task
+    vectors, no masks: the stacked path's masks, its result within fp32 rounding. None where it
+    does not apply (not the CPU, a normalised non-consensus combine): the caller stacks."""
+    from ...ops import _cpp_kernels
+
+    ext = cpp_kernels_for([base, *tuned])
+    if ext is None or not (consensus or not normalize):
+        return None
+    base, tuned = base.contiguous(), [t.contiguous() for t in tuned]
+    n = base.numel()
+    wide, narrow = [], []
+    for density, gamma in zip(densities, gammas):
+        k = int(density * n)
+        top = min(n, k + int(gamma * n))
+        wide.append(n if density >= 1 else top)
+        narrow.append(0 if density >= 1 else top - k)
+    keys, cuts = higher_index_cuts(base, tuned + tuned, wide + narrow, tuned_are_deltas, _cpp_kernels)
+    band = torch.tensor(keys), torch.tensor(cuts)
+    coefs = [float(w) for w in weights]
+    if rescale:
+        sums = _cpp_kernels.sparse_l1(base, tuned, tuned_are_deltas, _cpp_kernels.BAND, [], band, 0)
+        for i, (before, after) in enumerate(sums.tolist()):
+            if densities[i] < 1 and before >= L1_EPS and after >= L1_EPS:
+                coefs[i] = weights[i] * (before / after)
+    target = kernel_output(out, base.shape)
+    _cpp_kernels.merge(target, base, tuned, tuned_are_deltas, _cpp_kernels.BAND, 1 if consensus else 0, normalize,
+                       scale, [float(w) for w in weights], coefs, [], band, 0)
+    return deliver(target, out)
+
+
+def della_bit_masks(base: torch.Tensor, tuned: list[torch.Tensor], densities: list[float], epsilons: list[float],
+                    seed: int, tuned_are_deltas: bool, ext) -> list[torch.Tensor | None]:
+    """Each model's DELLA keep mask, one bit per element (``_cpp_kernels.MASK``; None keeps all:
+    density ≥ 1), from the C++ mask pass over blocks of 8k rows of its fp32 deltas (the same
+    values, ranks and Philox bits as ``della_keep_mask`` over the whole tensor: the same mask)
+    — a block's deltas in memory at a time, never the tensor's. 1-D or 2-D contiguous inputs."""
+    import numpy as np
+
+    from ...ops._cpp_kernels import packed_mask_bytes
+
+    rows = 1 if base.dim() < 2 else base.shape[0]
+    cols = base.numel() // max(rows, 1)
+    step = max(8, CHUNK // max(cols, 1) // 8 * 8)  # a multiple of 8 rows: every block starts on a byte
+    base2 = base.reshape(rows, cols)
+    masks = []
+    for model, (t, density, epsilon) in enumerate(zip(tuned, densities, epsilons)):
+        if density >= 1:
+            masks.append(None)
+            continue
+        packed = torch.zeros(packed_mask_bytes(base.numel()), dtype=torch.uint8)
+        if density > 0:
+            t2 = t.reshape(rows, cols)
+            keep = torch.empty(min(step, rows), cols, dtype=torch.uint8)
+            scratch = torch.empty(2, min(step, rows), cols, dtype=torch.float32)  # reused: no allocator churn
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
+                delta = scratch[0, :n].copy_(t2[start:start + n])
+                if not tuned_are_deltas:
+                    torch.sub(delta, scratch[1, :n].copy_(base2[start:start + n]), out=delta)
+                ext.della_keep_mask(keep.data_ptr(), delta.data_ptr(), n, cols, float(density), float(epsilon),
+                                    seed & MASK64, model, start)
+                bits = np.packbits(keep[:n].numpy().reshape(-1), bitorder="little")
+                packed[start * cols // 8:start * cols // 8 + bits.size] = torch.from_numpy(bits)
+        masks.append(packed)
+    return masks
+
+
+def della_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
+                epsilons: list[float], *, consensus: bool, normalize: bool, scale: float, rescale: bool, seed: int,
+                tuned_are_deltas: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """DELLA (``consensus``) or DELLA-linear in fused C++ passes on the CPU — the keep masks
+    (``della_bit_masks``), with ``rescale`` the L1 sums (fp64), then one merge pass reading
+    the stored inputs — so no fp32 copy of a whole task vector exists; within fp32 rounding of
+    the stacked path (the L1 factor is summed in fp64 there, in fp32 here; the factor and the
+    weight are multiplied first). None where it does not apply (not the CPU, a 3-D or wider
+    tensor, rows of one element, a normalised non-consensus combine): the caller stacks."""
+    from ...ops import _cpp_kernels
+
+    ext = cpp_kernels_for([base, *tuned])
+    cols = base.shape[-1] if base.dim() == 2 else base.numel()
+    if ext is None or base.dim() > 2 or cols < 2 or not (consensus or not normalize):
+        return None
+    base, tuned = base.contiguous(), [t.contiguous() for t in tuned]
+    masks = della_bit_masks(base, tuned, densities, epsilons, seed, tuned_are_deltas, ext)
+    coefs = [float(w) for w in weights]
+    if rescale:
+        sums = _cpp_kernels.sparse_l1(base, tuned, tuned_are_deltas, _cpp_kernels.MASK, [], None, seed, masks)
+        for i, ((before, after), mask) in enumerate(zip(sums.tolist(), masks)):
+            if mask is not None and before >= L1_EPS and after >= L1_EPS:
+                coefs[i] = weights[i] * (before / after)
+    target = kernel_output(out, base.shape)
+    _cpp_kernels.merge(target, base, tuned, tuned_are_deltas, _cpp_kernels.MASK, 1 if consensus else 0, normalize,
+                       scale, [float(w) for w in weights], coefs, [], None, seed, masks)
+    return deliver(target, out)
 
 
 def check_della(density: float, epsilon: float) -> None:
@@ -293,14 +433,29 @@ def gta_combine(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], 
 
 def make_gta_merge(sparsify, consensus: bool):
     def merge(inputs: TensorInputs) -> torch.Tensor:
+        others = [i for i in range(len(inputs.tensors)) if i != inputs.base_index]
+        shared = inputs.shared
+        rescale = bool(shared["rescale"])
+        if others:
+            params = [inputs.params[i] for i in others]
+            weights, densities = [float(p["weight"]) for p in params], [float(p["density"]) for p in params]
+            options = dict(consensus=consensus, normalize=bool(shared["normalize"]), scale=float(shared["lambda"]),
+                           rescale=rescale, out=inputs.out)
+            tuned = [inputs.tensors[i] for i in others]
+            if sparsify is sparsify_della:
+                for p in params:
+                    check_della(float(p["density"]), float(p["epsilon"]))
+                fused = della_merge(inputs.base, tuned, weights, densities, [float(p["epsilon"]) for p in params],
+                                    seed=inputs.seed, **options)
+            else:
+                fused = breadcrumbs_merge(inputs.base, tuned, weights, densities, [float(p["gamma"]) for p in params],
+                                          **options)
+            if fused is not None:
+                return fused
         base, deltas, others = task_vectors(inputs)
         if not others:
             return base.float()
-        shared = inputs.shared
-        rescale = bool(shared["rescale"])
         for j, i in enumerate(others):
-            if sparsify is sparsify_della:
-                check_della(float(inputs.params[i]["density"]), float(inputs.params[i]["epsilon"]))
             sparsify(deltas[j], inputs.params[i], rescale=rescale, seed=inputs.seed, model=j)  # in place
         weights = [float(inputs.params[i]["weight"]) for i in others]
         return gta_combine(base, deltas, weights, consensus=consensus, normalize=bool(shared["normalize"]),
