@@ -798,7 +798,7 @@ def test_della_cpp_mask_is_the_torch_mask(shape, data, monkeypatch):
 
 @pytest.mark.parametrize("name", ["ram", "ramplus_tl", "model_stock", "slerp", "nuslerp", "multislerp", "nearswap",
                                   "karcher", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                                  "arcee_fusion"])
+                                  "arcee_fusion", "sce"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_methods_fill_the_engines_output_buffer(name, dtype):
     """A method handed the engine's output buffer (``TensorInputs.out``, the stored dtype) leaves
@@ -813,7 +813,7 @@ def test_methods_fill_the_engines_output_buffer(name, dtype):
         model_params = [{"weight": 0.6}, {"weight": 0.4}]
     elif name.startswith(("breadcrumbs", "della")):
         model_params = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
-    shared = {"t": 0.3} if name == "slerp" else {"t": 0.004} if name == "nearswap" else None
+    shared = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.004}, "sce": {"select_topk": 0.5}}.get(name)
     expected = METHODS[name].merge(inputs_for(name, tensors, model_params, shared)).to(dtype)
     inputs = inputs_for(name, tensors, model_params, shared)
     inputs.out = poisoned_like(tensors[0])

@@ -31,6 +31,7 @@ std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>
 void ram_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
                int64_t numel, float eps, const std::vector<float>& unique_scale);
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
+uint32_t crc32(const void* data, size_t n, uint32_t crc);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model, int64_t first_row);
 }  // namespace vfuse
@@ -183,6 +184,14 @@ PYBIND11_MODULE(_C, m) {
     vfuse::della_keep_mask(reinterpret_cast<uint8_t*>(keep), reinterpret_cast<const float*>(delta), rows, m, density,
                            epsilon, seed, model, first_row);
   });
+  m.def("crc32", [](py::buffer data, uint32_t crc) {
+    py::buffer_info info = data.request();
+    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+      throw std::invalid_argument("crc32 needs contiguous bytes");
+    const size_t n = size_t(info.size) * size_t(info.itemsize);
+    py::gil_scoped_release release;
+    return vfuse::crc32(info.ptr, n, crc);
+  }, "zlib.crc32(data, crc): the same value, folded with PCLMULQDQ where the CPU has it");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });
 #ifdef _OPENMP
