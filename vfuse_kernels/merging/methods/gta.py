@@ -44,6 +44,10 @@ Deliberate differences from mergekit:
   p = d; mergekit divides 0/0 there and torch.bernoulli raises.
 - density, gamma must be in [0, 1] and epsilon in [0, 0.5) (mergekit accepts any float,
   treating density > 1 as 1 and density < 0 as 0).
+
+On the CPU (storage dtypes) breadcrumbs and DELLA run without fp32 task vectors: the exact
+magnitude cuts or packed DELLA masks, then the fused C++ merge reading the stored tensors
+(``breadcrumbs_merge``, ``della_merge``); elsewhere the torch path below, a CHUNK at a time.
 """
 from __future__ import annotations
 
@@ -274,12 +278,12 @@ def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: li
     """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU: per model the
     two magnitude cuts (``higher_index_cuts``: the min(n, k + int(γn)) largest and that minus k),
     then one merge pass keeping the band between them (``_cpp_kernels.BAND``) — no fp32 task
-    vectors, no masks: the stacked path's masks, its result within fp32 rounding. None where it
-    does not apply (not the CPU, a normalised non-consensus combine): the caller stacks."""
+    vectors, no masks: the stacked path's masks and bits (with the L1 rescale within fp32
+    rounding: its sums are fp64 here). None where it does not apply (not the CPU, a normalised
+    non-consensus combine): the caller stacks."""
     from ...ops import _cpp_kernels
 
-    ext = cpp_kernels_for([base, *tuned])
-    if ext is None or not (consensus or not normalize):
+    if cpp_kernels_for([base, *tuned]) is None or not (consensus or not normalize):
         return None
     base, tuned = base.contiguous(), [t.contiguous() for t in tuned]
     n = base.numel()
@@ -346,7 +350,7 @@ def della_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[flo
     """DELLA (``consensus``) or DELLA-linear in fused C++ passes on the CPU — the keep masks
     (``della_bit_masks``), with ``rescale`` the L1 sums (fp64), then one merge pass reading
     the stored inputs — so no fp32 copy of a whole task vector exists; within fp32 rounding of
-    the stacked path (the L1 factor is summed in fp64 there, in fp32 here; the factor and the
+    the stacked path (the L1 factor is summed in fp64 here, in fp32 there; the factor and the
     weight are multiplied first). None where it does not apply (not the CPU, a 3-D or wider
     tensor, rows of one element, a normalised non-consensus combine): the caller stacks."""
     from ...ops import _cpp_kernels
