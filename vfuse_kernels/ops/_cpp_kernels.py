@@ -24,7 +24,8 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
 
 
 MASK = 3  # the C++ sparsify code of per-model keep masks, one bit per element (csrc/cpu/delta_merge.h)
-BAND = 4  # ... of a band between two magnitude cuts per model, ties to the higher index (pass them as trim)
+BAND = 4  # ... of the band between two magnitude cuts per model, ties to the higher index: trim=(keys, cutoffs),
+# 2N each — every model's wider cut, then every model's narrower one
 
 
 def packed_mask_bytes(numel: int) -> int:
