@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <string>
 
 #include "delta_merge.h"
 #include "parallel.h"
@@ -36,8 +37,9 @@ void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m,
                      uint64_t seed, uint32_t model, int64_t first_row);
 }  // namespace vfuse
 
-static std::vector<const void*> pointers(const std::vector<uintptr_t>& values) {
-  if (values.size() < 2 || values.size() > 4) throw std::invalid_argument("2 to 4 tuned tensors");
+static std::vector<const void*> pointers(const std::vector<uintptr_t>& values, size_t least = 2) {
+  if (values.size() < least || values.size() > 4)
+    throw std::invalid_argument(std::to_string(least) + " to 4 tuned tensors");
   std::vector<const void*> out;
   for (uintptr_t v : values) out.push_back(reinterpret_cast<const void*>(v));
   return out;
@@ -147,19 +149,15 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("ram_counts", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, float eps) {
-    if (tuned.empty() || tuned.size() > 4) throw std::invalid_argument("1 to 4 tuned tensors");
-    std::vector<const void*> ptrs;
-    for (uintptr_t t : tuned) ptrs.push_back(reinterpret_cast<const void*>(t));
+    std::vector<const void*> ptrs = pointers(tuned, 1);
     py::gil_scoped_release release;
     return vfuse::ram_counts(reinterpret_cast<const void*>(base), ptrs, dtype, numel, eps);
   });
 
   m.def("ram_merge", [](uintptr_t out, int out_dtype, uintptr_t base, std::vector<uintptr_t> tuned, int dtype,
                         int64_t numel, float eps, std::vector<float> unique_scale) {
-    if (tuned.empty() || tuned.size() > 4 || unique_scale.size() != tuned.size())
-      throw std::invalid_argument("1 to 4 tuned tensors, one scale each");
-    std::vector<const void*> ptrs;
-    for (uintptr_t t : tuned) ptrs.push_back(reinterpret_cast<const void*>(t));
+    std::vector<const void*> ptrs = pointers(tuned, 1);
+    if (unique_scale.size() != tuned.size()) throw std::invalid_argument("one scale per tuned tensor");
     py::gil_scoped_release release;
     vfuse::ram_merge(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(base), ptrs, dtype, numel,
                      eps, unique_scale);

@@ -79,6 +79,14 @@ class TensorInputs:
     def base(self) -> torch.Tensor | None:
         return None if self.base_index is None else self.tensors[self.base_index]
 
+    def result_buffer(self) -> torch.Tensor:
+        """Where a method computing with torch ops writes its result, a block at a time: ``out``
+        when it is contiguous (each block rounded once into it), else a new fp32 tensor like the
+        base."""
+        if self.out is not None and self.out.is_contiguous():
+            return self.out
+        return torch.empty(self.base.shape, dtype=torch.float32, device=self.base.device)
+
 
 METHODS: dict[str, TensorMethod] = {}
 

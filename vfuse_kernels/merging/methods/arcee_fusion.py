@@ -52,7 +52,8 @@ def sample_index(numel: int, seed: int, device) -> torch.Tensor:
 
 def quantile_threshold(values: torch.Tensor) -> torch.Tensor:
     """median + 1.5·IQR of ``values`` (0-d tensor; the module docstring gives the rule). Sorted by
-    numpy on the CPU (its vectorised sort: ~15× torch's there), by torch elsewhere."""
+    numpy on the CPU (torch's CPU sort took 14 of this method's 31 s on a 0.5B merge), by torch
+    elsewhere."""
     if values.device.type == "cpu":
         ordered = torch.from_numpy(np.sort(values.numpy()))
     else:
@@ -96,8 +97,7 @@ def arcee_fusion_merge(inputs: TensorInputs) -> torch.Tensor:
     else:
         scores = ((tuned2.float() - base2.float()).abs() * kl).reshape(-1)
     threshold = quantile_threshold(scores)
-    result = inputs.out if inputs.out is not None and inputs.out.is_contiguous() else \
-        torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    result = inputs.result_buffer()
     result2 = result.view(-1, cols)
     keep = torch.empty(block, dtype=torch.bool, device=base.device)
     for rows in blocks:

@@ -70,8 +70,7 @@ def sce_merge(inputs: TensorInputs) -> torch.Tensor:
     if topk < 1:
         tvs.mul_(sce_select_mask(tvs, topk))
     weights = sce_weights(tvs)[:, None]
-    out = inputs.out if inputs.out is not None and inputs.out.is_contiguous() else \
-        torch.empty(base.shape, dtype=torch.float32, device=base.device)  # (each chunk rounded once into out)
+    out = inputs.result_buffer()
     flat_base, flat_tvs, flat_out = base.reshape(-1), tvs.reshape(len(tvs), -1), out.view(-1)
     for start, end in element_chunks(base.numel()):  # element-wise: bounded temporaries
         part = flat_tvs[:, start:end]
