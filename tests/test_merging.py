@@ -3,6 +3,7 @@ same YAML, schedules and filters, keep rules, VLM↔LLM name maps, in-place merg
 loaded model, resume after a killed run, and clean failures on bad inputs."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -271,6 +272,37 @@ def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monk
     assert summary.skipped > 0
     assert index_of(out)["weight_map"] == index_of(reference)["weight_map"]
     assert all(torch.equal(v, load_tensors(reference)[k]) for k, v in load_tensors(out).items())
+
+
+def test_the_last_shard_gets_no_crc_and_a_resume_rewrites_it(llama_family, tmp_path, monkeypatch):
+    """Every shard but the run's last is recorded with its CRC-32; a run stopped while
+    publishing keeps those for resume and rewrites the last one, giving a plain run's bytes."""
+    from vfuse_kernels.merging import engine
+    from vfuse_kernels.merging.checkpoint import file_crc32
+
+    root, base, tuned = llama_family
+    config = task_arithmetic_config(tmp_path, base, tuned[0], 0.5)
+    reference = str(tmp_path / "reference")
+    merge_checkpoints(config, reference, out_shard_size="20KB", progress=False)
+    shards = sorted(set(index_of(reference)["weight_map"].values()))
+    assert len(shards) >= 3
+
+    def publishing_fails(*args):
+        raise OSError(errno.EIO, "Input/output error", "config.json")
+
+    monkeypatch.setattr(engine, "_finish_out_dir", publishing_fails)
+    out = str(tmp_path / "out")
+    with pytest.raises(engine.MergeStopped, match="Input/output error"):
+        merge_checkpoints(config, out, out_shard_size="20KB", progress=False)
+    monkeypatch.undo()
+    with open(os.path.join(out, engine.STATE_NAME)) as f:
+        recorded = json.load(f)["shards"]
+    assert sorted(recorded) == shards[:-1]
+    assert all(file_crc32(os.path.join(out, name)) == digest for name, digest in recorded.items())
+    summary = merge_checkpoints(config, out, out_shard_size="20KB", resume=True, progress=False)
+    assert summary.skipped == sum(f != shards[-1] for f in index_of(reference)["weight_map"].values())
+    for name in shards:
+        assert file_crc32(os.path.join(out, name)) == file_crc32(os.path.join(reference, name)), name
 
 
 def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatch):
@@ -594,6 +626,12 @@ def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes):
         assert digest == f"{zlib.crc32(f.read()):08x}"  # zlib's CRC-32: state files check under either
     loaded = load_file(path)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    unchecked = tmp_path / "unchecked"
+    unchecked.mkdir()
+    writer = ShardWriter(str(unchecked), layout, checksum=False)
+    for name in layout.names:
+        writer.write(name, tensors[name])
+    assert writer.finish() is None and file_crc32(str(unchecked / layout.filename)) == digest
 
 
 def test_merge_into_checks_every_shape_before_changing_the_model(llama_family, tmp_path):

@@ -23,9 +23,10 @@ memory is the largest tensor's inputs plus one output, not the model.
 One merge at a time writes into a folder (``OutLock``). Shards are written as
 ``<name>.tmp`` and renamed when complete; the index is written last,
 so a failed or killed run never leaves a complete-looking output, and ``resume=True`` keeps
-the shards a previous run finished (checked by CRC-32). ``_run`` can be restricted to some
-of the shards (each rank of a distributed merge writes its own, with its own state file),
-and ``_finish_out_dir`` publishes the folder once all shards exist.
+the shards a previous run finished (checked by CRC-32; a run's last shard is followed only
+by publishing the folder, so it gets no CRC and a resume rewrites it). ``_run`` can be
+restricted to some of the shards (each rank of a distributed merge writes its own, with its
+own state file), and ``_finish_out_dir`` publishes the folder once all shards exist.
 """
 from __future__ import annotations
 
@@ -464,6 +465,7 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
     drain = _DeviceToFile(device, staging_bytes(largest)) if staging else None
     completed = dict(done)
+    last = todo[-1][0] if todo else None  # followed only by publishing the folder: no CRC, no state entry
     state = {"writer": None, "written": 0, "failed": False}
 
     def write(layout, task, result: _Result):
@@ -481,7 +483,7 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     def _write(layout, task, result: _Result):
         writer = state["writer"]
         if writer is None or writer.layout is not layout:
-            writer = state["writer"] = ShardWriter(out_dir, layout)
+            writer = state["writer"] = ShardWriter(out_dir, layout, checksum=layout is not last)
         if result.staged:
             drain.put(writer, task.name, result.tensor, result.ready)
         else:
@@ -493,9 +495,11 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
         if writer.complete:
             if drain is not None:
                 drain.flush()
-            completed[layout.filename] = writer.finish()
+            digest = writer.finish()
             state["writer"] = None
-            _write_state(out_dir, fingerprint, completed, state_name)
+            if digest is not None:
+                completed[layout.filename] = digest
+                _write_state(out_dir, fingerprint, completed, state_name)
 
     bar = None
     if progress:
