@@ -568,6 +568,33 @@ def test_sce_topk_zero_and_base_only():
     assert torch.equal(ours("sce", tensors[:1]), tensors[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("topk", [0.0, 0.01, 0.5, 0.99, 1.0])
+def test_sce_fused_passes_match_the_stacked_path(monkeypatch, dtype, n, topk):
+    """SCE on the CPU runs as C++ passes over the stored tensors, never the fp32 stack: the
+    radix passes and tie cutoff select sce_select_mask's elements exactly (tie-heavy data,
+    prime sizes), and the merge gives the stacked path's bits."""
+    from vfuse_kernels._backend import DTYPE_CODES, cpu_extension
+
+    tensors = [t.to(dtype) for t in tie_models((61, 67), n, seed=50 + n)]
+    tvs = torch.stack([t.float() - tensors[0].float() for t in tensors[1:]])
+    numel = tvs[0].numel()
+    args = (tensors[0].data_ptr(), [t.data_ptr() for t in tensors[1:]], DTYPE_CODES[dtype], numel)
+    threshold, cutoff = cpu_extension().sce_select(*args, topk)
+    bits = sce.model_variance(tvs).reshape(-1).view(torch.int32).long()
+    selected = (bits > threshold) | ((bits == threshold) & (torch.arange(numel) <= cutoff))
+    assert torch.equal(selected, sce.sce_select_mask(tvs, topk).reshape(-1))
+    if topk == 0.5 and n > 1:
+        tied = bits == threshold
+        assert 0 < (selected & tied).sum() < tied.sum()  # the cut runs through equal variances
+    with monkeypatch.context() as patched:
+        patched.setattr(sce, "task_vectors", None)  # the fused path never stacks
+        fused = ours("sce", tensors, shared={"select_topk": topk})
+    monkeypatch.setattr(sce, "fused_sce_merge", lambda *args: None)
+    assert torch.equal(fused, ours("sce", tensors, shared={"select_topk": topk}))
+
+
 # --- model_stock ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(37, 53), (101,), (3, 5, 7)], ids=str)

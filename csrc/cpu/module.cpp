@@ -5,6 +5,7 @@
 
 #include <array>
 #include <string>
+#include <utility>
 
 #include "delta_merge.h"
 #include "parallel.h"
@@ -33,6 +34,12 @@ void ram_merge(void* out, int out_dtype, const void* base, const std::vector<con
                int64_t numel, float eps, const std::vector<float>& unique_scale);
 void nearswap(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float t);
 uint32_t crc32(const void* data, size_t n, uint32_t crc);
+std::pair<int64_t, int64_t> sce_select(const void* base, const std::vector<const void*>& tuned, int dtype,
+                                       int64_t numel, double topk);
+std::vector<double> sce_square_sums(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
+                                    int64_t threshold, int64_t cutoff);
+void sce_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
+               int64_t numel, int64_t threshold, int64_t cutoff, const std::vector<float>& weights);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model, int64_t first_row);
 }  // namespace vfuse
@@ -167,6 +174,26 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     vfuse::nearswap(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(a),
                     reinterpret_cast<const void*>(b), dtype, numel, t);
+  });
+
+  m.def("sce_select", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel, double topk) {
+    std::vector<const void*> ptrs = pointers(tuned, 1);
+    py::gil_scoped_release release;
+    return vfuse::sce_select(reinterpret_cast<const void*>(base), ptrs, dtype, numel, topk);
+  });
+  m.def("sce_square_sums", [](uintptr_t base, std::vector<uintptr_t> tuned, int dtype, int64_t numel,
+                              int64_t threshold, int64_t cutoff) {
+    std::vector<const void*> ptrs = pointers(tuned, 1);
+    py::gil_scoped_release release;
+    return vfuse::sce_square_sums(reinterpret_cast<const void*>(base), ptrs, dtype, numel, threshold, cutoff);
+  });
+  m.def("sce_merge", [](uintptr_t out, int out_dtype, uintptr_t base, std::vector<uintptr_t> tuned, int dtype,
+                        int64_t numel, int64_t threshold, int64_t cutoff, std::vector<float> weights) {
+    std::vector<const void*> ptrs = pointers(tuned, 1);
+    if (weights.size() != tuned.size()) throw std::invalid_argument("one weight per tuned tensor");
+    py::gil_scoped_release release;
+    vfuse::sce_merge(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(base), ptrs, dtype, numel,
+                     threshold, cutoff, weights);
   });
 
   m.def("model_variance", [](uintptr_t out, uintptr_t stack, int models, int64_t numel) {
