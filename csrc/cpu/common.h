@@ -25,8 +25,10 @@
 // for its own target.
 #if defined(__GNUC__)
 #define VFUSE_INLINE inline __attribute__((always_inline))
+#define VFUSE_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define VFUSE_INLINE inline
+#define VFUSE_INLINE_LAMBDA
 #endif
 
 namespace vfuse {
@@ -201,8 +203,10 @@ struct Fp32 {
 };
 
 // f(C{}) with the storage codec of dtype: one switch for every kernel over one storage dtype.
+// Inside a VFUSE_MULTIVERSION function, f must be a VFUSE_INLINE_LAMBDA: a lambda is a function
+// of its own, compiled for baseline x86-64 unless inlined into each clone.
 template <typename F>
-decltype(auto) with_codec(int dtype, F&& f) {
+VFUSE_INLINE decltype(auto) with_codec(int dtype, F&& f) {
   switch (dtype) {
     case kBFloat16: return f(Bf16{});
     case kFloat16: return f(Fp16{});
@@ -212,11 +216,34 @@ decltype(auto) with_codec(int dtype, F&& f) {
 
 // f(C{}, O{}) with the codecs of the inputs' dtype and of the output's out_dtype.
 template <typename F>
-decltype(auto) with_codecs(int dtype, int out_dtype, F&& f) {
-  return with_codec(dtype, [&](auto c) { return with_codec(out_dtype, [&](auto o) { return f(c, o); }); });
+VFUSE_INLINE decltype(auto) with_codecs(int dtype, int out_dtype, F&& f) {
+  return with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
+    return with_codec(out_dtype, [&](auto o) VFUSE_INLINE_LAMBDA { return f(c, o); });
+  });
 }
 
 // |x| of an fp32 value as an order-preserving unsigned key (31 bits).
 inline uint32_t magnitude_key(float x) { return float_to_bits(x) & 0x7fffffffu; }
+
+}  // namespace vfuse
+
+namespace vfuse {
+
+constexpr int kLanes = 16;
+
+// Σⱼ f(j) for j < len in fp64, in a fixed order: term j goes to running sum j % kLanes, the sums
+// are added in lane order. It vectorises (a single running sum waits on every add) and gives the
+// same value on every SIMD target.
+template <typename F>
+VFUSE_INLINE double lane_sum(int64_t len, F f) {
+  double lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += f(j + l);
+  for (; j < len; ++j) lane[j % kLanes] += f(j);
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
 
 }  // namespace vfuse

@@ -2,9 +2,11 @@
 // oᵢ = wᵢ − w₀ from a base w₀, or of the tensors themselves without one (fp64 sums) — Model Stock,
 // nuslerp, multislerp and karcher reduce to it (vfuse_kernels/ops/) — then Model Stock's blend
 // out = t·((w₁ + … + w_N) / N) + (1 − t)·w₀ in fp32 in mergekit's order, or a linear combination
-// out = Σ kᵢwᵢ in fp32, each stored in the output's dtype.
+// out = Σ kᵢwᵢ in fp32, each stored in the output's dtype. The sums add in a fixed order
+// (lane_sum within an item, sum_items across).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -13,126 +15,123 @@
 namespace vfuse {
 namespace {
 
-constexpr int64_t kItem = 4096;
-
+// Σₑ oᵢ[e]·oⱼ[e] over one item, for i ≤ j (row-major upper triangle) into sums.
 template <typename C, int N, bool kBase>
-std::vector<double> gram(const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel) {
+VFUSE_INLINE void gram_chunk(const void* base_ptr, const void* const* tuned_ptrs, int64_t start, int64_t len,
+                             double* sums) {
   using T = typename C::T;
-  const T* base = static_cast<const T*>(base_ptr);
-  const T* tuned[N];
-  for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]);
-  constexpr int kPairs = N * (N + 1) / 2;
-  const int64_t items = (numel + kItem - 1) / kItem;
-  std::vector<double> total(kPairs, 0.0);
-#pragma omp parallel num_threads(threads_for(numel))
-  {
-    double local[kPairs] = {};
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t start = item * kItem, end = std::min(numel, start + kItem);
-      for (int64_t e = start; e < end; ++e) {
-        const float b = kBase ? C::load(base[e]) : 0.f;
-        double o[N];
-        for (int i = 0; i < N; ++i) o[i] = double(C::load(tuned[i][e]) - b);
-        int p = 0;
-        for (int i = 0; i < N; ++i)
-          for (int j = i; j < N; ++j) local[p++] += o[i] * o[j];
-      }
-    }
-#pragma omp critical
-    for (int p = 0; p < kPairs; ++p) total[p] += local[p];
+  const T* base = static_cast<const T*>(base_ptr) + start;
+  double o[N][kItem];
+  for (int i = 0; i < N; ++i) {
+    const T* x = static_cast<const T*>(tuned_ptrs[i]) + start;
+    for (int64_t j = 0; j < len; ++j) o[i][j] = double(C::load(x[j]) - (kBase ? C::load(base[j]) : 0.f));
   }
-  return total;
+  int p = 0;
+  for (int i = 0; i < N; ++i)
+    for (int k = i; k < N; ++k) sums[p++] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return o[i][j] * o[k][j]; });
 }
 
 template <typename C, typename O, int N>
-void blend(void* out_ptr, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float t) {
+VFUSE_INLINE void blend_chunk(void* out_ptr, const void* base_ptr, const void* const* tuned_ptrs, int64_t start,
+                              int64_t len, float t) {
   using T = typename C::T;
-  typename O::T* out = static_cast<typename O::T*>(out_ptr);
-  const T* base = static_cast<const T*>(base_ptr);
+  typename O::T* out = static_cast<typename O::T*>(out_ptr) + start;
+  const T* base = static_cast<const T*>(base_ptr) + start;
   const T* tuned[N];
-  for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]);
+  for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]) + start;
   const float keep = 1.f - t;
-#pragma omp parallel for schedule(static) num_threads(threads_for(numel))
-  for (int64_t e = 0; e < numel; ++e) {
-    float sum = C::load(tuned[0][e]);
-    for (int i = 1; i < N; ++i) sum = sum + C::load(tuned[i][e]);
-    out[e] = O::store(t * (sum / float(N)) + keep * C::load(base[e]));
+  for (int64_t j = 0; j < len; ++j) {
+    float sum = C::load(tuned[0][j]);
+    for (int i = 1; i < N; ++i) sum = sum + C::load(tuned[i][j]);
+    out[j] = O::store(t * (sum / float(N)) + keep * C::load(base[j]));
   }
-}
-
-template <typename C, bool kBase>
-std::vector<double> gram_n(const void* base, const std::vector<const void*>& tuned, int64_t numel) {
-  switch (tuned.size()) {
-    case 2: return gram<C, 2, kBase>(base, tuned, numel);
-    case 3: return gram<C, 3, kBase>(base, tuned, numel);
-    default: return gram<C, 4, kBase>(base, tuned, numel);
-  }
-}
-
-template <typename C>
-std::vector<double> gram_of(const void* base, const std::vector<const void*>& tuned, int64_t numel) {
-  return base ? gram_n<C, true>(base, tuned, numel) : gram_n<C, false>(base, tuned, numel);
 }
 
 template <typename C, typename O, int N>
-void combination(void* out_ptr, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
+VFUSE_INLINE void combination_chunk(void* out_ptr, const void* const* ptrs, const float* k, int64_t start,
+                                    int64_t len) {
   using T = typename C::T;
-  typename O::T* out = static_cast<typename O::T*>(out_ptr);
+  typename O::T* out = static_cast<typename O::T*>(out_ptr) + start;
   const T* x[N];
   float coef[N];
   for (int i = 0; i < N; ++i) {
-    x[i] = static_cast<const T*>(ptrs[i]);
+    x[i] = static_cast<const T*>(ptrs[i]) + start;
     coef[i] = k[i];
   }
-#pragma omp parallel for schedule(static) num_threads(threads_for(numel))
-  for (int64_t e = 0; e < numel; ++e) {
-    float sum = coef[0] * C::load(x[0][e]);
-    for (int i = 1; i < N; ++i) sum = sum + coef[i] * C::load(x[i][e]);
-    out[e] = O::store(sum);
+  for (int64_t j = 0; j < len; ++j) {
+    float sum = coef[0] * C::load(x[0][j]);
+    for (int i = 1; i < N; ++i) sum = sum + coef[i] * C::load(x[i][j]);
+    out[j] = O::store(sum);
   }
 }
 
-template <typename C, typename O>
-void combination_n(void* out, const std::vector<const void*>& ptrs, const float* k, int64_t numel) {
-  switch (ptrs.size()) {
-    case 2: return combination<C, O, 2>(out, ptrs, k, numel);
-    case 3: return combination<C, O, 3>(out, ptrs, k, numel);
-    default: return combination<C, O, 4>(out, ptrs, k, numel);
+// The number of tensors (2–4) as a compile-time N: f(std::integral_constant<int, N>{}).
+template <typename F>
+VFUSE_INLINE void with_count(size_t n, F&& f) {
+  switch (n) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
-template <typename C, typename O>
-void blend_n(void* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float t) {
-  switch (tuned.size()) {
-    case 2: return blend<C, O, 2>(out, base, tuned, numel, t);
-    case 3: return blend<C, O, 3>(out, base, tuned, numel, t);
-    default: return blend<C, O, 4>(out, base, tuned, numel, t);
-  }
+VFUSE_MULTIVERSION
+void gram_item(const void* base, const void* const* tuned, size_t n, int dtype, int64_t start, int64_t len,
+               double* sums) {
+  with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
+    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+      if (base != nullptr)
+        gram_chunk<decltype(c), count, true>(base, tuned, start, len, sums);
+      else
+        gram_chunk<decltype(c), count, false>(base, tuned, start, len, sums);
+    });
+  });
+}
+
+VFUSE_MULTIVERSION
+void blend_item(void* out, int out_dtype, const void* base, const void* const* tuned, size_t n, int dtype,
+                int64_t start, int64_t len, float t) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
+    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+      blend_chunk<decltype(c), decltype(o), count>(out, base, tuned, start, len, t);
+    });
+  });
+}
+
+VFUSE_MULTIVERSION
+void combination_item(void* out, int out_dtype, const void* const* tensors, size_t n, const float* k, int dtype,
+                      int64_t start, int64_t len) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
+    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+      combination_chunk<decltype(c), decltype(o), count>(out, tensors, k, start, len);
+    });
+  });
 }
 
 }  // namespace
 
 // Σₑ oᵢ[e]·oⱼ[e] for i ≤ j (row-major upper triangle), 2 to 4 tuned tensors of one dtype;
 // oᵢ = tunedᵢ − base, or tunedᵢ where base is null.
-VFUSE_MULTIVERSION
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel) {
-  return with_codec(dtype, [&](auto c) { return gram_of<decltype(c)>(base, tuned, numel); });
-}
-
-// out = Σ kᵢ·xᵢ in fp32 (left to right), 2 to 4 tensors of one dtype; out fp32 or a storage dtype.
-VFUSE_MULTIVERSION
-void linear_combination(void* out, int out_dtype, const std::vector<const void*>& tensors, const std::vector<float>& k,
-                        int dtype, int64_t numel) {
-  with_codecs(dtype, out_dtype, [&](auto c, auto o) {
-    combination_n<decltype(c), decltype(o)>(out, tensors, k.data(), numel);
+  const size_t n = tuned.size();
+  return sum_items(numel, threads_for(numel), int(n * (n + 1) / 2), [&](int64_t start, int64_t len, double* sums) {
+    gram_item(base, tuned.data(), n, dtype, start, len, sums);
   });
 }
 
-VFUSE_MULTIVERSION
+// out = Σ kᵢ·xᵢ in fp32 (left to right), 2 to 4 tensors of one dtype; out fp32 or a storage dtype.
+void linear_combination(void* out, int out_dtype, const std::vector<const void*>& tensors, const std::vector<float>& k,
+                        int dtype, int64_t numel) {
+  for_each_item(numel, threads_for(numel), [&](int64_t start, int64_t len) {
+    combination_item(out, out_dtype, tensors.data(), tensors.size(), k.data(), dtype, start, len);
+  });
+}
+
 void stock_blend(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
                  int64_t numel, float t) {
-  with_codecs(dtype, out_dtype, [&](auto c, auto o) { blend_n<decltype(c), decltype(o)>(out, base, tuned, numel, t); });
+  for_each_item(numel, threads_for(numel), [&](int64_t start, int64_t len) {
+    blend_item(out, out_dtype, base, tuned.data(), tuned.size(), dtype, start, len, t);
+  });
 }
 
 }  // namespace vfuse

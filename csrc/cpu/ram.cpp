@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -14,64 +15,52 @@
 namespace vfuse {
 namespace {
 
-constexpr int64_t kItem = 4096;
-
+// Adds, per model, the item's elements it contributes to that are shared (counts[i]) and
+// unique (counts[N + i]).
 template <typename C, int N>
-std::vector<int64_t> counts(const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel,
-                            float eps) {
+VFUSE_INLINE void counts_chunk(const void* base_ptr, const void* const* tuned_ptrs, int64_t start, int64_t len,
+                               float eps, int64_t* counts) {
   using T = typename C::T;
-  const T* base = static_cast<const T*>(base_ptr);
+  const T* base = static_cast<const T*>(base_ptr) + start;
   const T* tuned[N];
-  for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]);
-  std::vector<int64_t> total(2 * N, 0);
-  const int64_t items = (numel + kItem - 1) / kItem;
-#pragma omp parallel num_threads(threads_for(numel))
-  {
-    int64_t shared[N] = {}, unique[N] = {};
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t start = item * kItem, end = std::min(numel, start + kItem);
-      for (int64_t e = start; e < end; ++e) {
-        const float b = C::load(base[e]);
-        int32_t in[N], c = 0;
-        for (int i = 0; i < N; ++i) {
-          in[i] = std::fabs(C::load(tuned[i][e]) - b) > eps;
-          c += in[i];
-        }
-        for (int i = 0; i < N; ++i) {
-          shared[i] += in[i] & (c > 1);
-          unique[i] += in[i] & (c == 1);
-        }
-      }
-    }
-#pragma omp critical
+  for (int i = 0; i < N; ++i) tuned[i] = static_cast<const T*>(tuned_ptrs[i]) + start;
+  int64_t shared[N] = {}, unique[N] = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const float b = C::load(base[j]);
+    int32_t in[N], c = 0;
     for (int i = 0; i < N; ++i) {
-      total[i] += shared[i];
-      total[N + i] += unique[i];
+      in[i] = std::fabs(C::load(tuned[i][j]) - b) > eps;
+      c += in[i];
+    }
+    for (int i = 0; i < N; ++i) {
+      shared[i] += in[i] & (c > 1);
+      unique[i] += in[i] & (c == 1);
     }
   }
-  return total;
+  for (int i = 0; i < N; ++i) {
+    counts[i] += shared[i];
+    counts[N + i] += unique[i];
+  }
 }
 
 template <typename C, typename O, int N>
-void merge(void* out_ptr, const void* base_ptr, const std::vector<const void*>& tuned_ptrs, int64_t numel, float eps,
-           const float* unique_scale) {
+VFUSE_INLINE void merge_chunk(void* out_ptr, const void* base_ptr, const void* const* tuned_ptrs, int64_t start,
+                              int64_t len, float eps, const float* unique_scale) {
   using T = typename C::T;
-  typename O::T* out = static_cast<typename O::T*>(out_ptr);
-  const T* base = static_cast<const T*>(base_ptr);
+  typename O::T* out = static_cast<typename O::T*>(out_ptr) + start;
+  const T* base = static_cast<const T*>(base_ptr) + start;
   const T* tuned[N];
   float scale[N];
   for (int i = 0; i < N; ++i) {
-    tuned[i] = static_cast<const T*>(tuned_ptrs[i]);
+    tuned[i] = static_cast<const T*>(tuned_ptrs[i]) + start;
     scale[i] = unique_scale[i];
   }
-#pragma omp parallel for schedule(static) num_threads(threads_for(numel))
-  for (int64_t e = 0; e < numel; ++e) {
-    const float b = C::load(base[e]);
+  for (int64_t j = 0; j < len; ++j) {
+    const float b = C::load(base[j]);
     float tau[N];
     int32_t c = 0;
     for (int i = 0; i < N; ++i) {
-      tau[i] = C::load(tuned[i][e]) - b;
+      tau[i] = C::load(tuned[i][j]) - b;
       const bool in = std::fabs(tau[i]) > eps;
       tau[i] = in ? tau[i] : 0.f;
       c += in;
@@ -79,45 +68,66 @@ void merge(void* out_ptr, const void* base_ptr, const std::vector<const void*>& 
     const float count = float(c > 1 ? c : 1);
     float merged = 0.f;
     for (int i = 0; i < N; ++i) merged = merged + (c == 1 ? tau[i] * scale[i] : tau[i] / count);
-    out[e] = O::store(b + merged);
+    out[j] = O::store(b + merged);
   }
 }
 
-template <typename C>
-std::vector<int64_t> counts_n(const void* base, const std::vector<const void*>& tuned, int64_t numel, float eps) {
-  switch (tuned.size()) {
-    case 1: return counts<C, 1>(base, tuned, numel, eps);
-    case 2: return counts<C, 2>(base, tuned, numel, eps);
-    case 3: return counts<C, 3>(base, tuned, numel, eps);
-    default: return counts<C, 4>(base, tuned, numel, eps);
+// The number of tuned tensors (1–4) as a compile-time N: f(std::integral_constant<int, N>{}).
+template <typename F>
+VFUSE_INLINE void with_models(size_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
-template <typename C, typename O>
-void merge_n(void* out, const void* base, const std::vector<const void*>& tuned, int64_t numel, float eps,
-             const float* scale) {
-  switch (tuned.size()) {
-    case 1: return merge<C, O, 1>(out, base, tuned, numel, eps, scale);
-    case 2: return merge<C, O, 2>(out, base, tuned, numel, eps, scale);
-    case 3: return merge<C, O, 3>(out, base, tuned, numel, eps, scale);
-    default: return merge<C, O, 4>(out, base, tuned, numel, eps, scale);
-  }
+VFUSE_MULTIVERSION
+void counts_item(const void* base, const void* const* tuned, size_t n, int dtype, int64_t start, int64_t len,
+                 float eps, int64_t* counts) {
+  with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
+    with_models(n, [&](auto models) VFUSE_INLINE_LAMBDA {
+      counts_chunk<decltype(c), models>(base, tuned, start, len, eps, counts);
+    });
+  });
+}
+
+VFUSE_MULTIVERSION
+void merge_item(void* out, int out_dtype, const void* base, const void* const* tuned, size_t n, int dtype,
+                int64_t start, int64_t len, float eps, const float* unique_scale) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
+    with_models(n, [&](auto models) VFUSE_INLINE_LAMBDA {
+      merge_chunk<decltype(c), decltype(o), models>(out, base, tuned, start, len, eps, unique_scale);
+    });
+  });
 }
 
 }  // namespace
 
 // [shared₀ … shared_{N−1}, unique₀ … unique_{N−1}]: the elements each model contributes to.
-VFUSE_MULTIVERSION
 std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                                 float eps) {
-  return with_codec(dtype, [&](auto c) { return counts_n<decltype(c)>(base, tuned, numel, eps); });
+  const size_t n = tuned.size();
+  std::vector<int64_t> total(2 * n, 0);
+  const int64_t items = (numel + kItem - 1) / kItem;
+#pragma omp parallel num_threads(threads_for(numel))
+  {
+    std::vector<int64_t> counts(2 * n, 0);  // per thread, added at the end (integers: any order)
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item)
+      counts_item(base, tuned.data(), n, dtype, item * kItem, std::min(kItem, numel - item * kItem), eps,
+                  counts.data());
+#pragma omp critical
+    for (size_t i = 0; i < 2 * n; ++i) total[i] += counts[i];
+  }
+  return total;
 }
 
-VFUSE_MULTIVERSION
 void ram_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
                int64_t numel, float eps, const std::vector<float>& unique_scale) {
-  with_codecs(dtype, out_dtype, [&](auto c, auto o) {
-    merge_n<decltype(c), decltype(o)>(out, base, tuned, numel, eps, unique_scale.data());
+  for_each_item(numel, threads_for(numel), [&](int64_t start, int64_t len) {
+    merge_item(out, out_dtype, base, tuned.data(), tuned.size(), dtype, start, len, eps, unique_scale.data());
   });
 }
 

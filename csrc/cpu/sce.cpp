@@ -11,12 +11,12 @@
 //                halves with the nonzero count, then the low halves under the k-th's high half),
 //                one more finds the cutoff among the ties (counts per thread's range, then a scan
 //                of the range holding it);
-//   square_sums: Σₑ (τᵢ·keep)² per model: fp32 squares summed in fp64 in a fixed order (lanes
-//                within a chunk, chunks in index order: the same sums whatever the thread count);
+//   square_sums: Σₑ (τᵢ·keep)² per model: fp32 squares summed in fp64 in a fixed order
+//                (lane_sum within an item, sum_items across: the same sums on any thread count);
 //   merge:       part τᵢ·keep, sign election on Σ part (≥ 0 → +1), ωᵢ where sign(partᵢ) agrees,
 //                out = b + Σ partᵢ·ωᵢ[agree] / max(Σ ωᵢ[agree], 1e-6)  (fp32, rounded once).
-// Each pass is a parallel loop over chunks whose work (compiled per SIMD target) is vector loops
-// over L1-resident buffers.
+// Each pass is a parallel loop over items whose work (compiled per SIMD target, for_each_item)
+// is vector loops over L1-resident buffers.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,9 +30,7 @@
 namespace vfuse {
 namespace {
 
-constexpr int64_t kItem = 2048;
 constexpr int kDigits = 1 << 16;
-constexpr int kLanes = 16;
 constexpr int64_t kKeepNone = int64_t(1) << 32;  // a threshold above every fp32 bit pattern
 
 struct Inputs {
@@ -100,22 +98,9 @@ VFUSE_INLINE void sums_chunk(const Inputs& in, int64_t start, int64_t len, const
   uint32_t bits[kItem];
   float tau[N * kItem];
   variance_chunk<C, N>(in, start, len, bits, tau);
-  float square[kItem];
   for (int i = 0; i < N; ++i) {
-    for (int64_t j = 0; j < len; ++j) {
-      const float t = tau[i * kItem + j];
-      square[j] = kept(bits[j], start + j, s) ? t * t : 0.f;
-    }
-    // kLanes running sums (element j into lane j % kLanes), then added in lane order: a
-    // fixed order that vectorises, where one running sum waits on each add
-    double lane[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= len; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) lane[l] += double(square[j + l]);
-    for (; j < len; ++j) lane[j % kLanes] += double(square[j]);
-    double sum = 0.0;
-    for (int l = 0; l < kLanes; ++l) sum += lane[l];
-    sums[i] = sum;
+    const float* t = tau + i * kItem;
+    sums[i] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return kept(bits[j], start + j, s) ? double(t[j] * t[j]) : 0.0; });
   }
 }
 
@@ -226,7 +211,7 @@ std::vector<int64_t> histogram(const Inputs& in, int shift, int64_t prefix) {
   const int64_t items = items_of(in.numel);
 #pragma omp parallel num_threads(threads_of(in))
   {
-    std::vector<int64_t> counts(kDigits + 1, 0);
+    std::vector<int64_t> counts(kDigits + 1, 0);  // one histogram per thread, added at the end
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t start = item * kItem;
@@ -302,29 +287,17 @@ std::vector<double> sce_square_sums(const void* base, const std::vector<const vo
                                     int64_t threshold, int64_t cutoff) {
   const Inputs in = make_inputs(base, tuned, dtype, numel);
   const Selection s{threshold, cutoff};
-  const int64_t items = items_of(numel);
-  std::vector<double> partial(size_t(items) * in.models);
-#pragma omp parallel for schedule(static) num_threads(threads_of(in))
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t start = item * kItem;
-    sums_item(in, start, std::min(kItem, numel - start), s, partial.data() + item * in.models);
-  }
-  std::vector<double> total(in.models, 0.0);
-  for (int64_t item = 0; item < items; ++item)
-    for (int i = 0; i < in.models; ++i) total[i] += partial[item * in.models + i];
-  return total;
+  return sum_items(numel, threads_of(in), in.models,
+                   [&](int64_t start, int64_t len, double* sums) { sums_item(in, start, len, s, sums); });
 }
 
 void sce_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,
                int64_t numel, int64_t threshold, int64_t cutoff, const std::vector<float>& weights) {
   const Inputs in = make_inputs(base, tuned, dtype, numel);
   const Selection s{threshold, cutoff};
-  const int64_t items = items_of(numel);
-#pragma omp parallel for schedule(static) num_threads(threads_of(in))
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t start = item * kItem;
-    merge_item(in, start, std::min(kItem, numel - start), s, weights.data(), out, out_dtype);
-  }
+  for_each_item(numel, threads_of(in), [&](int64_t start, int64_t len) {
+    merge_item(in, start, len, s, weights.data(), out, out_dtype);
+  });
 }
 
 }  // namespace vfuse

@@ -1,6 +1,6 @@
 // The two passes of a spherical interpolation over whole tensors (vfuse_kernels/merging/
 // methods/slerp.py): the sums Σa², Σb², Σab, then out = ca·a + cb·b. Both tensors share one
-// storage dtype; the sums in fp64, the combination in fp32.
+// storage dtype; the sums in fp64 (in a fixed order: lane_sum, sum_items), the combination in fp32.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -12,53 +12,56 @@
 namespace vfuse {
 namespace {
 
-constexpr int64_t kBlock = 4096;  // elements per work item
-
 template <typename C>
-std::array<double, 3> sums(const void* a_ptr, const void* b_ptr, int64_t numel) {
-  using T = typename C::T;
-  const T* a = static_cast<const T*>(a_ptr);
-  const T* b = static_cast<const T*>(b_ptr);
-  const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  double aa = 0, bb = 0, ab = 0;
-#pragma omp parallel for schedule(static) reduction(+ : aa, bb, ab) num_threads(threads_for(numel))
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t start = block * kBlock, end = std::min(numel, start + kBlock);
-    double saa = 0, sbb = 0, sab = 0;
-#pragma omp simd reduction(+ : saa, sbb, sab)
-    for (int64_t j = start; j < end; ++j) {
-      const double x = C::load(a[j]), y = C::load(b[j]);
-      saa += x * x;
-      sbb += y * y;
-      sab += x * y;
-    }
-    aa += saa;
-    bb += sbb;
-    ab += sab;
+VFUSE_INLINE void sums_chunk(const void* a_ptr, const void* b_ptr, int64_t start, int64_t len, double* sums) {
+  const typename C::T* a = static_cast<const typename C::T*>(a_ptr) + start;
+  const typename C::T* b = static_cast<const typename C::T*>(b_ptr) + start;
+  double x[kItem], y[kItem];
+  for (int64_t j = 0; j < len; ++j) {
+    x[j] = C::load(a[j]);
+    y[j] = C::load(b[j]);
   }
-  return {aa, bb, ab};
+  sums[0] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return x[j] * x[j]; });
+  sums[1] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return y[j] * y[j]; });
+  sums[2] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return x[j] * y[j]; });
 }
 
 template <typename C, typename O>
-void combine(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t numel, float ca, float cb) {
-  const typename C::T* a = static_cast<const typename C::T*>(a_ptr);
-  const typename C::T* b = static_cast<const typename C::T*>(b_ptr);
-  typename O::T* out = static_cast<typename O::T*>(out_ptr);
-#pragma omp parallel for schedule(static) num_threads(threads_for(numel))
-  for (int64_t j = 0; j < numel; ++j) out[j] = O::store(ca * C::load(a[j]) + cb * C::load(b[j]));
+VFUSE_INLINE void combine_chunk(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t start, int64_t len,
+                                float ca, float cb) {
+  const typename C::T* a = static_cast<const typename C::T*>(a_ptr) + start;
+  const typename C::T* b = static_cast<const typename C::T*>(b_ptr) + start;
+  typename O::T* out = static_cast<typename O::T*>(out_ptr) + start;
+  for (int64_t j = 0; j < len; ++j) out[j] = O::store(ca * C::load(a[j]) + cb * C::load(b[j]));
+}
+
+VFUSE_MULTIVERSION
+void sums_item(const void* a, const void* b, int dtype, int64_t start, int64_t len, double* sums) {
+  with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA { sums_chunk<decltype(c)>(a, b, start, len, sums); });
+}
+
+VFUSE_MULTIVERSION
+void combine_item(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t start, int64_t len,
+                  float ca, float cb) {
+  with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
+    combine_chunk<decltype(c), decltype(o)>(out, a, b, start, len, ca, cb);
+  });
 }
 
 }  // namespace
 
-VFUSE_MULTIVERSION
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel) {
-  return with_codec(dtype, [&](auto c) { return sums<decltype(c)>(a, b, numel); });
+  const std::vector<double> s = sum_items(numel, threads_for(numel), 3, [&](int64_t start, int64_t len, double* sums) {
+    sums_item(a, b, dtype, start, len, sums);
+  });
+  return {s[0], s[1], s[2]};
 }
 
-VFUSE_MULTIVERSION
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb) {
-  with_codecs(dtype, out_dtype, [&](auto c, auto o) { combine<decltype(c), decltype(o)>(out, a, b, numel, ca, cb); });
+  for_each_item(numel, threads_for(numel), [&](int64_t start, int64_t len) {
+    combine_item(out, out_dtype, a, b, dtype, start, len, ca, cb);
+  });
 }
 
 }  // namespace vfuse
