@@ -123,6 +123,9 @@ MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(
 
 
 def measure(command: list[str]) -> dict:
+    """Wall time and peak RSS of one process. The dirty pages of earlier writes (the checkpoints,
+    the previous tool's output) reach the disk first, so that no run pays for another's writeback."""
+    os.sync()
     out = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     if result["rc"] != 0:
