@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -220,6 +221,18 @@ VFUSE_INLINE decltype(auto) with_codecs(int dtype, int out_dtype, F&& f) {
   return with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
     return with_codec(out_dtype, [&](auto o) VFUSE_INLINE_LAMBDA { return f(c, o); });
   });
+}
+
+// f(std::integral_constant<int, N>{}) with N = n models (1–4; more take 4: callers check): the
+// count as a compile-time constant, so that per-model loops unroll into registers.
+template <typename F>
+VFUSE_INLINE void with_models(size_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
 }
 
 // |x| of an fp32 value as an order-preserving unsigned key (31 bits).

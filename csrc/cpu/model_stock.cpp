@@ -6,7 +6,6 @@
 // (lane_sum within an item, sum_items across).
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -28,7 +27,8 @@ VFUSE_INLINE void gram_chunk(const void* base_ptr, const void* const* tuned_ptrs
   }
   int p = 0;
   for (int i = 0; i < N; ++i)
-    for (int k = i; k < N; ++k) sums[p++] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return o[i][j] * o[k][j]; });
+    for (int k = i; k < N; ++k)
+      sums[p++] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return o[i][j] * o[k][j]; });
 }
 
 template <typename C, typename O, int N>
@@ -65,21 +65,11 @@ VFUSE_INLINE void combination_chunk(void* out_ptr, const void* const* ptrs, cons
   }
 }
 
-// The number of tensors (2–4) as a compile-time N: f(std::integral_constant<int, N>{}).
-template <typename F>
-VFUSE_INLINE void with_count(size_t n, F&& f) {
-  switch (n) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
 VFUSE_MULTIVERSION
 void gram_item(const void* base, const void* const* tuned, size_t n, int dtype, int64_t start, int64_t len,
                double* sums) {
   with_codec(dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
-    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+    with_models(n, [&](auto count) VFUSE_INLINE_LAMBDA {
       if (base != nullptr)
         gram_chunk<decltype(c), count, true>(base, tuned, start, len, sums);
       else
@@ -92,7 +82,7 @@ VFUSE_MULTIVERSION
 void blend_item(void* out, int out_dtype, const void* base, const void* const* tuned, size_t n, int dtype,
                 int64_t start, int64_t len, float t) {
   with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
-    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+    with_models(n, [&](auto count) VFUSE_INLINE_LAMBDA {
       blend_chunk<decltype(c), decltype(o), count>(out, base, tuned, start, len, t);
     });
   });
@@ -102,7 +92,7 @@ VFUSE_MULTIVERSION
 void combination_item(void* out, int out_dtype, const void* const* tensors, size_t n, const float* k, int dtype,
                       int64_t start, int64_t len) {
   with_codecs(dtype, out_dtype, [&](auto c, auto o) VFUSE_INLINE_LAMBDA {
-    with_count(n, [&](auto count) VFUSE_INLINE_LAMBDA {
+    with_models(n, [&](auto count) VFUSE_INLINE_LAMBDA {
       combination_chunk<decltype(c), decltype(o), count>(out, tensors, k, start, len);
     });
   });

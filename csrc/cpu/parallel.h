@@ -39,7 +39,8 @@ template <typename Item>
 std::vector<double> sum_items(int64_t numel, int threads, int width, Item&& item) {
   const int64_t items = (numel + kItem - 1) / kItem;
   std::vector<double> partial(size_t(items) * width), total(width, 0.0);
-  for_each_item(numel, threads, [&](int64_t start, int64_t len) { item(start, len, &partial[(start / kItem) * width]); });
+  for_each_item(numel, threads,
+                [&](int64_t start, int64_t len) { item(start, len, &partial[(start / kItem) * width]); });
   for (int64_t i = 0; i < items; ++i)
     for (int w = 0; w < width; ++w) total[w] += partial[i * width + w];
   return total;

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -69,17 +68,6 @@ VFUSE_INLINE void merge_chunk(void* out_ptr, const void* base_ptr, const void* c
     float merged = 0.f;
     for (int i = 0; i < N; ++i) merged = merged + (c == 1 ? tau[i] * scale[i] : tau[i] / count);
     out[j] = O::store(b + merged);
-  }
-}
-
-// The number of tuned tensors (1–4) as a compile-time N: f(std::integral_constant<int, N>{}).
-template <typename F>
-VFUSE_INLINE void with_models(size_t n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 

@@ -100,7 +100,9 @@ VFUSE_INLINE void sums_chunk(const Inputs& in, int64_t start, int64_t len, const
   variance_chunk<C, N>(in, start, len, bits, tau);
   for (int i = 0; i < N; ++i) {
     const float* t = tau + i * kItem;
-    sums[i] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return kept(bits[j], start + j, s) ? double(t[j] * t[j]) : 0.0; });
+    sums[i] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA {
+      return kept(bits[j], start + j, s) ? double(t[j] * t[j]) : 0.0;
+    });
   }
 }
 
@@ -132,64 +134,47 @@ VFUSE_INLINE void merge_chunk(const Inputs& in, int64_t start, int64_t len, cons
   }
 }
 
-// The chunk kernels for every storage codec and model count, compiled per SIMD target.
-#define VFUSE_SCE_DISPATCH(CALL)                                         \
-  switch (in.dtype) {                                                    \
-    case kBFloat16: VFUSE_SCE_MODELS(Bf16, CALL) break;                  \
-    case kFloat16: VFUSE_SCE_MODELS(Fp16, CALL) break;                   \
-    default: VFUSE_SCE_MODELS(Fp32, CALL) break;                         \
-  }
-#define VFUSE_SCE_MODELS(C, CALL)                                        \
-  switch (in.models) {                                                   \
-    case 1: CALL(C, 1); break;                                           \
-    case 2: CALL(C, 2); break;                                           \
-    case 3: CALL(C, 3); break;                                           \
-    default: CALL(C, 4); break;                                          \
-  }
+// f(C{}, std::integral_constant<int, N>{}) for the inputs' storage codec C and model count N.
+template <typename F>
+VFUSE_INLINE void with_inputs(const Inputs& in, F&& f) {
+  with_codec(in.dtype, [&](auto c) VFUSE_INLINE_LAMBDA {
+    with_models(in.models, [&](auto models) VFUSE_INLINE_LAMBDA { f(c, models); });
+  });
+}
 
+// The per-item work of each pass, compiled per SIMD target.
 VFUSE_MULTIVERSION
 void histogram_item(const Inputs& in, int64_t start, int64_t len, int shift, int64_t prefix, int64_t* counts) {
-#define CALL(C, N) histogram_chunk<C, N>(in, start, len, shift, prefix, counts)
-  VFUSE_SCE_DISPATCH(CALL)
-#undef CALL
+  with_inputs(in, [&](auto c, auto models) VFUSE_INLINE_LAMBDA {
+    histogram_chunk<decltype(c), models>(in, start, len, shift, prefix, counts);
+  });
 }
 
 VFUSE_MULTIVERSION
 int64_t ties_item(const Inputs& in, int64_t start, int64_t len, uint32_t threshold) {
   int64_t count = 0;
-#define CALL(C, N) count = ties_chunk<C, N>(in, start, len, threshold)
-  VFUSE_SCE_DISPATCH(CALL)
-#undef CALL
+  with_inputs(in, [&](auto c, auto models) VFUSE_INLINE_LAMBDA {
+    count = ties_chunk<decltype(c), models>(in, start, len, threshold);
+  });
   return count;
 }
 
 VFUSE_MULTIVERSION
 void sums_item(const Inputs& in, int64_t start, int64_t len, const Selection& s, double* sums) {
-#define CALL(C, N) sums_chunk<C, N>(in, start, len, s, sums)
-  VFUSE_SCE_DISPATCH(CALL)
-#undef CALL
-}
-
-template <typename O>
-VFUSE_INLINE void merge_out(const Inputs& in, int64_t start, int64_t len, const Selection& s, const float* w,
-                            void* out) {
-#define CALL(C, N) merge_chunk<C, O, N>(in, start, len, s, w, out)
-  VFUSE_SCE_DISPATCH(CALL)
-#undef CALL
+  with_inputs(in, [&](auto c, auto models) VFUSE_INLINE_LAMBDA {
+    sums_chunk<decltype(c), models>(in, start, len, s, sums);
+  });
 }
 
 VFUSE_MULTIVERSION
 void merge_item(const Inputs& in, int64_t start, int64_t len, const Selection& s, const float* w, void* out,
                 int out_dtype) {
-  switch (out_dtype) {
-    case kBFloat16: merge_out<Bf16>(in, start, len, s, w, out); break;
-    case kFloat16: merge_out<Fp16>(in, start, len, s, w, out); break;
-    default: merge_out<Fp32>(in, start, len, s, w, out); break;
-  }
+  with_inputs(in, [&](auto c, auto models) VFUSE_INLINE_LAMBDA {
+    with_codec(out_dtype, [&](auto o) VFUSE_INLINE_LAMBDA {
+      merge_chunk<decltype(c), decltype(o), models>(in, start, len, s, w, out);
+    });
+  });
 }
-
-#undef VFUSE_SCE_MODELS
-#undef VFUSE_SCE_DISPATCH
 
 Inputs make_inputs(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel) {
   Inputs in{base, {}, int(tuned.size()), dtype, numel};
