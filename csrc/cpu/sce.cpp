@@ -98,11 +98,11 @@ VFUSE_INLINE void sums_chunk(const Inputs& in, int64_t start, int64_t len, const
   uint32_t bits[kItem];
   float tau[N * kItem];
   variance_chunk<C, N>(in, start, len, bits, tau);
+  float keep[kItem];
+  for (int64_t j = 0; j < len; ++j) keep[j] = kept(bits[j], start + j, s) ? 1.f : 0.f;
   for (int i = 0; i < N; ++i) {
     const float* t = tau + i * kItem;
-    sums[i] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA {
-      return kept(bits[j], start + j, s) ? double(t[j] * t[j]) : 0.0;
-    });
+    sums[i] = lane_sum(len, [&](int64_t j) VFUSE_INLINE_LAMBDA { return double((t[j] * t[j]) * keep[j]); });
   }
 }
 
