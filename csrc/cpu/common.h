@@ -238,10 +238,6 @@ VFUSE_INLINE void with_models(size_t n, F&& f) {
 // |x| of an fp32 value as an order-preserving unsigned key (31 bits).
 inline uint32_t magnitude_key(float x) { return float_to_bits(x) & 0x7fffffffu; }
 
-}  // namespace vfuse
-
-namespace vfuse {
-
 constexpr int kLanes = 16;
 
 // Σⱼ f(j) for j < len in fp64, in a fixed order: term j goes to running sum j % kLanes, the sums

@@ -97,19 +97,9 @@ void merge_item(void* out, int out_dtype, const void* base, const void* const* t
 std::vector<int64_t> ram_counts(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel,
                                 float eps) {
   const size_t n = tuned.size();
-  std::vector<int64_t> total(2 * n, 0);
-  const int64_t items = (numel + kItem - 1) / kItem;
-#pragma omp parallel num_threads(threads_for(numel))
-  {
-    std::vector<int64_t> counts(2 * n, 0);  // per thread, added at the end (integers: any order)
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item)
-      counts_item(base, tuned.data(), n, dtype, item * kItem, std::min(kItem, numel - item * kItem), eps,
-                  counts.data());
-#pragma omp critical
-    for (size_t i = 0; i < 2 * n; ++i) total[i] += counts[i];
-  }
-  return total;
+  return count_items(numel, threads_for(numel), int(2 * n), [&](int64_t start, int64_t len, int64_t* counts) {
+    counts_item(base, tuned.data(), n, dtype, start, len, eps, counts);
+  });
 }
 
 void ram_merge(void* out, int out_dtype, const void* base, const std::vector<const void*>& tuned, int dtype,

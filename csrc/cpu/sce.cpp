@@ -182,8 +182,6 @@ Inputs make_inputs(const void* base, const std::vector<const void*>& tuned, int 
   return in;
 }
 
-int64_t items_of(int64_t numel) { return (numel + kItem - 1) / kItem; }
-
 int threads_of(const Inputs& in) { return threads_for(in.numel * in.models); }
 
 // The items of a static split into `parts` contiguous ranges: part p holds [first, last).
@@ -192,20 +190,9 @@ std::pair<int64_t, int64_t> part_items(int64_t items, int parts, int p) {
 }
 
 std::vector<int64_t> histogram(const Inputs& in, int shift, int64_t prefix) {
-  std::vector<int64_t> total(kDigits + 1, 0);
-  const int64_t items = items_of(in.numel);
-#pragma omp parallel num_threads(threads_of(in))
-  {
-    std::vector<int64_t> counts(kDigits + 1, 0);  // one histogram per thread, added at the end
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t start = item * kItem;
-      histogram_item(in, start, std::min(kItem, in.numel - start), shift, prefix, counts.data());
-    }
-#pragma omp critical
-    for (int d = 0; d <= kDigits; ++d) total[d] += counts[d];
-  }
-  return total;
+  return count_items(in.numel, threads_of(in), kDigits + 1, [&](int64_t start, int64_t len, int64_t* counts) {
+    histogram_item(in, start, len, shift, prefix, counts);
+  });
 }
 
 // The digit of `counts` holding the k-th largest element (1-based; `above` elements rank before
@@ -220,7 +207,7 @@ std::pair<int64_t, int64_t> digit_of_kth(const std::vector<int64_t>& counts, int
 
 int64_t tie_cutoff(const Inputs& in, uint32_t threshold, int64_t rank) {
   if (rank <= 0) return -1;
-  const int64_t items = items_of(in.numel);
+  const int64_t items = item_count(in.numel);
   const int parts = threads_of(in);
   std::vector<int64_t> ties(parts, 0);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
