@@ -3,6 +3,7 @@ failed check (never crashing the suite), the distributed merge's byte comparison
 results, and pytest outcomes turned into checks."""
 import json
 import os
+import sys
 
 import torch
 
@@ -106,6 +107,15 @@ def test_pytest_outcomes_become_checks(tmp_path):
     (row,) = result["rows"]
     assert (row["passed"], row["failed"], row["skipped"]) == (1, 1, 1) and row["median_ms"] > 0
     assert "test_fails" in (tmp_path / "suite.log").read_text()
+
+
+def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path):
+    child = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+             "    print('wrote the report', flush=True)\n    raise SystemExit(2)\n")
+    with open(tmp_path / "suite.log", "w") as log:
+        code, seconds, output = gpu_suite._spawn("sleeper", [sys.executable, "-c", child], 1, log, dict(os.environ))
+    assert code is None and seconds < 1 + gpu_suite.INTERRUPT_GRACE_S
+    assert "wrote the report" in output
 
 
 def test_a_failed_child_is_reported_by_its_error_line():

@@ -14,8 +14,10 @@ hang or a CUDA error fails that part's check and never the suite:
   GPU (process group ``cpu:gloo,cuda:nccl``; one gloo rank on a CPU), TIES on a small
   Llama-shaped bf16 family, byte-compared with the single-process ``vfuse merge`` on the
   same device; both wall times as rows.
-- ``tests``: pytest in a subprocess — the whole suite with ``-n`` workers when pytest-xdist is
-  installed, else the tests that exercise CUDA (``-k``: GPU_TESTS); a check per failed test.
+- ``tests``: pytest in a subprocess on the tests that exercise CUDA (``-k``: GPU_TESTS; the rest
+  run in CI), with ``-n`` workers when pytest-xdist is installed; a check per failed test. At its
+  time limit pytest is interrupted (SIGINT) before it is killed, so the tests that failed so far
+  are still named.
 
 Every part has a time limit (``LIMIT_S``) within the suite's ``budget``, keeping
 ``RESERVE_S`` for the parts after it; each part's seconds are a row (suite ``gpu_suite``).
@@ -59,9 +61,10 @@ AREAS = {"merge": "vfuse_kernels.bench.merge", "tokens": "vfuse_kernels.bench.to
 SKIPPABLE = (*AREAS, "distributed", "tests")
 LIMIT_S = {"merge": 150, "tokens": 90, "engine": 90, "distributed": 90, "tests": 240}  # at most, per part
 RESERVE_S = {"distributed": 30, "tests": 120}  # kept for these parts while the earlier ones run
+INTERRUPT_GRACE_S = 15  # between a timed-out child's SIGINT and its SIGKILL
 DEFAULT_BUDGET_S = 480.0  # the whole suite: under the GPU tool's 10-minute command limit, with room to spare
 MIN_PART_S = 10  # a part with less time left is not started
-GPU_TESTS = "triton or cuda or patch_llava or distributed"  # the tests that run on the GPU (without xdist)
+GPU_TESTS = "triton or cuda or patch_llava or distributed"  # the tests that run on the GPU
 TARGET_AREAS = ("merge", "tokens")
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder of vfuse_kernels/
 ERROR_LINE = re.compile(r"vfuse [\w-]+: error: |(?![\w.]*ChildFailedError)[\w.]*(Error|Exception)\b")
@@ -342,13 +345,13 @@ def _differences(expected: str, got: str) -> list[str]:
 
 
 def _tests_part(limit: float, log, workers: int | None = None, paths: list[str] | None = None) -> dict:
-    """pytest on ``paths`` (default: the checkout's tests/, all with xdist workers, else -k GPU_TESTS)."""
+    """pytest on ``paths`` (default: the checkout's tests/ -k GPU_TESTS), with xdist workers if installed."""
     name = "pytest: tests pass"
     if paths is None and not os.path.isdir(os.path.join(SOURCE, "tests")):
         return _failed(name, f"no tests/ in {SOURCE}: run from a source checkout, or pass --no-tests")
     xdist = importlib.util.find_spec("xdist") is not None
     workers = (min(8, os.cpu_count() or 1) if workers is None else workers) if xdist else 0
-    selection = paths or (["tests"] if workers else ["tests", "-k", GPU_TESTS])
+    selection = paths or ["tests", "-k", GPU_TESTS]
     what = " ".join(selection) + (f" -n {workers}" if workers else "")
     with tempfile.TemporaryDirectory(prefix="vfuse-gpu-suite-") as tmp:
         junit = os.path.join(tmp, "junit.xml")
@@ -359,8 +362,9 @@ def _tests_part(limit: float, log, workers: int | None = None, paths: list[str] 
             return _failed(name, f"pytest {what}: {_why(code, limit, output)}")
         counts, failures = _junit_outcomes(junit)
     summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+    stopped = f" (stopped at its {limit:.0f} s limit)" if code is None else f" (exit code {code})"
     checks = [{"name": name, "passed": code == 0, "detail": f"pytest {what}: {summary} in {seconds:.0f} s"
-               + ("" if code in (0, 1) else f" (exit code {code})")}]
+               + ("" if code in (0, 1) else stopped)}]
     checks += [{"name": f"pytest: {test}", "passed": False, "detail": message} for test, message in failures]
     row = {"suite": "tests", "op": "pytest", "impl": f"pytest {what}", "median_ms": 1e3 * seconds,
            "seconds": seconds, **counts}
@@ -403,8 +407,9 @@ def _child_env(device: torch.device | None = None) -> dict:
 
 
 def _spawn(label: str, command: list[str], limit: float, log, env: dict, cwd: str | None = None):
-    """(exit code, or None when killed after ``limit`` seconds; seconds; its output): runs
-    ``command`` in its own process group with stdout and stderr appended to ``log``."""
+    """(exit code, or None when stopped after ``limit`` seconds; seconds; its output): runs
+    ``command`` in its own process group with stdout and stderr appended to ``log``. At the limit
+    the group gets SIGINT (pytest then writes its report) and, INTERRUPT_GRACE_S later, SIGKILL."""
     log.write(f"\n===== {label}: {' '.join(command)}\n")
     log.flush()
     offset = os.path.getsize(log.name)
@@ -414,8 +419,13 @@ def _spawn(label: str, command: list[str], limit: float, log, env: dict, cwd: st
         code = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         code = None
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
     finally:
-        if proc.poll() is None:  # timed out, or this process is being interrupted: end the child's group
+        if proc.poll() is None:  # still running, or this process is being interrupted: end the child's group
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     seconds = time.monotonic() - start
