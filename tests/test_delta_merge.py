@@ -121,6 +121,28 @@ def test_linear_is_weighted_average(backend):
     torch.testing.assert_close(out.double(), average, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weights", [[0.3, 0.7, 0.11], [1.0, -0.9999, 3e-3]], ids=str)
+def test_normalised_quotient_is_the_ieee_fp32_division(backend, weights):
+    """Without election the kernels divide by Σw through an fp64 product with its inverse: the
+    same bits as fp32 division, also for subnormal and overflowing quotients and zeros."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4099, generator=gen) * torch.logspace(-38, 38, 4099)
+    tuned = [base + torch.randn(4099, generator=gen) * torch.logspace(-44, 37, 4099) for _ in weights]
+    tuned[0][:7] = base[:7]  # zero deltas
+    got = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], weights, method="linear").cpu()
+    w = torch.tensor(weights, dtype=torch.float32)
+    merged = torch.zeros_like(base)
+    for wi, t in zip(w, tuned):
+        merged = merged + (t - base) * wi
+    divisor = w.double().sum().float()
+    expected = base + 1.0 * (merged / divisor)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    quotient = merged / divisor
+    assert ((quotient != 0) & (quotient.abs() < 1.2e-38)).any() and (quotient == 0).any()
+    assert quotient.isinf().any() == (divisor < 0.01)
+
+
 def test_zero_weight_sum_counts_as_one(backend):
     base, tuned = make_case((50,), 2, torch.float32, backend_device(backend), seed=2)
     out = vk.delta_merge(base, tuned, [1.0, -1.0], method="linear")

@@ -158,14 +158,14 @@ VFUSE_INLINE void dense_fused(const DeltaInputs& in, const MergeParams& p, int64
     coef[i] = p.coefs[i];
   }
   T* out = static_cast<T*>(p.out) + start;
-  const float divisor = p.weight_sum == 0.f ? 1.f : p.weight_sum;
+  const double inverse = 1.0 / double(p.weight_sum == 0.f ? 1.f : p.weight_sum);
   const float scale = p.scale;
 #pragma GCC ivdep
   for (int64_t j = 0; j < len; ++j) {
     const float b = C::load(base[j]);
     float m = 0.f;
     for (int i = 0; i < N; ++i) m += (kDeltas ? C::load(tuned[i][j]) : C::load(tuned[i][j]) - b) * coef[i];
-    out[j] = C::store(b + scale * (kNormalize ? m / divisor : m));
+    out[j] = C::store(b + scale * (kNormalize ? exact_quotient(m, inverse) : m));
   }
 }
 

@@ -37,7 +37,7 @@ def kernel_configs():
         consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
                       TUNED_ARE_DELTAS=deltas, BLOCK=delta_merge.BLOCK)
         sig = dict(out_ptr=f"*{dtype}", base_ptr=f"*{dtype}", tuned=_tuned(dtype, n), params_ptr="*fp64",
-                   trim_ptr="*i64", numel="i64", scale="fp32", weight_sum="fp32")
+                   trim_ptr="*i64", numel="i64", scale="fp32")
         name = f"[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]"
         yield "merge" + name, delta_merge._merge_kernel, sig, consts
         sig = dict(table_ptr="*i64", block_start_ptr="*i32", params_ptr="*fp64", trim_ptr="*i64", tensors="i32",

@@ -7,7 +7,7 @@ and stores the output once (DESIGN.md §2.1; formulas in ops/delta_merge.py).
 discrete decisions (trim, vote, agreement) match it bit for bit.
 
 Per-model scalars travel in one small fp64 tensor (``params``: coefficients, weights, DARE
-thresholds, seed words) copied from pinned memory without blocking, and the TIES thresholds
+thresholds, seed words, the inverse divisor) copied from pinned memory without blocking, and the TIES thresholds
 stay on the device where the selection left them: a launch never waits for the GPU.
 """
 from __future__ import annotations
@@ -46,12 +46,14 @@ def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
 
 
 @triton.jit
-def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, weight_sum,
+def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
                  TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
     """combine(uᵢ) of one block in fp32, divided by the divisor when normalising; the tuned
-    pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row."""
+    pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row. Without
+    election the divisor is one number for the block: the quotient is the fp64 product with its
+    inverse rounded to fp32, the IEEE quotient's bits (csrc/cpu/common.h, exact_quotient)."""
     kept = ()  # uᵢ of every model, for the agreement pass
     vote = tl.zeros([BLOCK], dtype=tl.float32)
     merged = tl.zeros([BLOCK], dtype=tl.float32)
@@ -72,7 +74,8 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, w
                 vote += (u > 0).to(tl.float32) - (u < 0).to(tl.float32)
             kept = kept + (u,)
     if ELECT == 0:
-        divisor = weight_sum
+        if NORMALIZE:
+            merged = (merged.to(tl.float64) * tl.load(params_ptr + 3 * N + 2)).to(tl.float32)
     else:
         positive = vote >= 0
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
@@ -81,20 +84,20 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr, w
             agree = tl.where(positive, u > 0, u < 0)
             merged += tl.where(agree, u, 0.0)
             divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
-    if NORMALIZE:
-        merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
+        if NORMALIZE:
+            merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
     return merged
 
 
 @triton.jit
-def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale, weight_sum,
+def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale,
                   N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                   NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr, weight_sum,
+    merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
                           N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
     tl.store(out_ptr + offs, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -123,8 +126,7 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     params = params_ptr + low.to(tl.int64) * (3 * N + 3)
     merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
-                          tl.load(params + 3 * N + 2).to(tl.float32), N, SPARSIFY, ELECT, NORMALIZE,
-                          TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
+                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
     out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
     tl.store(out_ptr + offs, (b + scale * merged).to(OUT_TY), mask=mask)
 
@@ -147,18 +149,17 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
 
 
 def _model_values(coefs, weights, dare_thresholds, seed) -> list:
-    """One merge's per-model scalars as the kernels read them from fp64: coefficients, weights,
-    DARE keep thresholds, the two seed words (exact: every value fits 53 bits)."""
-    return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
-
-
-def _weight_sum(weights) -> float:
-    """Σ wᵢ of the fp32 weights, summed in fp64 (the CPU kernel's divisor)."""
-    return float(torch.tensor(weights, dtype=torch.float32).double().sum())
+    """One merge's [3N + 3] scalars as the kernels read them from fp64: coefficients, weights,
+    DARE keep thresholds, the two seed words (exact: every value fits 53 bits), and 1 / d in fp64
+    for the divisor d without election: Σ wᵢ of the fp32 weights summed in fp64 and rounded to
+    fp32 like the CPU kernel's, 1 where it is 0."""
+    divisor = torch.tensor(weights, dtype=torch.float32).double().sum().float().item()
+    return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+            1.0 / (divisor or 1.0)]
 
 
 def _params(device, coefs, weights, dare_thresholds, seed) -> torch.Tensor:
-    """fp64 [3N + 2] ``_model_values`` on ``device``, one non-blocking copy from pinned memory.
+    """fp64 [3N + 3] ``_model_values`` on ``device``, one non-blocking copy from pinned memory.
     ``coefs`` may be a device tensor (the L1 rescale computes them there)."""
     n = len(weights)
     host_coefs = [0.0] * n if isinstance(coefs, torch.Tensor) else coefs
@@ -193,7 +194,7 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
     n, numel = len(tuned), base.numel()
     params = _params(base.device, coefs, weights, dare_thresholds, seed)
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
-        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale), _weight_sum(weights),
+        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
@@ -211,7 +212,7 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         table += [outs[j].data_ptr(), base.data_ptr(), *(t.data_ptr() for t in tuned[j]), base.numel()]
         starts.append(blocks)
         blocks += triton.cdiv(base.numel(), BLOCK)
-        params += [*_model_values(coefs[j], weights[j], dare_thresholds[j], seeds[j]), _weight_sum(weights[j])]
+        params += _model_values(coefs[j], weights[j], dare_thresholds[j], seeds[j])
     table_t = host_to_device(table, torch.int64, device)
     trim = torch.cat([torch.cat(t) for t in trims]) if sparsify == 1 else table_t
     _merge_foreach_kernel[(blocks,)](
