@@ -28,13 +28,15 @@ NUM_WARPS = 4
 @triton.jit
 def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
-    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C);
-    drop keeps random bits < threshold."""
+    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C), in
+    32-bit compares (keys and K are < 2^31; C relative to the block, clamped); drop keeps random
+    bits < threshold."""
     delta = load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)
     if SPARSIFY == 1:
-        key = magnitude_key(delta)
-        threshold = tl.load(trim_ptr + model)
-        keep = (key > threshold) | ((key == threshold) & (offs <= tl.load(trim_ptr + N + model)))
+        key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        threshold = tl.load(trim_ptr + model).to(tl.int32)
+        last = tl.minimum(tl.maximum(tl.load(trim_ptr + N + model) - start, -1), BLOCK).to(tl.int32)
+        keep = (key > threshold) | ((key == threshold) & (tl.arange(0, BLOCK) <= last))
     elif SPARSIFY == 2:
         k0 = tl.load(params_ptr + 3 * N).to(tl.int64).to(tl.uint32)
         k1 = tl.load(params_ptr + 3 * N + 1).to(tl.int64).to(tl.uint32)
