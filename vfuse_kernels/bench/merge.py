@@ -294,7 +294,8 @@ def gpu_suite(device: torch.device, quick: bool) -> dict:
     0.01/0.3/0.5/0.9 against mergekit's op sequence and a torch.topk threshold, task arithmetic /
     linear / DARE against torch.compile, 8 Llama-7B layers through ``delta_merge_foreach``; then,
     while time is left, every method against the fp64 reference, one tensor of more than 2^31
-    elements, and launch-configuration variants. Each step that fails becomes a failed check and
+    elements, launch-configuration variants and the TIES merge kernel with each of its parts
+    switched off (``MERGE_ABLATIONS``). Each step that fails becomes a failed check and
     the others still run. Quick: the same at tiny sizes (CPU), no torch.compile.
     """
     import time
@@ -468,7 +469,9 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
                          "impl": f"variant BLOCK={block} warps={warps}", "median_ms": ms, "GB/s": gb / ms * 1e3,
                          "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
-        for block, warps in ((1024, 4), (2048, 8), (2048, 4), (1024, 2), (512, 4), (512, 2), (256, 1)):
+        rows += _merge_ablation_rows(base, tuned, out, device, copy_gbps)
+        for block, warps in ((1024, 4), (2048, 8), (2048, 4), (1024, 2), (512, 4), (512, 2), (256, 1), (512, 1),
+                             (1024, 1)):
             selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
@@ -485,6 +488,29 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     finally:
         kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS = saved
         selection.block_size, selection.sample_size = block_size, sample_size
+    return rows
+
+
+MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES merge kernel, one part removed at a time
+    ("TIES merge kernel (trim, elect, normalise)", 1, 1, True), ("without normalising", 1, 1, False),
+    ("trim only", 1, 0, False), ("elect and normalise, no trim", 0, 1, True), ("task arithmetic", 0, 0, False))
+
+
+def _merge_ablation_rows(base, tuned, out, device, copy_gbps):
+    """The merge kernel alone on TIES thresholds at density 0.3, with each part of TIES switched
+    off in turn (the same bytes every time): which part keeps it from memory speed."""
+    from ..triton import delta_merge as kernels
+
+    n = len(tuned)
+    trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
+    gb = (n + 2) * base.numel() * base.element_size() / 1e9
+    rows = []
+    for name, sparsify, elect, normalize in MERGE_ABLATIONS:
+        ms = _time(lambda: kernels.merge(out, base, tuned, False, sparsify, elect, normalize, 1.0, [0.5] * n,
+                                         [0.5] * n, [0] * n, trim if sparsify else None, 0), device)
+        rows.append({"op": "merge_kernel", "suite": "merge", "shape": "2x268M", "method": "ties",
+                     "impl": f"ablation: {name}", "median_ms": ms, "GB/s": gb / ms * 1e3,
+                     "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
     return rows
 
 
