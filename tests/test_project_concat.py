@@ -174,6 +174,25 @@ def test_hf_llava_projector_as_is(backend):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_parametrised_weights_are_read_through_their_property():
+    """A weight under torch.nn.utils.parametrize is a class property, not a parameter-table entry:
+    project_concat reads what the module computes, as the projector's own forward does."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    gen = torch.Generator().manual_seed(7)
+    proj = Projector(12, 20, 16, nn.GELU(), dtype=torch.float32, generator=gen)
+    parametrize.register_parametrization(proj.linear_1, "weight", Doubled())
+    x = torch.randn(2, 5, 12, generator=gen)
+    with torch.no_grad():
+        out = vk.project_concat([x], [proj])
+        eager = proj.linear_2(proj.act(proj.linear_1(x)))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_fall_back_to_a_differentiable_path():
     gen = torch.Generator().manual_seed(6)
     proj = Projector(8, 16, 24, generator=gen).requires_grad_(True)
