@@ -109,6 +109,23 @@ def test_pytest_outcomes_become_checks(tmp_path):
     assert "test_fails" in (tmp_path / "suite.log").read_text()
 
 
+def test_the_gpu_tests_run_first_and_the_others_in_the_time_left(tmp_path, monkeypatch):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_sample.py").write_text(
+        "def test_on_cuda():\n    pass\n\ndef test_plain():\n    assert False, 'plain fails'\n")
+    monkeypatch.setattr(gpu_suite, "SOURCE", str(tmp_path))
+    with open(tmp_path / "suite.log", "w") as log:
+        result = gpu_suite._tests_part(120, log, workers=0)
+        gpu, other, failure = result["checks"]
+        assert gpu["name"] == "pytest: GPU tests pass" and gpu["passed"] and "1 passed" in gpu["detail"]
+        assert other["name"] == "pytest: other tests pass" and not other["passed"] and "1 failed" in other["detail"]
+        assert failure["name"].endswith("test_sample.py::test_plain") and "plain fails" in failure["detail"]
+        assert [row["passed"] for row in result["rows"]] == [1, 0]
+        monkeypatch.setattr(gpu_suite, "MIN_TEST_RUN_S", 10**6)  # no time left after the first run
+        gpu, other = gpu_suite._tests_part(120, log, workers=0)["checks"]
+    assert gpu["passed"] and not other["passed"] and other["detail"].startswith("not run:")
+
+
 def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path):
     child = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
              "    print('wrote the report', flush=True)\n    raise SystemExit(2)\n")

@@ -14,10 +14,10 @@ hang or a CUDA error fails that part's check and never the suite:
   GPU (process group ``cpu:gloo,cuda:nccl``; one gloo rank on a CPU), TIES on a small
   Llama-shaped bf16 family, byte-compared with the single-process ``vfuse merge`` on the
   same device; both wall times as rows.
-- ``tests``: pytest in a subprocess on the tests that exercise CUDA (``-k``: GPU_TESTS; the rest
-  run in CI), with ``-n`` workers when pytest-xdist is installed; a check per failed test. At its
-  time limit pytest is interrupted (SIGINT) before it is killed, so the tests that failed so far
-  are still named.
+- ``tests``: pytest in a subprocess, with ``-n`` workers when pytest-xdist is installed: the
+  tests that exercise CUDA first (``-k``: GPU_TESTS), then the others in the time left; a check
+  per failed test. At its time limit pytest is interrupted (SIGINT) before it is killed, so the
+  tests that failed so far are still named.
 
 Every part has a time limit (``LIMIT_S``) within the suite's ``budget``, keeping
 ``RESERVE_S`` for the parts after it; each part's seconds are a row (suite ``gpu_suite``).
@@ -62,6 +62,7 @@ SKIPPABLE = (*AREAS, "distributed", "tests")
 LIMIT_S = {"merge": 150, "tokens": 90, "engine": 90, "distributed": 90, "tests": 240}  # at most, per part
 RESERVE_S = {"distributed": 30, "tests": 120}  # kept for these parts while the earlier ones run
 INTERRUPT_GRACE_S = 15  # between a timed-out child's SIGINT and its SIGKILL
+MIN_TEST_RUN_S = 30  # the tests part starts its second pytest run only with this much time left
 DEFAULT_BUDGET_S = 480.0  # the whole suite: under the GPU tool's 10-minute command limit, with room to spare
 MIN_PART_S = 10  # a part with less time left is not started
 GPU_TESTS = "triton or cuda or patch_llava or distributed"  # the tests that run on the GPU
@@ -345,13 +346,32 @@ def _differences(expected: str, got: str) -> list[str]:
 
 
 def _tests_part(limit: float, log, workers: int | None = None, paths: list[str] | None = None) -> dict:
-    """pytest on ``paths`` (default: the checkout's tests/ -k GPU_TESTS), with xdist workers if installed."""
-    name = "pytest: tests pass"
+    """pytest on ``paths``; by default on the checkout's tests/, the GPU tests (-k GPU_TESTS) first
+    and then, in the time left, the others (on a GPU machine their code can take other branches);
+    with xdist workers where pytest-xdist is installed."""
     if paths is None and not os.path.isdir(os.path.join(SOURCE, "tests")):
-        return _failed(name, f"no tests/ in {SOURCE}: run from a source checkout, or pass --no-tests")
+        return _failed("pytest: tests pass", f"no tests/ in {SOURCE}: run from a source checkout, or pass --no-tests")
     xdist = importlib.util.find_spec("xdist") is not None
     workers = (min(8, os.cpu_count() or 1) if workers is None else workers) if xdist else 0
-    selection = paths or ["tests", "-k", GPU_TESTS]
+    runs = ([("pytest: tests pass", paths)] if paths else
+            [("pytest: GPU tests pass", ["tests", "-k", GPU_TESTS]),
+             ("pytest: other tests pass", ["tests", "-k", f"not ({GPU_TESTS})"])])
+    result = {"checks": [], "rows": [], "targets": []}
+    end = time.monotonic() + limit
+    for name, selection in runs:
+        left = end - time.monotonic()
+        if left < MIN_TEST_RUN_S and result["rows"]:
+            result["checks"].append({"name": name, "passed": False,
+                                     "detail": f"not run: {max(left, 0):.0f} s of the tests part were left"})
+            continue
+        checks, row = _pytest_run(name, selection, left, log, workers)
+        result["checks"] += checks
+        result["rows"] += [row] if row else []
+    return result
+
+
+def _pytest_run(name: str, selection: list[str], limit: float, log, workers: int) -> tuple[list, dict | None]:
+    """(checks: the summary, then one per failed test; the timing row) of one pytest run."""
     what = " ".join(selection) + (f" -n {workers}" if workers else "")
     with tempfile.TemporaryDirectory(prefix="vfuse-gpu-suite-") as tmp:
         junit = os.path.join(tmp, "junit.xml")
@@ -359,7 +379,7 @@ def _tests_part(limit: float, log, workers: int | None = None, paths: list[str] 
                    *selection, *(["-n", str(workers)] if workers else [])]
         code, seconds, output = _spawn(f"pytest {what}", command, limit, log, _child_env(), cwd=SOURCE)
         if not os.path.exists(junit):
-            return _failed(name, f"pytest {what}: {_why(code, limit, output)}")
+            return _failed(name, f"pytest {what}: {_why(code, limit, output)}")["checks"], None
         counts, failures = _junit_outcomes(junit)
     summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
     stopped = f" (stopped at its {limit:.0f} s limit)" if code is None else f" (exit code {code})"
@@ -368,7 +388,7 @@ def _tests_part(limit: float, log, workers: int | None = None, paths: list[str] 
     checks += [{"name": f"pytest: {test}", "passed": False, "detail": message} for test, message in failures]
     row = {"suite": "tests", "op": "pytest", "impl": f"pytest {what}", "median_ms": 1e3 * seconds,
            "seconds": seconds, **counts}
-    return {"checks": checks, "rows": [row], "targets": []}
+    return checks, row
 
 
 def _junit_outcomes(path: str) -> tuple[dict, list[tuple[str, str]]]:
