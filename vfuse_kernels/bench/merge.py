@@ -462,12 +462,18 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
     block_size, sample_size = selection.block_size, selection.sample_size
     try:
-        for block, warps in ((1024, 4), (2048, 8), (4096, 8)):
-            kernels.BLOCK, kernels.NUM_WARPS = block, warps
-            ms = _time(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], out=out), device)
-            rows.append({"op": "delta_merge", "suite": "merge", "shape": "2x268M", "method": "task_arithmetic",
-                         "impl": f"variant BLOCK={block} warps={warps}", "median_ms": ms, "GB/s": gb / ms * 1e3,
-                         "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
+        trim = vk.ties_thresholds(base, tuned, 0.3)
+        for method, configs in (("task_arithmetic", ((1024, 4), (2048, 8), (4096, 8))),
+                                ("ties", ((1024, 4), (1024, 2), (512, 2), (2048, 4), (1024, 8)))):
+            for block, warps in configs:
+                kernels.BLOCK, kernels.NUM_WARPS = block, warps
+                ms = _time(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], method=method, out=out,
+                                                  **({"density": 0.3, "thresholds": trim} if method == "ties" else {})),
+                           device)
+                rows.append({"op": "delta_merge", "suite": "merge", "shape": "2x268M", "method": method,
+                             "impl": f"variant BLOCK={block} warps={warps}" + (", thresholds given" if method == "ties"
+                                                                              else ""),
+                             "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
         rows += _merge_ablation_rows(base, tuned, out, device, copy_gbps)
         for block, warps in ((1024, 4), (2048, 8), (2048, 4), (1024, 2), (512, 4), (512, 2), (256, 1), (512, 1),
