@@ -17,7 +17,11 @@ Algorithm, shared by the backends (each provides the bracket pass: Triton on CUD
    compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
 3. Resolve, with one host synchronisation per pass for all models: K = hi or lo → C is the
    r-th equal key in flat order, found from the per-block counts and one block; K inside →
-   the candidates sorted by (key desc, index asc) give K and C at rank k.
+   the candidates sorted by (key desc, index asc) give K and C at rank k. Where the backend
+   searches ties from a device table (Triton), the first pass resolves on the device instead
+   (``_resolve_on_device``): every model's case, tie search and candidate sort are queued
+   behind the bracket pass and the one synchronisation comes last, so the GPU never waits for
+   the host in between.
 4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
    compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
    from it resolves — about two more passes; the region shrinks every two passes, so every
@@ -222,6 +226,10 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=
         sampler = getattr(kernels, "sample_keys", sample_keys)
         for model, row in zip(models, _sample(base, tuned, tuned_are_deltas, sampler)):
             model.sample, model.sorted = row, True
+    if numel > SMALL and device.type in SORTING_DEVICES and hasattr(kernels, "tie_indices_from_table"):
+        resolved = _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels)
+        if resolved is not None:
+            return resolved
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]
         if not pending:
@@ -231,6 +239,43 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return _stack([m.result[0] for m in models], device), _stack([m.result[1] for m in models], device)
+
+
+def _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels):
+    """The first bracket pass of sampled models and its resolution, queued on the device with no
+    host read until the end: from the per-block counts each model's K is at hi, inside or at lo
+    (a tie search from a device table, one segmented sort of the candidates, ``where`` between
+    them). (keys, cutoffs), or None when some model's K lies outside its bracket or its
+    candidates overflowed (the caller's passes then start over from the same samples)."""
+    device, numel, n = base.device, base.numel(), len(models)
+    brackets = [_bracket(m) for m in models]
+    lo, hi = (_stack([b[j] for b in brackets], device) for j in (0, 1))
+    cap = max(min(numel, int(1.25 * share * numel) + 8192) for _, _, share in brackets)
+    block = block_size(device)
+    counts = torch.empty(-(-numel // block), n, 4, dtype=torch.int32, device=device)
+    cand = torch.empty(n, cap, dtype=torch.int64, device=device)
+    fill = torch.zeros(n, dtype=torch.int64, device=device)
+    kernels.bracket_pass(base, tuned, lo, hi, host_to_device([FULL_RATE] * n, torch.int64, device), cap, block,
+                         tuned_are_deltas, counts, cand, fill)
+    gt, eq_hi, eq_lo, inside = counts.sum(0, dtype=torch.int64).unbind(1)
+    empty = lo == hi  # one key is the whole bracket: it counts once, as hi
+    eq_lo, inside = eq_lo.masked_fill(empty, 0), inside.masked_fill(empty, 0)
+    k = host_to_device([m.k for m in models], torch.int64, device)
+    above = gt + eq_hi  # keys above the inside region
+    at_hi = (k > gt) & (k <= above)
+    in_bracket = (k > above) & (k <= above + inside) & (fill == inside) & (fill <= cap)  # every inside key stored
+    at_lo = (k > above + inside) & (k <= above + inside + eq_lo)
+    table = torch.stack([torch.where(at_hi, hi, lo), torch.where(at_hi, k - gt, k - above - inside),
+                         torch.arange(n, device=device), torch.where(at_hi, 1, 2)], dim=1)
+    tie_cutoffs = kernels.tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas)
+    filled = torch.arange(cap, device=device) < fill[:, None]
+    ordered = torch.sort(cand.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
+    packed = ordered.gather(1, (k - above - 1).clamp(0, cap - 1)[:, None]).squeeze(1)
+    keys = torch.where(in_bracket, (packed >> INDEX_BITS) + KEY_BIAS, table[:, 0])
+    cutoffs = torch.where(in_bracket, INDEX_MASK - (packed & INDEX_MASK), tie_cutoffs)
+    if not bool((at_hi | in_bracket | at_lo).all()):  # the one synchronisation, behind all of the above
+        return None
+    return keys, cutoffs
 
 
 def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_ties, subsample):

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._backend import host_to_device
 from .magnitude_select import (bracket_pass, load_base, load_delta, magnitude_key, sample_keys,  # noqa: F401
-                               tie_indices)  # (re-exported: the backend's kernel set)
+                               tie_indices, tie_indices_from_table)  # (re-exported: the backend's kernel set)
 from .philox import dare_bits
 
 BLOCK = 1024

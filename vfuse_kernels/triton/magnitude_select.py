@@ -183,19 +183,26 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
 
 def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     """ops/magnitude_select.tie_indices in two launches for all queries."""
-    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
-                           torch.int64, base.device)
+                           torch.int64, base.device).view(-1, 4)
+    return list(tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas))
+
+
+def tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas):
+    """int64 [Q] on the device: the flat index of query q's rank-th key equal to its key, for the
+    device table [Q, 4] of (key, rank, model, column) rows; numel where no such element exists
+    (a rank outside [1, that key's count]): no host value is read."""
+    out = torch.empty(table.shape[0], dtype=torch.int64, device=base.device)
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
-    sums = torch.empty(len(queries), chunks, dtype=torch.int64, device=base.device)
-    _tie_chunk_kernel[(chunks, len(queries))](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
-                                              num_warps=4)
-    _tie_find_kernel[(len(queries),)](
+    sums = torch.empty(table.shape[0], chunks, dtype=torch.int64, device=base.device)
+    _tie_chunk_kernel[(chunks, table.shape[0])](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
+                                                num_warps=4)
+    _tie_find_kernel[(table.shape[0],)](
         out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
     )
-    return list(out)
+    return out
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
