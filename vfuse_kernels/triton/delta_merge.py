@@ -7,8 +7,9 @@ and stores the output once (DESIGN.md §2.1; formulas in ops/delta_merge.py).
 discrete decisions (trim, vote, agreement) match it bit for bit.
 
 Per-model scalars travel in one small fp64 tensor (``params``: coefficients, weights, DARE
-thresholds, seed words, the inverse divisor) copied from pinned memory without blocking, and the TIES thresholds
-stay on the device where the selection left them: a launch never waits for the GPU.
+thresholds, seed words, the inverse divisor) copied from pinned memory without blocking, and
+the TIES thresholds stay on the device where the selection left them: a launch never waits
+for the GPU.
 """
 from __future__ import annotations
 
