@@ -130,8 +130,13 @@ def test_the_first_pass_resolves_on_the_device(dtype, monkeypatch):
     monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu"))
     resolved, host_passes = [], []
     original = ms._resolve_on_device
-    monkeypatch.setattr(ms, "_resolve_on_device", lambda *a: resolved.append(original(*a)) or resolved[-1])
-    monkeypatch.setattr(ms, "_run_pass", lambda *a: host_passes.append(a))
+
+    def recorded(*args):
+        resolved.append(original(*args))
+        return resolved[-1]
+
+    monkeypatch.setattr(ms, "_resolve_on_device", recorded)
+    monkeypatch.setattr(ms, "_run_pass", lambda *args: host_passes.append(args))
     if dtype == torch.bfloat16:  # few distinct keys: K is a bracket end
         base, tuned = _tie_heavy(40_009, 3, device=backend_device("triton"))
     else:  # distinct keys: K falls inside the bracket
