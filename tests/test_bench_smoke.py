@@ -41,7 +41,8 @@ def test_merge_kernel_ablations_run_the_triton_kernel():
 
     base, tuned = bench_merge.tie_heavy_inputs(3000, 2, torch.float32, torch.device("cpu"))
     out = torch.full_like(base, float("nan"))
-    rows = bench_merge._merge_ablation_rows(base, tuned, out, torch.device("cpu"), copy_gbps=10.0)
+    trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
+    rows = bench_merge._merge_ablation_rows(base, tuned, trim, out, torch.device("cpu"), copy_gbps=10.0)
     assert [r["impl"] for r in rows] == [f"ablation: {a[0]}" for a in bench_merge.MERGE_ABLATIONS]
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
     torch.testing.assert_close(out, vk.delta_merge(base, tuned, [0.5, 0.5], method="task_arithmetic"), rtol=0, atol=0)

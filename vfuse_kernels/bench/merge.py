@@ -462,20 +462,19 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
     block_size, sample_size = selection.block_size, selection.sample_size
     try:
-        trim = vk.ties_thresholds(base, tuned, 0.3)
-        for method, configs in (("task_arithmetic", ((1024, 4), (2048, 8), (4096, 8))),
-                                ("ties", ((1024, 4), (1024, 2), (512, 2), (2048, 4), (1024, 8)))):
+        trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
+        merges = (("task_arithmetic", {}, "", ((1024, 4), (2048, 8), (4096, 8))),
+                  ("ties", {"density": 0.3, "thresholds": trim}, ", thresholds given",
+                   ((1024, 4), (1024, 2), (512, 2), (2048, 4), (1024, 8))))
+        for method, options, note, configs in merges:
             for block, warps in configs:
                 kernels.BLOCK, kernels.NUM_WARPS = block, warps
-                ms = _time(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], method=method, out=out,
-                                                  **({"density": 0.3, "thresholds": trim} if method == "ties" else {})),
-                           device)
+                ms = _time(lambda: vk.delta_merge(base, tuned, [0.5, 0.5], method=method, out=out, **options), device)
                 rows.append({"op": "delta_merge", "suite": "merge", "shape": "2x268M", "method": method,
-                             "impl": f"variant BLOCK={block} warps={warps}" + (", thresholds given" if method == "ties"
-                                                                              else ""),
-                             "median_ms": ms, "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
+                             "impl": f"variant BLOCK={block} warps={warps}{note}", "median_ms": ms,
+                             "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
-        rows += _merge_ablation_rows(base, tuned, out, device, copy_gbps)
+        rows += _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps)
         for block, warps in ((1024, 4), (2048, 8), (2048, 4), (1024, 2), (512, 4), (512, 2), (256, 1), (512, 1),
                              (1024, 1)):
             selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
@@ -502,13 +501,12 @@ MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES me
     ("trim only", 1, 0, False), ("elect and normalise, no trim", 0, 1, True), ("task arithmetic", 0, 0, False))
 
 
-def _merge_ablation_rows(base, tuned, out, device, copy_gbps):
-    """The merge kernel alone on TIES thresholds at density 0.3, with each part of TIES switched
-    off in turn (the same bytes every time): which part keeps it from memory speed."""
+def _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps):
+    """The merge kernel alone with the TIES thresholds ``trim`` (keys, cutoffs), each part of TIES
+    switched off in turn (the same bytes every time): which part keeps it from memory speed."""
     from ..triton import delta_merge as kernels
 
     n = len(tuned)
-    trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
     gb = (n + 2) * base.numel() * base.element_size() / 1e9
     rows = []
     for name, sparsify, elect, normalize in MERGE_ABLATIONS:
@@ -533,11 +531,8 @@ def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
         model.sample, model.sorted = row, True
     brackets = [selection._bracket(model) for model in models]
     lo, hi = (selection._stack([b[j] for b in brackets], device) for j in (0, 1))
-    cap = int(1.25 * max(b[2] for b in brackets) * numel) + 8192
-    block = selection.block_size(device)
-    counts = torch.empty(-(-numel // block), len(tuned), 4, dtype=torch.int32, device=device)
-    cand = torch.empty(len(tuned), cap, dtype=torch.int64, device=device)
-    fill = torch.zeros(len(tuned), dtype=torch.int64, device=device)
+    cap = selection._capacity(max(b[2] for b in brackets), numel)
+    block, counts, cand, fill = selection._pass_buffers(numel, len(tuned), cap, device)
     gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
     rows = []
     variants = (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),

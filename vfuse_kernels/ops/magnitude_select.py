@@ -185,18 +185,41 @@ def _candidate_ranks(cand: torch.Tensor, rows: list[int], stored: list[int], ran
     tails masked to the smallest int64, below every candidate), on the CPU one selection per row."""
     if cand.device.type not in SORTING_DEVICES:
         packed = torch.stack([_kth_largest(cand[i, :n], [r - 1])[0] for i, n, r in zip(rows, stored, ranks)])
-    else:
-        device = cand.device
-        width = max(stored)
-        block = cand[host_to_device(rows, torch.int64, device), :width]
-        filled = torch.arange(width, device=device) < host_to_device(stored, torch.int64, device)[:, None]
-        ordered = torch.sort(block.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
-        packed = ordered.gather(1, host_to_device(ranks, torch.int64, device)[:, None] - 1).reshape(-1)
-    return list(zip((packed >> INDEX_BITS) + KEY_BIAS, INDEX_MASK - (packed & INDEX_MASK)))
+        return list(zip(*_unpack(packed)))
+    device = cand.device
+    block = cand[host_to_device(rows, torch.int64, device), :max(stored)]
+    return list(zip(*_ranked_candidates(block, *(host_to_device(v, torch.int64, device) for v in (stored, ranks)))))
+
+
+def _ranked_candidates(block: torch.Tensor, stored: torch.Tensor, ranks: torch.Tensor) -> tuple:
+    """(keys, cutoffs), device tensors [R]: the ranks-th (1-based) largest of the first ``stored``
+    packed candidates of each row of ``block`` [R, W] (device tensors [R]; the rows' unfilled tails
+    are overwritten with the smallest int64, below every candidate): one segmented sort, one gather."""
+    filled = torch.arange(block.shape[1], device=block.device) < stored[:, None]
+    ordered = torch.sort(block.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
+    return _unpack(ordered.gather(1, (ranks - 1)[:, None]).reshape(-1))
+
+
+def _unpack(packed: torch.Tensor) -> tuple:
+    """(keys, flat indices) of packed candidates."""
+    return _candidate_keys(packed), INDEX_MASK - (packed & INDEX_MASK)
 
 
 def _candidate_keys(cand: torch.Tensor) -> torch.Tensor:
     return (cand >> INDEX_BITS) + KEY_BIAS
+
+
+def _capacity(share: float, population: int) -> int:
+    """Candidate slots per model for a pass expected to compact ``share`` of ``population`` keys."""
+    return min(population, int(1.25 * share * population) + 8192)
+
+
+def _pass_buffers(numel: int, n: int, cap: int, device) -> tuple:
+    """(block, counts, cand, fill) of a bracket pass over n models: the count block size, per-block
+    counts [blocks, n, 4] int32, candidates [n, cap] int64 and their fill counters [n] int64."""
+    block = block_size(device)
+    return (block, torch.empty(-(-numel // block), n, 4, dtype=torch.int32, device=device),
+            torch.empty(n, cap, dtype=torch.int64, device=device), torch.zeros(n, dtype=torch.int64, device=device))
 
 
 def _stack(values: list, device) -> torch.Tensor:
@@ -250,11 +273,8 @@ def _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels):
     device, numel, n = base.device, base.numel(), len(models)
     brackets = [_bracket(m) for m in models]
     lo, hi = (_stack([b[j] for b in brackets], device) for j in (0, 1))
-    cap = max(min(numel, int(1.25 * share * numel) + 8192) for _, _, share in brackets)
-    block = block_size(device)
-    counts = torch.empty(-(-numel // block), n, 4, dtype=torch.int32, device=device)
-    cand = torch.empty(n, cap, dtype=torch.int64, device=device)
-    fill = torch.zeros(n, dtype=torch.int64, device=device)
+    cap = max(_capacity(share, numel) for _, _, share in brackets)
+    block, counts, cand, fill = _pass_buffers(numel, n, cap, device)
     kernels.bracket_pass(base, tuned, lo, hi, host_to_device([FULL_RATE] * n, torch.int64, device), cap, block,
                          tuned_are_deltas, counts, cand, fill)
     gt, eq_hi, eq_lo, inside = counts.sum(0, dtype=torch.int64).unbind(1)
@@ -268,11 +288,9 @@ def _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels):
     table = torch.stack([torch.where(at_hi, hi, lo), torch.where(at_hi, k - gt, k - above - inside),
                          torch.arange(n, device=device), torch.where(at_hi, 1, 2)], dim=1)
     tie_cutoffs = kernels.tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas)
-    filled = torch.arange(cap, device=device) < fill[:, None]
-    ordered = torch.sort(cand.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
-    packed = ordered.gather(1, (k - above - 1).clamp(0, cap - 1)[:, None]).squeeze(1)
-    keys = torch.where(in_bracket, (packed >> INDEX_BITS) + KEY_BIAS, table[:, 0])
-    cutoffs = torch.where(in_bracket, INDEX_MASK - (packed & INDEX_MASK), tie_cutoffs)
+    candidate_keys, candidate_cutoffs = _ranked_candidates(cand, fill, (k - above).clamp(1, cap))
+    keys = torch.where(in_bracket, candidate_keys, table[:, 0])
+    cutoffs = torch.where(in_bracket, candidate_cutoffs, tie_cutoffs)
     if not bool((at_hi | in_bracket | at_lo).all()):  # the one synchronisation, behind all of the above
         return None
     return keys, cutoffs
@@ -292,15 +310,11 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_ties, su
         los.append(lo)
         his.append(hi)
         rates.append(rate)
-        caps.append(min(m.population, int(1.25 * share * m.population) + 8192))
+        caps.append(_capacity(share, m.population))
     lo_t, hi_t = _stack(los, device), _stack(his, device)
     rate_t = host_to_device(rates, torch.int64, device)
     cap = max(caps)
-    block = block_size(device)
-    blocks = -(-numel // block)
-    counts = torch.empty(blocks, n, 4, dtype=torch.int32, device=device)
-    cand = torch.empty(n, cap, dtype=torch.int64, device=device)
-    fill = torch.zeros(n, dtype=torch.int64, device=device)
+    block, counts, cand, fill = _pass_buffers(numel, n, cap, device)
     bracket_pass(base, tuned, lo_t, hi_t, rate_t, cap, block, tuned_are_deltas, counts, cand, fill)
     totals = counts.sum(0, dtype=torch.int64)
     host = torch.cat([totals.reshape(-1), fill, lo_t, hi_t]).tolist()  # the pass's one synchronisation
