@@ -4,6 +4,7 @@ import json
 import torch
 
 from vfuse_kernels.bench import merge as bench_merge
+from conftest import backend_device
 
 
 def test_bench_merge_quick(tmp_path, monkeypatch):
@@ -35,14 +36,15 @@ def test_bench_sweep_rows():
 
 
 def test_merge_kernel_ablations_run_the_triton_kernel():
-    """The GPU suite's ablation rows (tiny, under the interpreter here): one row per ablation, and
-    the kernel they time writes the merge that delta_merge writes."""
+    """The GPU suite's ablation rows (tiny; under the interpreter without a GPU): one row per
+    ablation, and the kernel they time writes the merge that delta_merge writes."""
     import vfuse_kernels as vk
 
-    base, tuned = bench_merge.tie_heavy_inputs(3000, 2, torch.float32, torch.device("cpu"))
+    device = backend_device("triton")
+    base, tuned = bench_merge.tie_heavy_inputs(3000, 2, torch.float32, device)
     out = torch.full_like(base, float("nan"))
     trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
-    rows = bench_merge._merge_ablation_rows(base, tuned, trim, out, torch.device("cpu"), copy_gbps=10.0)
+    rows = bench_merge._merge_ablation_rows(base, tuned, trim, out, device, copy_gbps=10.0)
     assert [r["impl"] for r in rows] == [f"ablation: {a[0]}" for a in bench_merge.MERGE_ABLATIONS]
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
     torch.testing.assert_close(out, vk.delta_merge(base, tuned, [0.5, 0.5], method="task_arithmetic"), rtol=0, atol=0)

@@ -143,6 +143,33 @@ def test_normalised_quotient_is_the_ieee_fp32_division(backend, weights):
     assert quotient.isinf().any() == (divisor < 0.01)
 
 
+@pytest.mark.parametrize("models", [3, 8, 9])
+def test_elected_quotient_is_the_ieee_fp32_division(backend, models):
+    """With election every element divides by the weight sum of the models agreeing with its sign
+    (a table of 2^N inverses up to 8 models on the GPU, a division past them): the bits of the
+    fp32 quotient of the fp32 sums in model order, 1 where the sum is 0 (weights whose subsets
+    sum to 0 and to values that round differently in fp32 and fp64)."""
+    weights = [0.1, 0.2, -0.1] if models == 3 else [0.1 * (i + 1) * (-1) ** i for i in range(models)]
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(3001, generator=gen)
+    tuned = [base + torch.randn(3001, generator=gen) * torch.logspace(-30, 30, 3001) for _ in weights]
+    got = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], weights, method="ties", density=1.0).cpu()
+    w = torch.tensor(weights, dtype=torch.float32)
+    u = [(t - base) * wi for t, wi in zip(tuned, w)]
+    vote = torch.zeros_like(base)
+    for ui in u:
+        vote = vote + ui
+    merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
+    for ui, wi in zip(u, w):
+        agree = torch.where(vote >= 0, ui > 0, ui < 0)
+        merged = merged + torch.where(agree, ui, 0.0)
+        divisor = divisor + torch.where(agree, wi, 0.0)
+    expected = base + merged / torch.where(divisor == 0, 1.0, divisor)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert (divisor == 0).any() and len(set(divisor.tolist())) > len(weights)
+
+
 def test_zero_weight_sum_counts_as_one(backend):
     base, tuned = make_case((50,), 2, torch.float32, backend_device(backend), seed=2)
     out = vk.delta_merge(base, tuned, [1.0, -1.0], method="linear")

@@ -126,13 +126,18 @@ def test_the_gpu_tests_run_first_and_the_others_in_the_time_left(tmp_path, monke
     assert gpu["passed"] and not other["passed"] and other["detail"].startswith("not run:")
 
 
-def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path):
-    child = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-             "    print('wrote the report', flush=True)\n    raise SystemExit(2)\n")
+def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path, monkeypatch):
+    """SIGINT INTERRUPT_GRACE_S before the limit (pytest writes its report), SIGKILL at the limit:
+    a child never outlives its limit."""
+    monkeypatch.setattr(gpu_suite, "INTERRUPT_GRACE_S", 2)
+    reports = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+               "    print('wrote the report', flush=True)\n    raise SystemExit(2)\n")
+    deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
     with open(tmp_path / "suite.log", "w") as log:
-        code, seconds, output = gpu_suite._spawn("sleeper", [sys.executable, "-c", child], 1, log, dict(os.environ))
-    assert code is None and seconds < 1 + gpu_suite.INTERRUPT_GRACE_S
-    assert "wrote the report" in output
+        code, seconds, output = gpu_suite._spawn("sleeper", [sys.executable, "-c", reports], 4, log, dict(os.environ))
+        assert code is None and 2 <= seconds < 4 and "wrote the report" in output
+        code, seconds, _ = gpu_suite._spawn("deaf sleeper", [sys.executable, "-c", deaf], 4, log, dict(os.environ))
+        assert code is None and 4 <= seconds < 5
 
 
 def test_a_failed_child_is_reported_by_its_error_line():

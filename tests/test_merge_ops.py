@@ -73,9 +73,10 @@ def test_nearswap(backend, t):
 @pytest.mark.parametrize("n", [2, 3])
 def test_karcher_mean(backend, n):
     xs = tensors(n, seed=4, tie_heavy=False)
-    got = vk.karcher_mean(on(backend_device(backend), xs), max_iter=20, tol=1e-6).cpu()
+    device = backend_device(backend)
+    got = vk.karcher_mean(on(device, xs), max_iter=20, tol=1e-6).cpu()
     torch.testing.assert_close(got, mergekit("karcher", xs, None, max_iter=20, tol=1e-6), rtol=1e-5, atol=1e-6)
-    weighted = vk.karcher_mean(xs, [0.9, 0.1] + [0.0] * (n - 2))  # closer to the heavier input
+    weighted = vk.karcher_mean(on(device, xs), [0.9, 0.1] + [0.0] * (n - 2)).cpu()  # closer to the heavier input
     assert (weighted - xs[0]).norm() < (weighted - xs[1]).norm()
 
 

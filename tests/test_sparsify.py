@@ -92,15 +92,13 @@ def _assert_exact_selection(base, tuned, densities, got, tuned_are_deltas=False)
 def select_passes(monkeypatch):
     """Records the models of every bracket pass of the selection (ops/magnitude_select.py)."""
     passes = []
+    original = ms._run_pass
 
-    def recording(original):
-        def recorded(base, tuned, models, *args):
-            passes.append(len(models))
-            return original(base, tuned, models, *args)
-        return recorded
+    def recorded(base, tuned, models, *args):
+        passes.append(len(models))
+        return original(base, tuned, models, *args)
 
-    monkeypatch.setattr(ms, "_run_pass", recording(ms._run_pass))
-    monkeypatch.setattr(ms, "_resolve_on_device", recording(ms._resolve_on_device))
+    monkeypatch.setattr(ms, "_run_pass", recorded)
     return passes
 
 
@@ -118,35 +116,6 @@ def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monk
     densities = [0.3, 0.9, 1.0, 2.0 / numel]
     _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
     assert select_passes == [4, 3]  # density 1 needs no selection
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_the_first_pass_resolves_on_the_device(dtype, monkeypatch):
-    """With the Triton kernels and sorted order statistics (the GPU's path) a sampled first pass is
-    resolved without the host loop — K at the bracket's top, inside it or at its bottom — and
-    the cut is exact."""
-    monkeypatch.setenv("VFUSE_BACKEND", "triton")
-    monkeypatch.setattr(ms, "SMALL", 1024)
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu"))
-    resolved, host_passes = [], []
-    original = ms._resolve_on_device
-
-    def recorded(*args):
-        resolved.append(original(*args))
-        return resolved[-1]
-
-    monkeypatch.setattr(ms, "_resolve_on_device", recorded)
-    monkeypatch.setattr(ms, "_run_pass", lambda *args: host_passes.append(args))
-    if dtype == torch.bfloat16:  # few distinct keys: K is a bracket end
-        base, tuned = _tie_heavy(40_009, 3, device=backend_device("triton"))
-    else:  # distinct keys: K falls inside the bracket
-        gen = torch.Generator().manual_seed(4)
-        base = torch.randn(40_009, generator=gen)
-        tuned = [(base + 0.01 * torch.randn(40_009, generator=gen)).to(backend_device("triton")) for _ in range(3)]
-        base = base.to(backend_device("triton"))
-    for densities in ([0.01, 0.3, 0.77], [0.5, 0.9, 3.0 / 40_009]):
-        _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
-    assert len(resolved) == 2 and all(r is not None for r in resolved) and not host_passes
 
 
 @pytest.mark.parametrize("block", [256, 1024, 2048])

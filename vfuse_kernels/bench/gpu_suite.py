@@ -428,15 +428,15 @@ def _child_env(device: torch.device | None = None) -> dict:
 
 def _spawn(label: str, command: list[str], limit: float, log, env: dict, cwd: str | None = None):
     """(exit code, or None when stopped after ``limit`` seconds; seconds; its output): runs
-    ``command`` in its own process group with stdout and stderr appended to ``log``. At the limit
-    the group gets SIGINT (pytest then writes its report) and, INTERRUPT_GRACE_S later, SIGKILL."""
+    ``command`` in its own process group with stdout and stderr appended to ``log``. INTERRUPT_GRACE_S
+    before the limit the group gets SIGINT (pytest then writes its report), at the limit SIGKILL."""
     log.write(f"\n===== {label}: {' '.join(command)}\n")
     log.flush()
     offset = os.path.getsize(log.name)
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:
-        code = proc.wait(timeout=limit)
+        code = proc.wait(timeout=max(limit - INTERRUPT_GRACE_S, 1.0))
     except subprocess.TimeoutExpired:
         code = None
         os.killpg(proc.pid, signal.SIGINT)

@@ -17,11 +17,7 @@ Algorithm, shared by the backends (each provides the bracket pass: Triton on CUD
    compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
 3. Resolve, with one host synchronisation per pass for all models: K = hi or lo → C is the
    r-th equal key in flat order, found from the per-block counts and one block; K inside →
-   the candidates sorted by (key desc, index asc) give K and C at rank k. Where the backend
-   searches ties from a device table (Triton), the first pass resolves on the device instead
-   (``_resolve_on_device``): every model's case, tie search and candidate sort are queued
-   behind the bracket pass and the one synchronisation comes last, so the GPU never waits for
-   the host in between.
+   the candidates sorted by (key desc, index asc) give K and C at rank k.
 4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
    compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
    from it resolves — about two more passes; the region shrinks every two passes, so every
@@ -185,24 +181,14 @@ def _candidate_ranks(cand: torch.Tensor, rows: list[int], stored: list[int], ran
     tails masked to the smallest int64, below every candidate), on the CPU one selection per row."""
     if cand.device.type not in SORTING_DEVICES:
         packed = torch.stack([_kth_largest(cand[i, :n], [r - 1])[0] for i, n, r in zip(rows, stored, ranks)])
-        return list(zip(*_unpack(packed)))
-    device = cand.device
-    block = cand[host_to_device(rows, torch.int64, device), :max(stored)]
-    return list(zip(*_ranked_candidates(block, *(host_to_device(v, torch.int64, device) for v in (stored, ranks)))))
-
-
-def _ranked_candidates(block: torch.Tensor, stored: torch.Tensor, ranks: torch.Tensor) -> tuple:
-    """(keys, cutoffs), device tensors [R]: the ranks-th (1-based) largest of the first ``stored``
-    packed candidates of each row of ``block`` [R, W] (device tensors [R]; the rows' unfilled tails
-    are overwritten with the smallest int64, below every candidate): one segmented sort, one gather."""
-    filled = torch.arange(block.shape[1], device=block.device) < stored[:, None]
-    ordered = torch.sort(block.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
-    return _unpack(ordered.gather(1, (ranks - 1)[:, None]).reshape(-1))
-
-
-def _unpack(packed: torch.Tensor) -> tuple:
-    """(keys, flat indices) of packed candidates."""
-    return _candidate_keys(packed), INDEX_MASK - (packed & INDEX_MASK)
+    else:
+        device = cand.device
+        rows_t, stored_t, ranks_t = host_to_device([rows, stored, ranks], torch.int64, device)
+        block = cand[rows_t, :max(stored)]
+        filled = torch.arange(block.shape[1], device=device) < stored_t[:, None]
+        ordered = torch.sort(block.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
+        packed = ordered.gather(1, (ranks_t - 1)[:, None]).reshape(-1)
+    return list(zip(_candidate_keys(packed), INDEX_MASK - (packed & INDEX_MASK)))
 
 
 def _candidate_keys(cand: torch.Tensor) -> torch.Tensor:
@@ -249,10 +235,6 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=
         sampler = getattr(kernels, "sample_keys", sample_keys)
         for model, row in zip(models, _sample(base, tuned, tuned_are_deltas, sampler)):
             model.sample, model.sorted = row, True
-    if numel > SMALL and device.type in SORTING_DEVICES and hasattr(kernels, "tie_indices_from_table"):
-        resolved = _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels)
-        if resolved is not None:
-            return resolved
     for _ in range(MAX_PASSES):
         pending = [m for m in models if m.result is None]
         if not pending:
@@ -262,38 +244,6 @@ def magnitude_select(base, tuned, ks, tuned_are_deltas, kernels, subsample_size=
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return _stack([m.result[0] for m in models], device), _stack([m.result[1] for m in models], device)
-
-
-def _resolve_on_device(base, tuned, models, tuned_are_deltas, kernels):
-    """The first bracket pass of sampled models and its resolution, queued on the device with no
-    host read until the end: from the per-block counts each model's K is at hi, inside or at lo
-    (a tie search from a device table, one segmented sort of the candidates, ``where`` between
-    them). (keys, cutoffs), or None when some model's K lies outside its bracket or its
-    candidates overflowed (the caller's passes then start over from the same samples)."""
-    device, numel, n = base.device, base.numel(), len(models)
-    brackets = [_bracket(m) for m in models]
-    lo, hi = (_stack([b[j] for b in brackets], device) for j in (0, 1))
-    cap = max(_capacity(share, numel) for _, _, share in brackets)
-    block, counts, cand, fill = _pass_buffers(numel, n, cap, device)
-    kernels.bracket_pass(base, tuned, lo, hi, host_to_device([FULL_RATE] * n, torch.int64, device), cap, block,
-                         tuned_are_deltas, counts, cand, fill)
-    gt, eq_hi, eq_lo, inside = counts.sum(0, dtype=torch.int64).unbind(1)
-    empty = lo == hi  # one key is the whole bracket: it counts once, as hi
-    eq_lo, inside = eq_lo.masked_fill(empty, 0), inside.masked_fill(empty, 0)
-    k = host_to_device([m.k for m in models], torch.int64, device)
-    above = gt + eq_hi  # keys above the inside region
-    at_hi = (k > gt) & (k <= above)
-    in_bracket = (k > above) & (k <= above + inside) & (fill == inside) & (fill <= cap)  # every inside key stored
-    at_lo = (k > above + inside) & (k <= above + inside + eq_lo)
-    table = torch.stack([torch.where(at_hi, hi, lo), torch.where(at_hi, k - gt, k - above - inside),
-                         torch.arange(n, device=device), torch.where(at_hi, 1, 2)], dim=1)
-    tie_cutoffs = kernels.tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas)
-    candidate_keys, candidate_cutoffs = _ranked_candidates(cand, fill, (k - above).clamp(1, cap))
-    keys = torch.where(in_bracket, candidate_keys, table[:, 0])
-    cutoffs = torch.where(in_bracket, candidate_cutoffs, tie_cutoffs)
-    if not bool((at_hi | in_bracket | at_lo).all()):  # the one synchronisation, behind all of the above
-        return None
-    return keys, cutoffs
 
 
 def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_ties, subsample):

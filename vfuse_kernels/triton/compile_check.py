@@ -32,7 +32,7 @@ def kernel_configs():
     """(name, kernel, signature, constexprs[, launch options]) for the configurations worth compiling."""
     select_block = selection.block_size(torch.device("cuda"))
     merges = [("bf16", 3, sparsify, elect, False) for sparsify, elect in itertools.product((0, 1, 2), (0, 1, 2))]
-    merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False)]
+    merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False), ("bf16", 9, 1, 1, False)]  # 9: past the inverse table
     for dtype, n, sparsify, elect, deltas in merges:
         consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
                       TUNED_ARE_DELTAS=deltas, BLOCK=delta_merge.BLOCK)
@@ -44,7 +44,8 @@ def kernel_configs():
                    scale="fp32")
         ty = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
         yield ("merge_foreach" + name, delta_merge._merge_foreach_kernel, sig,
-               dict(consts, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty))
+               dict(consts, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty,
+                    PARAMS=len(delta_merge._model_values([0.0] * n, [1.0] * n, [0] * n, 0, elect, True))))
     for sparsify in (1, 2):
         sig = dict(partial_ptr="*fp64", base_ptr="*bf16", tuned=_tuned("bf16", 2), params_ptr="*fp64",
                    trim_ptr="*i64", numel="i64")

@@ -6,24 +6,26 @@ and stores the output once (DESIGN.md §2.1; formulas in ops/delta_merge.py).
 ``enable_fp_fusion=False`` keeps every rounding step identical to the reference, so the
 discrete decisions (trim, vote, agreement) match it bit for bit.
 
-Per-model scalars travel in one small fp64 tensor (``params``: coefficients, weights, DARE
-thresholds, seed words, the inverse divisor) copied from pinned memory without blocking, and
+Per-merge scalars travel in one small fp64 tensor (``params``: coefficients, weights, DARE
+thresholds, seed words, the inverse divisors) copied from pinned memory without blocking, and
 the TIES thresholds stay on the device where the selection left them: a launch never waits
 for the GPU.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import host_to_device
 from .magnitude_select import (bracket_pass, load_base, load_delta, magnitude_key, sample_keys,  # noqa: F401
-                               tie_indices, tie_indices_from_table)  # (re-exported: the backend's kernel set)
+                               tie_indices)  # (re-exported: the backend's kernel set)
 from .philox import dare_bits
 
 BLOCK = 1024
 NUM_WARPS = 4
+INVERSE_TABLE_MODELS = tl.constexpr(8)  # up to this many models, elected merges divide by a table of 2^N inverses
 
 
 @triton.jit
@@ -54,9 +56,11 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
                  TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
     """combine(uᵢ) of one block in fp32, divided by the divisor when normalising; the tuned
-    pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row. Without
-    election the divisor is one number for the block: the quotient is the fp64 product with its
-    inverse rounded to fp32, the IEEE quotient's bits (csrc/cpu/common.h, exact_quotient)."""
+    pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row. The
+    quotient is the fp64 product with the divisor's inverse rounded to fp32, the IEEE quotient's
+    bits (csrc/cpu/common.h, exact_quotient): without election one inverse for the block, with it
+    the inverse of the agreeing models' weight sum, looked up by their bit set in the table of
+    all 2^N sums (``_inverse_table``; past INVERSE_TABLE_MODELS models an IEEE division)."""
     kept = ()  # uᵢ of every model, for the agreement pass
     vote = tl.zeros([BLOCK], dtype=tl.float32)
     merged = tl.zeros([BLOCK], dtype=tl.float32)
@@ -82,13 +86,21 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
     else:
         positive = vote >= 0
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
+        agreeing = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: model i agrees with the elected sign
         for i in tl.static_range(N):
             u = kept[i]
             agree = tl.where(positive, u > 0, u < 0)
             merged += tl.where(agree, u, 0.0)
-            divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
+            if N <= INVERSE_TABLE_MODELS:
+                agreeing |= agree.to(tl.int32) << i
+            else:
+                divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
         if NORMALIZE:
-            merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
+            if N <= INVERSE_TABLE_MODELS:
+                inverse = tl.load(params_ptr + 3 * N + 3 + agreeing)
+                merged = (merged.to(tl.float64) * inverse).to(tl.float32)
+            else:
+                merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
     return merged
 
 
@@ -109,9 +121,11 @@ def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale,
 def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tensors, scale,
                           N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                           NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, OUT_TY: tl.constexpr,
-                          BASE_TY: tl.constexpr, TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
+                          BASE_TY: tl.constexpr, TUNED_TY: tl.constexpr, PARAMS: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Many tensors in one launch: row j of the table holds (out, base, tuned₀ … tuned_N−1,
-    numel) as int64; tensor j owns programs [block_start[j], block_start[j + 1])."""
+    numel) as int64, tensor j's scalars are params[PARAMS·j : PARAMS·(j + 1)]; tensor j owns
+    programs [block_start[j], block_start[j + 1])."""
     pid = tl.program_id(0)
     low = 0  # the last tensor whose first program is <= pid (binary search)
     high = tensors
@@ -127,7 +141,7 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
     mask = offs < tl.load(row + 2 + N)
     base_ptr = tl.load(row + 1).to(tl.pointer_type(BASE_TY))
     b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    params = params_ptr + low.to(tl.int64) * (3 * N + 3)
+    params = params_ptr + low.to(tl.int64) * PARAMS
     merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
                           N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
     out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
@@ -151,22 +165,34 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
         tl.store(partial_ptr + (pid * N + i) * 2 + 1, tl.sum(tl.where(keep, magnitude, 0.0), axis=0))
 
 
-def _model_values(coefs, weights, dare_thresholds, seed) -> list:
-    """One merge's [3N + 3] scalars as the kernels read them from fp64: coefficients, weights,
-    DARE keep thresholds, the two seed words (exact: every value fits 53 bits), and 1 / d in fp64
-    for the divisor d without election: Σ wᵢ of the fp32 weights summed in fp64 and rounded to
-    fp32 like the CPU kernel's, 1 where it is 0."""
+def _model_values(coefs, weights, dare_thresholds, seed, elect, normalize) -> list:
+    """One merge's scalars as the kernels read them from fp64: coefficients, weights, DARE keep
+    thresholds, the two seed words (exact: every value fits 53 bits), 1 / d for the divisor d
+    without election (Σ wᵢ of the fp32 weights summed in fp64 and rounded to fp32 like the CPU
+    kernel's, 1 where it is 0), and with election and normalising the ``_inverse_table``."""
     divisor = torch.tensor(weights, dtype=torch.float32).double().sum().float().item()
+    table = _inverse_table(weights) if elect and normalize and len(weights) <= INVERSE_TABLE_MODELS.value else []
     return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
-            1.0 / (divisor or 1.0)]
+            1.0 / (divisor or 1.0), *table]
 
 
-def _params(device, coefs, weights, dare_thresholds, seed) -> torch.Tensor:
-    """fp64 [3N + 3] ``_model_values`` on ``device``, one non-blocking copy from pinned memory.
-    ``coefs`` may be a device tensor (the L1 rescale computes them there)."""
+def _inverse_table(weights) -> list:
+    """[2^N] RN64(1 / dₛ) for every subset s of the models (bit i: model i): dₛ the fp32 weights of
+    s summed in model order in fp32, as the kernel's division would sum them, 1 where it is 0."""
+    subsets = np.arange(1 << len(weights))
+    sums = np.zeros(len(subsets), dtype=np.float32)
+    for i, w in enumerate(np.asarray(weights, dtype=np.float32)):
+        sums = np.where(subsets >> i & 1, sums + w, sums)
+    return (1.0 / np.where(sums == 0, 1.0, sums.astype(np.float64))).tolist()
+
+
+def _params(device, coefs, weights, dare_thresholds, seed, elect=0, normalize=False) -> torch.Tensor:
+    """fp64 ``_model_values`` on ``device``, one non-blocking copy from pinned memory. ``coefs``
+    may be a device tensor (the L1 rescale computes them there)."""
     n = len(weights)
     host_coefs = [0.0] * n if isinstance(coefs, torch.Tensor) else coefs
-    params = host_to_device(_model_values(host_coefs, weights, dare_thresholds, seed), torch.float64, device)
+    values = _model_values(host_coefs, weights, dare_thresholds, seed, elect, normalize)
+    params = host_to_device(values, torch.float64, device)
     if isinstance(coefs, torch.Tensor):
         params[:n] = coefs
     return params
@@ -195,7 +221,7 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
           trim, seed):
     """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out``."""
     n, numel = len(tuned), base.numel()
-    params = _params(base.device, coefs, weights, dare_thresholds, seed)
+    params = _params(base.device, coefs, weights, dare_thresholds, seed, elect, normalize)
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
         out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
@@ -215,7 +241,7 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         table += [outs[j].data_ptr(), base.data_ptr(), *(t.data_ptr() for t in tuned[j]), base.numel()]
         starts.append(blocks)
         blocks += triton.cdiv(base.numel(), BLOCK)
-        params += _model_values(coefs[j], weights[j], dare_thresholds[j], seeds[j])
+        params += _model_values(coefs[j], weights[j], dare_thresholds[j], seeds[j], elect, normalize)
     table_t = host_to_device(table, torch.int64, device)
     trim = torch.cat([torch.cat(t) for t in trims]) if sparsify == 1 else table_t
     _merge_foreach_kernel[(blocks,)](
@@ -223,5 +249,5 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         count, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, OUT_TY=TL_TYPES[outs[0].dtype], BASE_TY=TL_TYPES[bases[0].dtype],
-        TUNED_TY=TL_TYPES[tuned[0][0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        TUNED_TY=TL_TYPES[tuned[0][0].dtype], PARAMS=len(params) // count, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

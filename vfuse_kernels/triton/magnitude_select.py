@@ -19,6 +19,7 @@ import triton.language as tl
 from .._backend import host_to_device
 
 NUM_WARPS = 4  # at 1024 elements per program (ops.magnitude_select.block_size): 8 per thread
+MAX_REGISTERS = None  # the bracket kernel's register cap (ptxas spills past it), None: ptxas's choice
 
 
 @triton.jit
@@ -64,9 +65,13 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    loaded = ()  # every model's block, then a barrier: the block's loads are all in flight together (else
+    for i in tl.static_range(N):  # ptxas issues model i + 1's only after model i's counting has waited for its own)
+        loaded += (tl.load(tuned[i] + offs, mask=mask, other=0.0),)
     b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
+    tl.debug_barrier()
     for i in tl.static_range(N):
-        delta = load_delta(tuned[i], b, offs, mask, TUNED_ARE_DELTAS)
+        delta = loaded[i].to(tl.float32) - b  # b = 0 for deltas: δ − 0 has δ's key
         key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # 31-bit keys: 32-bit compares
         lo = tl.load(lo_ptr + i).to(tl.int32)  # >= -1
         hi_wide = tl.load(hi_ptr + i)  # <= 2^31: 2^31 is above every key
@@ -182,27 +187,21 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
 
 
 def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
-    """ops/magnitude_select.tie_indices in two launches for all queries."""
+    """ops/magnitude_select.tie_indices in two launches for all queries (a device table of
+    (key, rank, model, column) rows)."""
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
-                           torch.int64, base.device).view(-1, 4)
-    return list(tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas))
-
-
-def tie_indices_from_table(base, tuned, table, counts, block, tuned_are_deltas):
-    """int64 [Q] on the device: the flat index of query q's rank-th key equal to its key, for the
-    device table [Q, 4] of (key, rank, model, column) rows; numel where no such element exists
-    (a rank outside [1, that key's count]): no host value is read."""
-    out = torch.empty(table.shape[0], dtype=torch.int64, device=base.device)
+                           torch.int64, base.device)
+    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
-    sums = torch.empty(table.shape[0], chunks, dtype=torch.int64, device=base.device)
-    _tie_chunk_kernel[(chunks, table.shape[0])](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
-                                                num_warps=4)
-    _tie_find_kernel[(table.shape[0],)](
+    sums = torch.empty(len(queries), chunks, dtype=torch.int64, device=base.device)
+    _tie_chunk_kernel[(chunks, len(queries))](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
+                                              num_warps=4)
+    _tie_find_kernel[(len(queries),)](
         out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
     )
-    return out
+    return list(out)
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
@@ -210,4 +209,5 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
     _bracket_kernel[(triton.cdiv(base.numel(), block),)](
         counts, cand, fill, base, tuple(tuned), lo, hi, rate, base.numel(), cap,
         N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, num_warps=NUM_WARPS,
+        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
