@@ -48,3 +48,17 @@ def test_merge_kernel_ablations_run_the_triton_kernel():
     assert [r["impl"] for r in rows] == [f"ablation: {a[0]}" for a in bench_merge.MERGE_ABLATIONS]
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
     torch.testing.assert_close(out, vk.delta_merge(base, tuned, [0.5, 0.5], method="task_arithmetic"), rtol=0, atol=0)
+
+
+def test_the_ncu_workload_merges_like_delta_merge(monkeypatch):
+    """The kernels the GPU suite profiles under ncu (tiny; under the interpreter without a GPU)
+    write what the Triton backend's delta_merge writes for TIES and task arithmetic."""
+    import vfuse_kernels as vk
+
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    device = backend_device("triton")
+    ties, task_arithmetic = bench_merge.ncu_workload(3001, str(device))
+    base, tuned = bench_merge.tie_heavy_inputs(3001, 2, torch.bfloat16, device)
+    for got, method in ((ties, "ties"), (task_arithmetic, "task_arithmetic")):
+        expected = vk.delta_merge(base, tuned, [0.5, 0.5], method=method, density=0.3 if method == "ties" else 1.0)
+        assert torch.equal(got, expected)

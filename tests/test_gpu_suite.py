@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 from vfuse_kernels import cli
@@ -151,3 +152,34 @@ def test_a_failed_child_is_reported_by_its_error_line():
                                                "(exit code 1)")
     assert gpu_suite._why(-11, 60, "loading\nstill loading\n") == "still loading (exit code -11)"
     assert gpu_suite._why(None, 60, traceback) == "killed after 60 s (its share of the suite's time budget)"
+
+
+NCU_RAW = (  # ncu --page raw --csv: metric names, their units, a row per launch (values as ncu prints them)
+    '"ID","Process ID","Kernel Name","Block Size","gpu__time_duration.sum",'
+    '"dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread",'
+    '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+    '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",'
+    '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"\n'
+    '"","","","","usecond","%","register/thread","inst","inst","inst"\n'
+    '"0","81","_bracket_kernel","(128, 1, 1)","844.32","45.80","72","12.5","3.25","0.5"\n'
+    '"1","81","_merge_kernel","(128, 1, 1)","1,083.5","75.1","32","8","n/a","1.5"\n')
+
+
+def test_ncu_rows_read_the_raw_page(monkeypatch):
+    monkeypatch.setattr(gpu_suite, "NCU_STALLS_KEPT", 2)
+    bracket, merge = gpu_suite.ncu_rows("==PROF== Disconnected\n" + NCU_RAW)
+    assert bracket.pop("median_ms") == pytest.approx(0.84432) and merge.pop("median_ms") == pytest.approx(1.0835)
+    assert bracket == {"suite": "ncu", "op": "ncu", "impl": "_bracket_kernel",
+                       "dram_pct_of_peak": 45.8, "registers": 72.0, "stall 1": "long_scoreboard 12.50",
+                       "stall 2": "barrier 3.25"}
+    assert merge["stall 1"] == "long_scoreboard 8.00"
+    assert merge["stall 2"] == "wait 1.50"  # "n/a" is no value
+    assert gpu_suite.ncu_rows("no report\n") == []
+
+
+def test_the_ncu_part_fails_its_check_without_ncu(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with open(tmp_path / "suite.log", "w") as log:
+        result = gpu_suite._ncu_part(60, log, str(tmp_path / "suite"))
+    assert result["checks"] == [{"name": "ncu: merge kernels profiled", "passed": False,
+                                 "detail": "ncu is not on PATH"}] and not result["rows"]

@@ -10,6 +10,12 @@ hang or a CUDA error fails that part's check and never the suite:
 - one part per entry of ``AREAS``: the module's ``gpu_suite(device, quick) -> {"checks",
   "rows", "targets"}``. A module that is missing, raises, outlives its time or returns a
   malformed result gives a failed check ``<area>: gpu_suite`` (the traceback's last line).
+- ``ncu`` (a GPU, full sizes): Nsight Compute on ``bench.merge.ncu_workload``'s kernels (the
+  TIES bracket pass, the TIES merge kernel, task arithmetic's), with ``--clock-control none``:
+  a row per kernel with its duration, DRAM and SM throughput, achieved occupancy, registers and
+  its largest warp stall reasons; the report (``…-ncu.ncu-rep``), its raw metrics (``.csv``) and
+  its details page (``.txt``) beside the results. Its check fails where ncu cannot read the
+  counters (not on PATH; a sandbox without profiler access).
 - ``distributed``: ``vfuse merge --distributed --device cuda`` under torchrun, one rank per
   GPU (process group ``cpu:gloo,cuda:nccl``; one gloo rank on a CPU), TIES on a small
   Llama-shaped bf16 family, byte-compared with the single-process ``vfuse merge`` on the
@@ -38,11 +44,14 @@ with a ``.md`` rendering (targets, failed checks, time per part, rows per suite)
 """
 from __future__ import annotations
 
+import csv
 import importlib
 import importlib.util
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,8 +67,8 @@ from .common import device_slug, dump_json, environment, markdown_table, print_t
 
 AREAS = {"merge": "vfuse_kernels.bench.merge", "tokens": "vfuse_kernels.bench.tokens",
          "engine": "vfuse_kernels.bench.engine"}
-SKIPPABLE = (*AREAS, "distributed", "tests")
-LIMIT_S = {"merge": 150, "tokens": 90, "engine": 90, "distributed": 90, "tests": 240}  # at most, per part
+SKIPPABLE = (*AREAS, "ncu", "distributed", "tests")
+LIMIT_S = {"merge": 150, "tokens": 90, "engine": 90, "ncu": 60, "distributed": 90, "tests": 240}  # at most, per part
 RESERVE_S = {"distributed": 30, "tests": 120}  # kept for these parts while the earlier ones run
 INTERRUPT_GRACE_S = 15  # between a timed-out child's SIGINT and its SIGKILL
 MIN_TEST_RUN_S = 30  # the tests part starts its second pytest run only with this much time left
@@ -70,6 +79,20 @@ TARGET_AREAS = ("merge", "tokens")
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder of vfuse_kernels/
 ERROR_LINE = re.compile(r"vfuse [\w-]+: error: |(?![\w.]*ChildFailedError)[\w.]*(Error|Exception)\b")
 AREA_MAIN = "from vfuse_kernels.bench.gpu_suite import _area_main; _area_main()"
+NCU_WORKLOAD = "from vfuse_kernels.bench.merge import ncu_workload; ncu_workload()"
+NCU_KERNELS = "regex:^(_bracket_kernel|_merge_kernel)$"
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats", "MemoryWorkloadAnalysis")
+NCU_METRICS = {  # raw metric: its column in the ncu rows
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_pct_of_peak",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved_occupancy_pct",
+    "launch__registers_per_thread": "registers",
+    "lts__t_sector_hit_rate.pct": "l2_hit_pct",
+}
+NCU_STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
+NCU_STALLS_KEPT = 4  # the largest stall reasons per kernel
+TIME_UNITS_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
 
 
 def run_suite(device: torch.device, *, quick: bool, out_dir: str | None = None, skip=(),
@@ -82,7 +105,8 @@ def run_suite(device: torch.device, *, quick: bool, out_dir: str | None = None, 
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"gpu-suite-{device_slug(device)}-{env['date']}{'-quick' if quick else ''}")
     data = {"environment": env, "checks": [], "rows": [], "targets": []}
-    parts = [p for p in ("device", *AREAS, "distributed", "tests") if p not in skip]
+    profiled = ("ncu",) if device.type == "cuda" and not quick else ()
+    parts = [p for p in ("device", *AREAS, *profiled, "distributed", "tests") if p not in skip]
     print(f"# vfuse bench gpu{' --quick' if quick else ''}: {env['device']} | torch {env['torch']} | "
           f"triton {env['triton']} | budget {budget:.0f} s -> {stem}.*", flush=True)
     with open(stem + ".log", "w") as log:
@@ -98,6 +122,8 @@ def run_suite(device: torch.device, *, quick: bool, out_dir: str | None = None, 
                                  "budget were left")
             elif part in AREAS:
                 result = _area_part(part, AREAS[part], device, quick, limit, log)
+            elif part == "ncu":
+                result = _ncu_part(limit, log, stem)
             elif part == "distributed":
                 result = _distributed_part(device, quick, limit, log)
             else:
@@ -340,6 +366,69 @@ def _differences(expected: str, got: str) -> list[str]:
             if x.read() != y.read():
                 differ.append(f"{name} differs")
     return differ
+
+
+# ---------------------------------------------------------------------------------------------- ncu
+
+
+def _ncu_part(limit: float, log, stem: str) -> dict:
+    """Nsight Compute on NCU_WORKLOAD's kernels (NCU_KERNELS, NCU_SECTIONS): the report, its raw
+    metrics and its details page at ``<stem>-ncu.{ncu-rep,csv,txt}``; a row per kernel (``ncu_rows``)."""
+    name = "ncu: merge kernels profiled"
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        return _failed(name, "ncu is not on PATH")
+    report = stem + "-ncu"
+    sections = [arg for section in NCU_SECTIONS for arg in ("--section", section)]
+    command = [ncu, "--clock-control", "none", "--target-processes", "all", "--kernel-name", NCU_KERNELS,
+               "--launch-count", "4", *sections, "--export", report, "--force-overwrite",
+               sys.executable, "-c", NCU_WORKLOAD]
+    code, seconds, output = _spawn("ncu", command, max(limit - 20, MIN_PART_S), log, _child_env())
+    if code != 0 or not os.path.exists(report + ".ncu-rep"):
+        return _failed(name, _why(code, limit, output))
+    pages = {}
+    for page, suffix in (("raw", ".csv"), ("details", ".txt")):
+        shown = subprocess.run([ncu, "--import", report + ".ncu-rep", "--page", page, *(["--csv"] if page == "raw" else [])],
+                               capture_output=True, text=True, timeout=10)
+        pages[page] = shown.stdout
+        with open(report + suffix, "w") as f:
+            f.write(shown.stdout)
+    rows = ncu_rows(pages["raw"])
+    return {"checks": [{"name": name, "passed": bool(rows),
+                        "detail": f"{len(rows)} kernel launches in {seconds:.0f} s: {report}.ncu-rep, .csv, .txt"}],
+            "rows": rows, "targets": []}
+
+
+def ncu_rows(text: str) -> list[dict]:
+    """A row per kernel launch of ncu's raw page (``--page raw --csv``: a header naming the
+    metrics, a row of their units, a row per launch): its duration in ms, the NCU_METRICS it
+    has, and its NCU_STALLS_KEPT largest stall reasons (warps stalled per issued instruction)."""
+    table = list(csv.reader(io.StringIO(text)))
+    header = next((i for i, line in enumerate(table) if "Kernel Name" in line), None)
+    if header is None or header + 1 >= len(table):
+        return []
+    names, units = table[header], dict(zip(table[header], table[header + 1]))
+    rows = []
+    for line in table[header + 2:]:
+        if len(line) != len(names):
+            continue
+        values = {}
+        for metric, text_value in zip(names, line):
+            try:
+                values[metric] = float(text_value.replace(",", ""))
+            except ValueError:
+                pass
+        duration = values.get("gpu__time_duration.sum")
+        row = {"suite": "ncu", "op": "ncu", "impl": line[names.index("Kernel Name")],
+               "median_ms": duration * TIME_UNITS_MS.get(units.get("gpu__time_duration.sum"), float("nan"))
+               if duration is not None else None}
+        row.update({column: values[metric] for metric, column in NCU_METRICS.items() if metric in values})
+        stalls = sorted(((values[m], NCU_STALL.fullmatch(m).group(1)) for m in values if NCU_STALL.fullmatch(m)),
+                        reverse=True)
+        row.update({f"stall {i + 1}": f"{reason} {value:.2f}" for i, (value, reason) in
+                    enumerate(stalls[:NCU_STALLS_KEPT])})
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -497,6 +497,22 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     return rows
 
 
+def ncu_workload(numel: int = 1 << 28, device: str = "cuda") -> list[torch.Tensor]:
+    """What the GPU suite's ncu part profiles, in a child process under ncu: on 2 × ``numel`` bf16
+    tie-heavy inputs, the TIES selection at density 0.3 (its bracket pass), then the TIES merge
+    kernel given those thresholds, then task arithmetic's merge kernel — one launch each. Returns
+    the two merges."""
+    from ..triton import delta_merge as kernels
+
+    base, tuned = tie_heavy_inputs(numel, 2, torch.bfloat16, torch.device(device))
+    trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
+    outs = [torch.empty_like(base) for _ in range(2)]
+    for out, (sparsify, elect, normalize) in zip(outs, ((1, 1, True), (0, 0, False))):
+        kernels.merge(out, base, tuned, False, sparsify, elect, normalize, 1.0, [0.5, 0.5], [0.5, 0.5], [0, 0],
+                      trim if sparsify else None, 0)
+    return outs
+
+
 MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES merge kernel, one part removed at a time
     ("TIES merge kernel (trim, elect, normalise)", 1, 1, True), ("without normalising", 1, 1, False),
     ("trim only", 1, 0, False), ("elect and normalise, no trim", 0, 1, True), ("task arithmetic", 0, 0, False))
