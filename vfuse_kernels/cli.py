@@ -193,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the source checkout, else the current folder)")
     gpu.add_argument("--no-tests", action="store_true", help="skip the pytest run (= --skip tests)")
     gpu.add_argument("--skip", nargs="+", metavar="PART",
-                     help="parts not to run: merge tokens engine distributed tests")
+                     help="parts not to run: merge tokens engine ncu distributed tests")
     gpu.add_argument("--budget", type=float, metavar="SECONDS",
                      help="time for the whole suite, each part within its own limit too (default 480)")
     gpu.add_argument("--workers", type=int, metavar="N",
-                     help="pytest-xdist workers for the tests (default min(8, cores); 0: the GPU tests, serially)")
+                     help="pytest-xdist workers for the tests (default min(8, cores); 0: one process)")
     bench.set_defaults(run=_bench)
     profile = commands.add_parser("profile-sequence", help="time and memory per visual-path stage vs visual tokens",
                                   description="Sweeps encoders x tokens per encoder x keep ratio x batch through "
