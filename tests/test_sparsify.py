@@ -2,6 +2,11 @@
 (keep rate, rescale, determinism across thread counts and block sizes)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import backend_device
@@ -303,3 +308,41 @@ def test_triton_tie_search_matches_the_torch_search():
     for is_delta, b, t in ((False, base, tuned), (True, torch.zeros_like(base), deltas)):
         assert [int(x) for x in ms.tie_indices(b, t, queries, counts, block, is_delta)] == expected
         assert [int(x) for x in kernels.tie_indices(b, t, queries, counts, block, is_delta)] == expected
+
+
+BRACKET_PASSES = """
+import json, sys, torch
+from vfuse_kernels.ops import _cpp_kernels as kernels
+out = []
+for dtype, n, deltas in ((torch.bfloat16, 3, False), (torch.float32, 2, False), (torch.bfloat16, 4, True),
+                         (torch.float32, 1, True)):
+    gen = torch.Generator().manual_seed(n)
+    base = torch.randn(70_001, generator=gen).to(dtype)
+    tuned = [(base.float() + torch.randn(70_001, generator=gen) * 0.01).to(dtype) for _ in range(n)]
+    tuned[0][:100] = float("nan")  # keys 0x7fc00000 and the like
+    keys = sorted(set((tuned[0].float() - base.float()).abs().view(torch.int32)[100:].tolist()))
+    for lo, hi in ((keys[len(keys) // 3], keys[2 * len(keys) // 3]), (-1, 1 << 31), (keys[5], keys[5]),
+                   (keys[-3], 1 << 31)):
+        counts = torch.empty(-(-base.numel() // 2048), n, 4, dtype=torch.int32)
+        cand, fill = torch.empty(n, base.numel(), dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        kernels.bracket_pass(base, tuned, torch.tensor([lo] * n), torch.tensor([hi] * n),
+                             torch.tensor([1 << 32] * n), base.numel(), 2048, deltas, counts, cand, fill)
+        out.append([counts.tolist(), [sorted(cand[i, :fill[i]].tolist()) for i in range(n)]])
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif("avx512bw" not in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else True,
+                    reason="no AVX-512 on this CPU: the bracket pass has one loop here")
+def test_the_avx512_bracket_loop_counts_and_compacts_like_the_portable_one():
+    """bf16 and fp32, 1–4 models, deltas or not, tails, NaN keys, a bracket open at the top (hi =
+    2^31), an empty one (lo = hi) and lo = -1: the same per-block counts and candidates with the
+    AVX-512 loop and with the compiler-vectorised one (VFUSE_NO_AVX512)."""
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", BRACKET_PASSES], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env})
+        return json.loads(done.stdout)
+
+    avx512, portable = run(), run(VFUSE_NO_AVX512="1")
+    assert avx512 == portable
+    assert all(sum(len(c) for c in cands) > 0 for _, cands in avx512[::4])  # the middle brackets compact elements

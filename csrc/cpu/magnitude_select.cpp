@@ -9,10 +9,22 @@
 // common case) every value is converted, subtracted and compared in registers; otherwise
 // the deltas are staged in fp32 first. The loop also leaves each element's key and inside
 // flag in L1-resident chunk buffers; inside elements (~1%) are then found 8 flags at a time.
+// On AVX-512 CPUs, bf16 and fp32 inputs take a hand-written loop instead (count_avx512: the
+// compiler's widens every compare mask to a vector and spills its counters): compares into
+// mask registers and masked adds, bf16 decoded as even/odd lanes (a shift and an and, no
+// shuffles: the compares already fill port 5), the inside flags kept as 16-bit masks, and the
+// few inside elements' keys recomputed from the inputs: the pass 30–40% faster on a 2-vCPU Xeon
+// (benchmarks/NOTES.md, v0.6).
 #include "parallel.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VFUSE_AVX512_COUNT 1
+#endif
 
 #include "delta_merge.h"
 
@@ -119,6 +131,123 @@ void count_chunk_staged(const DeltaInputs& in, int64_t start, int64_t len, const
   }
 }
 
+#if VFUSE_AVX512_COUNT
+#define VFUSE_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+// One model's bracket and its four per-lane counters.
+struct LaneCounts {
+  __m512i hi, eq_hi_key, lo, lo1, width, gt, eq_hi, eq_lo, inside;
+};
+
+// Adds 16 deltas' (valid lanes') contributions; returns their inside mask.
+VFUSE_AVX512 VFUSE_INLINE __mmask16 count16(LaneCounts& n, __m512 delta, __mmask16 valid) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i key = _mm512_and_si512(_mm512_castps_si512(delta), _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 inside = _mm512_mask_cmplt_epu32_mask(valid, _mm512_sub_epi32(key, n.lo1), n.width);
+  n.gt = _mm512_mask_add_epi32(n.gt, _mm512_mask_cmpgt_epi32_mask(valid, key, n.hi), n.gt, one);
+  n.eq_hi = _mm512_mask_add_epi32(n.eq_hi, _mm512_mask_cmpeq_epi32_mask(valid, key, n.eq_hi_key), n.eq_hi, one);
+  n.eq_lo = _mm512_mask_add_epi32(n.eq_lo, _mm512_mask_cmpeq_epi32_mask(valid, key, n.lo), n.eq_lo, one);
+  n.inside = _mm512_mask_add_epi32(n.inside, inside, n.inside, one);
+  return inside;
+}
+
+// Counts c[i][0..3] += (key > hi, == hi, == lo, inside) of chunk [start, start + len) and
+// writes the inside masks masks[i * kChunk / 16 + q]: for fp32, bit t of mask q is element
+// 16q + t; for bf16, element 32(q / 2) + 2t + q % 2 (the even, then the odd elements of each 32).
+template <bool kBf16, int N, bool kDeltas>
+VFUSE_AVX512 void count_avx512(const DeltaInputs& in, int64_t start, int64_t len, const Bracket* br, int64_t* c,
+                               uint16_t* masks) {
+  const __m512i high_half = _mm512_set1_epi32(int32_t(0xffff0000u));
+  LaneCounts n[N];
+  for (int i = 0; i < N; ++i) {  // inside: lo < key < hi (below 2^31 when hi is above every key)
+    const int64_t top = br[i].above_all ? int64_t(1) << 31 : br[i].hi32;
+    n[i].hi = _mm512_set1_epi32(br[i].hi32);  // 2^31 - 1 when above every key: never exceeded
+    n[i].eq_hi_key = _mm512_set1_epi32(br[i].above_all ? -1 : br[i].hi32);  // keys >= 0: -1 matches none
+    n[i].lo = _mm512_set1_epi32(br[i].lo);
+    n[i].lo1 = _mm512_set1_epi32(br[i].lo + 1);
+    n[i].width = _mm512_set1_epi32(int32_t(uint32_t(std::max<int64_t>(top - br[i].lo - 1, 0))));
+    n[i].gt = n[i].eq_hi = n[i].eq_lo = n[i].inside = _mm512_setzero_si512();
+  }
+  if constexpr (kBf16) {
+    const uint16_t* base = static_cast<const uint16_t*>(in.base) + start;
+    for (int64_t j = 0; j < len; j += 32) {
+      const int64_t rest = std::min<int64_t>(len - j, 32);
+      const __mmask32 loaded = rest == 32 ? ~__mmask32(0) : (__mmask32(1) << rest) - 1;
+      const __mmask16 even = __mmask16((int64_t(1) << ((rest + 1) / 2)) - 1), odd = __mmask16((int64_t(1) << (rest / 2)) - 1);
+      const __m512i b = kDeltas ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(loaded, base + j);
+      const __m512 b_even = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+      const __m512 b_odd = _mm512_castsi512_ps(_mm512_and_si512(b, high_half));
+      for (int i = 0; i < N; ++i) {
+        const __m512i t = _mm512_maskz_loadu_epi16(loaded, static_cast<const uint16_t*>(in.tuned[i]) + start + j);
+        const __m512 t_even = _mm512_castsi512_ps(_mm512_slli_epi32(t, 16));
+        const __m512 t_odd = _mm512_castsi512_ps(_mm512_and_si512(t, high_half));
+        uint16_t* m = masks + i * (kChunk / 16) + j / 16;
+        m[0] = count16(n[i], kDeltas ? t_even : _mm512_sub_ps(t_even, b_even), even);
+        m[1] = count16(n[i], kDeltas ? t_odd : _mm512_sub_ps(t_odd, b_odd), odd);
+      }
+    }
+  } else {
+    const float* base = static_cast<const float*>(in.base) + start;
+    for (int64_t j = 0; j < len; j += 16) {
+      const int64_t rest = std::min<int64_t>(len - j, 16);
+      const __mmask16 valid = rest == 16 ? __mmask16(0xffff) : __mmask16((1u << rest) - 1);
+      const __m512 b = kDeltas ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, base + j);
+      for (int i = 0; i < N; ++i) {
+        const __m512 t = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.tuned[i]) + start + j);
+        masks[i * (kChunk / 16) + j / 16] = count16(n[i], kDeltas ? t : _mm512_sub_ps(t, b), valid);
+      }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    c[4 * i] += _mm512_reduce_add_epi32(n[i].gt);
+    c[4 * i + 1] += _mm512_reduce_add_epi32(n[i].eq_hi);
+    c[4 * i + 2] += _mm512_reduce_add_epi32(n[i].eq_lo);
+    c[4 * i + 3] += _mm512_reduce_add_epi32(n[i].inside);
+  }
+}
+
+template <bool kBf16, bool kDeltas>
+void count_avx512_n(const DeltaInputs& in, int64_t start, int64_t len, const Bracket* br, int64_t* c,
+                    uint16_t* masks) {
+  switch (in.models()) {
+    case 1: return count_avx512<kBf16, 1, kDeltas>(in, start, len, br, c, masks);
+    case 2: return count_avx512<kBf16, 2, kDeltas>(in, start, len, br, c, masks);
+    case 3: return count_avx512<kBf16, 3, kDeltas>(in, start, len, br, c, masks);
+    default: return count_avx512<kBf16, 4, kDeltas>(in, start, len, br, c, masks);
+  }
+}
+
+void count_chunk_avx512(const DeltaInputs& in, int64_t start, int64_t len, const Bracket* br, int64_t* c,
+                        uint16_t* masks) {
+  const bool bf16 = in.base_dtype == kBFloat16;
+  if (bf16)
+    return in.tuned_are_deltas ? count_avx512_n<true, true>(in, start, len, br, c, masks)
+                               : count_avx512_n<true, false>(in, start, len, br, c, masks);
+  return in.tuned_are_deltas ? count_avx512_n<false, true>(in, start, len, br, c, masks)
+                             : count_avx512_n<false, false>(in, start, len, br, c, masks);
+}
+
+// count_avx512 takes this pass: AVX-512 (F and BW) on this CPU and not switched off by the
+// environment variable VFUSE_NO_AVX512 (the tests compare both loops), one storage dtype (bf16 or
+// fp32), 1–4 models.
+bool counts_with_avx512(const DeltaInputs& in, bool one_dtype) {
+  static const bool cpu =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && !std::getenv("VFUSE_NO_AVX512");
+  return cpu && one_dtype && (in.base_dtype == kBFloat16 || in.base_dtype == kFloat32);
+}
+#else
+bool counts_with_avx512(const DeltaInputs&, bool) { return false; }
+void count_chunk_avx512(const DeltaInputs&, int64_t, int64_t, const Bracket*, int64_t*, uint16_t*) {}
+#endif
+
+// Model i's key of flat element e (bf16 or fp32 storage), as the counting loops compute it.
+uint32_t key_at(const DeltaInputs& in, int i, int64_t e) {
+  auto load = [&](const void* p) {
+    return in.base_dtype == kBFloat16 ? bf16_to_float(static_cast<const uint16_t*>(p)[e]) : static_cast<const float*>(p)[e];
+  };
+  return magnitude_key(in.tuned_are_deltas ? load(in.tuned[i]) : load(in.tuned[i]) - load(in.base));
+}
+
 bool one_dtype(const DeltaInputs& in) {
   if (in.models() > 4) return false;
   for (int dtype : in.tuned_dtypes)
@@ -144,7 +273,7 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
   const int n = in.models();
   const int64_t blocks = (in.numel + block - 1) / block;
   const int threads = threads_for(in.numel * (n + 1));
-  const bool fused = one_dtype(in);
+  const bool fused = one_dtype(in), avx512 = counts_with_avx512(in, fused);
   std::vector<Bracket> br(n);
   for (int i = 0; i < n; ++i) br[i] = Bracket(lo[i], hi[i]);
   std::vector<std::vector<std::vector<int64_t>>> picked(threads, std::vector<std::vector<int64_t>>(n));
@@ -155,6 +284,7 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
     std::vector<int64_t> c(size_t(n) * 4), inside_before(n);
     std::vector<uint8_t> flags(size_t(n) * kChunk + 8, 0);
     std::vector<uint32_t> keys(size_t(n) * kChunk);
+    std::vector<uint16_t> masks(size_t(n) * (kChunk / 16));
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       std::fill(c.begin(), c.end(), 0);
@@ -162,22 +292,40 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
       for (int64_t start = blk * block; start < end; start += kChunk) {
         const int64_t len = std::min(kChunk, end - start);
         for (int i = 0; i < n; ++i) inside_before[i] = c[4 * i + 3];
-        if (fused)
+        if (avx512)
+          count_chunk_avx512(in, start, len, br.data(), c.data(), masks.data());
+        else if (fused)
           count_chunk_fused(in, start, len, br.data(), c.data(), keys.data(), flags.data());
         else
           count_chunk_staged(in, start, len, br.data(), c.data(), keys.data(), flags.data(), s);
-        for (int i = 0; i < n; ++i) {
+        for (int i = 0; i < n; ++i) {  // rare: the elements strictly inside the bracket
           if (c[4 * i + 3] == inside_before[i]) continue;
+          auto pick = [&](int64_t local, uint32_t key) {
+            const int64_t e = start + local;
+            if (rate[i] > 0xffffffffLL || int64_t(subsample_hash(e)) < rate[i])  // rate 2^32: every element
+              mine[i].push_back(((int64_t(key) - (int64_t(1) << 30)) << 33) | ((int64_t(1) << 33) - 1 - e));
+          };
+          if (avx512) {  // 16-bit masks (count_avx512's order); the keys recomputed
+            const bool pairs = in.base_dtype == kBFloat16;
+            const int64_t written = pairs ? 2 * ((len + 31) / 32) : (len + 15) / 16;
+            const uint16_t* m = masks.data() + size_t(i) * (kChunk / 16);
+            for (int64_t q = 0; q < written; ++q)
+              for (uint32_t bits = m[q]; bits; bits &= bits - 1) {
+                const int t = __builtin_ctz(bits);
+                const int64_t local = pairs ? 32 * (q / 2) + 2 * t + q % 2 : 16 * q + t;
+                pick(local, key_at(in, i, start + local));
+              }
+            continue;
+          }
           uint8_t* f = flags.data() + size_t(i) * kChunk;
           const uint32_t* k = keys.data() + size_t(i) * kChunk;
           std::fill(f + len, f + ((len + 7) & ~int64_t(7)), 0);
-          for (int64_t j = 0; j < len; j += 8) {  // rare: elements strictly inside the bracket
+          for (int64_t j = 0; j < len; j += 8) {  // 8 flags at a time
             uint64_t word;
             std::memcpy(&word, f + j, 8);
             for (; word; word &= word - 1) {
-              const int64_t local = j + (__builtin_ctzll(word) >> 3), e = start + local;
-              if (int64_t(subsample_hash(e)) < rate[i])
-                mine[i].push_back(((int64_t(k[local]) - (int64_t(1) << 30)) << 33) | ((int64_t(1) << 33) - 1 - e));
+              const int64_t local = j + (__builtin_ctzll(word) >> 3);
+              pick(local, k[local]);
             }
           }
         }
