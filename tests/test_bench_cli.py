@@ -33,7 +33,7 @@ def test_bench_options_belong_to_their_suite(tmp_path):
         cli.main(["bench", "scores", "--workers", "0"])
     with pytest.raises(SystemExit, match="writes its JSON into --out DIR, not --json"):
         cli.main(["bench", "gpu", "--quick", "--json", str(tmp_path / "x.json")])
-    with pytest.raises(SystemExit, match="--skip gemm: the parts are merge, tokens, engine, distributed, tests"):
+    with pytest.raises(SystemExit, match="--skip gemm: the parts are merge, tokens, engine, ncu, distributed, tests"):
         cli.main(["bench", "gpu", "--quick", "--skip", "tests", "gemm"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device: the full sizes need a GPU"):
