@@ -81,7 +81,8 @@ ERROR_LINE = re.compile(r"vfuse [\w-]+: error: |(?![\w.]*ChildFailedError)[\w.]*
 AREA_MAIN = "from vfuse_kernels.bench.gpu_suite import _area_main; _area_main()"
 NCU_WORKLOAD = "from vfuse_kernels.bench.merge import ncu_workload; ncu_workload()"
 NCU_KERNELS = "regex:^(_bracket_kernel|_merge_kernel)$"
-NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats", "MemoryWorkloadAnalysis")
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats",
+                "MemoryWorkloadAnalysis")
 NCU_METRICS = {  # raw metric: its column in the ncu rows
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",
     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_pct_of_peak",
@@ -388,8 +389,11 @@ def _ncu_part(limit: float, log, stem: str) -> dict:
         return _failed(name, _why(code, limit, output))
     pages = {}
     for page, suffix in (("raw", ".csv"), ("details", ".txt")):
-        shown = subprocess.run([ncu, "--import", report + ".ncu-rep", "--page", page, *(["--csv"] if page == "raw" else [])],
-                               capture_output=True, text=True, timeout=10)
+        command = [ncu, "--import", report + ".ncu-rep", "--page", page, *(["--csv"] if page == "raw" else [])]
+        try:
+            shown = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return _failed(name, f"ncu --import --page {page} took over 10 s; the report is {report}.ncu-rep")
         pages[page] = shown.stdout
         with open(report + suffix, "w") as f:
             f.write(shown.stdout)

@@ -459,7 +459,7 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     out = torch.empty_like(base)
     gb = 4 * base.numel() * 2 / 1e9
     rows = []
-    saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS, select_kernels.MAX_REGISTERS
+    saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
     block_size, sample_size = selection.block_size, selection.sample_size
     try:
         trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
@@ -475,24 +475,22 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
                              "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
         rows += _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps)
-        for block, warps, registers in ((1024, 4, None), (1024, 4, 48), (1024, 4, 40), (1024, 4, 32), (512, 2, None),
-                                        (256, 1, None), (256, 1, 40)):
+        for block, warps in ((1024, 4), (512, 2), (256, 1)):
             selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
-            select_kernels.MAX_REGISTERS = registers
-            config = f" BLOCK={block} warps={warps}" + (f" maxnreg={registers}" if registers else "")
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
-                         "impl": f"variant selection{config}", "median_ms": ms,
+                         "impl": f"variant selection BLOCK={block} warps={warps}", "median_ms": ms,
                          "GB/s": 3 * base.numel() * 2 / ms / 1e6})
-            rows += _bracket_rows(base, tuned, device, copy_gbps, config, full=(block, warps, registers) == (1024, 4, None))
-        selection.block_size, select_kernels.NUM_WARPS, select_kernels.MAX_REGISTERS = block_size, *saved[2:]
+            rows += _bracket_rows(base, tuned, device, copy_gbps, f" BLOCK={block} warps={warps}",
+                                  full=(block, warps) == (1024, 4))
+        selection.block_size, select_kernels.NUM_WARPS = block_size, saved[2]
         for size in (1 << 19, 1 << 20, 1 << 21):
             selection.sample_size = lambda numel, device, size=size: size
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant sample of {size} keys", "median_ms": ms})
     finally:
-        kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS, select_kernels.MAX_REGISTERS = saved
+        kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS = saved
         selection.block_size, selection.sample_size = block_size, sample_size
     return rows
 

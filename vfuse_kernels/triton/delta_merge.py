@@ -249,5 +249,6 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         count, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, OUT_TY=TL_TYPES[outs[0].dtype], BASE_TY=TL_TYPES[bases[0].dtype],
-        TUNED_TY=TL_TYPES[tuned[0][0].dtype], PARAMS=len(params) // count, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        TUNED_TY=TL_TYPES[tuned[0][0].dtype], PARAMS=len(params) // count, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )

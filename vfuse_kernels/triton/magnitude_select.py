@@ -19,7 +19,6 @@ import triton.language as tl
 from .._backend import host_to_device
 
 NUM_WARPS = 4  # at 1024 elements per program (ops.magnitude_select.block_size): 8 per thread
-MAX_REGISTERS = None  # the bracket kernel's register cap (ptxas spills past it), None: ptxas's choice
 
 
 @triton.jit
@@ -209,5 +208,4 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
     _bracket_kernel[(triton.cdiv(base.numel(), block),)](
         counts, cand, fill, base, tuple(tuned), lo, hi, rate, base.numel(), cap,
         N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, num_warps=NUM_WARPS,
-        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
