@@ -13,6 +13,8 @@ for the GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -171,19 +173,22 @@ def _model_values(coefs, weights, dare_thresholds, seed, elect, normalize) -> li
     without election (Σ wᵢ of the fp32 weights summed in fp64 and rounded to fp32 like the CPU
     kernel's, 1 where it is 0), and with election and normalising the ``_inverse_table``."""
     divisor = torch.tensor(weights, dtype=torch.float32).double().sum().float().item()
-    table = _inverse_table(weights) if elect and normalize and len(weights) <= INVERSE_TABLE_MODELS.value else []
+    elected = elect and normalize and len(weights) <= INVERSE_TABLE_MODELS.value
+    table = _inverse_table(tuple(float(w) for w in weights)) if elected else ()
     return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
             1.0 / (divisor or 1.0), *table]
 
 
-def _inverse_table(weights) -> list:
+@functools.lru_cache(maxsize=64)
+def _inverse_table(weights: tuple[float, ...]) -> tuple[float, ...]:
     """[2^N] RN64(1 / dₛ) for every subset s of the models (bit i: model i): dₛ the fp32 weights of
-    s summed in model order in fp32, as the kernel's division would sum them, 1 where it is 0."""
+    s summed in model order in fp32, as the kernel's division would sum them, 1 where it is 0.
+    Cached: a multi-tensor merge asks once per tensor, with the same weights."""
     subsets = np.arange(1 << len(weights))
     sums = np.zeros(len(subsets), dtype=np.float32)
     for i, w in enumerate(np.asarray(weights, dtype=np.float32)):
         sums = np.where(subsets >> i & 1, sums + w, sums)
-    return (1.0 / np.where(sums == 0, 1.0, sums.astype(np.float64))).tolist()
+    return tuple((1.0 / np.where(sums == 0, 1.0, sums.astype(np.float64))).tolist())
 
 
 def _params(device, coefs, weights, dare_thresholds, seed, elect=0, normalize=False) -> torch.Tensor:
