@@ -384,9 +384,10 @@ def _ncu_part(limit: float, log, stem: str) -> dict:
     command = [ncu, "--clock-control", "none", "--target-processes", "all", "--kernel-name", NCU_KERNELS,
                "--launch-count", "4", *sections, "--export", report, "--force-overwrite",
                sys.executable, "-c", NCU_WORKLOAD]
-    code, seconds, output = _spawn("ncu", command, max(limit - 20, MIN_PART_S), log, _child_env())
+    profiling_limit = max(limit - 20, MIN_PART_S)  # the rest for reading the report
+    code, seconds, output = _spawn("ncu", command, profiling_limit, log, _child_env())
     if code != 0 or not os.path.exists(report + ".ncu-rep"):
-        return _failed(name, _why(code, limit, output))
+        return _failed(name, _why(code, profiling_limit, output))
     pages = {}
     for page, suffix in (("raw", ".csv"), ("details", ".txt")):
         command = [ncu, "--import", report + ".ncu-rep", "--page", page, *(["--csv"] if page == "raw" else [])]

@@ -500,15 +500,22 @@ def ncu_workload(numel: int = 1 << 28, device: str = "cuda") -> list[torch.Tenso
     tie-heavy inputs, the TIES selection at density 0.3 (its bracket pass), then the TIES merge
     kernel given those thresholds, then task arithmetic's merge kernel — one launch each. Returns
     the two merges."""
-    from ..triton import delta_merge as kernels
-
     base, tuned = tie_heavy_inputs(numel, 2, torch.bfloat16, torch.device(device))
     trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
     outs = [torch.empty_like(base) for _ in range(2)]
-    for out, (sparsify, elect, normalize) in zip(outs, ((1, 1, True), (0, 0, False))):
-        kernels.merge(out, base, tuned, False, sparsify, elect, normalize, 1.0, [0.5, 0.5], [0.5, 0.5], [0, 0],
-                      trim if sparsify else None, 0)
+    for out, codes in zip(outs, ((1, 1, True), (0, 0, False))):
+        _merge_kernel_call(out, base, tuned, trim, *codes)
     return outs
+
+
+def _merge_kernel_call(out, base, tuned, trim, sparsify, elect, normalize):
+    """The Triton merge kernel alone, every weight and coefficient 0.5: with the TIES thresholds
+    ``trim`` (keys, cutoffs) where ``sparsify`` is the trim code."""
+    from ..triton import delta_merge as kernels
+
+    n = len(tuned)
+    kernels.merge(out, base, tuned, False, sparsify, elect, normalize, 1.0, [0.5] * n, [0.5] * n, [0] * n,
+                  trim if sparsify else None, 0)
 
 
 MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES merge kernel, one part removed at a time
@@ -519,14 +526,10 @@ MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES me
 def _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps):
     """The merge kernel alone with the TIES thresholds ``trim`` (keys, cutoffs), each part of TIES
     switched off in turn (the same bytes every time): which part keeps it from memory speed."""
-    from ..triton import delta_merge as kernels
-
-    n = len(tuned)
-    gb = (n + 2) * base.numel() * base.element_size() / 1e9
+    gb = (len(tuned) + 2) * base.numel() * base.element_size() / 1e9
     rows = []
-    for name, sparsify, elect, normalize in MERGE_ABLATIONS:
-        ms = _time(lambda: kernels.merge(out, base, tuned, False, sparsify, elect, normalize, 1.0, [0.5] * n,
-                                         [0.5] * n, [0] * n, trim if sparsify else None, 0), device)
+    for name, *codes in MERGE_ABLATIONS:
+        ms = _time(lambda: _merge_kernel_call(out, base, tuned, trim, *codes), device)
         rows.append({"op": "merge_kernel", "suite": "merge", "shape": "2x268M", "method": "ties",
                      "impl": f"ablation: {name}", "median_ms": ms, "GB/s": gb / ms * 1e3,
                      "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})

@@ -186,11 +186,10 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
 
 
 def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
-    """ops/magnitude_select.tie_indices in two launches for all queries (a device table of
-    (key, rank, model, column) rows)."""
+    """ops/magnitude_select.tie_indices in two launches for all queries."""
+    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
                            torch.int64, base.device)
-    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
     sums = torch.empty(len(queries), chunks, dtype=torch.int64, device=base.device)
