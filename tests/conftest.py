@@ -2,7 +2,10 @@
 must be switched on before triton is first imported — hence here, at collection."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -45,6 +48,21 @@ def device(backend) -> torch.device:
     """``backend_device(backend)`` for a test that takes the ``backend`` fixture: create every
     input there (``torch.tensor(…, device=device)``, ``.to(device)``)."""
     return backend_device(backend)
+
+
+AVX512 = "avx512bw" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 on this CPU: the C++ passes have one loop here")
+
+
+def with_and_without_avx512(script: str):
+    """The JSON that ``script`` prints, run with the C++ passes' AVX-512 loops (csrc/cpu/avx512.h)
+    and with the compiler-vectorised ones (VFUSE_NO_AVX512=1), each in a fresh process."""
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env})
+        return json.loads(done.stdout)
+
+    return run(), run(VFUSE_NO_AVX512="1")
 
 
 def poisoned_like(t: torch.Tensor, dtype=None) -> torch.Tensor:

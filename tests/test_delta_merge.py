@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_to_reference, backend_device, poisoned_like
+from conftest import (DTYPES, assert_close_to_reference, backend_device, needs_avx512, poisoned_like,
+                      with_and_without_avx512)
 
 import vfuse_kernels as vk
 import vfuse_kernels.ops  # noqa: F401 - registers torch.ops.vfuse (the package imports lazily)
@@ -313,3 +314,47 @@ def test_l1_rescale_identical_on_both_backends(method, monkeypatch):
     device = backend_device("triton")
     on_triton = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], [0.6, 0.3, 0.45], **args)
     assert torch.equal(on_triton.cpu(), on_cpu)
+
+
+TIES_GRID = """
+import hashlib, json, sys, torch, vfuse_kernels as vk
+out = {}
+def bits(t):
+    return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (1, 2, 3, 4):
+        for numel in (1, 33, 1031, 70_001):
+            gen = torch.Generator().manual_seed(numel + n)
+            base = torch.randn(numel, generator=gen).to(dtype)
+            steps = torch.randint(-4, 5, (n, numel), generator=gen).float() * 2.0**-7  # tie-heavy deltas
+            tuned = [(base.float() + s).to(dtype) for s in steps]
+            if numel > 40:
+                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
+            for deltas in (False, True):
+                for consensus in ("sum", "count"):
+                    for normalize in (True, False):
+                        for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n]):
+                            for density in (0.01, 0.3, 1.0):
+                                res = torch.full_like(base, float("nan"))
+                                vk.delta_merge(base, tuned, weights, method="ties", density=density, out=res,
+                                               tuned_are_deltas=deltas, consensus=consensus, normalize=normalize)
+                                out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {weights} {density}"] = bits(res)
+            for key in (0, 2**31 - 1, -5, 1 << 40, 0x3C000000):  # given thresholds, cutoffs inside chunks
+                for cut in (0, numel // 2, numel - 1, 600, 1024):
+                    res = torch.full_like(base, float("nan"))
+                    vk.delta_merge(base, tuned, [0.6, 0.4, 0.3, 0.2][:n], method="ties", out=res,
+                                   thresholds=(torch.tensor([key] * n), torch.tensor([cut + i for i in range(n)])))
+                    out[f"{dtype} {n} {numel} key={key} cut={cut}"] = bits(res)
+json.dump(out, sys.stdout)
+"""
+
+
+@needs_avx512
+def test_the_avx512_ties_loop_gives_the_portable_loops_bits():
+    """TIES on bf16 and fp32, 1–4 models, deltas or not, both consensus rules, normalised or not,
+    weights that cancel, tie-heavy deltas, NaN, ±0 and inf, densities 0.01 to 1, given thresholds
+    at the key range's ends and out of it, cutoffs anywhere in a chunk: the AVX-512 loop writes the
+    compiler-vectorised loop's bits (VFUSE_NO_AVX512)."""
+    avx512, portable = with_and_without_avx512(TIES_GRID)
+    assert len(avx512) > 2000  # the whole grid ran
+    assert avx512 == portable

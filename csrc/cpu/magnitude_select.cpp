@@ -9,23 +9,21 @@
 // common case) every value is converted, subtracted and compared in registers; otherwise
 // the deltas are staged in fp32 first. The loop also leaves each element's key and inside
 // flag in L1-resident chunk buffers; inside elements (~1%) are then found 8 flags at a time.
-// On AVX-512 CPUs, bf16 and fp32 inputs take a hand-written loop instead (count_avx512: the
-// compiler's widens every compare mask to a vector and spills its counters): compares into
-// mask registers and masked adds, bf16 decoded as even/odd lanes (a shift and an and, no
-// shuffles: the compares already fill port 5), the inside flags kept as 16-bit masks, and the
-// few inside elements' keys recomputed from the inputs: the pass 30–40% faster on a 2-vCPU Xeon
-// (benchmarks/NOTES.md, v0.6).
+// On AVX-512 CPUs, bf16 and fp32 inputs take a hand-written loop instead (count_avx512, see
+// avx512.h: the compiler's widens every compare mask to a vector and spills its counters):
+// compares into mask registers and masked adds, the inside flags kept as 16-bit masks and
+// scanned four to a 64-bit word, and the few inside elements' keys recomputed from the inputs:
+// the pass 30–40% faster on a 2-vCPU Xeon (benchmarks/NOTES.md, v0.6 and v0.7).
+//
+// sample_keys gathers the selection's sample (the keys at random runs of 16 elements), each run
+// prefetched a few runs ahead: every load misses the caches.
 #include "parallel.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define VFUSE_AVX512_COUNT 1
-#endif
-
+#include "avx512.h"
 #include "delta_merge.h"
 
 namespace vfuse {
@@ -131,8 +129,7 @@ void count_chunk_staged(const DeltaInputs& in, int64_t start, int64_t len, const
   }
 }
 
-#if VFUSE_AVX512_COUNT
-#define VFUSE_AVX512 __attribute__((target("avx512f,avx512bw")))
+#if VFUSE_AVX512_LOOPS
 
 // One model's bracket and its four per-lane counters.
 struct LaneCounts {
@@ -157,7 +154,6 @@ VFUSE_AVX512 VFUSE_INLINE __mmask16 count16(LaneCounts& n, __m512 delta, __mmask
 template <bool kBf16, int N, bool kDeltas>
 VFUSE_AVX512 void count_avx512(const DeltaInputs& in, int64_t start, int64_t len, const Bracket* br, int64_t* c,
                                uint16_t* masks) {
-  const __m512i high_half = _mm512_set1_epi32(int32_t(0xffff0000u));
   LaneCounts n[N];
   for (int i = 0; i < N; ++i) {  // inside: lo < key < hi (below 2^31 when hi is above every key)
     const int64_t top = br[i].above_all ? int64_t(1) << 31 : br[i].hi32;
@@ -175,12 +171,10 @@ VFUSE_AVX512 void count_avx512(const DeltaInputs& in, int64_t start, int64_t len
       const __mmask32 loaded = rest == 32 ? ~__mmask32(0) : (__mmask32(1) << rest) - 1;
       const __mmask16 even = __mmask16((int64_t(1) << ((rest + 1) / 2)) - 1), odd = __mmask16((int64_t(1) << (rest / 2)) - 1);
       const __m512i b = kDeltas ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(loaded, base + j);
-      const __m512 b_even = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
-      const __m512 b_odd = _mm512_castsi512_ps(_mm512_and_si512(b, high_half));
+      const __m512 b_even = bf16_even(b), b_odd = bf16_odd(b);
       for (int i = 0; i < N; ++i) {
         const __m512i t = _mm512_maskz_loadu_epi16(loaded, static_cast<const uint16_t*>(in.tuned[i]) + start + j);
-        const __m512 t_even = _mm512_castsi512_ps(_mm512_slli_epi32(t, 16));
-        const __m512 t_odd = _mm512_castsi512_ps(_mm512_and_si512(t, high_half));
+        const __m512 t_even = bf16_even(t), t_odd = bf16_odd(t);
         uint16_t* m = masks + i * (kChunk / 16) + j / 16;
         m[0] = count16(n[i], kDeltas ? t_even : _mm512_sub_ps(t_even, b_even), even);
         m[1] = count16(n[i], kDeltas ? t_odd : _mm512_sub_ps(t_odd, b_odd), odd);
@@ -231,9 +225,7 @@ void count_chunk_avx512(const DeltaInputs& in, int64_t start, int64_t len, const
 // environment variable VFUSE_NO_AVX512 (the tests compare both loops), one storage dtype (bf16 or
 // fp32), 1–4 models.
 bool counts_with_avx512(const DeltaInputs& in, bool one_dtype) {
-  static const bool cpu =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && !std::getenv("VFUSE_NO_AVX512");
-  return cpu && one_dtype && (in.base_dtype == kBFloat16 || in.base_dtype == kFloat32);
+  return avx512_loops() && one_dtype && (in.base_dtype == kBFloat16 || in.base_dtype == kFloat32);
 }
 #else
 bool counts_with_avx512(const DeltaInputs&, bool) { return false; }
@@ -267,6 +259,33 @@ inline uint32_t subsample_hash(int64_t e) {
 }
 
 }  // namespace
+
+constexpr int64_t kSampleAhead = 16;  // prefetch distance of sample_keys, in runs
+
+// keys[i][r * run + j] = model i's key at element runs[r] * run + j: the selection's sample
+// (magnitude_select.py's sample_keys, the same fp32 subtraction), a run at a time.
+void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int64_t run, int32_t* keys) {
+  const int n = in.models();
+#pragma omp parallel num_threads(threads_for(count * run * (n + 1)))
+  {
+    std::vector<float> b(static_cast<size_t>(run)), d(static_cast<size_t>(run));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < count; ++r) {
+      if (r + kSampleAhead < count) {  // random runs: every load misses the caches
+        const int64_t ahead = runs[r + kSampleAhead] * run;
+        if (!in.tuned_are_deltas) prefetch_chunk(in.base, in.base_dtype, ahead, run);
+        for (int i = 0; i < n; ++i) prefetch_chunk(in.tuned[i], in.tuned_dtypes[i], ahead, run);
+      }
+      const int64_t start = runs[r] * run;
+      if (!in.tuned_are_deltas) load_chunk(in.base, in.base_dtype, start, run, nullptr, b.data());
+      for (int i = 0; i < n; ++i) {
+        load_chunk(in.tuned[i], in.tuned_dtypes[i], start, run, in.tuned_are_deltas ? nullptr : b.data(), d.data());
+        int32_t* out = keys + (int64_t(i) * count + r) * run;
+        for (int64_t j = 0; j < run; ++j) out[j] = int32_t(magnitude_key(d[j]));
+      }
+    }
+  }
+}
 
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill) {
@@ -305,16 +324,21 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
             if (rate[i] > 0xffffffffLL || int64_t(subsample_hash(e)) < rate[i])  // rate 2^32: every element
               mine[i].push_back(((int64_t(key) - (int64_t(1) << 30)) << 33) | ((int64_t(1) << 33) - 1 - e));
           };
-          if (avx512) {  // 16-bit masks (count_avx512's order); the keys recomputed
+          if (avx512) {  // 16-bit masks (count_avx512's order), four per word; the keys recomputed
             const bool pairs = in.base_dtype == kBFloat16;
             const int64_t written = pairs ? 2 * ((len + 31) / 32) : (len + 15) / 16;
-            const uint16_t* m = masks.data() + size_t(i) * (kChunk / 16);
-            for (int64_t q = 0; q < written; ++q)
-              for (uint32_t bits = m[q]; bits; bits &= bits - 1) {
-                const int t = __builtin_ctz(bits);
+            uint16_t* m = masks.data() + size_t(i) * (kChunk / 16);
+            std::fill(m + written, m + ((written + 3) & ~int64_t(3)), 0);
+            for (int64_t w = 0; w < written; w += 4) {
+              uint64_t bits;
+              std::memcpy(&bits, m + w, 8);
+              for (; bits; bits &= bits - 1) {
+                const int bit = __builtin_ctzll(bits);
+                const int64_t q = w + bit / 16, t = bit % 16;
                 const int64_t local = pairs ? 32 * (q / 2) + 2 * t + q % 2 : 16 * q + t;
                 pick(local, key_at(in, i, start + local));
               }
+            }
             continue;
           }
           uint8_t* f = flags.data() + size_t(i) * kChunk;

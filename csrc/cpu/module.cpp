@@ -18,6 +18,7 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
 std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
+void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int64_t run, int32_t* keys);
 void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel);
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
@@ -113,6 +114,16 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           vfuse::bracket_pass(in, lo.data(), hi.data(), rate.data(), cap, block, reinterpret_cast<int32_t*>(counts),
                               reinterpret_cast<int64_t*>(cand), reinterpret_cast<int64_t*>(fill));
+        });
+
+  m.def("sample_keys",
+        [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,
+           int64_t numel, bool tuned_are_deltas, uintptr_t runs, int64_t count, int64_t run, uintptr_t keys) {
+          DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas,
+                                       vfuse::kKeepAll, {}, {}, 0);
+          if (count < 0 || run <= 0) throw std::invalid_argument("count must be >= 0 and run positive");
+          py::gil_scoped_release release;
+          vfuse::sample_keys(in, reinterpret_cast<const int64_t*>(runs), count, run, reinterpret_cast<int32_t*>(keys));
         });
 
   m.def("random_bits", [](uint64_t seed, uint32_t model, int64_t numel, uintptr_t out) {

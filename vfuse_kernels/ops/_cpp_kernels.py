@@ -23,6 +23,19 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
     )
 
 
+def sample_keys(base, tuned, runs, run, tuned_are_deltas):
+    """[N, len(runs)·run] int32 magnitude keys of each model's deltas at the aligned runs (the selection's
+    sample, ops/magnitude_select.py), gathered in C++."""
+    runs = runs.to(torch.int64).contiguous()
+    if runs.numel() and not 0 <= int(runs.min()) <= int(runs.max()) < base.numel() // run:
+        raise ValueError(f"sample runs must lie in [0, {base.numel() // run})")
+    keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int32)
+    ptrs, codes = _pointers(tuned)
+    cpu_extension().sample_keys(base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(),
+                                tuned_are_deltas, runs.data_ptr(), runs.numel(), run, keys.data_ptr())
+    return keys
+
+
 MASK = 3  # the C++ sparsify code of per-model keep masks, one bit per element (csrc/cpu/delta_merge.h)
 BAND = 4  # ... of the band between two magnitude cuts per model, ties to the higher index: trim=(keys, cutoffs),
 # 2N each — every model's wider cut, then every model's narrower one
