@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,3 +31,23 @@ def test_merge_imports_neither_transformers_nor_triton(tmp_path):
                                                  f"  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}\n")
     found = imported_after(["merge", config, str(tmp_path / "out"), "--quiet"], "torch", "transformers", "triton")
     assert found == {"torch": True, "transformers": False, "triton": False}
+
+
+def _console(args: list[str]) -> subprocess.CompletedProcess:
+    """`vfuse ARGS` through the console entry point, with an atexit handler that reports the
+    interpreter's normal teardown."""
+    code = (f"import atexit, sys\natexit.register(lambda: print('teardown', flush=True))\n"
+            f"sys.argv = ['vfuse', *{args!r}]\nfrom vfuse_kernels.cli import run\nrun()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_a_finished_merge_exits_without_the_teardown_and_other_exits_keep_it(tmp_path):
+    base, tuned = family(str(tmp_path), llama, n=1)
+    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                                 f"  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}\n")
+    done = _console(["merge", config, str(tmp_path / "out")])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("merged ") and "teardown" not in done.stdout  # flushed, then os._exit
+    assert "config.json" in os.listdir(tmp_path / "out")
+    again = _console(["merge", config, str(tmp_path / "out")])  # refused: OUT holds a finished merge
+    assert again.returncode == 2 and again.stdout.strip() == "teardown"
