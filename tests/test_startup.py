@@ -36,12 +36,15 @@ def test_merge_imports_neither_transformers_nor_triton(tmp_path):
 def _console(args: list[str]) -> subprocess.CompletedProcess:
     """`vfuse ARGS` through the console entry point, with an atexit handler that reports the
     interpreter's normal teardown."""
-    code = (f"import atexit, sys\natexit.register(lambda: print('teardown', flush=True))\n"
+    code = (f"import atexit, gc, sys\natexit.register(lambda: print('teardown', gc.isenabled(), "
+            f"gc.get_freeze_count() > 10_000, flush=True))\n"
             f"sys.argv = ['vfuse', *{args!r}]\nfrom vfuse_kernels.cli import run\nrun()")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_a_finished_merge_exits_without_the_teardown_and_other_exits_keep_it(tmp_path):
+    """The console entry point: a finished merge flushes its line and skips the interpreter's
+    teardown; a refused one exits normally, with the merge path loaded and frozen for the collector."""
     base, tuned = family(str(tmp_path), llama, n=1)
     config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
                                                  f"  - {{model: {tuned[0]}, parameters: {{weight: 0.5}}}}\n")
@@ -50,4 +53,4 @@ def test_a_finished_merge_exits_without_the_teardown_and_other_exits_keep_it(tmp
     assert done.stdout.startswith("merged ") and "teardown" not in done.stdout  # flushed, then os._exit
     assert "config.json" in os.listdir(tmp_path / "out")
     again = _console(["merge", config, str(tmp_path / "out")])  # refused: OUT holds a finished merge
-    assert again.returncode == 2 and again.stdout.strip() == "teardown"
+    assert again.returncode == 2 and again.stdout.strip() == "teardown True True"  # torch's objects frozen
