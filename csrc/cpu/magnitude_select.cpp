@@ -20,7 +20,6 @@
 #include "parallel.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 #include "avx512.h"
