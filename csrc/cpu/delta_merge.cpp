@@ -149,11 +149,16 @@ void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const Merge
   store_result(p, start, len, s.base.data(), m, staged);
 }
 
+// How the fused dense loop divides by d = Σ wᵢ (linear): not at all (task arithmetic); by one fp32
+// multiplication where d is a power of two (m · 2⁻ᵏ is the exact quotient, correctly rounded like
+// m / d: d = 1 for weights that sum to one); else exact_quotient's fp64 product.
+enum Quotient : int { kNoQuotient, kPowerOfTwo, kFp64Inverse };
+
 // Task arithmetic / linear with every tensor in one storage dtype and N models known at
 // compile time: one loop, each element loaded, merged in registers and stored once.
 // out may be base or a tuned tensor: element j is read before it is written and no
 // iteration depends on another (ivdep), so vectorising is safe with that aliasing.
-template <typename C, int N, bool kDeltas, bool kNormalize>
+template <typename C, int N, bool kDeltas, int kQuotient>
 VFUSE_INLINE void dense_fused(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   using T = typename C::T;
   const T* base = static_cast<const T*>(in.base) + start;
@@ -165,32 +170,52 @@ VFUSE_INLINE void dense_fused(const DeltaInputs& in, const MergeParams& p, int64
   }
   T* out = static_cast<T*>(p.out) + start;
   const double inverse = 1.0 / double(p.weight_sum == 0.f ? 1.f : p.weight_sum);
+  const float power = float(inverse);  // exact where kPowerOfTwo applies
   const float scale = p.scale;
 #pragma GCC ivdep
   for (int64_t j = 0; j < len; ++j) {
     const float b = C::load(base[j]);
     float m = 0.f;
     for (int i = 0; i < N; ++i) m += (kDeltas ? C::load(tuned[i][j]) : C::load(tuned[i][j]) - b) * coef[i];
-    out[j] = C::store(b + scale * (kNormalize ? exact_quotient(m, inverse) : m));
+    if (kQuotient == kPowerOfTwo) m *= power;
+    if (kQuotient == kFp64Inverse) m = exact_quotient(m, inverse);
+    out[j] = C::store(b + scale * m);
   }
 }
 
-template <typename C, bool kDeltas, bool kNormalize>
+template <typename C, bool kDeltas, int kQuotient>
 VFUSE_INLINE void dense_fused_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   switch (in.models()) {
-    case 1: return dense_fused<C, 1, kDeltas, kNormalize>(in, p, start, len);
-    case 2: return dense_fused<C, 2, kDeltas, kNormalize>(in, p, start, len);
-    case 3: return dense_fused<C, 3, kDeltas, kNormalize>(in, p, start, len);
-    default: return dense_fused<C, 4, kDeltas, kNormalize>(in, p, start, len);
+    case 1: return dense_fused<C, 1, kDeltas, kQuotient>(in, p, start, len);
+    case 2: return dense_fused<C, 2, kDeltas, kQuotient>(in, p, start, len);
+    case 3: return dense_fused<C, 3, kDeltas, kQuotient>(in, p, start, len);
+    default: return dense_fused<C, 4, kDeltas, kQuotient>(in, p, start, len);
+  }
+}
+
+// The Quotient of a dense merge: a power of two d whose inverse is a normal fp32 value.
+int dense_quotient(const MergeParams& p) {
+  if (!p.normalize) return kNoQuotient;
+  int exponent;
+  const double fraction = std::frexp(double(p.weight_sum == 0.f ? 1.f : p.weight_sum), &exponent);
+  return std::fabs(fraction) == 0.5 && exponent > -125 && exponent < 128 ? kPowerOfTwo : kFp64Inverse;
+}
+
+template <typename C, bool kDeltas>
+VFUSE_INLINE void dense_fused_quotient(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  switch (dense_quotient(p)) {
+    case kNoQuotient: return dense_fused_n<C, kDeltas, kNoQuotient>(in, p, start, len);
+    case kPowerOfTwo: return dense_fused_n<C, kDeltas, kPowerOfTwo>(in, p, start, len);
+    default: return dense_fused_n<C, kDeltas, kFp64Inverse>(in, p, start, len);
   }
 }
 
 template <typename C>
 VFUSE_INLINE void dense_fused_dtype(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   if (in.tuned_are_deltas)
-    p.normalize ? dense_fused_n<C, true, true>(in, p, start, len) : dense_fused_n<C, true, false>(in, p, start, len);
+    dense_fused_quotient<C, true>(in, p, start, len);
   else
-    p.normalize ? dense_fused_n<C, false, true>(in, p, start, len) : dense_fused_n<C, false, false>(in, p, start, len);
+    dense_fused_quotient<C, false>(in, p, start, len);
 }
 
 // x where c holds, else +0: a bit mask, so that the loops stay branch-free and vectorise.
