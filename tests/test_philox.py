@@ -2,7 +2,7 @@
 and the CPU and Triton DARE masks against the reference, bit for bit."""
 import pytest
 import torch
-from conftest import backend_device
+from conftest import backend_device, needs_avx512, with_and_without_avx512
 
 import vfuse_kernels as vk
 from vfuse_kernels.reference.philox import dare_keep_threshold, dare_random_bits, philox4x32_10
@@ -57,3 +57,20 @@ def test_random_bits_op_is_the_reference_stream(backend, numel, seed, model):
     got = random_bits(numel, seed, model, backend_device(backend))
     assert got.dtype == torch.int64 and got.shape == (numel,)
     assert torch.equal(got.cpu(), dare_random_bits(numel, seed, model))
+
+
+RANDOM_BITS = """
+import json, sys, torch
+from vfuse_kernels.ops.random_bits import random_bits
+print(json.dumps([random_bits(n, s, m, torch.device("cpu")).tolist() for n in (3, 33, 4156, 4099) for s in (0, 2**63 + 5)
+                  for m in (0, 3)]))
+"""
+
+
+@needs_avx512
+def test_the_avx512_philox_gives_the_portable_loops_bits():
+    """Eight groups per vector through vpmuludq (tails of 1–7 groups and a partial group left to
+    the portable loop): the same words as with VFUSE_NO_AVX512, and as the reference stream."""
+    avx512, portable = with_and_without_avx512(RANDOM_BITS)
+    assert avx512 == portable
+    assert avx512[-1] == dare_random_bits(4099, 2**63 + 5, 3).tolist()
