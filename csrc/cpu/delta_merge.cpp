@@ -5,10 +5,10 @@
 //   m = Σ agreeᵢ uᵢ, d = Σ agreeᵢ wᵢ   (without election: m = Σ uᵢ, d = Σ wᵢ)
 //   out = base + scale · (normalize ? m / (d == 0 ? 1 : d) : m)
 // Work is split in chunks of kChunk elements. With one storage dtype and 1–4 models, task
-// arithmetic / linear and TIES run one fused loop per chunk, merged in registers (TIES on bf16 or
-// fp32 through AVX-512 intrinsics where the CPU has them: trim_elect_avx512, 1.3× the compiler's
-// loop on a 2-vCPU Xeon, benchmarks/NOTES.md v0.7); otherwise each chunk runs a few short loops
-// over L1-resident fp32 buffers (vectorised for AVX-512, AVX2 or baseline x86-64).
+// arithmetic / linear and TIES run one fused loop per chunk, merged in registers (TIES on bf16
+// or fp32 through AVX-512 intrinsics where the CPU has them: trim_elect_avx512, 1.15–1.3× the
+// compiler's loop on a 2-vCPU Xeon, benchmarks/NOTES.md v0.7); otherwise each chunk runs a few
+// short loops over L1-resident fp32 buffers (vectorised for AVX-512, AVX2 or baseline x86-64).
 #include "delta_merge.h"
 
 #include <algorithm>
