@@ -84,6 +84,9 @@ inline uint16_t float_to_fp16(float f) {
 
 inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
+// Whether the AVX-512 loops (avx512.h) take a pass over `dtype` storage: they handle bf16 and fp32.
+inline bool avx512_loops_for(int dtype) { return avx512_loops() && (dtype == kBFloat16 || dtype == kFloat32); }
+
 // Calls body(j, fp32 value of src[start + j]) for j < len, src of storage `dtype`.
 template <typename Body>
 VFUSE_INLINE void for_each_loaded(const void* src, int dtype, int64_t start, int64_t len, Body body) {

@@ -73,6 +73,19 @@ void load_deltas(const DeltaInputs& in, int64_t start, int64_t len, bool with_ke
 
 namespace {
 
+// How the fused dense loop divides by d = Σ wᵢ (linear): not at all (task arithmetic); by one fp32
+// multiplication where d is a power of two (m · 2⁻ᵏ is the exact quotient, correctly rounded like
+// m / d: d = 1 for weights that sum to one); else exact_quotient's fp64 product.
+enum Quotient : int { kNoQuotient, kPowerOfTwo, kFp64Inverse };
+
+// The Quotient of a dense merge: a power of two d whose inverse is a normal fp32 value.
+int dense_quotient(bool normalize, float weight_sum) {
+  if (!normalize) return kNoQuotient;
+  int exponent;
+  const double fraction = std::frexp(double(weight_sum == 0.f ? 1.f : weight_sum), &exponent);
+  return std::fabs(fraction) == 0.5 && exponent > -125 && exponent < 128 ? kPowerOfTwo : kFp64Inverse;
+}
+
 struct MergeParams {
   void* out;
   int out_dtype;
@@ -83,6 +96,7 @@ struct MergeParams {
   bool normalize;
   float scale;
   float weight_sum;
+  int quotient;  // dense merges: how m is divided by weight_sum (Quotient, dense_quotient)
 };
 
 // out[start, start+len) = round(b + scale · m); `staged` holds kChunk outputs of 4 bytes.
@@ -149,10 +163,6 @@ void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const Merge
   store_result(p, start, len, s.base.data(), m, staged);
 }
 
-// How the fused dense loop divides by d = Σ wᵢ (linear): not at all (task arithmetic); by one fp32
-// multiplication where d is a power of two (m · 2⁻ᵏ is the exact quotient, correctly rounded like
-// m / d: d = 1 for weights that sum to one); else exact_quotient's fp64 product.
-enum Quotient : int { kNoQuotient, kPowerOfTwo, kFp64Inverse };
 
 // Task arithmetic / linear with every tensor in one storage dtype and N models known at
 // compile time: one loop, each element loaded, merged in registers and stored once.
@@ -193,17 +203,9 @@ VFUSE_INLINE void dense_fused_n(const DeltaInputs& in, const MergeParams& p, int
   }
 }
 
-// The Quotient of a dense merge: a power of two d whose inverse is a normal fp32 value.
-int dense_quotient(const MergeParams& p) {
-  if (!p.normalize) return kNoQuotient;
-  int exponent;
-  const double fraction = std::frexp(double(p.weight_sum == 0.f ? 1.f : p.weight_sum), &exponent);
-  return std::fabs(fraction) == 0.5 && exponent > -125 && exponent < 128 ? kPowerOfTwo : kFp64Inverse;
-}
-
 template <typename C, bool kDeltas>
 VFUSE_INLINE void dense_fused_quotient(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
-  switch (dense_quotient(p)) {
+  switch (p.quotient) {
     case kNoQuotient: return dense_fused_n<C, kDeltas, kNoQuotient>(in, p, start, len);
     case kPowerOfTwo: return dense_fused_n<C, kDeltas, kPowerOfTwo>(in, p, start, len);
     default: return dense_fused_n<C, kDeltas, kFp64Inverse>(in, p, start, len);
@@ -424,7 +426,7 @@ void trim_elect_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t st
   }
 }
 
-// TIES in trim_elect_avx512 (the caller checked dense_fusable, the method and trim_elects_with_avx512).
+// TIES in trim_elect_avx512 (the caller checked dense_fusable, the method and avx512_loops_for).
 void merge_chunk_trim_elect_avx512(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
   if (p.out_dtype == kBFloat16)
     trim_elect_avx512_n<true>(in, p, start, len);
@@ -434,11 +436,6 @@ void merge_chunk_trim_elect_avx512(const DeltaInputs& in, int64_t start, int64_t
 #else
 void merge_chunk_trim_elect_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
 #endif
-
-// trim_elect_avx512 takes the TIES pass: AVX-512 loops on (avx512.h), bf16 or fp32 storage.
-bool trim_elects_with_avx512(int out_dtype) {
-  return avx512_loops() && (out_dtype == kBFloat16 || out_dtype == kFloat32);
-}
 
 // Whether the fused dense loop applies: one storage dtype everywhere and 1 to 4 models.
 bool dense_fusable(const DeltaInputs& in, int out_dtype) {
@@ -489,10 +486,10 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   bool aliased = out == in.base;
   for (const void* t : in.tuned) aliased = aliased || out == t;
   const MergeParams params{out, out_dtype, !aliased, coefs.data(), weights.data(), elect, normalize, scale,
-                           float(weight_sum)};
+                           float(weight_sum), dense_quotient(normalize, float(weight_sum))};
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
   const bool trim_elect = in.sparsify == kTrim && elect != kNoElection && dense_fusable(in, out_dtype);
-  const bool trim_elect_avx512 = trim_elect && trim_elects_with_avx512(out_dtype);
+  const bool trim_elect_avx512 = trim_elect && avx512_loops_for(out_dtype);
 #pragma omp parallel num_threads(threads_for(in.numel * (n + 1)))
   {
     ChunkScratch s(n);

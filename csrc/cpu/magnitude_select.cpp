@@ -219,15 +219,7 @@ void count_chunk_avx512(const DeltaInputs& in, int64_t start, int64_t len, const
   return in.tuned_are_deltas ? count_avx512_n<false, true>(in, start, len, br, c, masks)
                              : count_avx512_n<false, false>(in, start, len, br, c, masks);
 }
-
-// count_avx512 takes this pass: AVX-512 (F and BW) on this CPU and not switched off by the
-// environment variable VFUSE_NO_AVX512 (the tests compare both loops), one storage dtype (bf16 or
-// fp32), 1–4 models.
-bool counts_with_avx512(const DeltaInputs& in, bool one_dtype) {
-  return avx512_loops() && one_dtype && (in.base_dtype == kBFloat16 || in.base_dtype == kFloat32);
-}
 #else
-bool counts_with_avx512(const DeltaInputs&, bool) { return false; }
 void count_chunk_avx512(const DeltaInputs&, int64_t, int64_t, const Bracket*, int64_t*, uint16_t*) {}
 #endif
 
@@ -291,7 +283,8 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
   const int n = in.models();
   const int64_t blocks = (in.numel + block - 1) / block;
   const int threads = threads_for(in.numel * (n + 1));
-  const bool fused = one_dtype(in), avx512 = counts_with_avx512(in, fused);
+  // count_avx512 takes the pass with one storage dtype, 1–4 models (one_dtype) and AVX-512 loops for it
+  const bool fused = one_dtype(in), avx512 = fused && avx512_loops_for(in.base_dtype);
   std::vector<Bracket> br(n);
   for (int i = 0; i < n; ++i) br[i] = Bracket(lo[i], hi[i]);
   std::vector<std::vector<std::vector<int64_t>>> picked(threads, std::vector<std::vector<int64_t>>(n));

@@ -98,7 +98,8 @@ def _sorted_descending(values: torch.Tensor) -> torch.Tensor:
 def sample_keys(base, tuned, runs, run, tuned_are_deltas) -> torch.Tensor:
     """[N, len(runs)·run] int32 keys of each model's deltas at the aligned runs ``runs`` of ``run``
     elements (row gathers: a row copy, not an element-wise gather). The backends replace it: one
-    Triton launch on the GPU, one C++ pass on the CPU (a third of this one's time on a 2-vCPU Xeon)."""
+    Triton launch on the GPU, one C++ pass on the CPU (0.66–0.86 ms
+    against this one's 1.15–1.4 for 2 × 2^18 keys on a 2-vCPU Xeon)."""
     numel = base.numel()
 
     def rows(t):
