@@ -58,7 +58,7 @@ from vfuse_kernels.merging import distributed, engine
 rank, how = os.environ.get("VFUSE_TEST_FAIL", ":").split(":")
 if rank == os.environ["RANK"]:
     original, calls = engine._Runner.compute, []
-    def broken(self, task, loaded):
+    def broken(self, task, loaded, offset):
         calls.append(task.name)
         if len(calls) == 3:
             if how == "kill":
@@ -66,7 +66,7 @@ if rank == os.environ["RANK"]:
             if how == "hang":
                 time.sleep(600)
             raise RuntimeError("disk on fire")
-        return original(self, task, loaded)
+        return original(self, task, loaded, offset)
     engine._Runner.compute = broken
 sys.exit(distributed.main())
 """

@@ -28,11 +28,11 @@ import os, sys, time
 from vfuse_kernels import cli
 from vfuse_kernels.merging import engine
 original, calls = engine._Runner.compute, []
-def held(self, task, loaded):
+def held(self, task, loaded, offset):
     calls.append(task.name)
     while len(calls) == 20 and not os.path.exists(os.environ["RELEASE"]):
         time.sleep(0.01)
-    return original(self, task, loaded)
+    return original(self, task, loaded, offset)
 engine._Runner.compute = held
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -253,11 +253,11 @@ def test_resume_after_failure_keeps_finished_shards(llama_family, tmp_path, monk
     original = engine._Runner.compute
     calls = {"n": 0}
 
-    def failing(self, task, loaded):
+    def failing(self, task, loaded, offset):
         calls["n"] += 1
         if calls["n"] == 20:
             raise RuntimeError("disk on fire")
-        return original(self, task, loaded)
+        return original(self, task, loaded, offset)
 
     monkeypatch.setattr(engine._Runner, "compute", failing)
     out = str(tmp_path / "out")
@@ -323,10 +323,10 @@ def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatc
     fresh = []
     take, write = engine._BufferPool.take, ShardWriter.write
 
-    def recording_take(self, shape, dtype):
+    def recording_take(self, shape, dtype, offset):
         nbytes = dtype.itemsize * math.prod(shape)
         fresh.append(nbytes == largest and not self._idle.get(nbytes))
-        return take(self, shape, dtype)
+        return take(self, shape, dtype, offset)
 
     def slow_write(self, name, tensor):
         if tensor.numel() * tensor.element_size() == largest:
@@ -345,9 +345,9 @@ KILL_SCRIPT = """
 import sys, time
 from vfuse_kernels.merging import engine
 original = engine._Runner.compute
-def slow(self, task, loaded):
+def slow(self, task, loaded, offset):
     time.sleep(0.05)
-    return original(self, task, loaded)
+    return original(self, task, loaded, offset)
 engine._Runner.compute = slow
 engine.merge_checkpoints(sys.argv[1], sys.argv[2], out_shard_size="20KB", progress=False)
 """
@@ -602,16 +602,19 @@ def test_crc32_is_zlibs():
 
 
 @pytest.mark.parametrize("crc_thread_bytes", [None, 100], ids=["inline-crc", "crc-thread"])
-def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes):
-    """The CRC-32 finish() returns is the file's, with the CRC on a helper thread and the
-    data sent to disk in small steps; the shard reads back as written."""
+@pytest.mark.parametrize("direct_io", ["0", "1"], ids=["direct-io", "page-cache"])
+def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes, direct_io):
+    """The CRC-32 finish() returns is the file's, with the CRC on a helper thread, and with the
+    data sent to disk directly or from the page cache in small steps; the shard reads back as
+    written."""
     from safetensors.torch import load_file
 
-    from vfuse_kernels.merging import checkpoint
+    from vfuse_kernels.merging import checkpoint, output
     from vfuse_kernels.merging.checkpoint import ShardWriter, file_crc32, plan_shards
 
     monkeypatch.setattr(checkpoint, "CRC_THREAD_BYTES", crc_thread_bytes)
-    monkeypatch.setattr(checkpoint, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(output, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setenv("VFUSE_NO_DIRECT_IO", direct_io)
     gen = torch.Generator().manual_seed(3)
     tensors = {"a": torch.randn(33, 7, generator=gen), "b": torch.randn(0, 4, generator=gen).half(),
                "c": torch.randn(301, generator=gen).bfloat16(), "d": torch.randn(5, generator=gen)}

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .output import OutputFile
+
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -493,6 +495,7 @@ class ShardLayout:
     names: list[str]
     header: bytes  # the complete safetensors header (length prefix included)
     size: int  # total file size
+    offsets: list[int]  # file offset of each tensor's first byte
 
 
 def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[ShardLayout]:
@@ -519,8 +522,9 @@ def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data 8-byte aligned
         blob = struct.pack("<Q", len(encoded)) + encoded
+        starts = [len(blob) + header[name]["data_offsets"][0] for name, _, _ in group]
         layouts.append(ShardLayout(f"model-{i + 1:05d}-of-{count:05d}.safetensors", [g[0] for g in group], blob,
-                                   len(blob) + offset))
+                                   len(blob) + offset, starts))
     return layouts
 
 
@@ -531,20 +535,6 @@ def _numel(shape) -> int:
     return n
 
 
-def _sync_file_range():
-    """libc's ``sync_file_range`` (Linux): starts writing a file range's dirty pages back to
-    disk without waiting for it or dropping them from the page cache; None elsewhere."""
-    try:
-        function = LIBC.sync_file_range
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
-
-
-SYNC_FILE_RANGE = _sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_BYTES = 64 << 20  # a shard's written bytes are sent to disk in steps of this, so fsync finds few left
 # appends from this size compute their CRC on a helper thread during the write, when there
 # are cores to spare (on two, the thread only competes with the merge)
 CRC_THREAD_BYTES = 1 << 20 if (os.cpu_count() or 1) >= 4 else None
@@ -565,23 +555,22 @@ def _crc32():
 
 
 class ShardWriter:
-    """Writes one shard: header, then tensors in layout order, into ``<file>.tmp``;
-    ``finish`` checks the size, fsyncs and renames, and returns the file's CRC-32 (None with
-    ``checksum=False``: a shard no later run resumes from needs none, and the CRC costs
-    ~0.2 s per GB on the writer's path). Large appends compute their CRC on a helper thread
-    while the write runs (both release the GIL; with 4 cores or more), and written data is
-    sent to disk every ``WRITEBACK_BYTES`` so the final fsync waits for little."""
+    """Writes one shard: header, then tensors in layout order, into ``<file>.tmp`` (an
+    ``OutputFile``: direct I/O where the file system takes it); ``finish`` checks the size,
+    fsyncs and renames, and returns the file's CRC-32 (None with ``checksum=False``: a shard
+    no later run resumes from needs none, and the CRC costs ~0.2 s per GB on the writer's
+    path). Large appends compute their CRC on a helper thread while the write runs (both
+    release the GIL; with 4 cores or more)."""
 
     def __init__(self, folder: str, layout: ShardLayout, checksum: bool = True):
         self.layout = layout
         self.checksum = checksum
         self.final = os.path.join(folder, layout.filename)
         self.tmp = self.final + ".tmp"
-        self._file = open(self.tmp, "wb")
+        self._file = OutputFile(self.tmp)
         self._failed: OSError | None = None  # the write error that broke this shard
         self._crc = 0
         self._crc_thread: ThreadPoolExecutor | None = None
-        self._written = self._synced = 0
         self.append(layout.header)
         self._next = 0
 
@@ -608,20 +597,17 @@ class ShardWriter:
         else:
             self._file.write(data)
             self._crc = crc32(data, self._crc)
-        self._written += nbytes
-        if SYNC_FILE_RANGE is not None and self._written - self._synced >= WRITEBACK_BYTES:
-            self._file.flush()
-            SYNC_FILE_RANGE(self._file.fileno(), self._synced, self._written - self._synced, SYNC_FILE_RANGE_WRITE)
-            self._synced = self._written
 
-    def start(self, name: str) -> None:
-        """The next tensor's bytes follow (``append``); it must be the next in the layout."""
+    def start(self, name: str) -> int:
+        """The next tensor's bytes follow (``append``); it must be the next in the layout.
+        Returns its offset in the file."""
         if self._next >= len(self.layout.names):
             raise RuntimeError(f"shard {self.layout.filename}: got {name!r} after its last tensor")
         expected = self.layout.names[self._next]
         if name != expected:
             raise RuntimeError(f"shard {self.layout.filename}: got {name!r}, expected {expected!r}")
         self._next += 1
+        return self.layout.offsets[self._next - 1]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """A whole host tensor."""
@@ -638,9 +624,7 @@ class ShardWriter:
         if self._failed is not None:
             raise self._failed
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._file.finish()
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, self.final) from exc
         if self._next != len(self.layout.names) or os.path.getsize(self.tmp) != self.layout.size:
@@ -653,7 +637,7 @@ class ShardWriter:
         (closing flushes, and may hit ENOSPC again)."""
         self._close_crc_thread()
         with suppress(OSError):
-            self._file.close()  # closes the descriptor even when the flush fails
+            self._file.close()
         with suppress(FileNotFoundError):
             os.remove(self.tmp)
 

@@ -53,6 +53,7 @@ from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceRead
 from .config import MergeConfig, load_config
 from .lock import OutLock
 from .methods import METHODS, TensorInputs
+from .output import ALIGN
 from .plan import MergePlan, TensorTask, build_plan
 
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
@@ -119,7 +120,9 @@ def peak_rss_bytes() -> int:
 class _BufferPool:
     """Output buffers reused across tensors of one size: a fresh allocation costs a page
     fault (and a zeroed page) per 4 KiB, more than merging the tensor. Holds at most
-    ``max_bytes`` of idle buffers."""
+    ``max_bytes`` of idle buffers. A buffer taken for file offset ``offset`` starts at an
+    address equal to it modulo ``ALIGN``, so that direct I/O writes it from where it is
+    (``merging/output.py``)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -127,7 +130,7 @@ class _BufferPool:
         self._held = 0
         self._lock = threading.Lock()
 
-    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
         nbytes = dtype.itemsize * math.prod(shape)
         with self._lock:
             idle = self._idle.get(nbytes)
@@ -135,14 +138,16 @@ class _BufferPool:
             if raw is not None:
                 self._held -= nbytes
         if raw is None:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-        return raw.view(dtype).view(shape)
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        start = (offset - raw.data_ptr()) % ALIGN
+        return raw[start:start + nbytes].view(dtype).view(shape)
 
     def give(self, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             if nbytes and self._held + nbytes <= self.max_bytes:
-                self._idle.setdefault(nbytes, []).append(tensor.view(-1).view(torch.uint8))
+                raw = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+                self._idle.setdefault(nbytes, []).append(raw)
                 self._held += nbytes
 
 
@@ -190,16 +195,17 @@ class _Runner:
     def reader(self, task: TensorTask):
         return self.host_reader if self.on_host(task) else self.device_reader
 
-    def compute(self, task: TensorTask, loaded: list[torch.Tensor]) -> _Result:
+    def compute(self, task: TensorTask, loaded: list[torch.Tensor], offset: int = 0) -> _Result:
+        """``offset``: where the output goes in its file (host outputs line up with it, for direct I/O)."""
         host = self.on_host(task)
         mapped = self.reads(task) if host else []
         if task.copy_from is not None:
             if loaded[0].dtype == task.out_dtype:
                 return _Result(loaded[0], False, mapped)  # written straight from the file's pages
-            return _Result(self.pool.take(task.shape, task.out_dtype).copy_(loaded[0]), True, mapped)
+            return _Result(self.pool.take(task.shape, task.out_dtype, offset).copy_(loaded[0]), True, mapped)
         plan = self.plan
         on_cpu = loaded[0].device.type == "cpu"
-        out = self.pool.take(task.shape, task.out_dtype) if on_cpu else \
+        out = self.pool.take(task.shape, task.out_dtype, offset) if on_cpu else \
             torch.empty(task.shape, dtype=task.out_dtype, device=loaded[0].device)
         if task.method_inputs is not None:
             result = METHODS[plan.config.method].merge(TensorInputs(
@@ -243,44 +249,47 @@ class _DeviceToFile:
     chunks into ``slots`` pinned buffers (allocated once) on its own stream, after
     the merge's event, and writes a chunk into its shard once the event recorded after its
     copy completes — a buffer is refilled only after its chunk was written, and the file
-    write of one chunk overlaps the copies of the next ones, across tensors. With CPU
-    tensors the copies are synchronous."""
+    write of one chunk overlaps the copies of the next ones, across tensors. A chunk lands
+    at an address in line with its file offset (for direct I/O). With CPU tensors the
+    copies are synchronous."""
 
     def __init__(self, device: torch.device, slot_bytes: int, slots: int = WRITE_SLOTS):
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_bytes = slot_bytes
-        self._free = host_buffers(slots, slot_bytes, device)
-        self._pending: deque = deque()  # (shard writer, buffer, bytes, event), in file order
+        self._free = host_buffers(slots, slot_bytes + ALIGN, device)
+        self._pending: deque = deque()  # (shard writer, buffer, chunk of it, event), in file order
 
     def put(self, writer: ShardWriter, name: str, tensor: torch.Tensor, ready) -> None:
-        writer.start(name)
+        offset = writer.start(name)
         if ready is not None:
             self.stream.wait_event(ready)
         raw = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor
         for start in range(0, raw.numel(), self.slot_bytes):
             if not self._free:
                 self._write_oldest()
-            buffer = self._free.pop()
+            slot = self._free.pop()
             n = min(self.slot_bytes, raw.numel() - start)
+            shift = (offset + start - slot.data_ptr()) % ALIGN
+            buffer = slot[shift:shift + n]
             copied = None
             if self.cuda:
                 with torch.cuda.stream(self.stream):
-                    buffer[:n].copy_(raw[start:start + n], non_blocking=True)
+                    buffer.copy_(raw[start:start + n], non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self.stream)
             else:
-                buffer[:n].copy_(raw[start:start + n])
-            self._pending.append((writer, buffer, n, copied))
+                buffer.copy_(raw[start:start + n])
+            self._pending.append((writer, slot, buffer, copied))
         if self.cuda:
             tensor.record_stream(self.stream)  # its memory is reused only after these copies
 
     def _write_oldest(self) -> None:
-        writer, buffer, n, copied = self._pending.popleft()
+        writer, slot, buffer, copied = self._pending.popleft()
         if copied is not None:
             copied.synchronize()
-        writer.append(memoryview(buffer[:n].numpy()))
-        self._free.append(buffer)
+        writer.append(memoryview(buffer.numpy()))
+        self._free.append(slot)
 
     def flush(self) -> None:
         """Writes every chunk copied so far."""
@@ -459,7 +468,8 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
               staging: bool) -> MergeSummary:
     tasks_by_name = {t.name: t for t in plan.tasks}
     mine = [layout for layout in layouts if shards is None or layout.filename in shards]
-    todo = [(layout, tasks_by_name[n]) for layout in mine if layout.filename not in done for n in layout.names]
+    todo = [(layout, tasks_by_name[n], offset) for layout in mine if layout.filename not in done
+            for n, offset in zip(layout.names, layout.offsets)]
     skipped = sum(len(layout.names) for layout in mine if layout.filename in done)
     largest = max((t.nbytes for t in plan.tasks), default=0)
     runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
@@ -505,17 +515,17 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(t.nbytes for _, t in todo), unit="B", unit_scale=True, desc="vfuse merge",
+        bar = tqdm(total=sum(t.nbytes for _, t, _ in todo), unit="B", unit_scale=True, desc="vfuse merge",
                    dynamic_ncols=True)
     merged = copied = 0
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
-            loads = read_ahead([runner.reads(task) for _, task in todo], lambda i: runner.reader(todo[i][1]))
+            loads = read_ahead([runner.reads(task) for _, task, _ in todo], lambda i: runner.reader(todo[i][1]))
             writes: deque = deque()  # (future, output bytes) of the outputs waiting for the writer
-            for i, ((layout, task), loaded) in enumerate(zip(todo, loads)):
+            for i, ((layout, task, offset), loaded) in enumerate(zip(todo, loads)):
                 while not staging and writes and sum(n for _, n in writes) + task.nbytes > largest:
                     writes.popleft()[0].result()  # its buffer returns to the pool: the new output reuses it
-                result = runner.compute(task, loaded)
+                result = runner.compute(task, loaded, offset)
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)
                 writes.append((writer_pool.submit(write, layout, task, result), task.nbytes))
