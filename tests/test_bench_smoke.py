@@ -62,3 +62,12 @@ def test_the_ncu_workload_merges_like_delta_merge(monkeypatch):
     for got, method in ((ties, "ties"), (task_arithmetic, "task_arithmetic")):
         expected = vk.delta_merge(base, tuned, [0.5, 0.5], method=method, density=0.3 if method == "ties" else 1.0)
         assert torch.equal(got, expected)
+
+
+def test_checkpoint_bench_write_floor(tmp_path):
+    """The write-floor row of the checkpoint benchmark writes its bytes (more than one chunk) and
+    leaves nothing behind."""
+    from vfuse_kernels.bench import checkpoint as bench_checkpoint
+
+    assert bench_checkpoint.write_seconds(str(tmp_path), (64 << 20) + 4099) > 0
+    assert list(tmp_path.iterdir()) == []

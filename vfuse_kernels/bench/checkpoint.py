@@ -4,6 +4,8 @@ checkpoints and YAML, in one run: wall time and peak RSS of each command.
 Checkpoints are Qwen2-shaped (a ~0.5B configuration by default: hidden 896, 24 layers,
 vocab 151936), written as sharded bf16 safetensors: a base and fine-tunes made by small
 seeded perturbations. Each command runs in its own process; peak RSS is that process's.
+Two floor rows per size: ``python -c 'import torch'`` as a process, and writing the output's
+bytes from memory as ``vfuse merge`` writes them; each ``vfuse merge`` row carries their sum.
 
     python -m vfuse_kernels.bench.checkpoint                       # 0.5B × 3, ties + task_arithmetic
     python -m vfuse_kernels.bench.checkpoint --layers 12 24        # RSS as the model grows
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -133,6 +136,26 @@ def measure(command: list[str]) -> dict:
     return result
 
 
+def write_seconds(folder: str, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` from memory into a new file as ``vfuse merge`` writes a shard
+    (``OutputFile``: direct I/O where the file system takes it, then fsync): the disk's share of
+    the floor."""
+    from ..merging.output import OutputFile
+
+    chunk = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = memoryview(chunk.numpy())
+    path = os.path.join(folder, "write-floor.tmp")
+    os.sync()
+    start = time.perf_counter()
+    out = OutputFile(path)
+    for offset in range(0, nbytes, len(raw)):
+        out.write(raw[:min(len(raw), nbytes - offset)])
+    out.finish()
+    seconds = time.perf_counter() - start
+    os.remove(path)
+    return seconds
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[24], help="decoder layers (24: ~0.5B params)")
@@ -150,6 +173,11 @@ def main(argv=None) -> list[dict]:
             root = os.path.join(workdir, f"L{layers}")
             base, tuned = write_checkpoints(root, layers, args.tuned)
             size = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
+            # the floor of a merge process: start-up with torch, and writing the output's bytes
+            floor = {"python -c 'import torch'": measure([sys.executable, "-c", "import torch"])["seconds"],
+                     "write the output's bytes (direct I/O, fsync)": write_seconds(root, size)}
+            rows += [{"op": "floor", "method": "-", "tool": tool, "layers": layers, "checkpoint_GB": size / 1e9,
+                      "seconds": seconds} for tool, seconds in floor.items()]
             for method in args.methods:
                 config = write_config(root, method, base, tuned)
                 tools = {"vfuse merge": ([vfuse] if vfuse != sys.executable else [vfuse, "-m", "vfuse_kernels.cli"])
@@ -164,6 +192,8 @@ def main(argv=None) -> list[dict]:
                     row = {"op": "merge_checkpoint", "method": method, "tool": tool, "layers": layers,
                            "models": 1 + len(tuned), "checkpoint_GB": size / 1e9, "seconds": r["seconds"],
                            "peak_rss_GB": r["peak_rss_bytes"] / 1e9}
+                    if tool == "vfuse merge":
+                        row["floor_seconds"] = sum(floor.values())
                     if tool == "vfuse merge" and "mergekit-yaml" in results:
                         row["speedup_vs_mergekit"] = results["mergekit-yaml"]["seconds"] / r["seconds"]
                         row["rss_ratio_vs_mergekit"] = r["peak_rss_bytes"] / results["mergekit-yaml"]["peak_rss_bytes"]
@@ -177,8 +207,8 @@ def main(argv=None) -> list[dict]:
             shutil.rmtree(workdir, ignore_errors=True)
     env = environment(torch.device("cpu"))
     print(f"# {env['device']} | torch {env['torch']} | {args.tuned + 1} bf16 checkpoints per merge")
-    print_table(rows, ["method", "tool", "layers", "checkpoint_GB", "seconds", "peak_rss_GB", "speedup_vs_mergekit",
-                       "rss_ratio_vs_mergekit"])
+    print_table(rows, ["method", "tool", "layers", "checkpoint_GB", "seconds", "floor_seconds", "peak_rss_GB",
+                       "speedup_vs_mergekit", "rss_ratio_vs_mergekit"])
     if args.json:
         write_json(args.json, env, rows)
     return rows
