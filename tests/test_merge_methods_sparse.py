@@ -646,23 +646,68 @@ def fusion_scores(tuned, base):
     return (tuned.float() - base.float()).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
+def documented_threshold(scores, seed):
+    """median + 1.5·IQR of the scores (above 10⁶ of them: of 10⁶ drawn by the documented rule
+    from DARE's stream), each quantile the sorted sample's element at floor(q·(n − 1))."""
+    flat = scores.reshape(-1)
+    if flat.numel() > 10**6:
+        bits = dare_random_bits(10**6, seed, 0).double()
+        flat = flat[(bits / 2**32 * flat.numel()).floor().long()]
+    s = torch.sort(flat).values
+    q1, med, q3 = (s[int(q * (s.numel() - 1))] for q in (0.25, 0.5, 0.75))
+    return med + 1.5 * (q3 - q1)
+
+
 def test_arcee_fusion_sampled_quantiles():
     """Above 10⁶ elements: the threshold comes from 10⁶ Philox-drawn samples (documented
     index rule), is reproducible, and its mask agrees with mergekit's (torch.randint sample)
     on nearly every element."""
     tensors = random_models((1001, 1000), 1, seed=51)
     base, tuned = tensors
-    scores = fusion_scores(tuned, base).reshape(-1)
-    bits = dare_random_bits(10**6, 17, 0).double()
-    sample = scores[(bits / 2**32 * scores.numel()).floor().long()]
-    s = torch.sort(sample).values
-    q1, med, q3 = s[int(0.25 * (10**6 - 1))], s[int(0.5 * (10**6 - 1))], s[int(0.75 * (10**6 - 1))]
+    scores = fusion_scores(tuned, base)
     got = ours("arcee_fusion", tensors, seed=17)
-    assert torch.equal(got, base + (tuned - base) * (scores.reshape(base.shape) >= med + 1.5 * (q3 - q1)))
+    assert torch.equal(got, base + (tuned - base) * (scores >= documented_threshold(scores, 17)))
     assert torch.equal(got, ours("arcee_fusion", tensors, seed=17))
     torch.manual_seed(0)
     agree = ((got != base) == (mergekit("arcee_fusion", tensors) != base)).float().mean()
     assert agree > 0.99
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (7,), (1001, 1000), (3, 701, 509)], ids=str)
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                              (torch.float32, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+def test_arcee_fusion_cpp_passes_give_the_torch_paths_bits(monkeypatch, shape, dtype, out_dtype):
+    """The C++ passes (the importance at the sample, then the kept deltas) leave the bits of the
+    torch path: tie-heavy bf16-quantised deltas, sampled and whole-tensor quantiles, a row with
+    an infinite and a NaN delta, −0 bases, every storage dtype, fp32 and bf16 outputs."""
+    base, tuned = tie_models(shape, 1, seed=53, heavy_tail=True)
+    base, tuned = base.to(dtype), tuned.to(dtype)
+    if base.numel() > 8:
+        base.view(-1)[:3] = -0.0
+        tuned.view(-1)[-2:] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+    results = []
+    for backend in ("cpp", "reference"):
+        monkeypatch.setenv("VFUSE_BACKEND", backend)
+        inputs = inputs_for("arcee_fusion", [base, tuned], seed=9)
+        inputs.out = poisoned_like(base, out_dtype)
+        results.append(METHODS["arcee_fusion"].merge(inputs))
+        assert results[-1] is inputs.out
+    nan = results[0].isnan()  # NaN: stored as a NaN by either (torch's bf16 stores pick their own NaN bits)
+    assert torch.equal(nan, results[1].isnan()) and nan.sum() == 2 * (base.numel() > 8)  # θ − b = ∞ dropped: ∞·0
+    bits = {2: torch.int16, 4: torch.int32}[results[0].element_size()]
+    assert torch.equal(*(r.masked_fill(nan, 0).view(bits) for r in results))  # −0 and +0 told apart
+    kept = results[0] != base.to(out_dtype)
+    assert 0 < kept.sum() < kept.numel() or base.numel() == 1
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_arcee_fusion_keeps_scores_equal_to_the_threshold(monkeypatch, backend):
+    """θ = b + 1/4 in one row: softmax θ = softmax b exactly, every score is 0, and so is the
+    threshold (IQR 0): importance ≥ threshold keeps every delta."""
+    monkeypatch.setenv("VFUSE_BACKEND", backend)
+    base = (torch.arange(1000) % 64 / 64).reshape(1, 1000)
+    tuned = base + 0.25
+    assert torch.equal(ours("arcee_fusion", [base, tuned]), tuned)
 
 
 @pytest.mark.parametrize("shape, blocks", [((4099, 1031), 2), ((1031, 4099), 2), ((3, 1400, 1031), 2),
@@ -675,9 +720,7 @@ def test_arcee_fusion_row_blocks_give_the_whole_tensors_bits(shape, blocks):
     tuned = (base.float() + 0.01 * torch.randn(shape, generator=gen)).bfloat16()
     assert len(arcee_fusion.row_blocks(base.numel() // shape[-1], shape[-1])) == blocks  # (7 rows: no lone last row)
     scores = fusion_scores(tuned, base)
-    index = arcee_fusion.sample_index(base.numel(), 5, base.device)
-    threshold = arcee_fusion.quantile_threshold(scores.reshape(-1)[index])
-    expected = base.float() + (tuned.float() - base.float()) * (scores >= threshold)
+    expected = base.float() + (tuned.float() - base.float()) * (scores >= documented_threshold(scores, 5))
     got = ours("arcee_fusion", [base, tuned], seed=5)
     assert torch.equal(got, expected)
     kept = (got != base.float()).float().mean()

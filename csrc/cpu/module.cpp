@@ -43,6 +43,10 @@ void sce_merge(void* out, int out_dtype, const void* base, const std::vector<con
                int64_t numel, int64_t threshold, int64_t cutoff, const std::vector<float>& weights);
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model, int64_t first_row);
+void arcee_scores(float* scores, const void* base, const void* tuned, int dtype, int64_t numel, const float* kl,
+                  int64_t cols, const int64_t* bits, int64_t count);
+void arcee_apply(void* out, int out_dtype, const void* base, const void* tuned, int dtype, int64_t numel,
+                 const float* kl, int64_t cols, float threshold);
 }  // namespace vfuse
 
 static std::vector<const void*> pointers(const std::vector<uintptr_t>& values, size_t least = 2) {
@@ -212,6 +216,25 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     vfuse::model_variance(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(stack), models, numel);
   });
+  m.def("arcee_scores", [](uintptr_t scores, uintptr_t base, uintptr_t tuned, int dtype, int64_t numel, uintptr_t kl,
+                           int64_t cols, uintptr_t bits, int64_t count) {
+    if (numel < 1 || cols < 1 || numel % cols || count < 0 || (bits == 0 && count != numel))
+      throw std::invalid_argument("numel >= 1 a multiple of cols >= 1; count = numel without bits");
+    py::gil_scoped_release release;
+    vfuse::arcee_scores(reinterpret_cast<float*>(scores), reinterpret_cast<const void*>(base),
+                        reinterpret_cast<const void*>(tuned), dtype, numel, reinterpret_cast<const float*>(kl), cols,
+                        reinterpret_cast<const int64_t*>(bits), count);
+  });
+
+  m.def("arcee_apply", [](uintptr_t out, int out_dtype, uintptr_t base, uintptr_t tuned, int dtype, int64_t numel,
+                          uintptr_t kl, int64_t cols, float threshold) {
+    if (numel < 0 || cols < 1 || numel % cols) throw std::invalid_argument("numel >= 0 a multiple of cols >= 1");
+    py::gil_scoped_release release;
+    vfuse::arcee_apply(reinterpret_cast<void*>(out), out_dtype, reinterpret_cast<const void*>(base),
+                       reinterpret_cast<const void*>(tuned), dtype, numel, reinterpret_cast<const float*>(kl), cols,
+                       threshold);
+  });
+
   m.def("della_keep_mask", [](uintptr_t keep, uintptr_t delta, int64_t rows, int64_t m, double density,
                               double epsilon, uint64_t seed, uint32_t model, int64_t first_row) {
     if (rows < 0 || m < 2 || m > (int64_t(1) << 32) || first_row < 0)

@@ -16,16 +16,20 @@ torch.randint: sample j takes element floor(u_j·numel) with u_j = bits_j / 2^32
 bits = ``random_bits(1_000_000, seed, 0)`` (DARE's Philox stream) — reproducible on CPU and CUDA for the same
 (seed, tensor name). At or below 1,000,000 elements the result equals mergekit's.
 
-Memory: torch ops a block of about 2^22 elements' rows at a time — the row KLs, the importance
-at the sampled indices only, then the kept deltas straight into the output buffer — so the
-fp32 temporaries are a block's, not the tensor's (mergekit's are the whole tensor's), with the
-whole-tensor formula's bits (tests/test_merge_methods_sparse.py).
+Memory: the row KLs are torch ops a block of about 2^22 elements' rows at a time, so the fp32
+temporaries are a block's, not the tensor's (mergekit's are the whole tensor's), with the
+whole-tensor formula's bits (tests/test_merge_methods_sparse.py). The importance at the sampled
+indices and the kept deltas are one pass each, straight from the inputs into the output buffer:
+C++ on the CPU (csrc/cpu/arcee_fusion.cpp, the same fp32 operations in the same order), torch
+ops a block at a time elsewhere.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from ..._backend import DTYPE_CODES, cpp_kernels_for
+from ...ops._library import kernel_output
 from ...ops.random_bits import random_bits
 from . import TensorInputs, TensorMethod, register
 from .gta import CHUNK
@@ -44,16 +48,15 @@ def fusion_kl(tuned: torch.Tensor, base: torch.Tensor, scratch: list[torch.Tenso
     return torch.sum(torch.div(p, q, out=t).log_().mul_(p), dim=-1, keepdim=True)
 
 
-def sample_index(numel: int, seed: int, device) -> torch.Tensor:
-    """The flat indices of the quantile sample of a tensor of more than 10⁶ elements."""
-    bits = random_bits(QUANTILE_SAMPLE_SIZE, seed, 0, device)
+def sample_index(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat indices of the quantile sample of a tensor of more than 10⁶ elements, from its draws."""
     return torch.floor(bits.to(torch.float64) / 2.0**32 * numel).long().clamp_(max=numel - 1)
 
 
 def quantile_threshold(values: torch.Tensor) -> torch.Tensor:
     """median + 1.5·IQR of ``values`` (0-d tensor; the module docstring gives the rule). Sorted by
-    numpy on the CPU (torch's CPU sort took 14 of this method's 31 s on a 0.5B merge), by torch
-    elsewhere."""
+    numpy on the CPU (torch's CPU sort took 14 of this method's 31 s on a 0.5B merge; numpy's
+    partition at three positions takes 19 ms for 10⁶ values, its sort 2–5), by torch elsewhere."""
     if values.device.type == "cpu":
         ordered = torch.from_numpy(np.sort(values.numpy()))
     else:
@@ -75,10 +78,12 @@ def row_blocks(rows: int, cols: int) -> list[slice]:
 
 
 def arcee_fusion_merge(inputs: TensorInputs) -> torch.Tensor:
-    """b + (θ − b)·[importance ≥ threshold], a block of rows at a time: the row KLs, then the
+    """b + (θ − b)·[importance ≥ threshold]: the row KLs a block of rows at a time, then the
     threshold from the importance at the sampled indices (all of them up to 10⁶ elements), then
-    the kept deltas — fp32 temporaries of one block, not of the tensor. Into ``inputs.out``
-    (rounded once) when given."""
+    the kept deltas. On the CPU the importance and the result are C++ passes (``arcee_scores``,
+    ``arcee_apply``: the torch operations in their order, one pass each); elsewhere torch ops a
+    block at a time — fp32 temporaries of one block, not of the tensor. Into ``inputs.out``
+    (rounded once) when it can."""
     base = inputs.base
     tuned = inputs.tensors[1 - inputs.base_index]
     if base.numel() == 0:
@@ -90,8 +95,19 @@ def arcee_fusion_merge(inputs: TensorInputs) -> torch.Tensor:
     scratch = [torch.empty(block, dtype=torch.float32, device=base.device) for _ in range(4)]
     kl = torch.cat([fusion_kl(tuned2[rows], base2[rows], scratch) for rows in blocks])
     numel = base.numel()
-    if numel > QUANTILE_SAMPLE_SIZE:
-        index = sample_index(numel, inputs.seed, base.device)
+    bits = random_bits(QUANTILE_SAMPLE_SIZE, inputs.seed, 0, base.device) if numel > QUANTILE_SAMPLE_SIZE else None
+    ext = cpp_kernels_for([base, tuned])
+    if ext is not None:
+        code = DTYPE_CODES[base.dtype]
+        scores = torch.empty(numel if bits is None else bits.numel(), dtype=torch.float32)
+        ext.arcee_scores(scores.data_ptr(), base.data_ptr(), tuned.data_ptr(), code, numel, kl.data_ptr(), cols,
+                         0 if bits is None else bits.data_ptr(), scores.numel())
+        result = kernel_output(inputs.out, base.shape)
+        ext.arcee_apply(result.data_ptr(), DTYPE_CODES[result.dtype], base.data_ptr(), tuned.data_ptr(), code, numel,
+                        kl.data_ptr(), cols, float(quantile_threshold(scores)))
+        return result
+    if bits is not None:
+        index = sample_index(bits, numel)
         flat_base, flat_tuned = base.reshape(-1), tuned.reshape(-1)
         scores = (flat_tuned[index].float() - flat_base[index].float()).abs() * kl.reshape(-1)[index // cols]
     else:
