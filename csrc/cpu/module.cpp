@@ -44,7 +44,7 @@ void sce_merge(void* out, int out_dtype, const void* base, const std::vector<con
 void della_keep_mask(uint8_t* keep, const float* delta, int64_t rows, int64_t m, double density, double epsilon,
                      uint64_t seed, uint32_t model, int64_t first_row);
 void arcee_scores(float* scores, const void* base, const void* tuned, int dtype, int64_t numel, const float* kl,
-                  int64_t cols, const int64_t* bits, int64_t count);
+                  int64_t cols, uint64_t seed, int64_t count);
 void arcee_apply(void* out, int out_dtype, const void* base, const void* tuned, int dtype, int64_t numel,
                  const float* kl, int64_t cols, float threshold);
 }  // namespace vfuse
@@ -217,13 +217,13 @@ PYBIND11_MODULE(_C, m) {
     vfuse::model_variance(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(stack), models, numel);
   });
   m.def("arcee_scores", [](uintptr_t scores, uintptr_t base, uintptr_t tuned, int dtype, int64_t numel, uintptr_t kl,
-                           int64_t cols, uintptr_t bits, int64_t count) {
-    if (numel < 1 || cols < 1 || numel % cols || count < 0 || (bits == 0 && count != numel))
-      throw std::invalid_argument("numel >= 1 a multiple of cols >= 1; count = numel without bits");
+                           int64_t cols, uint64_t seed, int64_t count) {
+    if (numel < 1 || cols < 1 || numel % cols || count < 0 || count > numel)
+      throw std::invalid_argument("numel >= 1 a multiple of cols >= 1, 0 <= count <= numel");
     py::gil_scoped_release release;
     vfuse::arcee_scores(reinterpret_cast<float*>(scores), reinterpret_cast<const void*>(base),
                         reinterpret_cast<const void*>(tuned), dtype, numel, reinterpret_cast<const float*>(kl), cols,
-                        reinterpret_cast<const int64_t*>(bits), count);
+                        seed, count);
   });
 
   m.def("arcee_apply", [](uintptr_t out, int out_dtype, uintptr_t base, uintptr_t tuned, int dtype, int64_t numel,

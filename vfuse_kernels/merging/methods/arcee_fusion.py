@@ -16,26 +16,31 @@ torch.randint: sample j takes element floor(u_j·numel) with u_j = bits_j / 2^32
 bits = ``random_bits(1_000_000, seed, 0)`` (DARE's Philox stream) — reproducible on CPU and CUDA for the same
 (seed, tensor name). At or below 1,000,000 elements the result equals mergekit's.
 
-Memory: the row KLs are torch ops a block of about 2^22 elements' rows at a time, so the fp32
-temporaries are a block's, not the tensor's (mergekit's are the whole tensor's), with the
-whole-tensor formula's bits (tests/test_merge_methods_sparse.py). The importance at the sampled
+Memory: the row KLs are torch ops a block of rows at a time (about 2^18 elements on the CPU, in
+buffers kept from tensor to tensor; 2^22 elsewhere), so the fp32 temporaries are a block's, not
+the tensor's (mergekit's are the whole tensor's), with the whole-tensor formula's bits
+(tests/test_merge_methods_sparse.py). The importance at the sampled
 indices and the kept deltas are one pass each, straight from the inputs into the output buffer:
 C++ on the CPU (csrc/cpu/arcee_fusion.cpp, the same fp32 operations in the same order), torch
 ops a block at a time elsewhere.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from ..._backend import DTYPE_CODES, cpp_kernels_for
 from ...ops._library import kernel_output
-from ...ops.random_bits import random_bits
+from ...ops.random_bits import MASK64, random_bits
 from . import TensorInputs, TensorMethod, register
 from .gta import CHUNK
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
 SOFTMAX_EPS = 1e-8
+CPU_BLOCK = 1 << 18  # elements per block of rows on the CPU: four fp32 buffers of it stay in the L2 caches
+_cpu_scratch = threading.local()  # .buffers: this thread's four CPU block buffers, kept from tensor to tensor
 
 
 def fusion_kl(tuned: torch.Tensor, base: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
@@ -66,15 +71,25 @@ def quantile_threshold(values: torch.Tensor) -> torch.Tensor:
     return median + 1.5 * (q3 - q1)
 
 
-def row_blocks(rows: int, cols: int) -> list[slice]:
-    """Row ranges of about ``gta.CHUNK`` elements (the whole tensor up to that size), none a lone
+def row_blocks(rows: int, cols: int, block: int = CHUNK) -> list[slice]:
+    """Row ranges of about ``block`` elements (the whole tensor up to that size), none a lone
     row out of several: torch reduces each row of a block on one thread, but splits a single
     long row across threads — the same row KL bits as the whole tensor's only without one."""
-    step = rows if rows * cols <= CHUNK else max(2, CHUNK // max(cols, 1))
+    step = rows if rows * cols <= block else max(2, block // max(cols, 1))
     starts = list(range(0, rows, step))
     if len(starts) > 1 and rows - starts[-1] == 1:
         starts.pop()
     return [slice(start, end) for start, end in zip(starts, starts[1:] + [rows])]
+
+
+def cpu_scratch(elements: int) -> list[torch.Tensor]:
+    """Four fp32 CPU buffers of ``elements`` for the KL's blocks: those of up to CPU_BLOCK elements
+    are kept from call to call (fresh ones cost a page fault per 4 KiB, every tensor)."""
+    if elements > CPU_BLOCK:
+        return [torch.empty(elements, dtype=torch.float32) for _ in range(4)]
+    if not hasattr(_cpu_scratch, "buffers"):
+        _cpu_scratch.buffers = [torch.empty(CPU_BLOCK, dtype=torch.float32) for _ in range(4)]
+    return _cpu_scratch.buffers
 
 
 def arcee_fusion_merge(inputs: TensorInputs) -> torch.Tensor:
@@ -90,24 +105,25 @@ def arcee_fusion_merge(inputs: TensorInputs) -> torch.Tensor:
         return base.float()
     cols = base.shape[-1] if base.dim() else 1
     base2, tuned2 = base.reshape(-1, cols), tuned.reshape(-1, cols)
-    blocks = row_blocks(base2.shape[0], cols)
+    on_cpu = base.device.type == "cpu"
+    blocks = row_blocks(base2.shape[0], cols, CPU_BLOCK if on_cpu else CHUNK)
     block = max(rows.stop - rows.start for rows in blocks) * cols
-    scratch = [torch.empty(block, dtype=torch.float32, device=base.device) for _ in range(4)]
+    scratch = cpu_scratch(block) if on_cpu else \
+        [torch.empty(block, dtype=torch.float32, device=base.device) for _ in range(4)]
     kl = torch.cat([fusion_kl(tuned2[rows], base2[rows], scratch) for rows in blocks])
     numel = base.numel()
-    bits = random_bits(QUANTILE_SAMPLE_SIZE, inputs.seed, 0, base.device) if numel > QUANTILE_SAMPLE_SIZE else None
     ext = cpp_kernels_for([base, tuned])
     if ext is not None:
         code = DTYPE_CODES[base.dtype]
-        scores = torch.empty(numel if bits is None else bits.numel(), dtype=torch.float32)
+        scores = torch.empty(min(numel, QUANTILE_SAMPLE_SIZE), dtype=torch.float32)
         ext.arcee_scores(scores.data_ptr(), base.data_ptr(), tuned.data_ptr(), code, numel, kl.data_ptr(), cols,
-                         0 if bits is None else bits.data_ptr(), scores.numel())
+                         inputs.seed & MASK64, scores.numel())
         result = kernel_output(inputs.out, base.shape)
         ext.arcee_apply(result.data_ptr(), DTYPE_CODES[result.dtype], base.data_ptr(), tuned.data_ptr(), code, numel,
                         kl.data_ptr(), cols, float(quantile_threshold(scores)))
         return result
-    if bits is not None:
-        index = sample_index(bits, numel)
+    if numel > QUANTILE_SAMPLE_SIZE:
+        index = sample_index(random_bits(QUANTILE_SAMPLE_SIZE, inputs.seed, 0, base.device), numel)
         flat_base, flat_tuned = base.reshape(-1), tuned.reshape(-1)
         scores = (flat_tuned[index].float() - flat_base[index].float()).abs() * kl.reshape(-1)[index // cols]
     else:
