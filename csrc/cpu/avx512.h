@@ -1,9 +1,9 @@
 // Loops written with AVX-512 intrinsics (F and BW), each next to the portable loop whose results it
 // gives bit for bit: the bracket pass's counting (magnitude_select.cpp), the TIES merge
-// (delta_merge.cpp) and DARE's Philox words (random_bits.cpp). The compiler's own AVX-512 code for those loops widens every compare mask to
-// a vector; these keep the flags in mask registers and decode bf16 as even/odd lanes (a shift and
-// an and, no shuffles). Taken where the CPU has AVX-512 F and BW and the environment variable
-// VFUSE_NO_AVX512 is unset (the tests run both loops).
+// (delta_merge.cpp) and DARE's Philox words (random_bits.cpp). The compiler's own AVX-512 code
+// for those loops widens every compare mask to a vector; these keep the flags in mask registers
+// and decode bf16 as even/odd lanes (a shift and an and, no shuffles). Taken where the CPU has
+// AVX-512 F and BW and the environment variable VFUSE_NO_AVX512 is unset (the tests run both loops).
 #pragma once
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

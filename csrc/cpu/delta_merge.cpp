@@ -163,7 +163,6 @@ void merge_chunk(ChunkScratch& s, int n, int64_t start, int64_t len, const Merge
   store_result(p, start, len, s.base.data(), m, staged);
 }
 
-
 // Task arithmetic / linear with every tensor in one storage dtype and N models known at
 // compile time: one loop, each element loaded, merged in registers and stored once.
 // out may be base or a tuned tensor: element j is read before it is written and no

@@ -634,7 +634,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Closes and removes the temporary; never raises on the error that stopped the run
-        (closing flushes, and may hit ENOSPC again)."""
+        (closing may report the failed write again)."""
         self._close_crc_thread()
         with suppress(OSError):
             self._file.close()

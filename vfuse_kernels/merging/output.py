@@ -55,11 +55,10 @@ SYNC_FILE_RANGE = _sync_file_range()
 class OutputFile:
     """A new file at ``path``, written sequentially by ``write`` and made durable by ``finish``."""
 
-    def __init__(self, path: str, direct: bool | None = None):
-        direct = direct_io_enabled() if direct is None else direct
+    def __init__(self, path: str):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.fd = -1
-        if direct:
+        if direct_io_enabled():
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
             except OSError as exc:
@@ -72,10 +71,10 @@ class OutputFile:
         self.direct_bytes = 0  # of them, those written with direct I/O
         self._held = 0  # of them, the last ones, waiting in the bounce buffer (which starts at an aligned offset)
         self._synced = 0  # page-cache route: bytes already sent to disk
-        self._bounce = self._bounce_array = None
+        self._bounce = None
         if self.direct:
             self._bounce = mmap.mmap(-1, BOUNCE_BYTES)  # page-aligned
-            self._bounce_array = numpy.frombuffer(self._bounce, dtype=numpy.uint8)
+            self._bounce_at = address(self._bounce)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -96,7 +95,7 @@ class OutputFile:
             n = min(len(view), BOUNCE_BYTES - self._held)
             if in_line and self.size % ALIGN:
                 n = min(n, ALIGN - self.size % ALIGN)  # up to the block boundary, where the rest lines up
-            ctypes.memmove(self._bounce_array.ctypes.data + self._held, start, n)
+            ctypes.memmove(self._bounce_at + self._held, start, n)
             self._held += n
             self.size += n
             view = view[n:]
@@ -143,4 +142,4 @@ class OutputFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._bounce = self._bounce_array = None  # unmapped once no view of it is left (a traceback may hold one)
+        self._bounce = None  # unmapped once no view of it is left (a traceback may hold one)

@@ -19,10 +19,10 @@ bits = ``random_bits(1_000_000, seed, 0)`` (DARE's Philox stream) — reproducib
 Memory: the row KLs are torch ops a block of rows at a time (about 2^18 elements on the CPU, in
 buffers kept from tensor to tensor; 2^22 elsewhere), so the fp32 temporaries are a block's, not
 the tensor's (mergekit's are the whole tensor's), with the whole-tensor formula's bits
-(tests/test_merge_methods_sparse.py). The importance at the sampled
-indices and the kept deltas are one pass each, straight from the inputs into the output buffer:
-C++ on the CPU (csrc/cpu/arcee_fusion.cpp, the same fp32 operations in the same order), torch
-ops a block at a time elsewhere.
+(tests/test_merge_methods_sparse.py). The importance at the sampled indices and the kept deltas
+are one pass each, straight from the inputs into the output buffer: C++ on the CPU
+(csrc/cpu/arcee_fusion.cpp, the same fp32 operations in the same order), torch ops a block at
+a time elsewhere.
 """
 from __future__ import annotations
 
