@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import signal
@@ -323,15 +322,14 @@ def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatc
     fresh = []
     take, write = engine._BufferPool.take, ShardWriter.write
 
-    def recording_take(self, shape, dtype, offset):
-        nbytes = dtype.itemsize * math.prod(shape)
+    def recording_take(self, nbytes, offset):
         fresh.append(nbytes == largest and not self._idle.get(nbytes))
-        return take(self, shape, dtype, offset)
+        return take(self, nbytes, offset)
 
-    def slow_write(self, name, tensor):
-        if tensor.numel() * tensor.element_size() == largest:
+    def slow_write(self, name, data):
+        if data.nbytes == largest:
             time.sleep(0.3)  # the next largest output is ready to be computed meanwhile
-        return write(self, name, tensor)
+        return write(self, name, data)
 
     monkeypatch.setattr(engine._BufferPool, "take", recording_take)
     monkeypatch.setattr(ShardWriter, "write", slow_write)
@@ -610,7 +608,7 @@ def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes, 
     from safetensors.torch import load_file
 
     from vfuse_kernels.merging import checkpoint, output
-    from vfuse_kernels.merging.checkpoint import ShardWriter, file_crc32, plan_shards
+    from vfuse_kernels.merging.checkpoint import ShardWriter, dtype_name, file_crc32, plan_shards
 
     monkeypatch.setattr(checkpoint, "CRC_THREAD_BYTES", crc_thread_bytes)
     monkeypatch.setattr(output, "WRITEBACK_BYTES", 1000)
@@ -618,7 +616,7 @@ def test_shard_writer_digest_and_bytes(tmp_path, monkeypatch, crc_thread_bytes, 
     gen = torch.Generator().manual_seed(3)
     tensors = {"a": torch.randn(33, 7, generator=gen), "b": torch.randn(0, 4, generator=gen).half(),
                "c": torch.randn(301, generator=gen).bfloat16(), "d": torch.randn(5, generator=gen)}
-    (layout,) = plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 1 << 30)
+    (layout,) = plan_shards([(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()], 1 << 30)
     writer = ShardWriter(str(tmp_path), layout)
     for name in layout.names:
         writer.write(name, tensors[name])

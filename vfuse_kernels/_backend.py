@@ -1,4 +1,4 @@
-"""Backend selection and the compiled CPU extension.
+"""Backend selection for torch tensors (the CPU extension itself: ``_extension.py``).
 
 CUDA tensors run the Triton kernels, CPU tensors the C++ extension (``vfuse_kernels._C``).
 ``VFUSE_BACKEND=reference|cpp|triton`` forces one; ``triton`` on CPU tensors needs
@@ -7,32 +7,17 @@ back to the reference with one warning.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
-import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpp", "triton")
+from ._extension import BACKENDS, KERNEL_DTYPES, cpu_extension, forced_backend
+
 # Storage dtype codes shared with csrc/cpu/common.h.
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-@functools.cache
-def cpu_extension():
-    """The compiled ``_C`` module, or None (with one warning) when it cannot be loaded."""
-    try:
-        return importlib.import_module("vfuse_kernels._C")
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        warnings.warn(
-            f"vfuse_kernels: the C++ extension could not be loaded ({exc}); "
-            "CPU ops fall back to the slow plain-PyTorch reference. Reinstall with "
-            "`pip install -e .` to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+DTYPE_CODES = {torch.float32: KERNEL_DTYPES["F32"], torch.bfloat16: KERNEL_DTYPES["BF16"],
+               torch.float16: KERNEL_DTYPES["F16"]}
+__all__ = ["BACKENDS", "DTYPE_CODES", "cpp_kernels_for", "cpu_extension", "host_to_device", "select_backend",
+           "triton_interpreted"]
 
 
 def triton_interpreted() -> bool:
@@ -41,10 +26,8 @@ def triton_interpreted() -> bool:
 
 def select_backend(device: torch.device) -> str:
     """The backend that runs an op on ``device``."""
-    forced = os.environ.get("VFUSE_BACKEND", "").strip().lower()
+    forced = forced_backend()
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"VFUSE_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
         if forced == "cpp" and device.type != "cpu":
             raise ValueError(f"VFUSE_BACKEND=cpp runs CPU tensors only, got tensors on {device}")
         if forced == "triton" and device.type == "cpu" and not triton_interpreted():

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import signal
 import sys
@@ -25,6 +24,20 @@ def _interrupt(signum, frame) -> None:
     for other in (signal.SIGINT, signal.SIGTERM):
         signal.signal(other, signal.SIG_IGN)
     raise Interrupted(signum)
+
+
+def _set_threads(threads: int) -> None:
+    """The C++ kernels' thread count, and torch's (now if it is loaded, else when it loads: the
+    CPU merge imports torch only for methods that need it)."""
+    from ._extension import cpu_extension
+
+    ext = cpu_extension()
+    if ext is not None:
+        ext.set_num_threads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _merge(args) -> int:
@@ -40,8 +53,6 @@ def _merge(args) -> int:
 
 
 def _run_merge(args) -> int:
-    import torch
-
     from .merging import CheckpointError, ConfigError, merge_checkpoints
     from .merging.engine import MergeStopped, describe_error
 
@@ -50,12 +61,7 @@ def _run_merge(args) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("vfuse merge: --threads must be at least 1")
-        torch.set_num_threads(args.threads)
-        from ._backend import cpu_extension
-
-        ext = cpu_extension()
-        if ext is not None:
-            ext.set_num_threads(args.threads)
+        _set_threads(args.threads)
     options = dict(device=args.device, out_shard_size=args.out_shard_size, resume=args.resume, progress=not args.quiet)
     try:
         if args.distributed:
@@ -217,18 +223,6 @@ def main(argv=None) -> int:
     return args.run(args)
 
 
-def _load_merge_modules() -> None:
-    """Imports the merge path (torch with it) with the cyclic garbage collector off, then freezes
-    what was loaded. Importing torch ran ~380 collections (0.12 s on a 2-vCPU Xeon) that freed
-    nothing, and each full collection during the merge walked torch's ~170k objects (85 ms)."""
-    gc.disable()
-    try:
-        from .merging import engine  # noqa: F401
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
 def run() -> None:
     """The ``vfuse`` console script: ``main()``. A merge that finished (not a distributed one) then
     ends the process at once, its output streams flushed: by then every file is written, synced and
@@ -236,7 +230,9 @@ def run() -> None:
     loaded took 0.3–0.5 s of a ~3 s merge (benchmarks/NOTES.md, v0.7). Every other exit is the normal one."""
     args = build_parser().parse_args()
     if args.run is _merge:
-        _load_merge_modules()
+        from .merging import engine
+
+        engine.FREEZE_TORCH = True
     code = args.run(args)
     if code == 0 and args.run is _merge and not args.distributed:
         sys.stdout.flush()

@@ -29,17 +29,20 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy
 
 from .output import OutputFile
 
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> (bytes per element, torch dtype name); the merge plans with the
+# names, and torch is imported only where a tensor is built (the merge itself may not need it)
+ST_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+             "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+             "BOOL": (1, "bool")}
 ST_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")  # safetensors' layout: dtype, name
 INDEX_NAME = "model.safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -57,11 +60,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as promised; the message names the file."""
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype."""
+    return ST_DTYPES[dtype][0]
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    return getattr(torch, ST_DTYPES[dtype][1])
+
+
+def dtype_name(dtype) -> str | None:
+    """The safetensors name of a torch dtype (None: no safetensors dtype)."""
+    return next((name for name, (_, torch_name) in ST_DTYPES.items() if str(dtype) == f"torch.{torch_name}"), None)
+
+
+def as_tensor(raw: numpy.ndarray, dtype: str, shape):
+    """A torch view (no copy) of the uint8 array ``raw`` holding a tensor of safetensors
+    ``dtype`` and ``shape``; writable only when ``raw`` is."""
+    import torch
+
+    if raw.size == 0:
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    with warnings.catch_warnings():  # a read-only array (a file's pages) is only read
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(raw)
+    return tensor.view(torch_dtype(dtype)).view(shape)
+
+
+def byte_view(data) -> numpy.ndarray:
+    """The bytes of a host tensor (torch, or a numpy array), contiguous, as a uint8 array
+    (no copy when the tensor is contiguous)."""
+    if isinstance(data, numpy.ndarray):
+        return numpy.ascontiguousarray(data).reshape(-1).view(numpy.uint8)
+    import torch
+
+    return data.detach().contiguous().view(-1).view(torch.uint8).numpy()
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     file: str
-    dtype: torch.dtype
+    dtype: str  # safetensors name (ST_DTYPES)
     shape: tuple[int, ...]
     offset: int  # byte offset of the data in the file (.bin: in the safetensors file of the same tensors)
     nbytes: int
@@ -92,7 +135,8 @@ def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = ST_DTYPES[entry["dtype"]]
+            dtype = entry["dtype"]
+            size = itemsize(dtype)
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -100,7 +144,7 @@ def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != numel * size or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated — tensor {name!r} ends at byte {end} of {data_size}")
@@ -112,6 +156,8 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a PyTorch ``.bin`` file as views of its pages (nothing read yet).
     ``weights_only``: a pickle that would build anything but tensors, dicts and plain values
     is refused unexecuted; anything but a flat dict of tensors is refused too."""
+    import torch
+
     try:
         state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except Exception as exc:
@@ -122,7 +168,7 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     for name, tensor in state.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        if tensor.dtype not in ST_NAMES:
+        if dtype_name(tensor.dtype) is None:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
     return state
 
@@ -145,7 +191,7 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._mapped: dict[str, torch.Tensor] = {}  # .bin tensors: views of their files' pages
+        self._mapped: dict = {}  # .bin tensors: views of their files' pages
         self._copied: set[str] = set()  # .bin tensors stored non-contiguous: made contiguous in memory
         weight_map = None
         if os.path.isfile(self.path):
@@ -170,9 +216,10 @@ class Checkpoint:
         the tensor would have in a safetensors file, so both formats plan alike."""
         tensors = load_bin(path)
         infos, offset = {}, 0
-        for name in sorted(tensors, key=lambda n: (ST_ORDER.index(ST_NAMES[tensors[n].dtype]), n)):
+        names = {name: dtype_name(t.dtype) for name, t in tensors.items()}
+        for name in sorted(tensors, key=lambda n: (ST_ORDER.index(names[n]), n)):
             t = tensors[name]
-            infos[name] = TensorInfo(name, path, t.dtype, tuple(t.shape), offset, t.nbytes)
+            infos[name] = TensorInfo(name, path, names[name], tuple(t.shape), offset, t.nbytes)
             offset += t.nbytes
         for name, tensor in tensors.items():
             if name in self._mapped:
@@ -214,9 +261,11 @@ class Checkpoint:
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``name``, read from disk (into ``out``'s storage when given)."""
+        import torch
+
         info = self.tensors[name]
         if out is None:
-            out = torch.empty(info.shape, dtype=info.dtype)
+            out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         if info.nbytes:
             self.read_bytes(name, out.view(-1).view(torch.uint8))
         return out
@@ -229,7 +278,7 @@ class Checkpoint:
             raise ValueError(f"bytes [{start}, {start + out.numel()}) are outside tensor {name!r} "
                              f"({info.nbytes} bytes)")
         if name in self._mapped:
-            out.copy_(self._mapped[name].view(-1).view(torch.uint8)[start:start + out.numel()])
+            out.copy_(as_tensor(self.raw(name), "U8", (-1,))[start:start + out.numel()])
             return
         with self._lock:
             fd = self._fds.get(info.file)
@@ -251,18 +300,23 @@ class Checkpoint:
                     mapped = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             return mapped
 
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as a read-only view of the file's pages (no copy); pair with
-        ``release`` so the pages leave this process's resident set once used."""
-        info = self.tensors[name]
+    def view(self, name: str):
+        """The tensor ``name`` as a read-only torch view of the file's pages (no copy); pair
+        with ``advise(name, MADV_DONTNEED)`` so the pages leave this process's resident set once used."""
         if name in self._mapped:
             return self._mapped[name]
+        info = self.tensors[name]
+        return as_tensor(self.raw(name), info.dtype, info.shape)
+
+    def raw(self, name: str) -> numpy.ndarray:
+        """The bytes of tensor ``name`` as a read-only uint8 array over the file's pages (no
+        copy, no torch; a ``.bin`` tensor's: a view of the tensor's memory)."""
+        if name in self._mapped:
+            return byte_view(self._mapped[name])
+        info = self.tensors[name]
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():  # the mapping is read-only; the views are only read
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(self._mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        return raw.view(info.dtype).view(info.shape)
+            return numpy.empty(0, dtype=numpy.uint8)
+        return numpy.frombuffer(self._mapping(info.file), dtype=numpy.uint8, count=info.nbytes, offset=info.offset)
 
     def advise(self, name: str, advice: int) -> None:
         """madvise on the pages of tensor ``name`` (MADV_WILLNEED to read ahead,
@@ -301,14 +355,14 @@ class Checkpoint:
         self.close()
 
 
-def staged(device: torch.device) -> bool:
-    """Whether tensors for ``device`` travel through staging buffers (an accelerator) rather
-    than as zero-copy views of the files' pages (the CPU)."""
-    return device.type != "cpu"
+def staged(device) -> bool:
+    """Whether tensors for ``device`` (a torch device or its name) travel through staging
+    buffers (an accelerator) rather than as zero-copy views of the files' pages (the CPU)."""
+    return str(device).split(":")[0] != "cpu"
 
 
 class HostReader:
-    """Tensors as read-only views of the files' pages (no copy), populated on one thread
+    """Tensors' bytes as read-only uint8 arrays over the files' pages (no copy), populated on one thread
     ahead of their use so the consumer takes no page faults; ``release`` drops the pages
     from this process (the page cache keeps them)."""
 
@@ -320,10 +374,10 @@ class HostReader:
         return self._pool.submit(self._map, reads)
 
     @staticmethod
-    def _map(reads: list[tuple[Checkpoint, str]]) -> list[torch.Tensor]:
+    def _map(reads: list[tuple[Checkpoint, str]]) -> list[numpy.ndarray]:
         for ck, name in reads:
             ck.advise(name, MADV_POPULATE_READ)
-        return [ck.view(name) for ck, name in reads]
+        return [ck.raw(name) for ck, name in reads]
 
     @staticmethod
     def release(reads: list[tuple[Checkpoint, str]]) -> None:
@@ -340,9 +394,11 @@ def staging_bytes(largest: int) -> int:
     return min(STAGING_BYTES, max(largest, 1))
 
 
-def host_buffers(count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
-    """``count`` uint8 host buffers of ``nbytes`` from one allocation, page-locked (pinned)
+def host_buffers(count: int, nbytes: int, device):
+    """``count`` uint8 host tensors of ``nbytes`` from one allocation, page-locked (pinned)
     when ``device`` is CUDA so copies to and from them are asynchronous DMA."""
+    import torch
+
     block = torch.empty(count * nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     return [block[i * nbytes:(i + 1) * nbytes] for i in range(count)]
 
@@ -381,6 +437,8 @@ class StagedLoad:
         self._chunks = chunks
 
     def result(self) -> list[torch.Tensor]:
+        import torch
+
         for chunk in self._chunks:
             chunk.result()
         if self._reader.cuda:
@@ -402,6 +460,8 @@ class DeviceReader:
 
     def __init__(self, device: torch.device, *, slots: int = READ_SLOTS, slot_bytes: int = STAGING_BYTES,
                  threads: int = READ_THREADS):
+        import torch
+
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -411,11 +471,13 @@ class DeviceReader:
 
     def submit(self, reads: list[tuple[Checkpoint, str]]) -> StagedLoad:
         """Starts reading each (checkpoint, tensor name) onto the device."""
+        import torch
+
         tensors, chunks = [], []
         for ck, name in reads:
             info = ck.tensors[name]
             with torch.cuda.stream(self.stream) if self.cuda else nullcontext():  # the block belongs to that stream
-                tensor = torch.empty(info.shape, dtype=info.dtype, device=self.device)
+                tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=self.device)
             tensors.append(tensor)
             raw = tensor.view(-1).view(torch.uint8) if info.nbytes else None
             for start in range(0, info.nbytes, self.slot_bytes):
@@ -430,6 +492,8 @@ class DeviceReader:
             chunk = buffer[:dst.numel()]
             ck.read_bytes(name, chunk, start)
             if self.cuda:
+                import torch
+
                 with torch.cuda.stream(self.stream):
                     dst.copy_(chunk, non_blocking=True)
                 copied = self.record()
@@ -442,6 +506,8 @@ class DeviceReader:
         """An event on the copy stream after every copy queued so far (None on the CPU)."""
         if not self.cuda:
             return None
+        import torch
+
         event = torch.cuda.Event()
         event.record(self.stream)
         return event
@@ -450,7 +516,7 @@ class DeviceReader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def read_ahead(jobs: list[list[tuple[Checkpoint, str]]], reader_of) -> Iterator[list[torch.Tensor]]:
+def read_ahead(jobs: list[list[tuple[Checkpoint, str]]], reader_of) -> Iterator[list]:
     """The tensors of each job (its (checkpoint, name) reads), in order, loaded by the
     reader ``reader_of(i)`` (a ``HostReader`` or ``DeviceReader``). The next jobs' reads
     start ahead as long as the bytes in flight, the current job's included, stay within the
@@ -498,13 +564,13 @@ class ShardLayout:
     offsets: list[int]  # file offset of each tensor's first byte
 
 
-def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[ShardLayout]:
-    """Assigns tensors, in order, to shards of at most ``max_bytes`` of data (a larger
-    tensor gets a shard of its own) and builds each shard's header."""
-    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+def plan_shards(tensors: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[ShardLayout]:
+    """Assigns tensors (name, safetensors dtype, shape), in order, to shards of at most
+    ``max_bytes`` of data (a larger tensor gets a shard of its own) and builds each shard's header."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     used = 0
     for name, dtype, shape in tensors:
-        nbytes = dtype.itemsize * _numel(shape)
+        nbytes = itemsize(dtype) * _numel(shape)
         if groups[-1] and used + nbytes > max_bytes:
             groups.append([])
             used = 0
@@ -516,8 +582,8 @@ def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, dtype, shape in group:
-            nbytes = dtype.itemsize * _numel(shape)
-            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = itemsize(dtype) * _numel(shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data 8-byte aligned
@@ -609,11 +675,11 @@ class ShardWriter:
         self._next += 1
         return self.layout.offsets[self._next - 1]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """A whole host tensor."""
+    def write(self, name: str, data) -> None:
+        """A whole host tensor (torch, or a numpy array of its bytes)."""
         self.start(name)
-        if tensor.numel():
-            self.append(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+        if data.nbytes:
+            self.append(memoryview(byte_view(data)))
 
     @property
     def complete(self) -> bool:

@@ -267,10 +267,10 @@ def resolve_model_path(value: Any, where: str, root: str) -> str:
 
 def method_spec(method: str):
     """The per-tensor ``TensorMethod`` of a non-fused method (None for the fused ones)."""
-    from .methods import METHODS
-
     if method in FUSED_METHODS:
         return None
+    from .methods import METHODS
+
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"merge_method={method!r} is not supported; use one of {', '.join(_method_names())}")
     return METHODS[method]

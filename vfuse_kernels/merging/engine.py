@@ -31,12 +31,13 @@ own state file), and ``_finish_out_dir`` publishes the folder once all shards ex
 from __future__ import annotations
 
 import errno
+import gc
 import json
-import math
 import os
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -45,14 +46,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
-import torch
+import numpy
 
-from .. import ops
-from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceReader, HostReader, ShardWriter,
-                         file_crc32, host_buffers, parse_size, plan_shards, read_ahead, staged, staging_bytes)
+from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceReader, HostReader, ShardWriter, as_tensor,
+                         file_crc32, host_buffers, parse_size, plan_shards, read_ahead, staged, staging_bytes,
+                         torch_dtype)
 from .config import MergeConfig, load_config
 from .lock import OutLock
-from .methods import METHODS, TensorInputs
+from .native import kernel_takes, native_merge
 from .output import ALIGN
 from .plan import MergePlan, TensorTask, build_plan
 
@@ -118,46 +119,49 @@ def peak_rss_bytes() -> int:
 
 
 class _BufferPool:
-    """Output buffers reused across tensors of one size: a fresh allocation costs a page
-    fault (and a zeroed page) per 4 KiB, more than merging the tensor. Holds at most
-    ``max_bytes`` of idle buffers. A buffer taken for file offset ``offset`` starts at an
-    address equal to it modulo ``ALIGN``, so that direct I/O writes it from where it is
+    """Output buffers (uint8 arrays) reused across tensors of one size: a fresh allocation
+    costs a page fault (and a zeroed page) per 4 KiB, more than merging the tensor. Holds at
+    most ``max_bytes`` of idle buffers. A buffer taken for file offset ``offset`` starts at
+    an address equal to it modulo ``ALIGN``, so that direct I/O writes it from where it is
     (``merging/output.py``)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._idle: dict[int, list[torch.Tensor]] = {}
+        self._idle: dict[int, list[numpy.ndarray]] = {}
         self._held = 0
         self._lock = threading.Lock()
 
-    def take(self, shape, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
-        nbytes = dtype.itemsize * math.prod(shape)
+    def take(self, nbytes: int, offset: int = 0) -> numpy.ndarray:
         with self._lock:
             idle = self._idle.get(nbytes)
             raw = idle.pop() if idle else None
             if raw is not None:
                 self._held -= nbytes
         if raw is None:
-            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-        start = (offset - raw.data_ptr()) % ALIGN
-        return raw[start:start + nbytes].view(dtype).view(shape)
+            raw = numpy.empty(nbytes + ALIGN, dtype=numpy.uint8)
+        start = (offset - raw.__array_interface__["data"][0]) % ALIGN
+        return raw[start:start + nbytes]
 
-    def give(self, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+    def give(self, buffer: numpy.ndarray) -> None:
+        """Returns a buffer ``take`` gave."""
+        nbytes = buffer.nbytes
         with self._lock:
             if nbytes and self._held + nbytes <= self.max_bytes:
-                raw = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
-                self._idle.setdefault(nbytes, []).append(raw)
+                self._idle.setdefault(nbytes, []).append(buffer.base)
                 self._held += nbytes
 
 
 @dataclass
 class _Result:
-    tensor: torch.Tensor
-    pooled: bool  # return to the pool once written
+    data: object  # what to write: a host uint8 array (the output's bytes) or a torch tensor
+    buffer: numpy.ndarray | None  # the pool buffer under it, returned to the pool once written
     mapped: list[tuple]  # (checkpoint, name) of input views to release once written
     staged: bool = False  # on the device: copied off through the writer's staging buffers
-    ready: torch.cuda.Event | None = None  # staged on CUDA: recorded after the merge
+    ready: object = None  # staged on CUDA: a torch.cuda.Event recorded after the merge
+
+    def tensor(self, task: TensorTask):
+        """The result as a torch tensor of the task's dtype and shape (a view: no copy)."""
+        return as_tensor(self.data, task.out_dtype, task.shape) if isinstance(self.data, numpy.ndarray) else self.data
 
 
 class _Runner:
@@ -167,8 +171,7 @@ class _Runner:
     accelerator, or on the CPU when forced, to test it): the inputs come from a
     ``DeviceReader`` and the merge runs on the current stream once their copies landed."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, pool: _BufferPool, staged: bool,
-                 thresholds: dict | None = None):
+    def __init__(self, plan: MergePlan, device, pool: _BufferPool, staged: bool, thresholds: dict | None = None):
         self.plan = plan
         self.pool = pool
         self.staged = staged
@@ -177,7 +180,7 @@ class _Runner:
         self.device_reader = None
         if staged:
             largest = max((ck.tensors[name].nbytes for task in plan.tasks for ck, name in self.reads(task)), default=1)
-            self.device_reader = DeviceReader(device, slot_bytes=staging_bytes(largest))
+            self.device_reader = DeviceReader(_torch_device(device), slot_bytes=staging_bytes(largest))
 
     def reads(self, task: TensorTask) -> list[tuple]:
         """(checkpoint, tensor name) of the task's inputs: the copied tensor, or base then tuned."""
@@ -189,54 +192,97 @@ class _Runner:
             sources = ([task.base] if task.base else []) + task.inputs
         return [(self.plan.checkpoints[model], name) for model, name in sources]
 
+    def infos(self, task: TensorTask) -> list:
+        """The records (``TensorInfo``) of the task's inputs, in ``reads`` order."""
+        return [ck.tensors[name] for ck, name in self.reads(task)]
+
+    def needs_torch(self, tasks: list[TensorTask]) -> bool:
+        """Whether any of ``tasks`` runs through torch (``compute``): all but copies and the
+        merges ``kernel_takes`` on the host."""
+        for task in tasks:
+            infos = self.infos(task)
+            if task.copy_from is not None:
+                if infos[0].dtype != task.out_dtype:
+                    return True
+            elif not self.on_host(task) or not kernel_takes(self.plan, task, infos):
+                return True
+        return False
+
     def on_host(self, task: TensorTask) -> bool:
         return not self.staged or task.copy_from is not None
 
     def reader(self, task: TensorTask):
         return self.host_reader if self.on_host(task) else self.device_reader
 
-    def compute(self, task: TensorTask, loaded: list[torch.Tensor], offset: int = 0) -> _Result:
-        """``offset``: where the output goes in its file (host outputs line up with it, for direct I/O)."""
+    def compute(self, task: TensorTask, loaded: list, offset: int = 0) -> _Result:
+        """Merges (or copies) one task. ``loaded``: its inputs, as ``reader(task)`` gives them
+        (host: uint8 arrays over the files' pages; staged: torch tensors on the device).
+        ``offset``: where the output goes in its file (host outputs line up with it, for direct I/O)."""
         host = self.on_host(task)
         mapped = self.reads(task) if host else []
+        infos = self.infos(task)
         if task.copy_from is not None:
-            if loaded[0].dtype == task.out_dtype:
-                return _Result(loaded[0], False, mapped)  # written straight from the file's pages
-            return _Result(self.pool.take(task.shape, task.out_dtype, offset).copy_(loaded[0]), True, mapped)
+            if infos[0].dtype == task.out_dtype:
+                return _Result(loaded[0], None, mapped)  # written straight from the file's pages
+            buffer = self.pool.take(task.nbytes, offset)
+            as_tensor(buffer, task.out_dtype, task.shape).copy_(as_tensor(loaded[0], infos[0].dtype, infos[0].shape))
+            return _Result(buffer, buffer, mapped)
+        if host:
+            buffer = self.pool.take(task.nbytes, offset)
+            if kernel_takes(self.plan, task, infos):
+                native_merge(self.plan, task, infos, loaded, buffer)
+                HostReader.release(mapped)
+                return _Result(buffer, buffer, [])
+            loaded = [as_tensor(raw, info.dtype, info.shape) for raw, info in zip(loaded, infos)]
+            out = as_tensor(buffer, task.out_dtype, task.shape)
+        elif loaded[0].device.type == "cpu":  # the staged route with CPU tensors (tests, benchmarks)
+            buffer = self.pool.take(task.nbytes, offset)
+            out = as_tensor(buffer, task.out_dtype, task.shape)
+        else:
+            import torch
+
+            buffer, out = None, torch.empty(task.shape, dtype=torch_dtype(task.out_dtype), device=loaded[0].device)
+        self._merge(task, loaded, out)
+        HostReader.release(mapped)
+        if host:
+            return _Result(buffer, buffer, [])
+        merged = None
+        if buffer is None:
+            import torch
+
+            merged = torch.cuda.Event()
+            merged.record(torch.cuda.current_stream(out.device))
+        return _Result(out, buffer, [], staged=True, ready=merged)
+
+    def _merge(self, task: TensorTask, loaded: list, out) -> None:
+        """The torch route of a merge: ``loaded`` and ``out`` are torch tensors."""
+        import torch
+
+        from .. import ops
+        from .methods import METHODS, TensorInputs
+
         plan = self.plan
-        on_cpu = loaded[0].device.type == "cpu"
-        out = self.pool.take(task.shape, task.out_dtype, offset) if on_cpu else \
-            torch.empty(task.shape, dtype=task.out_dtype, device=loaded[0].device)
         if task.method_inputs is not None:
             result = METHODS[plan.config.method].merge(TensorInputs(
                 task.name, list(loaded), task.base_index, task.params, task.shared, task.seed, out))
             if result is not out:
                 out.copy_(result)
-            del result
+            return
+        if task.base is None:
+            base, tuned = torch.zeros(task.shape, dtype=out.dtype, device=out.device), loaded
         else:
-            if task.base is None:
-                base, tuned = torch.zeros(task.shape, dtype=task.out_dtype, device=out.device), loaded
-            else:
-                base, tuned = loaded[0], loaded[1:]
-            sparse = plan.method in ops.SPARSE_METHODS
-            thresholds = None
-            if self.thresholds is not None and plan.method == "ties":
-                key = (task.name, task.base, tuple(task.inputs), tuple(task.densities))
-                if key not in self.thresholds:
-                    self.thresholds[key] = ops.ties_thresholds(base, tuned, task.densities)
-                thresholds = self.thresholds[key]
-            ops.delta_merge(
-                base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
-                normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
-                tuned_are_deltas=plan.tuned_are_deltas, out=out, thresholds=thresholds)
-        HostReader.release(mapped)
-        if host:
-            return _Result(out, True, [])
-        merged = None
-        if not on_cpu:
-            merged = torch.cuda.Event()
-            merged.record(torch.cuda.current_stream(out.device))
-        return _Result(out, on_cpu, [], staged=True, ready=merged)
+            base, tuned = loaded[0], loaded[1:]
+        sparse = plan.method in ops.SPARSE_METHODS
+        thresholds = None
+        if self.thresholds is not None and plan.method == "ties":
+            key = (task.name, task.base, tuple(task.inputs), tuple(task.densities))
+            if key not in self.thresholds:
+                self.thresholds[key] = ops.ties_thresholds(base, tuned, task.densities)
+            thresholds = self.thresholds[key]
+        ops.delta_merge(
+            base, tuned, task.weights, method=plan.method, density=task.densities if sparse else 1.0,
+            normalize=plan.normalize, scale=plan.scale, rescale=plan.rescale, seed=task.seed,
+            tuned_are_deltas=plan.tuned_are_deltas, out=out, thresholds=thresholds)
 
     def close(self) -> None:
         self.host_reader.close()
@@ -253,14 +299,19 @@ class _DeviceToFile:
     at an address in line with its file offset (for direct I/O). With CPU tensors the
     copies are synchronous."""
 
-    def __init__(self, device: torch.device, slot_bytes: int, slots: int = WRITE_SLOTS):
+    def __init__(self, device, slot_bytes: int, slots: int = WRITE_SLOTS):
+        import torch
+
+        device = _torch_device(device)
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_bytes = slot_bytes
         self._free = host_buffers(slots, slot_bytes + ALIGN, device)
         self._pending: deque = deque()  # (shard writer, buffer, chunk of it, event), in file order
 
-    def put(self, writer: ShardWriter, name: str, tensor: torch.Tensor, ready) -> None:
+    def put(self, writer: ShardWriter, name: str, tensor, ready) -> None:
+        import torch
+
         offset = writer.start(name)
         if ready is not None:
             self.stream.wait_event(ready)
@@ -295,6 +346,56 @@ class _DeviceToFile:
         """Writes every chunk copied so far."""
         while self._pending:
             self._write_oldest()
+
+
+# set by the console script, which ends the process without freeing anything after a merge
+FREEZE_TORCH = False
+
+
+def load_torch() -> None:
+    """Imports torch (and the ops) when a merge needs them; with ``FREEZE_TORCH``, with the cyclic
+    garbage collector off, then frozen for it: importing torch ran ~380 collections (0.12 s on
+    a 2-vCPU Xeon) that freed nothing, and each full collection during the merge walked torch's
+    ~170k objects (85 ms)."""
+    if "vfuse_kernels.ops" in sys.modules:
+        return
+    if not FREEZE_TORCH:
+        from .. import ops  # noqa: F401
+        return
+    gc.disable()
+    try:
+        from .. import ops  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def _device(device):
+    """``device`` (a name or a torch device): "cpu" for the CPU (no torch needed), else a
+    torch device, checked to exist."""
+    if str(device) == "cpu":
+        return "cpu"
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available")
+    return device
+
+
+def _torch_device(device):
+    import torch
+
+    return torch.device(device)
+
+
+def _current_device(device):
+    """Makes a CUDA ``device`` the current one (else nothing)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.device(device)
+    return nullcontext()
 
 
 def rank_state_name(rank: int) -> str:
@@ -420,7 +521,7 @@ def merge_checkpoints(
     config: MergeConfig | str,
     out_dir: str,
     *,
-    device: str | torch.device = "cpu",
+    device="cpu",
     out_shard_size: str | int = "5GB",
     resume: bool = False,
     progress: bool = True,
@@ -435,9 +536,7 @@ def merge_checkpoints(
     """
     start = time.perf_counter()
     config = load_config(config) if isinstance(config, str) else config
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available")
+    device = _device(device)
     plan = build_plan(config)
     try:
         layouts = plan_shards([(t.name, t.out_dtype, t.shape) for t in plan.tasks], parse_size(out_shard_size))
@@ -458,8 +557,8 @@ def _run(plan: MergePlan, layouts, fingerprint: str, done: dict[str, str], out_d
     """Writes the shards of ``layouts`` not in ``done`` (only those named in ``shards``, when
     given), recording each finished one in the state file ``state_name``. ``staging``: merge
     through the staged route (default: on any device but the CPU)."""
-    device = torch.device(device)
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    device = _device(device)
+    with _current_device(device):
         return _pipeline(plan, layouts, fingerprint, done, out_dir, device, progress, start, shards, state_name,
                          staged(device) if staging is None else staging)
 
@@ -473,6 +572,8 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
     skipped = sum(len(layout.names) for layout in mine if layout.filename in done)
     largest = max((t.nbytes for t in plan.tasks), default=0)
     runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
+    if runner.needs_torch([task for _, task, _ in todo]):
+        load_torch()
     drain = _DeviceToFile(device, staging_bytes(largest)) if staging else None
     completed = dict(done)
     last = todo[-1][0] if todo else None  # followed only by publishing the folder: no CRC, no state entry
@@ -495,13 +596,13 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
         if writer is None or writer.layout is not layout:
             writer = state["writer"] = ShardWriter(out_dir, layout, checksum=layout is not last)
         if result.staged:
-            drain.put(writer, task.name, result.tensor, result.ready)
+            drain.put(writer, task.name, result.data, result.ready)
         else:
-            writer.write(task.name, result.tensor)
-        state["written"] += result.tensor.numel() * result.tensor.element_size()
+            writer.write(task.name, result.data)
+        state["written"] += result.data.nbytes
         HostReader.release(result.mapped)
-        if result.pooled:
-            runner.pool.give(result.tensor)
+        if result.buffer is not None:
+            runner.pool.give(result.buffer)
         if writer.complete:
             if drain is not None:
                 drain.flush()

@@ -15,10 +15,12 @@ from contextlib import ExitStack, nullcontext
 import torch
 
 from .. import ops
-from .checkpoint import Checkpoint, CheckpointError, DeviceReader, HostReader, read_ahead, staged, staging_bytes
+from .._backend import DTYPE_CODES
+from .checkpoint import (Checkpoint, CheckpointError, DeviceReader, HostReader, as_tensor, read_ahead, staged,
+                         staging_bytes)
 from .config import method_spec
 from .methods import TensorInputs
-from .plan import FLOAT_DTYPES, rewrite_prefix, tensor_seed
+from .plan import rewrite_prefix, tensor_seed
 
 
 def merge_into_(
@@ -82,6 +84,10 @@ def merge_into_(
 
         sparse = method in ops.SPARSE_METHODS
         for (name, data, present), tensor_reads, tuned in zip(jobs, reads, read_ahead(reads, reader_of)):
+            host = isinstance(readers[data.device], HostReader)
+            if host:  # the bytes of the files' pages: viewed as tensors
+                tuned = [as_tensor(raw, ck.tensors[src].dtype, ck.tensors[src].shape)
+                         for raw, (ck, src) in zip(tuned, tensor_reads)]
             with torch.cuda.device(data.device) if data.is_cuda else nullcontext():
                 if spec is not None:
                     data.copy_(spec.merge(TensorInputs(name, [data, *tuned], 0,
@@ -92,7 +98,7 @@ def merge_into_(
                                     density=[densities[k] for k, _ in present] if sparse else 1.0,
                                     seed=tensor_seed(seed, name), out=data, **merge_kwargs)
             del tuned
-            if isinstance(readers[data.device], HostReader):
+            if host:
                 HostReader.release(tensor_reads)
     return counts
 
@@ -138,7 +144,7 @@ def _jobs(model: torch.nn.Module, checkpoints: list[Checkpoint], prefix_map: dic
     counts = {"merged": 0, "untouched": 0}
     for name, tensor in model.state_dict(keep_vars=True).items():
         data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-        if data.dtype not in FLOAT_DTYPES or any(s in name for s in skip) or data.data_ptr() in seen:
+        if data.dtype not in DTYPE_CODES or any(s in name for s in skip) or data.data_ptr() in seen:
             counts["untouched"] += 1
             continue
         seen.add(data.data_ptr())

@@ -7,21 +7,19 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
-
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, itemsize
 from .config import (LAYER_PATTERN, METHOD_DEFAULTS, MergeConfig, filter_matches, input_groups, layer_index, method_spec,
                      resolve, slice_of)
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors names of the dtypes a merge computes in
+OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @dataclass
 class TensorTask:
     name: str  # output name (the base model's)
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: str  # safetensors name
     copy_from: tuple[str, str] | None = None  # (model path, source name) for untouched tensors
     base: tuple[str, str] | None = None  # (model path, source name); None: a zero base (linear)
     inputs: list[tuple[str, str]] = field(default_factory=list)  # tuned (model path, source name)
@@ -37,7 +35,7 @@ class TensorTask:
 
     @property
     def nbytes(self) -> int:
-        n = self.out_dtype.itemsize
+        n = itemsize(self.out_dtype)
         for s in self.shape:
             n *= s
         return n

@@ -313,10 +313,10 @@ class _InMemory:
                 for task, loaded in zip(tasks, loads):
                     result = runner.compute(task, loaded)
                     del loaded
-                    self.targets[task.name].data.copy_(result.tensor)
+                    self.targets[task.name].data.copy_(result.tensor(task))
                     HostReader.release(result.mapped)
-                    if result.pooled:
-                        runner.pool.give(result.tensor)
+                    if result.buffer is not None:
+                        runner.pool.give(result.buffer)
             finally:
                 runner.close()
         finally:
