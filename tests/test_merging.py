@@ -700,3 +700,34 @@ def test_engine_bench_quick_produces_every_name(monkeypatch):
     assert {("merge_into_", m) for m in bench_engine.METHODS} <= ops
     for r in result["rows"]:
         assert r["suite"] == "engine" and r["median_ms"] > 0 and r["impl"]
+
+
+@pytest.mark.parametrize("method, dtype, out_dtype", [("task_arithmetic", torch.bfloat16, None),
+                                                      ("task_arithmetic", torch.float32, "bfloat16"),
+                                                      ("linear", torch.float16, "float32")])
+def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, method, dtype, out_dtype):
+    """Task arithmetic and linear on the CPU run the C++ kernel on the files' pages without torch
+    (merging/native.py); the torch route (ops.delta_merge on views of the same memory) writes
+    the same bytes, with a dtype conversion on the way out too."""
+    from vfuse_kernels.merging import engine
+
+    base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
+    if method == "linear":  # a weighted average of the three, no base
+        head, models = "merge_method: linear\n", [(base, 0.2), (tuned[0], 0.7), (tuned[1], 0.4)]
+    else:
+        head, models = f"merge_method: {method}\nbase_model: {base}\nparameters: {{lambda: 0.9}}\n", \
+            [(tuned[0], 0.7), (tuned[1], -0.4)]
+    text = head + "models:\n" + "".join(f"  - {{model: {m}, parameters: {{weight: {w}}}}}\n" for m, w in models)
+    config = write_yaml(str(tmp_path / "c.yml"), text + (f"out_dtype: {out_dtype}\n" if out_dtype else ""))
+    calls = []
+    native = engine.native_merge
+    monkeypatch.setattr(engine, "native_merge", lambda *args: calls.append(1) or native(*args))
+    merge_checkpoints(config, str(tmp_path / "native"), progress=False)
+    assert calls, "the torch-free route did not run"
+    monkeypatch.setattr(engine, "kernel_takes", lambda *args: False)
+    merge_checkpoints(config, str(tmp_path / "torch"), progress=False)
+    native_out, torch_out = load_tensors(str(tmp_path / "native")), load_tensors(str(tmp_path / "torch"))
+    assert native_out.keys() == torch_out.keys() and len(native_out) > 5
+    for name, value in native_out.items():
+        assert value.dtype == (getattr(torch, out_dtype) if out_dtype else dtype)
+        assert torch.equal(value.view(torch.uint8), torch_out[name].view(torch.uint8)), name  # bits, NaNs too

@@ -4,8 +4,10 @@ checkpoints and YAML, in one run: wall time and peak RSS of each command.
 Checkpoints are Qwen2-shaped (a ~0.5B configuration by default: hidden 896, 24 layers,
 vocab 151936), written as sharded bf16 safetensors: a base and fine-tunes made by small
 seeded perturbations. Each command runs in its own process; peak RSS is that process's.
-Two floor rows per size: ``python -c 'import torch'`` as a process, and writing the output's
-bytes from memory as ``vfuse merge`` writes them; each ``vfuse merge`` row carries their sum.
+Floor rows per size: ``python -c 'import torch'`` and ``python -c 'import numpy'`` as processes,
+and writing the output's bytes from memory as ``vfuse merge`` writes them; each ``vfuse merge``
+row carries the start-up its method needs (torch's, or numpy's for the methods that merge
+without torch: ``merging/native.py``) plus the write.
 
     python -m vfuse_kernels.bench.checkpoint                       # 0.5B × 3, ties + task_arithmetic
     python -m vfuse_kernels.bench.checkpoint --layers 12 24        # RSS as the model grows
@@ -23,8 +25,10 @@ import time
 
 import torch
 
+from ..merging.native import NATIVE_METHODS
 from .common import environment, print_table, write_json  # noqa: E402
 
+WRITE_FLOOR = "write the output's bytes (direct I/O, fsync)"
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
                  vocab_size=151936, tie_word_embeddings=False)
 HEADERS = {  # method → (YAML without models, the model line for a fine-tune; {t}: its path, {w}: 1/N)
@@ -173,9 +177,10 @@ def main(argv=None) -> list[dict]:
             root = os.path.join(workdir, f"L{layers}")
             base, tuned = write_checkpoints(root, layers, args.tuned)
             size = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
-            # the floor of a merge process: start-up with torch, and writing the output's bytes
-            floor = {"python -c 'import torch'": measure([sys.executable, "-c", "import torch"])["seconds"],
-                     "write the output's bytes (direct I/O, fsync)": write_seconds(root, size)}
+            # the floor of a merge process: start-up (with torch, or without), and writing the output's bytes
+            floor = {f"python -c 'import {module}'": measure([sys.executable, "-c", f"import {module}"])["seconds"]
+                     for module in ("torch", "numpy")}
+            floor[WRITE_FLOOR] = write_seconds(root, size)
             rows += [{"op": "floor", "method": "-", "tool": tool, "layers": layers, "checkpoint_GB": size / 1e9,
                       "seconds": seconds} for tool, seconds in floor.items()]
             for method in args.methods:
@@ -193,7 +198,8 @@ def main(argv=None) -> list[dict]:
                            "models": 1 + len(tuned), "checkpoint_GB": size / 1e9, "seconds": r["seconds"],
                            "peak_rss_GB": r["peak_rss_bytes"] / 1e9}
                     if tool == "vfuse merge":
-                        row["floor_seconds"] = sum(floor.values())
+                        start_up = "numpy" if method in NATIVE_METHODS else "torch"
+                        row["floor_seconds"] = floor[f"python -c 'import {start_up}'"] + floor[WRITE_FLOOR]
                     if tool == "vfuse merge" and "mergekit-yaml" in results:
                         row["speedup_vs_mergekit"] = results["mergekit-yaml"]["seconds"] / r["seconds"]
                         row["rss_ratio_vs_mergekit"] = r["peak_rss_bytes"] / results["mergekit-yaml"]["peak_rss_bytes"]
