@@ -9,7 +9,7 @@ only what they need (``import vfuse_kernels.ops`` registers the ``torch.ops.vfus
 """
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 _SOURCES = {name: ".ops" for name in (
@@ -18,15 +18,4 @@ _SOURCES = {name: ".ops" for name in (
     "encoder_budgets", "slerp", "nuslerp", "multislerp", "nearswap", "karcher_mean", "model_stock")}
 _SOURCES.update(patch_llava=".patch", unpatch_llava=".patch")
 __all__ = list(_SOURCES)
-
-
-def __getattr__(name: str):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _SOURCES)
