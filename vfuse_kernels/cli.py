@@ -229,7 +229,7 @@ def run() -> None:
     closed, the lock released and no other thread is left, and the interpreter's teardown with torch
     loaded took 0.3–0.5 s of a ~3 s merge (benchmarks/NOTES.md, v0.7). Every other exit is the normal one."""
     args = build_parser().parse_args()
-    if args.run is _merge:
+    if args.run is _merge and not args.distributed:  # the process ends after it: torch is never freed
         from .merging import engine
 
         engine.FREEZE_TORCH = True

@@ -191,7 +191,7 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._mapped: dict = {}  # .bin tensors: views of their files' pages
+        self._mapped: dict[str, torch.Tensor] = {}  # .bin tensors: views of their files' pages
         self._copied: set[str] = set()  # .bin tensors stored non-contiguous: made contiguous in memory
         weight_map = None
         if os.path.isfile(self.path):
@@ -216,10 +216,10 @@ class Checkpoint:
         the tensor would have in a safetensors file, so both formats plan alike."""
         tensors = load_bin(path)
         infos, offset = {}, 0
-        names = {name: dtype_name(t.dtype) for name, t in tensors.items()}
-        for name in sorted(tensors, key=lambda n: (ST_ORDER.index(names[n]), n)):
+        dtypes = {name: dtype_name(t.dtype) for name, t in tensors.items()}
+        for name in sorted(tensors, key=lambda n: (ST_ORDER.index(dtypes[n]), n)):
             t = tensors[name]
-            infos[name] = TensorInfo(name, path, names[name], tuple(t.shape), offset, t.nbytes)
+            infos[name] = TensorInfo(name, path, dtypes[name], tuple(t.shape), offset, t.nbytes)
             offset += t.nbytes
         for name, tensor in tensors.items():
             if name in self._mapped:
