@@ -21,8 +21,8 @@ from checkpoints import (family, index_of, llama, load_tensors, perturbed, qwen2
 
 import vfuse_kernels as vk
 from vfuse_kernels.cli import main as cli_main
-from vfuse_kernels.merging import (CheckpointError, ConfigError, load_config, merge_checkpoints, merge_into_,
-                                   parse_config)
+from vfuse_kernels.merging import (CheckpointError, ConfigError, build_plan, load_config, merge_checkpoints,
+                                   merge_into_, parse_config)
 from vfuse_kernels.merging.checkpoint import Checkpoint
 
 
@@ -702,32 +702,47 @@ def test_engine_bench_quick_produces_every_name(monkeypatch):
         assert r["suite"] == "engine" and r["median_ms"] > 0 and r["impl"]
 
 
-@pytest.mark.parametrize("method, dtype, out_dtype", [("task_arithmetic", torch.bfloat16, None),
-                                                      ("task_arithmetic", torch.float32, "bfloat16"),
-                                                      ("linear", torch.float16, "float32")])
-def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, method, dtype, out_dtype):
-    """Task arithmetic and linear on the CPU run the C++ kernel on the files' pages without torch
-    (merging/native.py); the torch route (ops.delta_merge on views of the same memory) writes
-    the same bytes, with a dtype conversion on the way out too."""
+NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which merges run native: all, some, none
+    "task_arithmetic": ("base_model: BASE\nparameters: {lambda: 0.9}\nmodels:\n  - {model: FT0, parameters: {weight: 0.7}}\n"
+                        "  - {model: FT1, parameters: {weight: -0.4}}\n", torch.bfloat16, "all"),
+    "task_arithmetic-to-bf16": ("base_model: BASE\nmodels:\n  - {model: FT0, parameters: {weight: 0.7}}\n"
+                                "out_dtype: bfloat16\n", torch.float32, "all"),
+    "linear-to-fp32": ("models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: FT0, parameters: {weight: 0.7}}\n"
+                       "  - {model: FT1, parameters: {weight: 0.4}}\nout_dtype: float32\n", torch.float16, "all"),
+    "nearswap": ("base_model: BASE\nparameters: {t: 0.002}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n"
+                 "out_dtype: float16\n", torch.bfloat16, "all"),
+    "slerp": ("base_model: BASE\nparameters: {t: [0, 0.3, 1]}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n",
+              torch.float32, "all"),
+    "slerp-to-fp16": ("base_model: BASE\nparameters: {t: 0.6}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n"
+                      "out_dtype: float16\n", torch.bfloat16, "none"),  # the op rounds through bf16
+    "model_stock": ("base_model: BASE\nmodels:\n  - {model: FT0}\n  - {model: FT1}\n", torch.bfloat16, "all"),
+    "model_stock-filter_wise": ("base_model: BASE\nparameters: {filter_wise: true}\nmodels:\n  - {model: FT0}\n"
+                                "  - {model: FT1}\n", torch.float16, "some"),  # 1-D tensors native, the rest torch
+}
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES)
+def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, case):
+    """Task arithmetic, linear, nearswap, slerp and Model Stock on the CPU run the C++ passes
+    on the files' pages without torch (merging/native.py); the torch route (the ops on views of
+    the same memory) writes the same bits, with dtype conversions on the way out too; what
+    the native route does not take (a rounding the op does differently, filter-wise rows)
+    goes through torch."""
     from vfuse_kernels.merging import engine
 
+    text, dtype, native_share = NATIVE_CASES[case]
     base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
-    if method == "linear":  # a weighted average of the three, no base
-        head, models = "merge_method: linear\n", [(base, 0.2), (tuned[0], 0.7), (tuned[1], 0.4)]
-    else:
-        head, models = f"merge_method: {method}\nbase_model: {base}\nparameters: {{lambda: 0.9}}\n", \
-            [(tuned[0], 0.7), (tuned[1], -0.4)]
-    text = head + "models:\n" + "".join(f"  - {{model: {m}, parameters: {{weight: {w}}}}}\n" for m, w in models)
-    config = write_yaml(str(tmp_path / "c.yml"), text + (f"out_dtype: {out_dtype}\n" if out_dtype else ""))
+    text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
+    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}")
     calls = []
     native = engine.native_merge
-    monkeypatch.setattr(engine, "native_merge", lambda *args: calls.append(1) or native(*args))
+    monkeypatch.setattr(engine, "native_merge", lambda plan, task, *args: calls.append(task) or native(plan, task, *args))
     merge_checkpoints(config, str(tmp_path / "native"), progress=False)
-    assert calls, "the torch-free route did not run"
+    tasks = build_plan(load_config(config)).tasks
+    assert {"all": len(calls) == len(tasks), "some": 0 < len(calls) < len(tasks), "none": not calls}[native_share]
     monkeypatch.setattr(engine, "kernel_takes", lambda *args: False)
     merge_checkpoints(config, str(tmp_path / "torch"), progress=False)
     native_out, torch_out = load_tensors(str(tmp_path / "native")), load_tensors(str(tmp_path / "torch"))
     assert native_out.keys() == torch_out.keys() and len(native_out) > 5
     for name, value in native_out.items():
-        assert value.dtype == (getattr(torch, out_dtype) if out_dtype else dtype)
         assert torch.equal(value.view(torch.uint8), torch_out[name].view(torch.uint8)), name  # bits, NaNs too

@@ -75,3 +75,29 @@ def test_bad_arguments_write_nothing():
 def test_opcheck():
     a, b = pair((257,), torch.float32, "cpu")
     torch.library.opcheck(torch.ops.vfuse.slerp_.default, (torch.empty_like(a), a, b, 0.3))
+
+
+def test_cpu_coefficients_are_the_fp32_trigonometry_of_the_sums():
+    """``_C.slerp_coefficients`` (both CPU routes' ca, cb): the fp64 formula within fp32
+    rounding on random angles and norms, the linear blend beyond |cos θ| = 0.9995 (fp32), a
+    norm ≤ 1e-8 (or NaN) read as 1, a NaN ⟨a, b⟩ giving NaN — torch's ops on the sums, in fp32."""
+    from vfuse_kernels._extension import cpu_extension
+
+    ext = cpu_extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2000):
+        aa, bb = (10 ** (16 * torch.rand((), generator=gen).item() - 8) for _ in range(2))
+        cos, t = 1.998 * torch.rand((), generator=gen).item() - 0.999, torch.rand((), generator=gen).item()
+        ca, cb = ext.slerp_coefficients([aa, bb, cos * math.sqrt(aa * bb)], t)
+        theta = math.acos(float(torch.tensor(cos, dtype=torch.float32)))
+        for got, want in ((ca, math.sin((1 - t) * theta) / math.sin(theta)), (cb, math.sin(t * theta) / math.sin(theta))):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (aa, bb, cos, t)  # fp32 trigonometry
+    at = torch.tensor(0.9995, dtype=torch.float32)
+    above = float(torch.nextafter(at, torch.tensor(2.0)))
+    assert ext.slerp_coefficients([1.0, 1.0, above], 0.25) == [0.75, 0.25]  # linear beyond 0.9995
+    assert ext.slerp_coefficients([1.0, 1.0, float(at)], 0.25) != [0.75, 0.25]  # spherical at it
+    assert ext.slerp_coefficients([1.0, 1.0, -1.0], 0.25) == [0.75, 0.25]  # antipodal: |cos θ| = 1, linear
+    assert ext.slerp_coefficients([0.0, 1e-17, 0.0], 0.5) == pytest.approx((math.sqrt(0.5),) * 2, rel=1e-6)
+    assert all(math.isnan(c) for c in ext.slerp_coefficients([1.0, 1.0, float("nan")], 0.5))  # a NaN dot

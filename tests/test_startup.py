@@ -27,17 +27,17 @@ def test_help_imports_no_torch():
 
 
 def test_merge_imports_what_its_method_needs(tmp_path):
-    """Task arithmetic on the CPU runs the C++ kernel on the files' pages: no torch; TIES
-    selects through torch ops: torch, but neither transformers nor triton — and both write
-    the bytes of a run in this process (torch loaded)."""
+    """Task arithmetic and Model Stock on the CPU run the C++ passes on the files' pages: no
+    torch; TIES selects through torch ops: torch, but neither transformers nor triton — and
+    each writes the bytes of a run in this process (torch loaded)."""
     from vfuse_kernels.merging import merge_checkpoints
 
     base, tuned = family(str(tmp_path), llama, n=2)
-    for method in ("task_arithmetic", "ties"):
-        params = "weight: 0.5, density: 0.5" if method == "ties" else "weight: 0.5"
-        models = "".join(f"  - {{model: {t}, parameters: {{{params}}}}}\n" for t in tuned)
+    models = {"task_arithmetic": "weight: 0.5", "ties": "weight: 0.5, density: 0.5", "model_stock": None}
+    for method, params in models.items():
+        listed = "".join(f"  - {{model: {t}" + (f", parameters: {{{params}}}" if params else "") + "}\n" for t in tuned)
         config = write_yaml(str(tmp_path / f"{method}.yml"), f"merge_method: {method}\nbase_model: {base}\n"
-                                                             f"models:\n{models}")
+                                                             f"models:\n{listed}")
         out = str(tmp_path / f"out-{method}")
         found = imported_after(["merge", config, out, "--quiet"], "torch", "transformers", "triton")
         assert found == {"torch": method == "ties", "transformers": False, "triton": False}

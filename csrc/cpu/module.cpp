@@ -21,6 +21,7 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
 void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int64_t run, int32_t* keys);
 void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel);
+std::array<float, 2> slerp_coefficients(const std::array<double, 3>& sums, float t);
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,
                   float cb);
 std::vector<double> offset_gram(const void* base, const std::vector<const void*>& tuned, int dtype, int64_t numel);
@@ -140,6 +141,8 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     return vfuse::pair_sums(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), dtype, numel);
   });
+
+  m.def("slerp_coefficients", [](std::array<double, 3> sums, float t) { return vfuse::slerp_coefficients(sums, t); });
 
   m.def("pair_combine", [](uintptr_t out, int out_dtype, uintptr_t a, uintptr_t b, int dtype, int64_t numel, float ca,
                            float cb) {

@@ -1,8 +1,10 @@
 // The two passes of a spherical interpolation over whole tensors (vfuse_kernels/merging/
 // methods/slerp.py): the sums Σa², Σb², Σab, then out = ca·a + cb·b. Both tensors share one
 // storage dtype; the sums in fp64 (in a fixed order: lane_sum, sum_items), the combination in fp32.
+// Between them, ca and cb from the sums (slerp_coefficients): the CPU's one definition of them.
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -55,6 +57,21 @@ std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t
     sums_item(a, b, dtype, start, len, sums);
   });
   return {s[0], s[1], s[2]};
+}
+
+std::array<float, 2> slerp_coefficients(const std::array<double, 3>& sums, float t) {
+  // norms in fp64, a norm <= 1e-8 (or NaN) read as 1; cos θ rounded to fp32 (NaN kept); the rest in fp32
+  // with libm's acosf and sinf; the linear blend where |cos θ| > 0.9995 (reference/slerp.py)
+  double na = std::sqrt(sums[0]), nb = std::sqrt(sums[1]);
+  na = na > 1e-8 ? na : 1.0;
+  nb = nb > 1e-8 ? nb : 1.0;
+  double c = sums[2] / (na * nb);
+  if (c < -1.0) c = -1.0;
+  if (c > 1.0) c = 1.0;
+  const float cos_theta = static_cast<float>(c);
+  if (std::fabs(cos_theta) > 0.9995f) return {1.0f - t, t};
+  const float theta = std::acos(cos_theta), sin_theta = std::sin(theta);
+  return {std::sin((1.0f - t) * theta) / sin_theta, std::sin(t * theta) / sin_theta};
 }
 
 void pair_combine(void* out, int out_dtype, const void* a, const void* b, int dtype, int64_t numel, float ca,

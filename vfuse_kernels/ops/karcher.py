@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
+from ..gram import gram_inner, gram_matrix, gram_norm
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
 from ._library import define, deliver, kernel_output, run_into
-from .model_stock import gram_inner, gram_matrix, gram_norm
 
 
 def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10,

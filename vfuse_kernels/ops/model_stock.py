@@ -16,49 +16,14 @@ of mergekit's); elsewhere torch ops compute mergekit's fp32 arithmetic.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
+from ..gram import NORM_PRODUCT_MIN, SINGULAR_EPS, model_stock_t
 from ._checks import check_out, check_tensor, check_tensor_list
 from ._library import define, deliver, kernel_output, run_into
-
-NORM_PRODUCT_MIN = 1e-6
-SINGULAR_EPS = 1e-6
-
-
-def gram_matrix(upper: list[float], n: int) -> list[list[float]]:
-    """The n × n symmetric matrix of the C++ Gram pass's upper triangle (row-major)."""
-    entries, g = iter(upper), [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            g[i][j] = g[j][i] = next(entries)
-    return g
-
-
-def gram_inner(g: list[list[float]], c: list[float], d: list[float]) -> float:
-    """⟨Σ cᵢxᵢ, Σ dⱼxⱼ⟩ from the Gram matrix g of the xᵢ."""
-    n = len(g)
-    return sum(c[i] * d[j] * g[i][j] for i in range(n) for j in range(n))
-
-
-def gram_norm(g: list[list[float]], c: list[float]) -> float:
-    """|Σ cᵢxᵢ| from the Gram matrix g of the xᵢ (rounding below 0 read as 0)."""
-    return math.sqrt(max(0.0, gram_inner(g, c, c)))
-
-
-def _stock_t(gram: list[float], n: int) -> float:
-    """t from the offsets' Gram matrix (upper triangle, row-major): mergekit's formula in fp64."""
-    g = gram_matrix(gram, n)
-    norms = [math.sqrt(g[i][i]) for i in range(n)]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    cos = sum(max(-1.0, min(1.0, g[i][j] / max(norms[i] * norms[j], NORM_PRODUCT_MIN))) for i, j in pairs)
-    cos /= len(pairs)
-    denominator = 1 + (n - 1) * cos
-    return 0.0 if abs(denominator) < SINGULAR_EPS else n * cos / denominator
-
 
 def model_stock_tensors(base: torch.Tensor, tuned: list[torch.Tensor], filter_wise: bool,
                         out: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +32,7 @@ def model_stock_tensors(base: torch.Tensor, tuned: list[torch.Tensor], filter_wi
     if ext is not None and (not filter_wise or base.dim() < 2):
         # C++: the Gram matrix in one pass (fp64 sums), the blend in a second (fp32, mergekit's order)
         ptrs, code = [t.data_ptr() for t in tuned], DTYPE_CODES[base.dtype]
-        t = _stock_t(ext.offset_gram(base.data_ptr(), ptrs, code, base.numel()), len(tuned))
+        t = model_stock_t(ext.offset_gram(base.data_ptr(), ptrs, code, base.numel()), len(tuned))
         target = kernel_output(out, base.shape)
         ext.stock_blend(target.data_ptr(), DTYPE_CODES[target.dtype], base.data_ptr(), ptrs, code, base.numel(), t)
         return deliver(target, out)

@@ -7,7 +7,8 @@ is orthogonal to everything); the result is ``(sin((1−t)θ)·a + sin(tθ)·b) 
 Two passes over the inputs, on the CPU in C++ (csrc/cpu/slerp.cpp) and on CUDA in Triton
 (triton/slerp.py): the sums Σa², Σb², Σab in fp64, then ``ca·a + cb·b`` in fp32, rounded once
 to ``out``'s dtype. ca and cb come from the sums as mergekit computes them from its fp32
-tensors: cos θ rounded to fp32, the trigonometry in fp32 — on the device, without a host sync.
+tensors: cos θ rounded to fp32, the trigonometry in fp32 — on the CPU in C++ (libm), on CUDA
+with torch ops on the device, without a host sync.
 mergekit sums normalised fp32 chunks instead; on near-parallel tensors its cos θ drifts (up to
 ~4e-5 relative in the result at 2M elements) where the fp64 sums give the exactly rounded one.
 Inputs of different dtypes are read as fp32 (exactly). The reference (``VFUSE_BACKEND=reference``)
@@ -24,7 +25,9 @@ from ._library import define, run_into
 
 
 def slerp_coefficients(sums: torch.Tensor, t: float) -> torch.Tensor:
-    """fp32 [2] (ca, cb) on ``sums``' device from the fp64 sums (Σa², Σb², Σab)."""
+    """fp32 [2] (ca, cb) on ``sums``' device from the fp64 sums (Σa², Σb², Σab): the CUDA path's
+    (the C++ path's twin is ``_C.slerp_coefficients``, the same operations with libm's acosf
+    and sinf, where torch's CPU ops differ in the last bit for ~5% of inputs)."""
     norms = sums[:2].sqrt()
     norms = torch.where(norms > ref.EPS, norms, 1.0)
     cos = (sums[2] / (norms[0] * norms[1])).clamp(-1, 1).float()
@@ -48,8 +51,7 @@ def _slerp_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: float) -
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     if backend == "cpp":
         ext, dtype = cpu_extension(), DTYPE_CODES[a.dtype]
-        sums = torch.tensor(ext.pair_sums(a.data_ptr(), b.data_ptr(), dtype, a.numel()), dtype=torch.float64)
-        ca, cb = slerp_coefficients(sums, t).tolist()
+        ca, cb = ext.slerp_coefficients(ext.pair_sums(a.data_ptr(), b.data_ptr(), dtype, a.numel()), t)
         ext.pair_combine(target.data_ptr(), DTYPE_CODES[target.dtype], a.data_ptr(), b.data_ptr(), dtype, a.numel(),
                          ca, cb)
     else:

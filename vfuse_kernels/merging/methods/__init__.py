@@ -11,15 +11,22 @@ there, rounded once from fp32 — no whole-tensor fp32 temporary, no copy. The e
 sees one tensor of each model at a time, as mergekit's tasks do.
 
 The five fused methods (linear, task_arithmetic, ties, dare_linear, dare_ties) keep their own
-path (``ops.delta_merge``); the modules here register the others.
+path (``ops.delta_merge``); the modules here register the others. ``METHODS`` knows every
+name up front and imports a method's module when the method is first looked up, so a config
+is checked without importing the modules of other methods (most compute with torch; the
+CPU merge of some methods runs without it, ``merging/native.py``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED = object()  # a parameter without a default
 
@@ -85,16 +92,51 @@ class TensorInputs:
         base."""
         if self.out is not None and self.out.is_contiguous():
             return self.out
+        import torch
+
         return torch.empty(self.base.shape, dtype=torch.float32, device=self.base.device)
 
 
-METHODS: dict[str, TensorMethod] = {}
+# every method's module: it registers the method when imported
+MODULES = {"arcee_fusion": "arcee_fusion", "breadcrumbs": "gta", "breadcrumbs_ties": "gta", "della": "gta",
+           "della_linear": "gta", "karcher": "slerp", "model_stock": "model_stock", "multislerp": "slerp",
+           "nearswap": "slerp", "nuslerp": "slerp", "passthrough": "passthrough", "ram": "ram", "ramplus_tl": "ram",
+           "sce": "sce", "slerp": "slerp"}
+
+
+class _Registry(Mapping):
+    """name → ``TensorMethod`` for every name of ``MODULES``; a lookup imports the method's module."""
+
+    def __init__(self):
+        self._methods: dict[str, TensorMethod] = {}
+
+    def __getitem__(self, name: str) -> TensorMethod:
+        if name not in self._methods and name in MODULES:
+            importlib.import_module(f".{MODULES[name]}", __name__)
+        return self._methods[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(MODULES)
+
+    def __len__(self) -> int:
+        return len(MODULES)
+
+    def __contains__(self, name) -> bool:
+        return name in MODULES
+
+    def add(self, method: TensorMethod) -> None:
+        if method.name not in MODULES:
+            raise ValueError(f"merge method {method.name!r} is not listed in MODULES")
+        if method.name in self._methods:
+            raise ValueError(f"merge method {method.name!r} is already registered")
+        self._methods[method.name] = method
+
+
+METHODS = _Registry()
 
 
 def register(method: TensorMethod) -> TensorMethod:
-    if method.name in METHODS:
-        raise ValueError(f"merge method {method.name!r} is already registered")
-    METHODS[method.name] = method
+    METHODS.add(method)
     return method
 
 
@@ -102,4 +144,31 @@ def in_unit_interval(value) -> str | None:
     return None if 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
 
 
-from . import arcee_fusion, gta, model_stock, passthrough, ram, sce, slerp  # noqa: E402,F401 - they register themselves
+# --- parameter checks (shared by the method modules) ---------------------------------------
+
+def is_number(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return "must be a finite number"
+    return None
+
+
+def is_bool(value) -> str | None:
+    if isinstance(value, bool) or (isinstance(value, numbers.Real) and value in (0, 1)):
+        return None
+    return "must be true or false"
+
+
+def non_negative(value) -> str | None:
+    return is_number(value) or (None if value >= 0 else "must be ≥ 0")
+
+
+def positive(value) -> str | None:
+    return is_number(value) or (None if value > 0 else "must be > 0")
+
+
+def unit_interval(value) -> str | None:
+    return is_number(value) or in_unit_interval(value)
+
+
+def della_epsilon(value) -> str | None:
+    return is_number(value) or (None if 0 <= value < 0.5 else "must be in [0, 0.5)")

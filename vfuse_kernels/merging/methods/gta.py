@@ -51,8 +51,6 @@ magnitude cuts or packed DELLA masks, then the fused C++ merge reading the store
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -61,41 +59,11 @@ from ..._backend import cpp_kernels_for
 from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
-from . import Param, TensorInputs, TensorMethod, in_unit_interval, register
+from . import Param, TensorInputs, TensorMethod, della_epsilon, is_bool, is_number, register, unit_interval
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
 CHUNK = 1 << 22  # elements per step of the element-wise combines: their temporaries stay ~100 MB
-
-
-# --- parameter checks (shared by the other method modules) ---------------------------------
-
-def is_number(value) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        return "must be a finite number"
-    return None
-
-
-def is_bool(value) -> str | None:
-    if isinstance(value, bool) or (isinstance(value, numbers.Real) and value in (0, 1)):
-        return None
-    return "must be true or false"
-
-
-def non_negative(value) -> str | None:
-    return is_number(value) or (None if value >= 0 else "must be ≥ 0")
-
-
-def positive(value) -> str | None:
-    return is_number(value) or (None if value > 0 else "must be > 0")
-
-
-def unit_interval(value) -> str | None:
-    return is_number(value) or in_unit_interval(value)
-
-
-def della_epsilon(value) -> str | None:
-    return is_number(value) or (None if 0 <= value < 0.5 else "must be in [0, 0.5)")
 
 
 # --- shared tensor helpers -----------------------------------------------------------------

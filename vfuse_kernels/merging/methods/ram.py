@@ -21,8 +21,8 @@ import torch
 
 from ..._backend import DTYPE_CODES, cpp_kernels_for
 from ...ops._library import kernel_output
-from . import Param, TensorInputs, TensorMethod, register
-from .gta import is_number, non_negative, positive, task_vectors
+from . import Param, TensorInputs, TensorMethod, is_number, non_negative, positive, register
+from .gta import task_vectors
 
 
 def ram_masks(tvs: torch.Tensor, epsilon: float):

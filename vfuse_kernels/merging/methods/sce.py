@@ -29,8 +29,8 @@ import torch
 
 from ..._backend import DTYPE_CODES, cpp_kernels_for
 from ...ops._library import deliver, kernel_output
-from . import Param, TensorInputs, TensorMethod, register
-from .gta import element_chunks, is_bool, largest_masks, sign_consensus, task_vectors, unit_interval
+from . import Param, TensorInputs, TensorMethod, is_bool, register, unit_interval
+from .gta import element_chunks, largest_masks, sign_consensus, task_vectors
 
 WEIGHT_SUM_EPS = 1e-6
 ERASED_SUM_MIN = 1e-6

@@ -63,18 +63,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..._backend import DTYPE_CODES, select_backend
-from ...ops.karcher import karcher_merge
-from ...ops.multislerp import multislerp_merge
-from ...ops.nearswap import nearswap_merge
-from ...ops.nuslerp import nuslerp_merge
-from ...ops.slerp import slerp
-from ...reference import slerp as slerp_reference
 from . import REQUIRED, Param, TensorInputs, TensorMethod, register
+
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------------------------------------
 # Parameter values (mergekit validates them with pydantic in lax mode)
@@ -139,6 +133,8 @@ is_bool = _check(as_bool, "a boolean")
 
 def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """fp64 when an input is fp64, else fp32; non-float inputs are an error."""
+    import torch
+
     if not all(x.is_floating_point() for x in tensors):
         raise TypeError("spherical merges need floating-point tensors")
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
@@ -174,6 +170,12 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tenso
     v0 and v1 (a zero vector has cos θ = 0), or ``(1-t)·v0 + t·v1`` when ``|cos θ| > 0.9995``.
     Chunked over the flattened tensor so the fp32 scratch stays bounded. ``out`` (v0's dtype, for
     the fused passes): where the result goes, when given."""
+    import torch
+
+    from ..._backend import DTYPE_CODES, select_backend
+    from ...ops.slerp import slerp
+    from ...reference import slerp as slerp_reference
+
     if v0.dtype == v1.dtype and v0.dtype in DTYPE_CODES and select_backend(v0.device) != "reference":
         return slerp(v0, v1, t, out=out)  # the fused passes (C++ / Triton), fp64 sums
     dtype = compute_dtype((v0, v1))
@@ -218,6 +220,8 @@ def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
 def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     """nuslerp of the two non-base models (of their deltas from the base when there is one)
     at ``t = w_1 / (w_0 + w_1)``."""
+    from ...ops.nuslerp import nuslerp_merge
+
     base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2)
     w0, w1 = (as_float(p["weight"]) for p in params)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
@@ -231,6 +235,8 @@ def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
     """multislerp of the non-base models (of their deltas from the base when there is one)."""
+    from ...ops.multislerp import multislerp_merge
+
     base, others, params = _split(inputs, "multislerp", 1, None)
     return multislerp_merge(others, [as_float(p["weight"]) for p in params], base,
                             as_bool(inputs.shared["normalize_weights"]), as_float(inputs.shared["eps"]),
@@ -243,6 +249,8 @@ def merge_multislerp(inputs: TensorInputs) -> torch.Tensor:
 
 def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
     """nearswap of the base (a) towards the other model (b)."""
+    from ...ops.nearswap import nearswap_merge
+
     base, other = _base_and_other(inputs, "nearswap")
     return nearswap_merge(as_float(inputs.shared["t"]), base, other, compute_dtype(inputs.tensors), out=inputs.out)
 
@@ -254,6 +262,8 @@ def merge_nearswap(inputs: TensorInputs) -> torch.Tensor:
 def merge_karcher(inputs: TensorInputs) -> torch.Tensor:
     """Equal-weight Karcher mean of every input, the base included (mergekit ignores the
     base's role for karcher)."""
+    from ...ops.karcher import karcher_merge
+
     n = len(inputs.tensors)
     return karcher_merge(list(inputs.tensors), [1.0 / n] * n, as_int(inputs.shared["max_iter"]),
                          as_float(inputs.shared["tol"]), compute_dtype(inputs.tensors), out=inputs.out)
