@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import importlib
 import json
 import os
 import resource
@@ -359,15 +360,14 @@ def load_torch() -> None:
     ~170k objects (85 ms)."""
     if "vfuse_kernels.ops" in sys.modules:
         return
-    if not FREEZE_TORCH:
-        from .. import ops  # noqa: F401
-        return
-    gc.disable()
+    if FREEZE_TORCH:
+        gc.disable()
     try:
-        from .. import ops  # noqa: F401
+        importlib.import_module("..ops", __package__)
     finally:
-        gc.freeze()
-        gc.enable()
+        if FREEZE_TORCH:
+            gc.freeze()
+            gc.enable()
 
 
 def _device(device):
