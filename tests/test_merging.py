@@ -716,6 +716,17 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
     "slerp-to-fp16": ("base_model: BASE\nparameters: {t: 0.6}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n"
                       "out_dtype: float16\n", torch.bfloat16, "none"),  # the op rounds through bf16
     "model_stock": ("base_model: BASE\nmodels:\n  - {model: FT0}\n  - {model: FT1}\n", torch.bfloat16, "all"),
+    "nuslerp": ("base_model: BASE\nmodels:\n  - {model: FT0, parameters: {weight: 0.3}}\n"
+                "  - {model: FT1, parameters: {weight: 0.9}}\n", torch.bfloat16, "all"),
+    "nuslerp-row_wise": ("base_model: BASE\nparameters: {nuslerp_flatten: false}\nmodels:\n"
+                         "  - {model: FT0, parameters: {weight: 0.3}}\n  - {model: FT1, parameters: {weight: 0.9}}\n",
+                         torch.bfloat16, "none"),  # vector by vector: torch ops
+    "multislerp": ("base_model: BASE\nmodels:\n  - {model: FT0, parameters: {weight: 0.3}}\n"
+                   "  - {model: FT1, parameters: {weight: [0.2, 0.9]}}\nout_dtype: float32\n", torch.float16, "all"),
+    "karcher": ("models:\n  - {model: BASE}\n  - {model: FT0}\n  - {model: FT1}\nparameters: {max_iter: 5}\n",
+                torch.bfloat16, "all"),
+    "karcher-tol": ("models:\n  - {model: BASE}\n  - {model: FT0}\nparameters: {tol: 1.0e+6}\n",
+                    torch.float32, "none"),  # every norm below tol: the C++ path hands over to torch
     "model_stock-filter_wise": ("base_model: BASE\nparameters: {filter_wise: true}\nmodels:\n  - {model: FT0}\n"
                                 "  - {model: FT1}\n", torch.float16, "some"),  # 1-D tensors native, the rest torch
 }
@@ -723,20 +734,25 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
 
 @pytest.mark.parametrize("case", NATIVE_CASES)
 def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, case):
-    """Task arithmetic, linear, nearswap, slerp and Model Stock on the CPU run the C++ passes
-    on the files' pages without torch (merging/native.py); the torch route (the ops on views of
-    the same memory) writes the same bits, with dtype conversions on the way out too; what
-    the native route does not take (a rounding the op does differently, filter-wise rows)
-    goes through torch."""
+    """Task arithmetic, linear and the C++-backed per-tensor methods run on the CPU on the
+    files' pages without torch (merging/native.py); the torch route (the ops on views of the
+    same memory) writes the same bits, with dtype conversions on the way out too; what the
+    native route does not take (a rounding the op does differently, per-vector work, a case
+    the op sends to torch ops) goes through torch."""
     from vfuse_kernels.merging import engine
 
     text, dtype, native_share = NATIVE_CASES[case]
     base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
     text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
     config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}")
-    calls = []
-    native = engine.native_merge
-    monkeypatch.setattr(engine, "native_merge", lambda plan, task, *args: calls.append(task) or native(plan, task, *args))
+    calls, native = [], engine.native_merge
+
+    def recording(plan, task, *args):
+        done = native(plan, task, *args)
+        calls.extend([task] * done)
+        return done
+
+    monkeypatch.setattr(engine, "native_merge", recording)
     merge_checkpoints(config, str(tmp_path / "native"), progress=False)
     tasks = build_plan(load_config(config)).tasks
     assert {"all": len(calls) == len(tasks), "some": 0 < len(calls) < len(tasks), "none": not calls}[native_share]

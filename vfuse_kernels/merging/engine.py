@@ -230,10 +230,10 @@ class _Runner:
             return _Result(buffer, buffer, mapped)
         if host:
             buffer = self.pool.take(task.nbytes, offset)
-            if kernel_takes(self.plan, task, infos):
-                native_merge(self.plan, task, infos, loaded, buffer)
+            if kernel_takes(self.plan, task, infos) and native_merge(self.plan, task, infos, loaded, buffer):
                 HostReader.release(mapped)
                 return _Result(buffer, buffer, [])
+            load_torch()  # (a no-op unless a native merge handed its task over)
             loaded = [as_tensor(raw, info.dtype, info.shape) for raw, info in zip(loaded, infos)]
             out = as_tensor(buffer, task.out_dtype, task.shape)
         elif loaded[0].device.type == "cpu":  # the staged route with CPU tensors (tests, benchmarks)

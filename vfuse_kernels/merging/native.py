@@ -1,24 +1,25 @@
 """The CPU merge without torch. Task arithmetic and linear (the fused methods that select
-nothing), nearswap, Model Stock and slerp run their C++ passes straight from the files'
-pages into the engine's output buffer, so ``vfuse merge`` on the CPU does not import torch
-for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s merge of 0.6B × 3.
+nothing), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++ passes
+straight from the files' pages into the engine's output buffer, so ``vfuse merge`` on the
+CPU does not import torch for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s
+merge of 0.6B × 3.
 
 Each entry here calls the kernels with the arguments the op's C++ path passes them (and the
-same scalar math between passes: ``gram.model_stock_t``, ``_C.slerp_coefficients``), so the
-bytes equal those of the torch route, which any other task takes (torch views of the same
-memory through the ops). Where the torch route would differ (other dtypes, a forced
-backend, no extension, mixed input dtypes), ``kernel_takes`` says no.
+same scalar math between passes: ``gram.py``, ``_C.slerp_coefficients``), so the bytes equal
+those of the torch route, which any other task takes (torch views of the same memory
+through the ops). Where the op would not take its C++ path (other dtypes, a forced backend,
+no extension, mixed input dtypes, row-wise vectors), ``kernel_takes`` says no.
 """
 from __future__ import annotations
 
 import numpy
 
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
-from ..gram import model_stock_t
+from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
 from .checkpoint import TensorInfo, itemsize
 
 FUSED = ("task_arithmetic", "linear")  # of ops.delta_merge
-NATIVE_METHODS = (*FUSED, "nearswap", "model_stock", "slerp")  # config methods that may merge without torch
+NATIVE_METHODS = (*FUSED, "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # may skip torch
 
 
 def _address(array: numpy.ndarray) -> int:
@@ -28,9 +29,10 @@ def _address(array: numpy.ndarray) -> int:
 def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
     """Whether ``native_merge`` runs ``task`` (``infos``: its inputs' records): a merge of a
     ``NATIVE_METHODS`` method in dtypes the kernels store, the extension built and no other
-    backend forced; a per-tensor method's inputs of one dtype, and for slerp the output's
-    too (the op rounds through the inputs' dtype otherwise), for Model Stock 2 to 4 models
-    and whole-tensor rows."""
+    backend forced; a per-tensor method's inputs of one dtype, and where its op takes the C++
+    path: slerp into its inputs' dtype (the op rounds through it otherwise), nuslerp and
+    multislerp with a base (flattened; 2 to 4 models besides it), karcher over 2 to 4 inputs,
+    Model Stock over 2 to 4 models besides the base with whole-tensor rows."""
     dtypes = [task.out_dtype] + [info.dtype for info in infos]
     if (task.copy_from is not None or forced_backend() not in ("", "cpp") or cpu_extension() is None
             or any(d not in KERNEL_DTYPES for d in dtypes)):
@@ -42,47 +44,83 @@ def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
         return inputs == 1
     if method == "slerp":
         return len(set(dtypes)) == 1
+    from .methods.slerp import as_bool
+
+    has_base = task.base_index is not None
+    if method == "nuslerp":
+        return inputs == 1 and has_base and as_bool(task.shared["nuslerp_flatten"])
+    if method == "multislerp":
+        return inputs == 1 and has_base and 3 <= len(infos) <= 5
+    if method == "karcher":
+        return inputs == 1 and 2 <= len(infos) <= 4
     if method == "model_stock":
         whole = not bool(task.shared["filter_wise"]) or len(task.shape) < 2
         return inputs == 1 and 3 <= len(infos) <= 5 and whole
     return False
 
 
-def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray], out: numpy.ndarray) -> None:
+def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray], out: numpy.ndarray) -> bool:
     """Merges ``task`` (``kernel_takes`` it; ``loaded``: its inputs' bytes in ``infos``' order,
-    the base first when there is one) into the uint8 array ``out``."""
+    the base first when there is one) into the uint8 array ``out``. False, with nothing
+    written, where the op leaves its C++ path on what the first pass found (karcher with every
+    input's norm below tol): the torch route runs it."""
     if out.nbytes == 0:
-        return
+        return True
     numel = out.nbytes // itemsize(task.out_dtype)
     out_code = KERNEL_DTYPES[task.out_dtype]
     ext = cpu_extension()
     if task.method_inputs is None:
         _fused(ext, plan, task, infos, loaded, out, out_code, numel)
-        return
-    from .methods.slerp import as_float
+        return True
+    from .methods.slerp import as_bool, as_float, as_int
 
-    method, code, ptrs = plan.config.method, KERNEL_DTYPES[infos[0].dtype], [_address(x) for x in loaded]
+    method, code, ptrs, shared = plan.config.method, KERNEL_DTYPES[infos[0].dtype], [_address(x) for x in loaded], \
+        task.shared
+    others = [i for i in range(len(ptrs)) if i != task.base_index]
+    weights = [as_float(task.params[i]["weight"]) for i in others] if method in ("nuslerp", "multislerp") else None
     if method == "nearswap":  # the base towards the other model, element by element
-        ext.nearswap(_address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(task.shared["t"]))
+        ext.nearswap(_address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(shared["t"]))
     elif method == "slerp":  # from the base (t = 0) to the other model
-        ca, cb = ext.slerp_coefficients(ext.pair_sums(ptrs[0], ptrs[1], code, numel), as_float(task.shared["t"]))
+        ca, cb = ext.slerp_coefficients(ext.pair_sums(ptrs[0], ptrs[1], code, numel), as_float(shared["t"]))
         ext.pair_combine(_address(out), out_code, ptrs[0], ptrs[1], code, numel, ca, cb)
+    elif method in ("nuslerp", "multislerp"):  # base + Σ kᵢ (xᵢ − base), k from the offsets' Gram matrix
+        gram = ext.offset_gram(ptrs[0], ptrs[1:], code, numel)
+        if method == "nuslerp":
+            k = nuslerp_coefficients(gram, 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights))
+        else:
+            k = multislerp_coefficients(gram, len(weights), weights, as_bool(shared["normalize_weights"]),
+                                        as_float(shared["eps"]))
+        _merge_kernel(ext, out, out_code, ptrs[0], code, ptrs[1:], [code] * len(k), numel, k)
+    elif method == "karcher":  # Σ kᵢ xᵢ over every input, the base among them, equal weights
+        n = len(ptrs)
+        k = karcher_coefficients(ext.offset_gram(0, ptrs, code, numel), n, [1.0 / n] * n, as_int(shared["max_iter"]),
+                                 as_float(shared["tol"]))
+        if k is None:
+            return False
+        ext.linear_combination(_address(out), out_code, ptrs, k, code, numel)
     else:  # model_stock: the offsets' Gram matrix, then the blend
-        tuned = ptrs[1:]
-        t = model_stock_t(ext.offset_gram(ptrs[0], tuned, code, numel), len(tuned))
-        ext.stock_blend(_address(out), out_code, ptrs[0], tuned, code, numel, t)
+        t = model_stock_t(ext.offset_gram(ptrs[0], ptrs[1:], code, numel), len(ptrs) - 1)
+        ext.stock_blend(_address(out), out_code, ptrs[0], ptrs[1:], code, numel, t)
+    return True
+
+
+def _merge_kernel(ext, out, out_code, base, base_code, tuned, tuned_codes, numel, k, tuned_are_deltas=False,
+                  normalize=False, scale=1.0, seed=0) -> None:
+    """``ops.delta_merge``'s C++ call without sparsification or election: θ = base + scale ·
+    Σ cᵢ (θᵢ − base), cᵢ = kᵢ (over Σ kᵢ when normalizing), fp32 arithmetic rounded once."""
+    k = [float(x) for x in k]
+    no_sparsify, no_keep, no_election = 0, [0] * len(k), 0  # (the codes of csrc/cpu/delta_merge.h)
+    ext.merge(_address(out), out_code, base, base_code, tuned, tuned_codes, numel, tuned_are_deltas, no_sparsify,
+              no_keep, no_keep, seed, k, k, no_election, normalize, scale)
 
 
 def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
-    """θ = base + scale · Σ cᵢ (θᵢ − base), cᵢ = wᵢ (over Σ wᵢ when the plan normalizes), fp32
-    arithmetic rounded once: ``ops.delta_merge``'s C++ call for task arithmetic and linear."""
-    if task.base is None:  # linear: a zero base, the tuned tensors are the deltas
+    """Task arithmetic and linear as ``ops.delta_merge`` runs them: linear over a zero base,
+    with the tuned tensors as the deltas."""
+    if task.base is None:
         base, base_dtype, tuned, tuned_infos = numpy.zeros(out.nbytes, numpy.uint8), task.out_dtype, loaded, infos
     else:
         base, base_dtype, tuned, tuned_infos = loaded[0], infos[0].dtype, loaded[1:], infos[1:]
-    n = len(tuned)
-    weights = [float(w) for w in task.weights]
-    no_sparsify, no_keep, no_election = 0, [0] * n, 0  # (the codes of csrc/cpu/delta_merge.h)
-    ext.merge(_address(out), out_code, _address(base), KERNEL_DTYPES[base_dtype], [_address(t) for t in tuned],
-              [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, plan.tuned_are_deltas, no_sparsify,
-              no_keep, no_keep, task.seed, weights, weights, no_election, plan.normalize, plan.scale)
+    _merge_kernel(ext, out, out_code, _address(base), KERNEL_DTYPES[base_dtype], [_address(t) for t in tuned],
+                  [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
+                  plan.normalize, plan.scale, task.seed)

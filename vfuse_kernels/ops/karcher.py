@@ -15,13 +15,12 @@ within the stopping tolerance of the torch path).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
-from ..gram import gram_inner, gram_matrix, gram_norm
+from ..gram import karcher_coefficients
 from ._checks import check_count, check_out, check_real, check_tensor_list, per_model
 from ._library import define, deliver, kernel_output, run_into
 
@@ -70,40 +69,6 @@ def karcher_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], m
     return sum(w * n for w, n in zip(weights, norms)) * mean
 
 
-def _gram_coefficients(gram: list[float], n: int, weights: list[float], max_iter: int, tol: float) -> list[float] | None:
-    """k with the Karcher mean = Σ k_i x_i, from the inputs' Gram matrix (upper triangle,
-    row-major): ``karcher_tensors``' steps on coefficient vectors, in fp64. None where every
-    input's norm is <= tol (the torch path returns its zero)."""
-    g = gram_matrix(gram, n)
-
-    norms = [math.sqrt(g[i][i]) for i in range(n)]
-    valid = [i for i in range(n) if norms[i] > tol]
-    if not valid:
-        return None
-    total = sum(weights[i] for i in valid)
-    units = {i: [1.0 / norms[i] if j == i else 0.0 for j in range(n)] for i in valid}
-    alphas = {i: weights[i] / total for i in valid}
-    mean = [sum(alphas[i] * units[i][j] for i in valid) for j in range(n)]
-    mean_norm = gram_norm(g, mean)
-    mean = list(units[valid[0]]) if mean_norm < tol else [c / mean_norm for c in mean]
-    for _ in range(max_iter):
-        step = [0.0] * n
-        for i in valid:
-            cos = max(-1.0, min(1.0, gram_inner(g, mean, units[i])))
-            theta = math.acos(cos)
-            coef = 0.0 if theta < tol else alphas[i] * theta / math.sin(theta)
-            step = [s + coef * (u - cos * m) for s, u, m in zip(step, units[i], mean)]
-        step_norm = gram_norm(g, step)
-        if step_norm < tol:
-            break
-        mean = [math.cos(step_norm) * m + math.sin(step_norm) * s / step_norm for m, s in zip(mean, step)]
-        mean_norm = gram_norm(g, mean)
-        if mean_norm > tol:
-            mean = [m / mean_norm for m in mean]
-    scale = sum(w * r for w, r in zip(weights, norms))
-    return [scale * m for m in mean]
-
-
 def karcher_merge(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5,
                   dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Karcher mean in ``dtype`` (fp32 or fp64; the module docstring says where it runs), into
@@ -111,7 +76,7 @@ def karcher_merge(tensors: list[torch.Tensor], weights: list[float], max_iter: i
     ext = cpp_kernels_for(tensors) if 2 <= len(tensors) <= 4 and dtype == torch.float32 else None
     if ext is not None:
         ptrs, code = [x.data_ptr() for x in tensors], DTYPE_CODES[tensors[0].dtype]
-        k = _gram_coefficients(ext.offset_gram(0, ptrs, code, tensors[0].numel()), len(tensors), weights, max_iter,
+        k = karcher_coefficients(ext.offset_gram(0, ptrs, code, tensors[0].numel()), len(tensors), weights, max_iter,
                                tol)
         if k is not None:
             target = kernel_output(out, tensors[0].shape)

@@ -14,20 +14,15 @@ from the Gram matrix in fp64: within fp32 rounding of the torch path, without fp
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
-from ..gram import gram_matrix, gram_norm
+from ..gram import CANCELLING, multislerp_coefficients
 from ._checks import check_like, check_out, check_real, check_tensor, check_tensor_list, per_model
 from ._library import define, deliver, kernel_output, run_into
 from .delta_merge import delta_merge
-
-
-CANCELLING = ("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs whose weights cancel); "
-              "change the weights")
 
 
 def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -64,26 +59,6 @@ def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     return out if base is None else out + base
 
 
-def _offset_coefficients(gram: list[float], n: int, weights: list[float], normalize: bool, eps: float) -> list[float]:
-    """k with multislerp(offsets) = Σ k_i x_i, from the offsets' Gram matrix (upper triangle,
-    row-major), in fp64: the steps of ``multislerp_tensors`` on the coefficients."""
-    g = gram_matrix(gram, n)
-    w = [x / sum(weights) for x in weights] if normalize else list(weights)
-    norms = [math.sqrt(g[i][i]) for i in range(n)]
-    mean = [w[i] / (norms[i] + eps) for i in range(n)]  # Σ w_i u_i
-    mean_norm = gram_norm(g, mean)
-    if mean_norm < eps:
-        if n > 2:
-            raise ValueError(CANCELLING)
-        return w  # two inputs: the linear fallback Σ w_i x_i
-    unit_mean = [c / mean_norm for c in mean]
-    along = sum(w[i] * sum(unit_mean[j] * g[i][j] for j in range(n)) / (norms[i] + eps) for i in range(n))
-    step = [mean[j] - along * unit_mean[j] for j in range(n)]  # Σ w_i (u_i − <u_i, m> m)
-    length = gram_norm(g, step) + eps
-    scale = sum(wi * ni for wi, ni in zip(w, norms))
-    return [scale * (unit_mean[j] * math.cos(length) + step[j] * math.sin(length) / length) for j in range(n)]
-
-
 def multislerp_merge(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None,
                      normalize: bool = True, eps: float = 1e-8, dtype: torch.dtype = torch.float32,
                      out: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +69,7 @@ def multislerp_merge(tensors: list[torch.Tensor], weights: list[float], base: to
         if ext is not None:
             gram = ext.offset_gram(base.data_ptr(), [x.data_ptr() for x in tensors], DTYPE_CODES[base.dtype],
                                    base.numel())
-            k = _offset_coefficients(gram, len(tensors), weights, normalize, eps)
+            k = multislerp_coefficients(gram, len(tensors), weights, normalize, eps)
             return deliver(delta_merge(base, tensors, k, out=kernel_output(out, base.shape)), out)
     return deliver(multislerp_tensors([x.to(dtype) for x in tensors], weights,
                                       None if base is None else base.to(dtype), normalize, eps), out)

@@ -15,17 +15,14 @@ torch path, without fp32 copies of the inputs.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import DTYPE_CODES, cpp_kernels_for
+from ..gram import NUSLERP_EPS, UNIT_EPS, nuslerp_coefficients
 from ._checks import check_like, check_out, check_pair, check_real, check_tensor
 from ._library import define, deliver, kernel_output, run_into
 from .delta_merge import delta_merge
 
-NUSLERP_EPS = 1e-8
-UNIT_EPS = 1e-7  # a vector's norm is at least this when it is normalised
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -61,15 +58,8 @@ def nuslerp_merge(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor
     if base is not None and flatten and dtype == torch.float32:
         ext = cpp_kernels_for([base, a, b])
         if ext is not None:
-            g00, g01, g11 = ext.offset_gram(base.data_ptr(), [a.data_ptr(), b.data_ptr()], DTYPE_CODES[base.dtype],
-                                            base.numel())
-            cos = g01 / (max(math.sqrt(g00), UNIT_EPS) * max(math.sqrt(g11), UNIT_EPS))
-            cos = max(-1.0, min(1.0, cos))
-            if 1 - cos * cos <= NUSLERP_EPS**2:
-                k = [1 - t, t]
-            else:
-                theta = math.acos(cos)
-                k = [math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
+            k = nuslerp_coefficients(ext.offset_gram(base.data_ptr(), [a.data_ptr(), b.data_ptr()],
+                                                     DTYPE_CODES[base.dtype], base.numel()), t)
             return deliver(delta_merge(base, [a, b], k, out=kernel_output(out, base.shape)), out)
     a, b = a.to(dtype), b.to(dtype)
     if base is None:
