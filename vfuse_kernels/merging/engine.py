@@ -55,7 +55,7 @@ from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceRead
 from .config import MergeConfig, load_config
 from .lock import OutLock
 from .native import kernel_takes, native_merge
-from .output import ALIGN
+from .output import ALIGN, address
 from .plan import MergePlan, TensorTask, build_plan
 
 WRITE_QUEUE = 1  # merged tensors waiting for the writer
@@ -140,7 +140,7 @@ class _BufferPool:
                 self._held -= nbytes
         if raw is None:
             raw = numpy.empty(nbytes + ALIGN, dtype=numpy.uint8)
-        start = (offset - raw.__array_interface__["data"][0]) % ALIGN
+        start = (offset - address(raw)) % ALIGN
         return raw[start:start + nbytes]
 
     def give(self, buffer: numpy.ndarray) -> None:
@@ -228,21 +228,20 @@ class _Runner:
             buffer = self.pool.take(task.nbytes, offset)
             as_tensor(buffer, task.out_dtype, task.shape).copy_(as_tensor(loaded[0], infos[0].dtype, infos[0].shape))
             return _Result(buffer, buffer, mapped)
+        # host outputs (and the staged route's with CPU tensors: tests, benchmarks) in a pool buffer
+        buffer = self.pool.take(task.nbytes, offset) if host or loaded[0].device.type == "cpu" else None
         if host:
-            buffer = self.pool.take(task.nbytes, offset)
             if kernel_takes(self.plan, task, infos) and native_merge(self.plan, task, infos, loaded, buffer):
                 HostReader.release(mapped)
                 return _Result(buffer, buffer, [])
             load_torch()  # (a no-op unless a native merge handed its task over)
             loaded = [as_tensor(raw, info.dtype, info.shape) for raw, info in zip(loaded, infos)]
-            out = as_tensor(buffer, task.out_dtype, task.shape)
-        elif loaded[0].device.type == "cpu":  # the staged route with CPU tensors (tests, benchmarks)
-            buffer = self.pool.take(task.nbytes, offset)
+        if buffer is not None:
             out = as_tensor(buffer, task.out_dtype, task.shape)
         else:
             import torch
 
-            buffer, out = None, torch.empty(task.shape, dtype=torch_dtype(task.out_dtype), device=loaded[0].device)
+            out = torch.empty(task.shape, dtype=torch_dtype(task.out_dtype), device=loaded[0].device)
         self._merge(task, loaded, out)
         HostReader.release(mapped)
         if host:

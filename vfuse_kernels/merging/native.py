@@ -17,13 +17,10 @@ import numpy
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
 from .checkpoint import TensorInfo, itemsize
+from .output import address
 
 FUSED = ("task_arithmetic", "linear")  # of ops.delta_merge
 NATIVE_METHODS = (*FUSED, "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # may skip torch
-
-
-def _address(array: numpy.ndarray) -> int:
-    return array.__array_interface__["data"][0]
 
 
 def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
@@ -72,21 +69,21 @@ def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray
     if task.method_inputs is None:
         _fused(ext, plan, task, infos, loaded, out, out_code, numel)
         return True
-    from .methods.slerp import as_bool, as_float, as_int
+    from .methods.slerp import as_bool, as_float, as_int, nuslerp_t
 
-    method, code, ptrs, shared = plan.config.method, KERNEL_DTYPES[infos[0].dtype], [_address(x) for x in loaded], \
+    method, code, ptrs, shared = plan.config.method, KERNEL_DTYPES[infos[0].dtype], [address(x) for x in loaded], \
         task.shared
     others = [i for i in range(len(ptrs)) if i != task.base_index]
     weights = [as_float(task.params[i]["weight"]) for i in others] if method in ("nuslerp", "multislerp") else None
     if method == "nearswap":  # the base towards the other model, element by element
-        ext.nearswap(_address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(shared["t"]))
+        ext.nearswap(address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(shared["t"]))
     elif method == "slerp":  # from the base (t = 0) to the other model
         ca, cb = ext.slerp_coefficients(ext.pair_sums(ptrs[0], ptrs[1], code, numel), as_float(shared["t"]))
-        ext.pair_combine(_address(out), out_code, ptrs[0], ptrs[1], code, numel, ca, cb)
+        ext.pair_combine(address(out), out_code, ptrs[0], ptrs[1], code, numel, ca, cb)
     elif method in ("nuslerp", "multislerp"):  # base + Σ kᵢ (xᵢ − base), k from the offsets' Gram matrix
         gram = ext.offset_gram(ptrs[0], ptrs[1:], code, numel)
         if method == "nuslerp":
-            k = nuslerp_coefficients(gram, 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights))
+            k = nuslerp_coefficients(gram, nuslerp_t(*weights))
         else:
             k = multislerp_coefficients(gram, len(weights), weights, as_bool(shared["normalize_weights"]),
                                         as_float(shared["eps"]))
@@ -97,10 +94,10 @@ def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray
                                  as_float(shared["tol"]))
         if k is None:
             return False
-        ext.linear_combination(_address(out), out_code, ptrs, k, code, numel)
+        ext.linear_combination(address(out), out_code, ptrs, k, code, numel)
     else:  # model_stock: the offsets' Gram matrix, then the blend
         t = model_stock_t(ext.offset_gram(ptrs[0], ptrs[1:], code, numel), len(ptrs) - 1)
-        ext.stock_blend(_address(out), out_code, ptrs[0], ptrs[1:], code, numel, t)
+        ext.stock_blend(address(out), out_code, ptrs[0], ptrs[1:], code, numel, t)
     return True
 
 
@@ -110,7 +107,7 @@ def _merge_kernel(ext, out, out_code, base, base_code, tuned, tuned_codes, numel
     Σ cᵢ (θᵢ − base), cᵢ = kᵢ (over Σ kᵢ when normalizing), fp32 arithmetic rounded once."""
     k = [float(x) for x in k]
     no_sparsify, no_keep, no_election = 0, [0] * len(k), 0  # (the codes of csrc/cpu/delta_merge.h)
-    ext.merge(_address(out), out_code, base, base_code, tuned, tuned_codes, numel, tuned_are_deltas, no_sparsify,
+    ext.merge(address(out), out_code, base, base_code, tuned, tuned_codes, numel, tuned_are_deltas, no_sparsify,
               no_keep, no_keep, seed, k, k, no_election, normalize, scale)
 
 
@@ -121,6 +118,6 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
         base, base_dtype, tuned, tuned_infos = numpy.zeros(out.nbytes, numpy.uint8), task.out_dtype, loaded, infos
     else:
         base, base_dtype, tuned, tuned_infos = loaded[0], infos[0].dtype, loaded[1:], infos[1:]
-    _merge_kernel(ext, out, out_code, _address(base), KERNEL_DTYPES[base_dtype], [_address(t) for t in tuned],
+    _merge_kernel(ext, out, out_code, address(base), KERNEL_DTYPES[base_dtype], [address(t) for t in tuned],
                   [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
                   plan.normalize, plan.scale, task.seed)

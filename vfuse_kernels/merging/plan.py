@@ -7,11 +7,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .._extension import KERNEL_DTYPES
 from .checkpoint import Checkpoint, CheckpointError, itemsize
 from .config import (LAYER_PATTERN, METHOD_DEFAULTS, MergeConfig, filter_matches, input_groups, layer_index, method_spec,
                      resolve, slice_of)
 
-FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors names of the dtypes a merge computes in
+FLOAT_DTYPES = tuple(KERNEL_DTYPES)  # safetensors names of the dtypes a merge computes in
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 

@@ -217,14 +217,18 @@ def merge_slerp(inputs: TensorInputs) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # nuslerp
 
+def nuslerp_t(w0: float, w1: float) -> float:
+    """nuslerp's t from the two models' weights: w₁ / (w₀ + w₁), 0.5 where |w₀ + w₁| < 1e-6."""
+    return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+
 def merge_nuslerp(inputs: TensorInputs) -> torch.Tensor:
     """nuslerp of the two non-base models (of their deltas from the base when there is one)
     at ``t = w_1 / (w_0 + w_1)``."""
     from ...ops.nuslerp import nuslerp_merge
 
     base, (m0, m1), params = _split(inputs, "nuslerp", 2, 2)
-    w0, w1 = (as_float(p["weight"]) for p in params)
-    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    t = nuslerp_t(*(as_float(p["weight"]) for p in params))
     return nuslerp_merge(t, m0, m1, base, as_bool(inputs.shared["nuslerp_row_wise"]),
                          as_bool(inputs.shared["nuslerp_flatten"]), compute_dtype(inputs.tensors), out=inputs.out)
 
