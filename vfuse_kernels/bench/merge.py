@@ -475,7 +475,7 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
                              "GB/s": gb / ms * 1e3, "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
         rows += _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps)
-        for block, warps in ((1024, 4), (512, 2), (256, 1)):
+        for block, warps in ((1024, 4), (2048, 4), (4096, 4), (4096, 8)):
             selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",

@@ -61,42 +61,56 @@ def subsample_hash(offs):
 @triton.jit
 def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_ptr, rate_ptr, numel, cap,
                     N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    """Per model four counts of ``key > t``, for the 32-bit thresholds t = hi, hi − 1, lo, lo − 1
+    (clamped to [−1, 2³¹ − 1]): key > hi is the first, key == hi the second less the first,
+    lo < key < hi the third less the second, key == lo the fourth less the third. Lanes past
+    the end load δ = 0, key 0, which passes only t = −1: scalar corrections take them out.
+    Offsets inside a block are 32-bit."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    lane = tl.arange(0, BLOCK)
+    valid = tl.minimum(numel - start, BLOCK).to(tl.int32)
+    mask = lane < valid
     loaded = ()  # every model's block, then a barrier: the block's loads are all in flight together (else
     for i in tl.static_range(N):  # ptxas issues model i + 1's only after model i's counting has waited for its own)
-        loaded += (tl.load(tuned[i] + offs, mask=mask, other=0.0),)
-    b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
+        loaded += (tl.load(tuned[i] + start + lane, mask=mask, other=0.0),)
+    b = load_base(base_ptr + start, lane, mask, TUNED_ARE_DELTAS)
     tl.debug_barrier()
+    outside = BLOCK - valid
     for i in tl.static_range(N):
-        delta = loaded[i].to(tl.float32) - b  # b = 0 for deltas: δ − 0 has δ's key
-        key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # 31-bit keys: 32-bit compares
-        lo = tl.load(lo_ptr + i).to(tl.int32)  # >= -1
-        hi_wide = tl.load(hi_ptr + i)  # <= 2^31: 2^31 is above every key
-        hi = tl.minimum(hi_wide, 0x7FFFFFFF).to(tl.int32)
-        open_top = (tl.zeros([BLOCK], tl.int32) + (hi_wide > 0x7FFFFFFF).to(tl.int32)) != 0  # a vector (the
-        # interpreter rejects scalar & vector masks)
-        at_hi = mask & (key == hi)
-        inside = mask & (key > lo) & ((key < hi) | (at_hi & open_top))
-        upper = tl.sum((mask & (key > hi)).to(tl.int32) | ((at_hi & ~open_top).to(tl.int32) << 16), axis=0)
-        lower = tl.sum((mask & (key == lo)).to(tl.int32) | (inside.to(tl.int32) << 16), axis=0)
-        row = counts_ptr + (pid.to(tl.int64) * N + i) * 4
-        tl.store(row, upper & 0xFFFF)
-        tl.store(row + 1, upper >> 16)
-        tl.store(row + 2, lower & 0xFFFF)
-        tl.store(row + 3, lower >> 16)
-        if (lower >> 16) > 0:
+        key = (loaded[i].to(tl.float32) - b).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # b = 0 for deltas
+        lo = tl.load(lo_ptr + i)  # >= -1
+        hi = tl.load(hi_ptr + i)  # <= 2^31: 2^31 is above every key
+        above_hi = tl.minimum(hi, 0x7FFFFFFF).to(tl.int32)
+        from_hi = tl.minimum(hi - 1, 0x7FFFFFFF).to(tl.int32)
+        above_lo = lo.to(tl.int32)
+        from_lo = tl.maximum(lo - 1, -1).to(tl.int32)
+        upper = tl.sum(tl.where(key > above_hi, 1, 0) + tl.where(key > from_hi, 1 << 16, 0), axis=0)
+        lower = tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=0)
+        above_hi_n = (upper & 0xFFFF) - tl.where(above_hi < 0, outside, 0)
+        from_hi_n = (upper >> 16) - tl.where(from_hi < 0, outside, 0)
+        above_lo_n = (lower & 0xFFFF) - tl.where(above_lo < 0, outside, 0)
+        from_lo_n = (lower >> 16) - tl.where(from_lo < 0, outside, 0)
+        inside = tl.maximum(above_lo_n - from_hi_n, 0)  # lo == hi: no key is strictly inside
+        row = counts_ptr + (tl.program_id(0).to(tl.int64) * N + i) * 4
+        tl.store(row, above_hi_n)
+        tl.store(row + 1, from_hi_n - above_hi_n)
+        tl.store(row + 2, from_lo_n - above_lo_n)
+        tl.store(row + 3, inside)
+        if inside > 0:
+            picked = mask & (key > above_lo) & (key <= from_hi)
+            count = inside
             rate = tl.load(rate_ptr + i)
-            picked = inside
             if rate < 2**32:  # a subsampling pass (rare)
-                picked = inside & (subsample_hash(offs) < rate)
-            ranks = tl.cumsum(picked.to(tl.int32), axis=0)
-            n_picked = tl.max(ranks, axis=0)
-            if n_picked > 0:
-                pos = tl.atomic_add(fill_ptr + i, n_picked.to(tl.int64)) + ranks.to(tl.int64) - 1
-                value = ((key.to(tl.int64) - 2**30) << 33) | ((2**33 - 1) - offs)
-                tl.store(cand_ptr + i * cap + pos, value, mask=picked & (pos < cap))
+                picked = picked & (subsample_hash(start + lane) < rate)
+                count = tl.sum(picked.to(tl.int32), axis=0)
+            if count > 0:
+                slot = tl.atomic_add(fill_ptr + i, count.to(tl.int64))
+                room = tl.minimum(tl.maximum(cap - slot, 0), BLOCK).to(tl.int32)
+                position = tl.cumsum(picked.to(tl.int32), axis=0) - 1
+                # (key − 2^30) << 33 | (2^33 − 1 − index): start is a multiple of BLOCK, so the index
+                # part is (2^33 − 1 − start) ^ lane
+                value = ((key - 2**30).to(tl.int64) << 33) | (((2**33 - 1) - start) ^ lane)
+                tl.store(cand_ptr + i * cap + slot + position, value, mask=picked & (position < room))
 
 
 @triton.jit
