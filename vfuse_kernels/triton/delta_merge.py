@@ -31,17 +31,17 @@ INVERSE_TABLE_MODELS = tl.constexpr(8)  # up to this many models, elected merges
 
 
 @triton.jit
-def sparse_delta(tuned_ptr, b, lane, mask, start, model, params_ptr, trim_ptr,
+def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
-    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C), i.e.
-    key > K − [e <= C], in 32-bit compares (keys and K are < 2^31; C relative to the block,
-    clamped); drop keeps random bits < threshold."""
-    delta = load_delta(tuned_ptr + start, b, lane, mask, TUNED_ARE_DELTAS)
+    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C), in
+    32-bit compares (keys and K are < 2^31; C relative to the block, clamped); drop keeps random
+    bits < threshold."""
+    delta = load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)
     if SPARSIFY == 1:
         key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         threshold = tl.load(trim_ptr + model).to(tl.int32)
         last = tl.minimum(tl.maximum(tl.load(trim_ptr + N + model) - start, -1), BLOCK).to(tl.int32)
-        keep = key > tl.where(lane <= last, threshold - 1, threshold)
+        keep = (key > threshold) | ((key == threshold) & (tl.arange(0, BLOCK) <= last))
     elif SPARSIFY == 2:
         k0 = tl.load(params_ptr + 3 * N).to(tl.int64).to(tl.uint32)
         k1 = tl.load(params_ptr + 3 * N + 1).to(tl.int64).to(tl.uint32)
@@ -53,7 +53,7 @@ def sparse_delta(tuned_ptr, b, lane, mask, start, model, params_ptr, trim_ptr,
 
 
 @triton.jit
-def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
+def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
                  TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
@@ -71,7 +71,7 @@ def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
             tuned_ptr = tl.load(table_row + 2 + i).to(tl.pointer_type(TUNED_TY))
         else:
             tuned_ptr = tuned[i]
-        delta, keep = sparse_delta(tuned_ptr, b, lane, mask, start, i, params_ptr, trim_ptr,
+        delta, keep = sparse_delta(tuned_ptr, b, offs, mask, start, i, params_ptr, trim_ptr,
                                    N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
         u = tl.where(keep, delta * tl.load(params_ptr + i).to(tl.float32), 0.0)
         if ELECT == 0:
@@ -86,20 +86,20 @@ def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
         if NORMALIZE:
             merged = (merged.to(tl.float64) * tl.load(params_ptr + 3 * N + 2)).to(tl.float32)
     else:
-        sign = tl.where(vote >= 0, 1.0, -1.0)  # agreeing: u > 0 where vote >= 0, else u < 0 (u·sign is exact)
+        positive = vote >= 0
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         agreeing = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: model i agrees with the elected sign
         for i in tl.static_range(N):
             u = kept[i]
-            agree = u * sign > 0
+            agree = tl.where(positive, u > 0, u < 0)
             merged += tl.where(agree, u, 0.0)
             if N <= INVERSE_TABLE_MODELS:
-                agreeing += tl.where(agree, 1 << i, 0)
+                agreeing |= agree.to(tl.int32) << i
             else:
                 divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
         if NORMALIZE:
             if N <= INVERSE_TABLE_MODELS:
-                inverse = tl.load(params_ptr + 3 * N + 3 + agreeing.to(tl.uint32))  # (unsigned: one wide multiply-add)
+                inverse = tl.load(params_ptr + 3 * N + 3 + agreeing)
                 merged = (merged.to(tl.float64) * inverse).to(tl.float32)
             else:
                 merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
@@ -111,12 +111,12 @@ def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale,
                   N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                   NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    lane = tl.arange(0, BLOCK)  # 32-bit offsets from the block's start
-    mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
-    b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
-    merged = merged_block(b, lane, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
                           N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
-    tl.store(out_ptr + start + lane, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["tensors"])
@@ -139,15 +139,15 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
             high = middle
     row = table_ptr + low.to(tl.int64) * (N + 3)
     start = (pid - tl.load(block_start_ptr + low)).to(tl.int64) * BLOCK
-    lane = tl.arange(0, BLOCK)
-    mask = lane < tl.minimum(tl.load(row + 2 + N) - start, BLOCK).to(tl.int32)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < tl.load(row + 2 + N)
     base_ptr = tl.load(row + 1).to(tl.pointer_type(BASE_TY))
-    b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     params = params_ptr + low.to(tl.int64) * PARAMS
-    merged = merged_block(b, lane, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
+    merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
                           N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
     out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
-    tl.store(out_ptr + start + lane, (b + scale * merged).to(OUT_TY), mask=mask)
+    tl.store(out_ptr + offs, (b + scale * merged).to(OUT_TY), mask=mask)
 
 
 @triton.jit
@@ -156,11 +156,11 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
-    lane = tl.arange(0, BLOCK)
-    mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
-    b = load_base(base_ptr + start, lane, mask, TUNED_ARE_DELTAS)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
     for i in tl.static_range(N):
-        delta, keep = sparse_delta(tuned[i], b, lane, mask, start, i, params_ptr, trim_ptr,
+        delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, params_ptr, trim_ptr,
                                    N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
         magnitude = tl.abs(delta).to(tl.float64)  # fp64 sums, as on the CPU: the rescale factors agree
         tl.store(partial_ptr + (pid * N + i) * 2, tl.sum(magnitude, axis=0))
