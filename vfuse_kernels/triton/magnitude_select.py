@@ -5,7 +5,7 @@ One launch reads base and every tuned tensor once. For model i and its bracket
 key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit field
 pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
-program for the slot, a block scan for the positions). Equal keys at the bracket ends are
+program for the slot, a scan over the rows of 8 for the positions). Equal keys at the bracket ends are
 only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch)
 and the tie search (each query's rank-th equal key's flat index: chunk sums of the per-block
 counts, then one program per query).
@@ -65,9 +65,16 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
     (clamped to [−1, 2³¹ − 1]): key > hi is the first, key == hi the second less the first,
     lo < key < hi the third less the second, key == lo the fourth less the third. Lanes past
     the end load δ = 0, key 0, which passes only t = −1: scalar corrections take them out.
-    Offsets inside a block are 32-bit."""
+
+    The block is [BLOCK / ROW, ROW] with a row of ROW contiguous elements per thread (ROW = 8:
+    one 16-byte bf16 load), offsets 32-bit from the block's start. Compaction works per row:
+    the rows' picked counts, their exclusive scan for the positions, then round r stores each
+    row's r-th largest picked candidate — one store of BLOCK / ROW values a round, usually one
+    round, instead of a scattered store over the whole block (which Triton would first convert
+    to one element per thread through shared memory)."""
+    ROW: tl.constexpr = 8
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    lane = tl.arange(0, BLOCK)
+    lane = tl.arange(0, BLOCK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
     valid = tl.minimum(numel - start, BLOCK).to(tl.int32)
     mask = lane < valid
     loaded = ()  # every model's block, then a barrier: the block's loads are all in flight together (else
@@ -84,8 +91,8 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
         from_hi = tl.minimum(hi - 1, 0x7FFFFFFF).to(tl.int32)
         above_lo = lo.to(tl.int32)
         from_lo = tl.maximum(lo - 1, -1).to(tl.int32)
-        upper = tl.sum(tl.where(key > above_hi, 1, 0) + tl.where(key > from_hi, 1 << 16, 0), axis=0)
-        lower = tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=0)
+        upper = tl.sum(tl.sum(tl.where(key > above_hi, 1, 0) + tl.where(key > from_hi, 1 << 16, 0), axis=1), axis=0)
+        lower = tl.sum(tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=1), axis=0)
         above_hi_n = (upper & 0xFFFF) - tl.where(above_hi < 0, outside, 0)
         from_hi_n = (upper >> 16) - tl.where(from_hi < 0, outside, 0)
         above_lo_n = (lower & 0xFFFF) - tl.where(above_lo < 0, outside, 0)
@@ -98,19 +105,24 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
         tl.store(row + 3, inside)
         if inside > 0:
             picked = mask & (key > above_lo) & (key <= from_hi)
-            count = inside
             rate = tl.load(rate_ptr + i)
             if rate < 2**32:  # a subsampling pass (rare)
                 picked = picked & (subsample_hash(start + lane) < rate)
-                count = tl.sum(picked.to(tl.int32), axis=0)
+            per_row = tl.sum(picked.to(tl.int32), axis=1)
+            count = tl.sum(per_row, axis=0)
             if count > 0:
                 slot = tl.atomic_add(fill_ptr + i, count.to(tl.int64))
                 room = tl.minimum(tl.maximum(cap - slot, 0), BLOCK).to(tl.int32)
-                position = tl.cumsum(picked.to(tl.int32), axis=0) - 1
+                first = tl.cumsum(per_row, axis=0) - per_row
                 # (key − 2^30) << 33 | (2^33 − 1 − index): start is a multiple of BLOCK, so the index
-                # part is (2^33 − 1 − start) ^ lane
-                value = ((key - 2**30).to(tl.int64) << 33) | (((2**33 - 1) - start) ^ lane)
-                tl.store(cand_ptr + i * cap + slot + position, value, mask=picked & (position < room))
+                # part is (2^33 − 1 − start) ^ lane; −2^63 (index part 0: index 2^33 − 1) is no candidate
+                value = tl.where(picked, ((key - 2**30).to(tl.int64) << 33) | (((2**33 - 1) - start) ^ lane), -2**63)
+                best = tl.max(value, axis=1)
+                destination = cand_ptr + i * cap + slot
+                tl.store(destination + first, best, mask=(per_row > 0) & (first < room))
+                for r in range(1, tl.max(per_row, axis=0)):
+                    best = tl.max(tl.where(value < best[:, None], value, -2**63), axis=1)
+                    tl.store(destination + first + r, best, mask=(per_row > r) & (first + r < room))
 
 
 @triton.jit
