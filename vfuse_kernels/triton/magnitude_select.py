@@ -120,9 +120,12 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
                 best = tl.max(value, axis=1)
                 destination = cand_ptr + i * cap + slot
                 tl.store(destination + first, best, mask=(per_row > 0) & (first < room))
-                for r in range(1, tl.max(per_row, axis=0)):
+                rounds = tl.max(per_row, axis=0)
+                r = 1
+                while r < rounds:  # (not a for over range(1, rounds): triton 3.6's interpreter rejects that bound)
                     best = tl.max(tl.where(value < best[:, None], value, -2**63), axis=1)
                     tl.store(destination + first + r, best, mask=(per_row > r) & (first + r < room))
+                    r += 1
 
 
 @triton.jit
