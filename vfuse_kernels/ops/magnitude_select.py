@@ -28,6 +28,7 @@ S = 2^20) plus 16 bytes per block. Largest tensor: numel < 2^33 (the packed inde
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -114,11 +115,17 @@ def _sample(base, tuned, tuned_are_deltas, sampler) -> torch.Tensor:
     runs of 16 elements, in descending order (on the GPU 32-bit keys: a radix sort of half the
     passes of int64 ones)."""
     numel, device = base.numel(), base.device
-    size = sample_size(numel, device)
-    gen = torch.Generator(device=device).manual_seed(0x5EED)
-    runs = torch.randint(0, numel // RUN, (size // RUN,), generator=gen, device=device)
+    runs = _sample_runs(numel, sample_size(numel, device), RUN, device)
     keys = sampler(base, tuned, runs, RUN, tuned_are_deltas)
     return _sorted_descending(keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_runs(numel: int, size: int, run: int, device: torch.device) -> torch.Tensor:
+    """The sample's run indices for a shape (fixed seed), made once per shape and device: a
+    checkpoint's tensors share a few shapes, and a call then launches no generator."""
+    gen = torch.Generator(device=device).manual_seed(0x5EED)
+    return torch.randint(0, numel // run, (size // run,), generator=gen, device=device)
 
 
 class _Model:
@@ -185,9 +192,10 @@ def _candidate_ranks(cand: torch.Tensor, rows: list[int], stored: list[int], ran
     else:
         device = cand.device
         rows_t, stored_t, ranks_t = host_to_device([rows, stored, ranks], torch.int64, device)
-        block = cand[rows_t, :max(stored)]
-        filled = torch.arange(block.shape[1], device=device) < stored_t[:, None]
-        ordered = torch.sort(block.masked_fill_(~filled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
+        width = max(stored)
+        block = cand[:, :width] if list(rows) == list(range(cand.shape[0])) else cand[rows_t, :width]  # (a view)
+        unfilled = torch.arange(width, device=device) >= stored_t[:, None]
+        ordered = torch.sort(block.masked_fill_(unfilled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
         packed = ordered.gather(1, (ranks_t - 1)[:, None]).reshape(-1)
     return list(zip(_candidate_keys(packed), INDEX_MASK - (packed & INDEX_MASK)))
 
@@ -262,7 +270,7 @@ def _run_pass(base, tuned, models, tuned_are_deltas, bracket_pass, find_ties, su
         his.append(hi)
         rates.append(rate)
         caps.append(_capacity(share, m.population))
-    lo_t, hi_t = _stack(los, device), _stack(his, device)
+    lo_t, hi_t = _stack(los + his, device).split(n)
     rate_t = host_to_device(rates, torch.int64, device)
     cap = max(caps)
     block, counts, cand, fill = _pass_buffers(numel, n, cap, device)
