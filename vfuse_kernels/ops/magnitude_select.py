@@ -59,9 +59,9 @@ def sample_size(numel: int, device: torch.device) -> int:
 
 def block_size(device: torch.device) -> int:
     """Elements per block of the bracket pass's counts (< 2^16: 16-bit count fields): 1024 on GPU,
-    2048 on CPU. (H100, 2 × 268M bf16, density 0.3, one run: ties_thresholds 1.95 ms with blocks
-    of 1024 and 4 warps, 2.14 with 2048 and 8; the bracket pass alone 0.91 vs 1.03 ms — its
-    block-wide reductions cost less with fewer warps. benchmarks/NOTES.md, v0.4.)"""
+    2048 on CPU. (H200, 2 × 268M bf16, density 0.3, one run of the threshold-count kernel: the
+    bracket pass 0.634 ms with blocks of 1024 and 4 warps, 0.708 with 2048 and 4, 0.668 with
+    4096 and 4, 1.09 with 4096 and 8. benchmarks/NOTES.md, v0.10.)"""
     return 1024 if device.type == "cuda" else 2048
 
 
