@@ -433,14 +433,15 @@ def test_higher_index_cuts_match_a_stable_sort(shape):
     """``higher_index_cuts`` keeps key > K or (key == K and e > C): exactly the last c of a stable
     ascending sort of |δ| (equal magnitudes: the higher flat index ranks higher), on tie-heavy
     deltas (bf16 steps), for every count from none to all."""
-    from vfuse_kernels.ops import _cpp_kernels
+    from vfuse_kernels.ops._cpp_kernels import selector
+    from vfuse_kernels.selection import higher_index_cuts
 
     base, tuned = (t.bfloat16() for t in tie_models(shape, 1, seed=31, heavy_tail=True))
     n = base.numel()
     delta = (tuned.float() - base.float()).reshape(-1)
     order = torch.sort(delta.abs(), stable=True).indices
     counts = sorted({0, 1, n // 3, n // 2, n - 1, n, n + 4})
-    keys, cuts = gta.higher_index_cuts(base, [tuned] * len(counts), counts, False, _cpp_kernels)
+    keys, cuts = higher_index_cuts(selector(base, [tuned] * len(counts), False), counts)
     key = (delta.view(torch.int32) & 0x7FFFFFFF).long()
     index = torch.arange(n)
     for c, k, cut in zip(counts, keys, cuts):

@@ -709,6 +709,17 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
                                 "out_dtype: bfloat16\n", torch.float32, "all"),
     "linear-to-fp32": ("models:\n  - {model: BASE, parameters: {weight: 0.2}}\n  - {model: FT0, parameters: {weight: 0.7}}\n"
                        "  - {model: FT1, parameters: {weight: 0.4}}\nout_dtype: float32\n", torch.float16, "all"),
+    "ties": ("base_model: BASE\nmodels:\n  - {model: FT0, parameters: {weight: 0.7, density: 0.3}}\n"
+             "  - {model: FT1, parameters: {weight: 0.4, density: 0.8}}\n", torch.bfloat16, "all"),
+    "ties-l1-to-fp32": ("base_model: BASE\nparameters: {rescale: true, normalize: false}\nmodels:\n"
+                        "  - {model: FT0, parameters: {weight: 0.7, density: 0.1}}\n"
+                        "  - {model: FT1, parameters: {weight: -0.4, density: 1.0}}\nout_dtype: float32\n",
+                        torch.float16, "all"),
+    "dare_ties": ("base_model: BASE\nparameters: {lambda: 0.8}\nmodels:\n"
+                  "  - {model: FT0, parameters: {weight: 0.7, density: 0.5}}\n"
+                  "  - {model: FT1, parameters: {weight: 0.4, density: 0.2}}\n", torch.float32, "all"),
+    "dare_linear-no_rescale": ("base_model: BASE\nparameters: {rescale: false}\nmodels:\n"
+                               "  - {model: FT0, parameters: {weight: 0.7, density: 0.5}}\n", torch.bfloat16, "all"),
     "nearswap": ("base_model: BASE\nparameters: {t: 0.002}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n"
                  "out_dtype: float16\n", torch.bfloat16, "all"),
     "slerp": ("base_model: BASE\nparameters: {t: [0, 0.3, 1]}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n",
@@ -734,13 +745,15 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
 
 @pytest.mark.parametrize("case", NATIVE_CASES)
 def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, case):
-    """Task arithmetic, linear and the C++-backed per-tensor methods run on the CPU on the
-    files' pages without torch (merging/native.py); the torch route (the ops on views of the
+    """Task arithmetic, linear, TIES, DARE and the C++-backed per-tensor methods run on the CPU
+    on the files' pages without torch (merging/native.py); the torch route (the ops on views of the
     same memory) writes the same bits, with dtype conversions on the way out too; what the
     native route does not take (a rounding the op does differently, per-vector work, a case
     the op sends to torch ops) goes through torch."""
+    from vfuse_kernels import selection
     from vfuse_kernels.merging import engine
 
+    monkeypatch.setattr(selection, "SMALL", 512)  # TIES: sampled brackets on the family's small tensors too
     text, dtype, native_share = NATIVE_CASES[case]
     base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
     text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])

@@ -7,9 +7,10 @@ import torch
 from conftest import backend_device, needs_avx512, with_and_without_avx512
 
 import vfuse_kernels as vk
+from vfuse_kernels import selection as ms
 from vfuse_kernels._backend import cpu_extension
-from vfuse_kernels.ops import magnitude_select as ms
 from vfuse_kernels.reference import delta_merge as ref
+from vfuse_kernels.reference import magnitude_select as ref_select
 
 
 def expected_trim(delta: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,25 +91,32 @@ def _assert_exact_selection(base, tuned, densities, got, tuned_are_deltas=False)
 
 @pytest.fixture
 def select_passes(monkeypatch):
-    """Records the models of every bracket pass of the selection (ops/magnitude_select.py)."""
+    """Records the models of every bracket pass of the selection (vfuse_kernels/selection.py)."""
     passes = []
     original = ms._run_pass
 
-    def recorded(base, tuned, models, *args):
+    def recorded(selector, rows, models, *args):
         passes.append(len(models))
-        return original(base, tuned, models, *args)
+        return original(selector, rows, models, *args)
 
     monkeypatch.setattr(ms, "_run_pass", recorded)
     return passes
 
 
-@pytest.mark.parametrize("sorting", [False, True], ids=["select", "sort"])
+def selector_class(backend):
+    """The selection's device side that ``backend`` runs (C++ and numpy, or Triton and torch)."""
+    if backend == "cpp":
+        return ms.HostSelector
+    from vfuse_kernels.triton.magnitude_select import DeviceSelector
+
+    return DeviceSelector
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monkeypatch):
+def test_selection_sampled_one_pass(backend, dtype, select_passes, monkeypatch):
     """Sampled brackets on tie-heavy data: every density edge exact, in one pass (order statistics
-    by selections, as on the CPU, and by a sort, as on the GPU)."""
+    by selections on the CPU's side, by a sort on the GPU's)."""
     monkeypatch.setattr(ms, "SMALL", 1024)
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ("cuda",))
     numel = 200_003 if backend == "cpp" else 40_009
     base, tuned = _tie_heavy(numel, 4, dtype, device=backend_device(backend))
     densities = [1e-9, 0.01, 0.5, 0.99]
@@ -121,35 +129,33 @@ def test_selection_sampled_one_pass(backend, dtype, sorting, select_passes, monk
 @pytest.mark.parametrize("block", [256, 1024, 2048])
 def test_selection_independent_of_block_size(backend, block, monkeypatch):
     """The bracket pass's count blocks (1024 elements on the GPU, 2048 on the CPU) only change
-    the bookkeeping: the tie search and the counts give the same exact cut at every block size,
-    with the order statistics by a sort (as on the GPU)."""
+    the bookkeeping: the tie search and the counts give the same exact cut at every block size."""
     monkeypatch.setattr(ms, "SMALL", 1024)
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(ms, "block_size", lambda device: block)
+    monkeypatch.setattr(selector_class(backend), "BLOCK", block)
     base, tuned = _tie_heavy(50_021, 3, device=backend_device(backend))
     densities = [0.002, 0.3, 0.7]
     _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
 
 
-@pytest.mark.parametrize("sorting", [False, True], ids=["select", "sort"])
 @pytest.mark.parametrize("miss", ["above", "below", "inside"])
-def test_selection_recovers_from_a_missed_sample(backend, miss, sorting, select_passes, monkeypatch):
+def test_selection_recovers_from_a_missed_sample(backend, miss, select_passes, monkeypatch):
     """A sample that misses (K above or below the bracket, or far more keys inside than expected)
     costs more passes, never exactness."""
     base, tuned = _tie_heavy(30_011, 2, device=backend_device(backend))
-    deltas = [t.float() - base.float() for t in tuned]
+    deltas = [t.float().cpu() - base.float().cpu() for t in tuned]
     keys = [(d.view(torch.int32).long() & 0x7FFFFFFF).sort(descending=True).values for d in deltas]
 
-    def wrong_sample(base, tuned, tuned_are_deltas, sampler):
+    def wrong_sample(selector, size):
         if miss == "inside":  # half the sample at the top key, half at the bottom: a narrow bracket
-            return torch.stack([torch.cat([k[0].expand(32), k[-1].expand(32)]) for k in keys])
-        pick = 0 if miss == "below" else -1  # all sample keys at the top (or bottom) key
-        return torch.stack([k[pick].expand(64) for k in keys])
+            rows = torch.stack([torch.cat([k[0].expand(32), k[-1].expand(32)]) for k in keys])
+        else:  # all sample keys at the top (or bottom) key
+            rows = torch.stack([k[0 if miss == "below" else -1].expand(64) for k in keys])
+        return rows.numpy() if backend == "cpp" else rows.to(base.device)
 
-    monkeypatch.setattr(ms, "_sample", wrong_sample)
-    monkeypatch.setattr(ms, "sample_size", lambda numel, device: 512)
+    cls = selector_class(backend)
+    monkeypatch.setattr(cls, "sample", wrong_sample)
+    monkeypatch.setattr(cls, "sample_size", lambda selector, numel: 512)
     monkeypatch.setattr(ms, "SMALL", 1024)  # sample tensors of this size
-    monkeypatch.setattr(ms, "SORTING_DEVICES", ("cuda", "cpu") if sorting else ("cuda",))
     monkeypatch.setattr(ms, "Z", 0.5)  # margins narrow enough that the 64 keys do not span everything
     monkeypatch.setattr(ms, "SLACK", 0)
     densities = [0.3, 0.6]
@@ -262,7 +268,7 @@ def test_triton_result_independent_of_block_size(monkeypatch):
 
 
 def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
-    """The one-launch Triton sampler gathers the same keys as the torch row gathers."""
+    """The one-launch Triton sampler gathers the keys of the reference's gather."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import magnitude_select as kernels
 
@@ -270,37 +276,51 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
     base, tuned = _tie_heavy(10_007, 3, device=device)
     runs = torch.randint(0, 10_007 // 16, (77,), generator=torch.Generator().manual_seed(5)).to(device)
     for deltas in (False, True):
-        expected = ms.sample_keys(base, tuned, runs, 16, deltas)
+        expected = ref_select.sample_keys(base, tuned, runs, 16, deltas)
         assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("models", [1, 4])
 def test_cpp_sample_keys_match_the_torch_sampler(dtype, models):
-    """The C++ sampler gathers the torch row gathers' keys: every storage dtype, deltas or not,
-    runs repeated and at both ends of the tensor (prime size: the tail past the last run unused)."""
-    from vfuse_kernels.ops import _cpp_kernels as kernels
+    """The C++ sampler gathers the reference's keys: every storage dtype, deltas or not, runs
+    repeated and at both ends of the tensor (prime size: the tail past the last run unused)."""
+    from vfuse_kernels.ops._cpp_kernels import _pointers
 
     numel = 10_007
     base, tuned = _tie_heavy(numel, models, dtype=dtype)
     runs = torch.cat([torch.tensor([0, numel // 16 - 1, 3, 3]),
                       torch.randint(0, numel // 16, (77,), generator=torch.Generator().manual_seed(5))])
+    ptrs, codes = _pointers(tuned)
     for deltas in (False, True):
-        expected = ms.sample_keys(base, tuned, runs, 16, deltas)
-        assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
-    with pytest.raises(ValueError, match="sample runs"):  # a run past the last whole one
-        kernels.sample_keys(base, tuned, torch.tensor([numel // 16]), 16, False)
+        keys = torch.full((models, runs.numel() * 16), -7, dtype=torch.int32)  # poisoned
+        cpu_extension().sample_keys(base.data_ptr(), codes[0], ptrs, codes, numel, deltas, runs.data_ptr(),
+                                    runs.numel(), 16, keys.data_ptr())
+        assert torch.equal(keys, ref_select.sample_keys(base, tuned, runs, 16, deltas))
 
 
-def test_triton_tie_search_matches_the_torch_search():
-    """The batched Triton tie search (chunk sums, then one program per query) finds the flat index
-    of the rank-th equal key that nonzero() gives, for every query of one call: ranks 1 to the last,
-    both models, both count columns, blocks spanning several chunks."""
-    pytest.importorskip("triton")
-    from vfuse_kernels.triton import magnitude_select as kernels
+def test_host_sample_is_every_model_s_keys_at_the_seeded_runs_descending():
+    """``HostSelector.sample``: the C++ gather at the shape's seeded runs, each row sorted in
+    descending order; the same runs on every call for a shape."""
+    from vfuse_kernels.ops._cpp_kernels import selector
 
-    device = backend_device("triton")
-    numel, block = 9_001, 4  # 2251 blocks: three chunks of the first level
+    base, tuned = _tie_heavy(70_001, 2)
+    sample = selector(base, tuned, False).sample(4096)
+    runs = torch.from_numpy(ms._sample_runs(70_001, 4096 // 16, 16).copy())
+    expected = ref_select.sample_keys(base, tuned, runs, 16, False).sort(dim=-1, descending=True).values
+    assert sample.shape == (2, 4096) and torch.equal(torch.from_numpy(sample), expected)
+    assert ms._sample_runs(70_001, 256, 16) is ms._sample_runs(70_001, 256, 16)
+
+
+@pytest.mark.parametrize("side", ["cpp", "triton"])
+def test_tie_search_matches_the_reference(side):
+    """The tie search (C++: the block from the running counts, one scan of it; Triton: chunk sums,
+    then one program per query) finds the reference's flat index of the rank-th equal key, for
+    every query of one call: ranks 1 to the last, both models, both count columns, many blocks."""
+    if side == "triton":
+        pytest.importorskip("triton")
+    device = backend_device(side)
+    numel, block = 9_001, 4  # Triton: 2251 blocks, three chunks of the first level
     base, tuned = _tie_heavy(numel, 2, device=device)
     deltas = [t.float() - base.float() for t in tuned]
     keys = [(d.view(torch.int32) & 0x7FFFFFFF) for d in deltas]
@@ -308,24 +328,35 @@ def test_triton_tie_search_matches_the_torch_search():
     second = [int(k[k != t].mode().values) for k, t in zip(keys, top)]
     blocks = -(-numel // block)
     counts = torch.zeros(blocks, 2, 4, dtype=torch.int32, device=device)
-    queries, expected = [], []
+    queries = []
     for i, k in enumerate(keys):
         for column, key in ((1, top[i]), (2, second[i])):
             padded = torch.zeros(blocks * block, dtype=torch.int32, device=device)
             padded[:numel] = (k == key).int()
             counts[:, i, column] = padded.view(blocks, block).sum(1)
-            where = torch.nonzero(k == key).flatten()
-            for rank in (1, 2, 37, len(where)):
+            for rank in (1, 2, 37, int((k == key).sum())):
                 queries.append((i, key, rank, column))
-                expected.append(int(where[rank - 1]))
+    cls = selector_class(side)
     for is_delta, b, t in ((False, base, tuned), (True, torch.zeros_like(base), deltas)):
-        assert [int(x) for x in ms.tie_indices(b, t, queries, counts, block, is_delta)] == expected
-        assert [int(x) for x in kernels.tie_indices(b, t, queries, counts, block, is_delta)] == expected
+        expected = [ref_select.tie_index(b, t[i], key, rank, is_delta) for i, key, rank, _ in queries]
+        if side == "cpp":
+            from vfuse_kernels.ops._cpp_kernels import selector
+
+            found = selector(b, t, is_delta)
+            found.BLOCK = block
+            got = found.tie_indices([0, 1], queries, counts.numpy())
+        else:
+            from vfuse_kernels.triton.magnitude_select import selector
+
+            found = selector(b, t, is_delta)
+            found.BLOCK = block
+            got = found.tie_indices([0, 1], queries, counts)
+        assert isinstance(found, cls) and [int(x) for x in got] == expected
 
 
 BRACKET_PASSES = """
 import json, sys, torch
-from vfuse_kernels.ops import _cpp_kernels as kernels
+from vfuse_kernels.ops._cpp_kernels import selector
 out = []
 for dtype, n, deltas in ((torch.bfloat16, 3, False), (torch.float32, 2, False), (torch.bfloat16, 4, True),
                          (torch.float32, 1, True)):
@@ -337,11 +368,9 @@ for dtype, n, deltas in ((torch.bfloat16, 3, False), (torch.float32, 2, False), 
     keys = sorted(set((tuned[0].float() - base.float()).abs().view(torch.int32)[100:].tolist()))
     for lo, hi in ((keys[len(keys) // 3], keys[2 * len(keys) // 3]), (-1, 1 << 31), (keys[5], keys[5]),
                    (keys[-3], 1 << 31)):
-        counts = torch.empty(-(-base.numel() // 2048), n, 4, dtype=torch.int32)
-        cand, fill = torch.empty(n, base.numel(), dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-        kernels.bracket_pass(base, tuned, torch.tensor([lo] * n), torch.tensor([hi] * n),
-                             torch.tensor([1 << 32] * n), base.numel(), 2048, deltas, counts, cand, fill)
-        out.append([counts.tolist(), [sorted(cand[i, :fill[i]].tolist()) for i in range(n)]])
+        found = selector(base, tuned, deltas).bracket_pass(list(range(n)), [lo] * n, [hi] * n, [1 << 32] * n,
+                                                           base.numel())
+        out.append([found.counts.tolist(), [sorted(found.cand[i, :found.host[i][4]].tolist()) for i in range(n)]])
 json.dump(out, sys.stdout)
 """
 

@@ -1,5 +1,5 @@
 // The bracket pass of the exact magnitude selection on the CPU (the algorithm and its
-// resolution are in vfuse_kernels/ops/magnitude_select.py; the GPU pass is
+// resolution are in vfuse_kernels/selection.py; the GPU pass is
 // vfuse_kernels/triton/magnitude_select.py). One pass over base and every tuned tensor:
 // per block of `block` elements and model, the counts of key > hi, key == hi, key == lo
 // and lo < key < hi, and the inside elements whose index hash is below the model's rate,
@@ -16,7 +16,8 @@
 // the pass 30–40% faster on a 2-vCPU Xeon (benchmarks/NOTES.md, v0.6 and v0.7).
 //
 // sample_keys gathers the selection's sample (the keys at random runs of 16 elements), each run
-// prefetched a few runs ahead: every load misses the caches.
+// prefetched a few runs ahead: every load misses the caches. tie_index finds the rank-th
+// element of one block whose key equals the selection's threshold (its cutoff).
 #include "parallel.h"
 
 #include <algorithm>
@@ -254,7 +255,7 @@ inline uint32_t subsample_hash(int64_t e) {
 constexpr int64_t kSampleAhead = 16;  // prefetch distance of sample_keys, in runs
 
 // keys[i][r * run + j] = model i's key at element runs[r] * run + j: the selection's sample
-// (magnitude_select.py's sample_keys, the same fp32 subtraction), a run at a time.
+// (reference/magnitude_select.py's sample_keys, the same fp32 subtraction), a run at a time.
 void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int64_t run, int32_t* keys) {
   const int n = in.models();
 #pragma omp parallel num_threads(threads_for(count * run * (n + 1)))
@@ -276,6 +277,21 @@ void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int6
       }
     }
   }
+}
+
+// The flat index of the rank-th (1-based) element of [start, stop) whose model-i key is `key`,
+// or -1 where fewer hold it: the selection's cutoff, searched in the one block that the bracket
+// pass's per-block counts point to.
+int64_t tie_index(const DeltaInputs& in, int i, int64_t start, int64_t stop, uint32_t key, int64_t rank) {
+  float b[kChunk], d[kChunk];
+  for (int64_t at = start; at < stop; at += kChunk) {
+    const int64_t len = std::min(kChunk, stop - at);
+    if (!in.tuned_are_deltas) load_chunk(in.base, in.base_dtype, at, len, nullptr, b);
+    load_chunk(in.tuned[i], in.tuned_dtypes[i], at, len, in.tuned_are_deltas ? nullptr : b, d);
+    for (int64_t j = 0; j < len; ++j)
+      if (magnitude_key(d[j]) == key && --rank == 0) return at + j;
+  }
+  return -1;
 }
 
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,

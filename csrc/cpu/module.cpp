@@ -19,6 +19,7 @@ std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
 void sample_keys(const DeltaInputs& in, const int64_t* runs, int64_t count, int64_t run, int32_t* keys);
+int64_t tie_index(const DeltaInputs& in, int i, int64_t start, int64_t stop, uint32_t key, int64_t rank);
 void random_bits(uint64_t seed, uint32_t model, int64_t numel, int64_t* out);
 std::array<double, 3> pair_sums(const void* a, const void* b, int dtype, int64_t numel);
 std::array<float, 2> slerp_coefficients(const std::array<double, 3>& sums, float t);
@@ -129,6 +130,17 @@ PYBIND11_MODULE(_C, m) {
           if (count < 0 || run <= 0) throw std::invalid_argument("count must be >= 0 and run positive");
           py::gil_scoped_release release;
           vfuse::sample_keys(in, reinterpret_cast<const int64_t*>(runs), count, run, reinterpret_cast<int32_t*>(keys));
+        });
+
+  m.def("tie_index",
+        [](uintptr_t base, int base_dtype, uintptr_t tuned, int tuned_dtype, int64_t numel, bool tuned_are_deltas,
+           int64_t start, int64_t stop, int64_t key, int64_t rank) {
+          DeltaInputs in = make_inputs(base, base_dtype, {tuned}, {tuned_dtype}, numel, tuned_are_deltas,
+                                       vfuse::kKeepAll, {}, {}, 0);
+          if (start < 0 || stop > numel || key < 0 || key > 0x7fffffff || rank < 1)
+            throw std::invalid_argument("tie_index: [start, stop) must lie in the tensor, key in [0, 2^31), rank >= 1");
+          py::gil_scoped_release release;
+          return vfuse::tie_index(in, 0, start, stop, uint32_t(key), rank);
         });
 
   m.def("random_bits", [](uint64_t seed, uint32_t model, int64_t numel, uintptr_t out) {

@@ -451,7 +451,6 @@ def _selection_profile_rows(device, shapes=(("2x268M", 1 << 28, 2), ("3x4096x110
 
 def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     """Launch-configuration variants timed in the same run (for NOTES.md; not used for dispatch)."""
-    from ..ops import magnitude_select as selection
     from ..triton import delta_merge as kernels
     from ..triton import magnitude_select as select_kernels
 
@@ -460,7 +459,8 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     gb = 4 * base.numel() * 2 / 1e9
     rows = []
     saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
-    block_size, sample_size = selection.block_size, selection.sample_size
+    selector = select_kernels.DeviceSelector
+    block_size, sample_size = selector.BLOCK, selector.sample_size
     try:
         trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
         merges = (("task_arithmetic", {}, "", ((1024, 4), (2048, 8), (4096, 8))),
@@ -476,22 +476,22 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
         kernels.BLOCK, kernels.NUM_WARPS = saved[0], saved[1]
         rows += _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps)
         for block, warps in ((1024, 4), (2048, 4), (4096, 4), (4096, 8)):
-            selection.block_size, select_kernels.NUM_WARPS = (lambda device, block=block: block), warps
+            selector.BLOCK, select_kernels.NUM_WARPS = block, warps
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant selection BLOCK={block} warps={warps}", "median_ms": ms,
                          "GB/s": 3 * base.numel() * 2 / ms / 1e6})
             rows += _bracket_rows(base, tuned, device, copy_gbps, f" BLOCK={block} warps={warps}",
                                   full=(block, warps) == (1024, 4))
-        selection.block_size, select_kernels.NUM_WARPS = block_size, saved[2]
+        selector.BLOCK, select_kernels.NUM_WARPS = block_size, saved[2]
         for size in (1 << 19, 1 << 20, 1 << 21):
-            selection.sample_size = lambda numel, device, size=size: size
+            selector.sample_size = lambda self, numel, size=size: size
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant sample of {size} keys", "median_ms": ms})
     finally:
         kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS = saved
-        selection.block_size, selection.sample_size = block_size, sample_size
+        selector.BLOCK, selector.sample_size = block_size, sample_size
     return rows
 
 
@@ -540,17 +540,21 @@ def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
     """The bracket pass alone at density 0.3 (its bracket from the real sample); with ``full``,
     beside the same launch with no element picked for compaction (rate 0: the block scan, no slot
     atomics) and with an empty bracket (lo = hi: counting only) — what compaction and counting cost."""
-    from ..ops import magnitude_select as selection
+    from .. import selection
     from ..triton import magnitude_select as select_kernels
 
     numel = base.numel()
+    selector = select_kernels.selector(base, tuned, False)
     models = [selection._Model(int(0.3 * numel), numel) for _ in tuned]
-    for model, row in zip(models, selection._sample(base, tuned, False, select_kernels.sample_keys)):
+    for model, row in zip(models, selector.sample(selector.sample_size(numel))):
         model.sample, model.sorted = row, True
-    brackets = [selection._bracket(model) for model in models]
-    lo, hi = (selection._stack([b[j] for b in brackets], device) for j in (0, 1))
+    brackets = [selection._bracket(model, selector) for model in models]
+    lo, hi = (select_kernels._stack([b[j] for b in brackets], device) for j in (0, 1))
     cap = selection._capacity(max(b[2] for b in brackets), numel)
-    block, counts, cand, fill = selection._pass_buffers(numel, len(tuned), cap, device)
+    block = selector.BLOCK
+    counts = torch.empty(-(-numel // block), len(tuned), 4, dtype=torch.int32, device=device)
+    cand = torch.empty(len(tuned), cap, dtype=torch.int64, device=device)
+    fill = torch.zeros(len(tuned), dtype=torch.int64, device=device)
     gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
     rows = []
     variants = (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),

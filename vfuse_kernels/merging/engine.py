@@ -205,9 +205,14 @@ class _Runner:
             if task.copy_from is not None:
                 if infos[0].dtype != task.out_dtype:
                     return True
-            elif not self.on_host(task) or not kernel_takes(self.plan, task, infos):
+            elif not self.on_host(task) or not self.native(task, infos):
                 return True
         return False
+
+    def native(self, task: TensorTask, infos: list) -> bool:
+        """Whether ``native_merge`` may take ``task`` on the host: ``kernel_takes`` it, and it is not
+        a TIES merge whose thresholds this merger keeps for reuse (a sweep's: torch tensors)."""
+        return kernel_takes(self.plan, task, infos) and not (self.thresholds is not None and self.plan.method == "ties")
 
     def on_host(self, task: TensorTask) -> bool:
         return not self.staged or task.copy_from is not None
@@ -231,7 +236,7 @@ class _Runner:
         # host outputs (and the staged route's with CPU tensors: tests, benchmarks) in a pool buffer
         buffer = self.pool.take(task.nbytes, offset) if host or loaded[0].device.type == "cpu" else None
         if host:
-            if kernel_takes(self.plan, task, infos) and native_merge(self.plan, task, infos, loaded, buffer):
+            if self.native(task, infos) and native_merge(self.plan, task, infos, loaded, buffer):
                 HostReader.release(mapped)
                 return _Result(buffer, buffer, [])
             load_torch()  # (a no-op unless a native merge handed its task over)

@@ -1,8 +1,8 @@
-"""The CPU merge without torch. Task arithmetic and linear (the fused methods that select
-nothing), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++ passes
-straight from the files' pages into the engine's output buffer, so ``vfuse merge`` on the
-CPU does not import torch for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s
-merge of 0.6B × 3.
+"""The CPU merge without torch. Task arithmetic, linear, TIES and DARE (``ops.delta_merge``'s
+fused methods), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++
+passes straight from the files' pages into the engine's output buffer, so ``vfuse merge`` on
+the CPU does not import torch for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s
+merge of 0.6B × 3. TIES selects its thresholds through ``selection.HostSelector``.
 
 Each entry here calls the kernels with the arguments the op's C++ path passes them (and the
 same scalar math between passes: ``gram.py``, ``_C.slerp_coefficients``), so the bytes equal
@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import numpy
 
+import math
+
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
+from ..selection import MAX_NUMEL, HostSelector, magnitude_select
 from .checkpoint import TensorInfo, itemsize
 from .output import address
 
-FUSED = ("task_arithmetic", "linear")  # of ops.delta_merge
+# ops.delta_merge's methods: (sparsify code, elects signs) as csrc/cpu/delta_merge.h and ops.delta_merge.METHODS
+# define them; task arithmetic and linear differ in the plan's normalize only
+FUSED = {"task_arithmetic": (0, False), "linear": (0, False), "ties": (1, True), "dare_linear": (2, False),
+         "dare_ties": (2, True)}
 NATIVE_METHODS = (*FUSED, "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # may skip torch
+L1_EPS = 1e-7  # reference.delta_merge.L1_EPS: below this L1 norm a delta is not rescaled
 
 
 def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
@@ -35,7 +42,7 @@ def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
             or any(d not in KERNEL_DTYPES for d in dtypes)):
         return False
     if task.method_inputs is None:
-        return plan.method in FUSED
+        return plan.method in FUSED and math.prod(task.shape) < MAX_NUMEL
     method, inputs = plan.config.method, len({info.dtype for info in infos})
     if method == "nearswap":
         return inputs == 1
@@ -112,12 +119,45 @@ def _merge_kernel(ext, out, out_code, base, base_code, tuned, tuned_codes, numel
 
 
 def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
-    """Task arithmetic and linear as ``ops.delta_merge`` runs them: linear over a zero base,
-    with the tuned tensors as the deltas."""
+    """``ops.delta_merge``'s methods as its C++ path runs them with the plan's rescale (mergekit's:
+    the L1 one or none; linear over a zero base, with the tuned tensors as the deltas): TIES's
+    exact selection (``ties_thresholds``), DARE's keep thresholds, the L1 rescale's sums, then
+    the one merge pass."""
     if task.base is None:
         base, base_dtype, tuned, tuned_infos = numpy.zeros(out.nbytes, numpy.uint8), task.out_dtype, loaded, infos
     else:
         base, base_dtype, tuned, tuned_infos = loaded[0], infos[0].dtype, loaded[1:], infos[1:]
-    _merge_kernel(ext, out, out_code, address(base), KERNEL_DTYPES[base_dtype], [address(t) for t in tuned],
-                  [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
-                  plan.normalize, plan.scale, task.seed)
+    sparsify, elects = FUSED[plan.method]
+    if sparsify == 0:
+        _merge_kernel(ext, out, out_code, address(base), KERNEL_DTYPES[base_dtype], [address(t) for t in tuned],
+                      [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
+                      plan.normalize, plan.scale, task.seed)
+        return
+    base_ptr, base_code = address(base), KERNEL_DTYPES[base_dtype]
+    ptrs, codes = [address(t) for t in tuned], [KERNEL_DTYPES[info.dtype] for info in tuned_infos]
+    args = (base_ptr, base_code, ptrs, codes, numel, plan.tuned_are_deltas, sparsify)
+    keep_a, keep_b = _keep_thresholds(sparsify, HostSelector(*args[:-1]), task.densities, numel)
+    weights = [float(w) for w in task.weights]
+    coefs = list(weights)
+    if plan.rescale == "l1":  # each sparsified delta keeps its L1 norm: cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ|
+        sums = ext.sparse_l1(*args, keep_a, keep_b, task.seed)  # (Σ|δᵢ|, Σ kept |δᵢ|) per model
+        coefs = [w if before < L1_EPS or after < L1_EPS else before / after * w
+                 for w, before, after in zip(weights, sums[0::2], sums[1::2])]
+    ext.merge(address(out), out_code, *args, keep_a, keep_b, task.seed, coefs, weights, 1 if elects else 0,
+              plan.normalize, plan.scale)
+
+
+def _keep_thresholds(sparsify: int, selector: HostSelector, densities: list[float], numel: int) -> tuple[list, list]:
+    """The merge kernel's per-model keep arguments: TIES's (key, cutoff) of the top kᵢ =
+    max(1, int(densityᵢ · numel)) |δᵢ| (everything kept at kᵢ = numel: key 0, cutoff numel − 1),
+    or DARE's thresholds on 32 random bits (``reference.philox.dare_keep_threshold``)."""
+    if sparsify == 2:
+        return [int(p * 2**32) for p in densities], [0] * len(densities)
+    ks = [min(numel, max(1, int(p * numel))) for p in densities]
+    keys, cutoffs = [0] * len(ks), [numel - 1] * len(ks)
+    active = [i for i, k in enumerate(ks) if k < numel]
+    if active:
+        found = magnitude_select(selector.subset(active), [ks[i] for i in active])
+        for i, key, cutoff in zip(active, *(x.tolist() for x in found)):
+            keys[i], cutoffs[i] = key, cutoff
+    return keys, cutoffs

@@ -8,32 +8,18 @@ from __future__ import annotations
 import torch
 
 from .._backend import DTYPE_CODES, cpu_extension
+from ..selection import HostSelector
 
 
 def _pointers(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     return [t.data_ptr() for t in tensors], [DTYPE_CODES[t.dtype] for t in tensors]
 
 
-def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
-    """The magnitude selection's bracket pass (ops/magnitude_select.py) into ``counts``, ``cand``, ``fill``."""
+def selector(base, tuned, tuned_are_deltas):
+    """The selection's handle on one call's contiguous CPU tensors (selection.magnitude_select),
+    which must outlive it."""
     ptrs, codes = _pointers(tuned)
-    cpu_extension().bracket_pass(
-        base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas, lo.tolist(),
-        hi.tolist(), rate.tolist(), cap, block, counts.data_ptr(), cand.data_ptr(), fill.data_ptr(),
-    )
-
-
-def sample_keys(base, tuned, runs, run, tuned_are_deltas):
-    """[N, len(runs)·run] int32 magnitude keys of each model's deltas at the aligned runs (the selection's
-    sample, ops/magnitude_select.py), gathered in C++."""
-    runs = runs.to(torch.int64).contiguous()
-    if runs.numel() and not 0 <= int(runs.min()) <= int(runs.max()) < base.numel() // run:
-        raise ValueError(f"sample runs must lie in [0, {base.numel() // run})")
-    keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int32)
-    ptrs, codes = _pointers(tuned)
-    cpu_extension().sample_keys(base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(),
-                                tuned_are_deltas, runs.data_ptr(), runs.numel(), run, keys.data_ptr())
-    return keys
+    return HostSelector(base.data_ptr(), DTYPE_CODES[base.dtype], ptrs, codes, base.numel(), tuned_are_deltas)
 
 
 MASK = 3  # the C++ sparsify code of per-model keep masks, one bit per element (csrc/cpu/delta_merge.h)

@@ -2,7 +2,7 @@
 ``vfuse::magnitude_select`` op behind them.
 
 For each model i with kᵢ = max(1, int(densityᵢ · numel)) the selection
-(ops/magnitude_select.py) returns the magnitude key Kᵢ (the fp32 bits of the kᵢ-th largest
+(vfuse_kernels/selection.py) returns the magnitude key Kᵢ (the fp32 bits of the kᵢ-th largest
 |δᵢ|) and the cutoff Cᵢ, the last flat index kept among elements whose |δᵢ| equals it:
 element e is kept iff ``key(e) > Kᵢ or (key(e) == Kᵢ and e <= Cᵢ)`` — exactly kᵢ elements,
 ties going to the lower flat index. Thresholds do not depend on merge weights, so one
@@ -19,7 +19,7 @@ from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
 from ._library import define
-from .magnitude_select import MAX_NUMEL, magnitude_select
+from ..selection import MAX_NUMEL, magnitude_select
 
 
 class MagnitudeThresholds(NamedTuple):
@@ -62,7 +62,9 @@ def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_
         if backend == "reference":
             k_sel, c_sel = _reference_select(base, sub, sub_ks, tuned_are_deltas)
         else:
-            k_sel, c_sel = magnitude_select(base.contiguous(), sub, sub_ks, tuned_are_deltas, _kernels(backend))
+            base = base.contiguous()
+            k_sel, c_sel = (torch.as_tensor(x, device=device) for x in magnitude_select(
+                _kernels(backend).selector(base, sub, tuned_are_deltas), sub_ks))
         if len(active) == len(tuned):
             return k_sel, c_sel
     keys = torch.zeros(len(tuned), dtype=torch.int64, device=device)

@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..ops import magnitude_select as selection
+from .. import selection
 from . import delta_merge, magnitude_select, philox, slerp
 from . import query_key_scores as qk_kernels
 from . import select_tokens as select_kernels
@@ -30,7 +30,7 @@ def _tuned(dtype: str, n: int) -> tuple:
 
 def kernel_configs():
     """(name, kernel, signature, constexprs[, launch options]) for the configurations worth compiling."""
-    select_block = selection.block_size(torch.device("cuda"))
+    select_block = magnitude_select.DeviceSelector.BLOCK
     merges = [("bf16", 3, sparsify, elect, False) for sparsify, elect in itertools.product((0, 1, 2), (0, 1, 2))]
     merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False), ("bf16", 9, 1, 1, False)]  # 9: past the inverse table
     for dtype, n, sparsify, elect, deltas in merges:

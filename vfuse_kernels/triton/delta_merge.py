@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import host_to_device
-from .magnitude_select import (bracket_pass, load_base, load_delta, magnitude_key, sample_keys,  # noqa: F401
-                               tie_indices)  # (re-exported: the backend's kernel set)
+from .magnitude_select import load_base, load_delta, selector  # noqa: F401 (selector: re-exported)
 from .philox import dare_bits
 
 BLOCK = 1024

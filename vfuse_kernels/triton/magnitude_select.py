@@ -1,4 +1,4 @@
-"""The bracket pass of the exact magnitude selection on the GPU (see ops/magnitude_select.py).
+"""The exact magnitude selection on the GPU (the algorithm: vfuse_kernels/selection.py).
 
 One launch reads base and every tuned tensor once. For model i and its bracket
 [loᵢ, hiᵢ] of magnitude keys, each program of ``block`` elements (1024) stores its counts of
@@ -8,17 +8,20 @@ pairs, no atomics), and appends the inside elements picked by the subsample rate
 program for the slot, a scan over the rows of 8 for the positions). Equal keys at the bracket ends are
 only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch)
 and the tie search (each query's rank-th equal key's flat index: chunk sums of the per-block
-counts, then one program per query).
+counts, then one program per query); ``DeviceSelector`` drives them for selection.py.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import host_to_device
+from ..selection import RUN, SAMPLE_SEED, PassCounts, candidate_index, candidate_keys, sample_size
 
-NUM_WARPS = 4  # at 1024 elements per program (ops.magnitude_select.block_size): 8 per thread
+NUM_WARPS = 4  # at 1024 elements per program (DeviceSelector.BLOCK): 8 per thread
 
 
 @triton.jit
@@ -215,7 +218,9 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
 
 
 def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
-    """ops/magnitude_select.tie_indices in two launches for all queries."""
+    """The flat index of the rank-th (1-based) element whose key is ``key``, of every query (model, key,
+    rank, column) — model indexing ``tuned`` and the per-block ``counts``' second axis — in two
+    launches for all (reference/magnitude_select.tie_index states it)."""
     out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
                            torch.int64, base.device)
@@ -237,3 +242,96 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
         counts, cand, fill, base, tuple(tuned), lo, hi, rate, base.numel(), cap,
         N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, num_warps=NUM_WARPS,
     )
+
+
+class DeviceSelector:
+    """The selection's GPU side (selection.py): torch tensors, the Triton passes above, order
+    statistics by torch's radix sort. Bracket ends stay device scalars until the pass's one
+    synchronisation. Contiguous ``base`` and ``tuned`` of one device."""
+
+    BLOCK = 1024  # elements per block of the bracket pass's counts (< 2^16: 16-bit count fields)
+    SAMPLE_TOP, SAMPLE_SHARE = 1 << 20, 64
+
+    def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
+        self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
+        self.numel, self.device = base.numel(), base.device
+
+    def subset(self, rows: list[int]) -> DeviceSelector:
+        return DeviceSelector(self.base, [self.tuned[i] for i in rows], self.tuned_are_deltas)
+
+    def sample_size(self, numel: int) -> int:
+        """~numel/64 keys, at most 2^20. (H100, 2 × 268M bf16, density 0.3: ties_thresholds 2.02 ms
+        at 2^20, 2.18 at 2^21 — a longer sample sort — and 2.89 at 2^19 — a wider bracket.) The
+        count blocks: 1024 elements (H200, same inputs: the bracket pass 0.634 ms with blocks of
+        1024 and 4 warps, 0.708 with 2048 and 4, 0.668 with 4096 and 4, 1.09 with 4096 and 8;
+        benchmarks/NOTES.md, v0.10)."""
+        return sample_size(numel, self.SAMPLE_TOP, self.SAMPLE_SHARE)
+
+    def sample(self, size: int) -> torch.Tensor:
+        """[N, size] int32 keys of each model's deltas at random aligned runs, in descending order
+        (32-bit keys: a radix sort of half the passes of int64 ones)."""
+        runs = _sample_runs(self.numel, size // RUN, RUN, self.device)
+        return torch.sort(sample_keys(self.base, self.tuned, runs, RUN, self.tuned_are_deltas), dim=-1,
+                          descending=True).values
+
+    @staticmethod
+    def kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool) -> list[torch.Tensor]:
+        """The ranks-th (0-based) largest values, as device scalars (views into a sort)."""
+        if not presorted:
+            values = torch.sort(values, descending=True).values
+        return [values[r] for r in ranks]
+
+    def bracket_pass(self, rows: list[int], los: list, his: list, rates: list[int], cap: int) -> PassCounts:
+        n, device = len(rows), self.device
+        lo, hi = _stack(list(los) + list(his), device).split(n)
+        counts = torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device)
+        cand = torch.empty(n, cap, dtype=torch.int64, device=device)
+        fill = torch.zeros(n, dtype=torch.int64, device=device)
+        bracket_pass(self.base, [self.tuned[i] for i in rows], lo, hi, host_to_device(rates, torch.int64, device), cap,
+                     self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
+        totals = counts.sum(0, dtype=torch.int64)
+        host = torch.cat([totals, fill[:, None], lo[:, None], hi[:, None]], dim=1).tolist()  # the pass's one sync
+        return PassCounts([tuple(r) for r in host], counts, cand)
+
+    def candidate_ranks(self, cand: torch.Tensor, rows: list[int], stored: list[int], ranks: list[int]) -> list:
+        """(key, cutoff) device scalars of the ranks-th (1-based) largest of the first ``stored``
+        candidates of each of ``rows``: one segmented sort and one gather for all rows (the unfilled
+        tails masked to the smallest int64, below every candidate)."""
+        device = self.device
+        rows_t, stored_t, ranks_t = host_to_device([rows, stored, ranks], torch.int64, device)
+        width = max(stored)
+        block = cand[:, :width] if rows == list(range(cand.shape[0])) else cand[rows_t, :width]  # (a view)
+        unfilled = torch.arange(width, device=device) >= stored_t[:, None]
+        ordered = torch.sort(block.masked_fill_(unfilled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
+        packed = ordered.gather(1, (ranks_t - 1)[:, None]).reshape(-1)
+        return list(zip(candidate_keys(packed), candidate_index(packed)))
+
+    def tie_indices(self, rows: list[int], queries: list, counts: torch.Tensor) -> list[torch.Tensor]:
+        return tie_indices(self.base, [self.tuned[i] for i in rows], queries, counts, self.BLOCK,
+                           self.tuned_are_deltas)
+
+    def results(self, values: list) -> torch.Tensor:
+        return _stack(values, self.device)
+
+
+def selector(base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool) -> DeviceSelector:
+    """The selection's handle on one call's contiguous inputs (selection.magnitude_select)."""
+    return DeviceSelector(base, tuned, tuned_are_deltas)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_runs(numel: int, count: int, run: int, device: torch.device) -> torch.Tensor:
+    """``count`` random aligned run indices for a shape (fixed seed), drawn once per shape and
+    device: a checkpoint's tensors share a few shapes, and a call then launches no generator."""
+    gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
+    return torch.randint(0, numel // run, (count,), generator=gen, device=device)
+
+
+def _stack(values: list, device) -> torch.Tensor:
+    """int64 [len(values)] on ``device`` from host ints and device scalars, without a sync: one
+    host copy for the ints and one stack (not a launch per value)."""
+    ints = [v for v in values if not isinstance(v, torch.Tensor)]
+    if len(ints) == len(values):
+        return host_to_device(values, torch.int64, device)
+    host = iter(host_to_device(ints, torch.int64, device) if ints else ())
+    return torch.stack([v.reshape(()) if isinstance(v, torch.Tensor) else next(host) for v in values]).to(torch.int64)

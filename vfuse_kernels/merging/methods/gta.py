@@ -201,55 +201,17 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
     return keep.reshape(delta.shape)
 
 
-def higher_index_cuts(base: torch.Tensor, tuned: list[torch.Tensor], counts: list[int], tuned_are_deltas: bool,
-                      kernels) -> tuple[list[int], list[int]]:
-    """For each (tuned[j], counts[j]): the key K and cutoff C of the counts[j] largest |δ| with
-    equal magnitudes ranked higher at the higher flat index (a stable ascending sort's order) —
-    kept iff key > K or (key == K and e > C) — from the exact selection's K (``magnitude_select``,
-    no sort), one bracket pass counting the keys above and equal to K, and the flat index of the
-    equal key where the kept ones start (``tie_indices``). Any count: ≥ numel keeps all, ≤ 0 none."""
-    from ...ops.magnitude_select import FULL_RATE, MAX_KEY, block_size, tie_indices
-    from ...ops.magnitude_threshold import magnitude_select_op
-
-    numel = base.numel()
-    keys = [-1 if c >= numel else MAX_KEY + 1 for c in counts]
-    cuts = [-1 if c >= numel else numel for c in counts]
-    inner = [j for j, c in enumerate(counts) if 0 < c < numel]
-    if not inner:
-        return keys, cuts
-    picked = [tuned[j] for j in inner]
-    found, _ = magnitude_select_op(base, picked, [counts[j] for j in inner], tuned_are_deltas)
-    found = found.tolist()
-    block = block_size(base.device)
-    tally = torch.empty(-(-numel // block), len(inner), 4, dtype=torch.int32)
-    at = torch.tensor(found, dtype=torch.int64)  # lo = hi = K: counts of key > K and key == K per block
-    kernels.bracket_pass(base, picked, at, at, torch.full((len(inner),), FULL_RATE), 1, block, tuned_are_deltas, tally,
-                         torch.empty(len(inner), 1, dtype=torch.int64), torch.zeros(len(inner), dtype=torch.int64))
-    totals = tally.sum(0, dtype=torch.int64).tolist()
-    queries = []
-    for row, (j, key) in enumerate(zip(inner, found)):
-        above, equal = totals[row][0], totals[row][1]
-        keys[j] = key
-        skipped = equal - (counts[j] - above)  # equal keys left out: the lowest indices
-        if skipped > 0:
-            queries.append((row, key, skipped, 1))
-        else:
-            cuts[j] = -1
-    for (row, _, _, _), index in zip(queries, tie_indices(base, picked, queries, tally, block, tuned_are_deltas)):
-        cuts[inner[row]] = int(index)
-    return keys, cuts
-
-
 def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
                       gammas: list[float], *, consensus: bool, normalize: bool, scale: float, rescale: bool,
                       tuned_are_deltas: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU: per model the
-    two magnitude cuts (``higher_index_cuts``: the min(n, k + int(γn)) largest and that minus k),
+    two magnitude cuts (``selection.higher_index_cuts``: the min(n, k + int(γn)) largest and that minus k),
     then one merge pass keeping the band between them (``_cpp_kernels.BAND``) — no fp32 task
     vectors, no masks: the stacked path's masks and bits (with the L1 rescale within fp32
     rounding: its sums are fp64 here). None where it does not apply (not the CPU, a normalised
     non-consensus combine): the caller stacks."""
     from ...ops import _cpp_kernels
+    from ...selection import higher_index_cuts
 
     if cpp_kernels_for([base, *tuned]) is None or not (consensus or not normalize):
         return None
@@ -261,7 +223,7 @@ def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: li
         top = min(n, k + int(gamma * n))
         wide.append(n if density >= 1 else top)
         narrow.append(0 if density >= 1 else top - k)
-    keys, cuts = higher_index_cuts(base, tuned + tuned, wide + narrow, tuned_are_deltas, _cpp_kernels)
+    keys, cuts = higher_index_cuts(_cpp_kernels.selector(base, tuned + tuned, tuned_are_deltas), wide + narrow)
     band = torch.tensor(keys), torch.tensor(cuts)
     coefs = [float(w) for w in weights]
     if rescale:

@@ -1,0 +1,300 @@
+"""Exact per-model magnitude top-k: the TIES trim, and any other "keep the k largest |δ|" cut.
+
+For model i and kᵢ ∈ [1, numel) the selection returns the magnitude key Kᵢ (the fp32 bits of
+the kᵢ-th largest |δᵢ|) and the cutoff Cᵢ, the last flat index kept among the elements whose
+key equals Kᵢ: element e is kept iff ``key(e) > Kᵢ or (key(e) == Kᵢ and e <= Cᵢ)`` — exactly
+kᵢ elements, ties going to the lower flat index. The same tensor may appear several times
+with different k (a top and a bottom cut).
+
+Algorithm, written once here over a *selector* (the device layer's handle on one call's inputs:
+``HostSelector`` below, numpy and the C++ passes without torch; ``triton/magnitude_select.py``'s
+``DeviceSelector``, torch tensors and the Triton passes on the GPU):
+
+1. Sample: S keys per model (runs of 16 contiguous elements at random positions).
+   The kᵢ-th largest lies, with overwhelming probability, between the sample keys at ranks
+   r ± m (r = S·kᵢ/numel, m = 4 binomial standard deviations + 64): the bracket [lo, hi].
+2. One bracket pass reads base and every tuned tensor once: per block (1024 or 2048 elements) the
+   counts of key > hi, key == hi, key == lo and lo < key < hi; the elements strictly inside
+   (about 2m/S of the tensor) are compacted. Equal keys at the bracket ends are counted, never
+   compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
+3. Resolve, with one host synchronisation per pass for all models: K = hi or lo → C is the
+   r-th equal key in flat order, found from the per-block counts and one block; K inside →
+   the candidates ordered by (key desc, index asc) give K and C at rank k.
+4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
+   compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
+   from it resolves — about two more passes; the region shrinks every two passes, so every
+   input finishes.
+
+Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≤ 0.5% of the elements at
+S = 2^20) plus 16 bytes per block. Largest tensor: numel < 2^33 (the packed index).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ._extension import cpu_extension
+
+RUN = 16  # sample run length (contiguous elements: coalesced / cache-friendly gathers)
+Z = 4.0  # bracket half-width in binomial standard deviations
+SLACK = 64  # ... plus this many sample ranks
+MAX_KEY = 0x7FFFFFFF
+FULL_RATE = 1 << 32  # subsample threshold on a 32-bit hash: keep every element
+KEY_BIAS, INDEX_BITS = 1 << 30, 33  # candidate = (key − 2^30) << 33 | (2^33 − 1 − index)
+INDEX_MASK = (1 << INDEX_BITS) - 1
+MAX_NUMEL = 1 << INDEX_BITS
+MAX_PASSES = 64
+SMALL = 1 << 16  # up to this many elements, no sample
+SAMPLE_SEED = 0x5EED
+
+
+def sample_size(numel: int, top: int, share: int) -> int:
+    """Sample keys per model: numel/share, at most ``top``, in whole runs."""
+    return max(RUN, min(top, numel // share) // RUN * RUN)
+
+
+def candidate_keys(cand):
+    """The magnitude keys of packed candidates (numpy or torch int64)."""
+    return (cand >> INDEX_BITS) + KEY_BIAS
+
+
+def candidate_index(cand):
+    """The flat indices of packed candidates (numpy or torch int64)."""
+    return INDEX_MASK - (cand & INDEX_MASK)
+
+
+class PassCounts(NamedTuple):
+    """What a bracket pass found: ``host`` holds per model (gt, eq_hi, eq_lo, inside, stored,
+    lo, hi) as ints (keys > hi, == hi, == lo, strictly inside, candidates stored, the bracket);
+    ``counts`` [blocks, N, 4] int32 and ``cand`` [N, cap] int64 stay where the pass wrote them."""
+
+    host: list
+    counts: object
+    cand: object
+
+
+class _Model:
+    """One model's search state: the key region [low, high] known to hold K, with exact counts."""
+
+    def __init__(self, k: int, numel: int):
+        self.k, self.numel = k, numel
+        self.low, self.high = 0, MAX_KEY
+        self.above = self.below = 0  # keys > high, keys < low
+        self.sample = None  # keys of a uniform sample of the region, when known
+        self.sorted = False  # ... in descending order
+        self.result = None  # (key, cutoff): ints or device scalars
+
+    @property
+    def population(self) -> int:
+        return self.numel - self.above - self.below
+
+
+def _bracket(model: _Model, selector) -> tuple:
+    """(lo, hi, expected share of the region strictly inside) around the target rank, from the
+    model's sample; lo and hi are the selector's scalars, or ints where the margin passes the
+    sample's end."""
+    sample = model.sample
+    size = len(sample)
+    p = (model.k - model.above) / model.population
+    rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
+    hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    inner = [r for r in (hi_rank, lo_rank) if 0 <= r < size]
+    found = iter(selector.kth_largest(sample, inner, model.sorted))
+    hi = next(found) if hi_rank >= 0 else model.high + 1
+    lo = next(found) if lo_rank < size else model.low - 1
+    return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
+
+
+def _capacity(share: float, population: int) -> int:
+    """Candidate slots per model for a pass expected to compact ``share`` of ``population`` keys."""
+    return min(population, int(1.25 * share * population) + 8192)
+
+
+def magnitude_select(selector, ks: list[int]) -> tuple:
+    """(keys, cutoffs) of the top-kᵢ |δᵢ| of each of the selector's models, as
+    ``selector.results`` gives them (1 <= kᵢ < numel < 2^33)."""
+    numel = selector.numel
+    if numel >= MAX_NUMEL:
+        raise ValueError(f"magnitude selection supports tensors under 2^{INDEX_BITS} elements, got {numel}")
+    models = [_Model(k, numel) for k in ks]
+    size = selector.sample_size(numel)
+    if numel > SMALL:  # small tensors: the first pass compacts every element
+        for model, row in zip(models, selector.sample(size)):
+            model.sample, model.sorted = row, True
+    for _ in range(MAX_PASSES):
+        pending = [i for i, m in enumerate(models) if m.result is None]
+        if not pending:
+            break
+        _run_pass(selector, pending, [models[i] for i in pending], size)
+    else:  # pragma: no cover - the region shrinks every two passes
+        raise RuntimeError("magnitude_select did not converge")
+    return selector.results([m.result[0] for m in models]), selector.results([m.result[1] for m in models])
+
+
+def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -> None:
+    """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
+    resolution of every model whose K it pins down."""
+    numel = selector.numel
+    los, his, rates, caps = [], [], [], []
+    for m in models:
+        if m.sample is not None:  # bracket around the target from a sample of the region
+            lo, hi, share = _bracket(m, selector)
+            rate = FULL_RATE
+        else:  # collect a uniform subsample of the region (all of it when small)
+            lo, hi = m.low - 1, m.high + 1
+            share = 1.0 if m.population <= max(subsample, SMALL) else subsample / m.population
+            rate = min(FULL_RATE, math.ceil(share * FULL_RATE))
+        los.append(lo)
+        his.append(hi)
+        rates.append(rate)
+        caps.append(_capacity(share, m.population))
+    cap = max(caps)
+    found = selector.bracket_pass(rows, los, his, rates, cap)
+    ties = []  # (pass row, key, rank, column) of the models whose K is a bracket end
+    inner = []  # (pass row, candidates stored, rank among them) of the models whose K is inside
+    for j, (m, (gt, eq_hi, eq_lo, inside, stored, lo, hi)) in enumerate(zip(models, found.host)):
+        if lo == hi:
+            eq_lo = inside = 0
+        k = m.k
+        m.sample, m.sorted = None, False
+        if k <= gt:  # K above the bracket
+            m.below, m.low = numel - gt, hi + 1
+        elif k <= gt + eq_hi:
+            ties.append((j, hi, k - gt, 1))
+        elif k <= gt + eq_hi + inside:
+            if stored == inside and stored <= cap:
+                inner.append((j, stored, k - gt - eq_hi))
+            else:
+                m.above, m.below, m.low, m.high = gt + eq_hi, numel - gt - eq_hi - inside, lo + 1, hi - 1
+                if rates[j] < FULL_RATE:  # a uniform subsample of the new region
+                    m.sample = candidate_keys(found.cand[j, :min(stored, cap)])
+        elif k <= gt + eq_hi + inside + eq_lo:
+            ties.append((j, lo, k - gt - eq_hi - inside, 2))
+        else:  # K below the bracket
+            m.above, m.high = gt + eq_hi + inside + eq_lo, lo - 1
+    if inner:
+        at, stored, ranks = (list(x) for x in zip(*inner))
+        for j, result in zip(at, selector.candidate_ranks(found.cand, at, stored, ranks)):
+            models[j].result = result
+    if ties:
+        for (j, key, _, _), cutoff in zip(ties, selector.tie_indices(rows, ties, found.counts)):
+            models[j].result = key, cutoff
+
+
+def higher_index_cuts(selector, counts: list[int]) -> tuple[list[int], list[int]]:
+    """For each of the selector's models j and counts[j]: the key K and cutoff C of the counts[j]
+    largest |δ| with equal magnitudes ranked higher at the higher flat index (a stable ascending
+    sort's order) — kept iff key > K or (key == K and e > C) — from the exact selection's K (no
+    sort), one bracket pass counting the keys above and equal to K, and the flat index of the
+    equal key where the kept ones start. Any count: ≥ numel keeps all, ≤ 0 none."""
+    numel = selector.numel
+    keys = [-1 if c >= numel else MAX_KEY + 1 for c in counts]
+    cuts = [-1 if c >= numel else numel for c in counts]
+    inner = [j for j, c in enumerate(counts) if 0 < c < numel]
+    if not inner:
+        return keys, cuts
+    found = magnitude_select(selector.subset(inner), [counts[j] for j in inner])[0].tolist()
+    tally = selector.bracket_pass(inner, found, found, [FULL_RATE] * len(inner), 1)  # key > K, key == K
+    queries = []
+    for row, (j, key, (above, equal, *_)) in enumerate(zip(inner, found, tally.host)):
+        keys[j] = key
+        skipped = equal - (counts[j] - above)  # equal keys left out: the lowest indices
+        if skipped > 0:
+            queries.append((row, key, skipped, 1))
+        else:
+            cuts[j] = -1
+    for (row, _, _, _), index in zip(queries, selector.tie_indices(inner, queries, tally.counts)):
+        cuts[inner[row]] = int(index)
+    return keys, cuts
+
+
+class HostSelector:
+    """The selection's CPU side, without torch: numpy for the order statistics, the C++ passes
+    (csrc/cpu/magnitude_select.cpp) on raw addresses. ``tuned`` and ``codes``: the tuned
+    tensors' addresses and storage dtype codes (csrc/cpu/common.h); every tensor holds
+    ``numel`` contiguous elements."""
+
+    BLOCK = 2048  # elements per block of the bracket pass's counts (< 2^16: 16-bit count fields)
+    SAMPLE_TOP, SAMPLE_SHARE = 1 << 18, 128
+
+    def __init__(self, base: int, base_code: int, tuned: list[int], codes: list[int], numel: int,
+                 tuned_are_deltas: bool):
+        self.base, self.base_code, self.tuned, self.codes = base, base_code, list(tuned), list(codes)
+        self.numel, self.tuned_are_deltas = numel, tuned_are_deltas
+        self.ext = cpu_extension()
+
+    def subset(self, rows: list[int]) -> HostSelector:
+        return HostSelector(self.base, self.base_code, [self.tuned[i] for i in rows], [self.codes[i] for i in rows],
+                            self.numel, self.tuned_are_deltas)
+
+    def sample_size(self, numel: int) -> int:
+        """~numel/128 keys, at most 2^18 (a 2-vCPU Xeon: the sort of 2^18 keys 0.56 ms)."""
+        return sample_size(numel, self.SAMPLE_TOP, self.SAMPLE_SHARE)
+
+    def sample(self, size: int) -> np.ndarray:
+        """[N, size] int32 keys of each model's deltas at ``size / RUN`` random aligned runs (a fixed
+        seed per shape), in descending order (numpy's vectorised sort)."""
+        runs = _sample_runs(self.numel, size // RUN, RUN)
+        keys = np.empty((len(self.tuned), runs.size * RUN), dtype=np.int32)
+        self.ext.sample_keys(self.base, self.base_code, self.tuned, self.codes, self.numel, self.tuned_are_deltas,
+                             runs.ctypes.data, runs.size, RUN, keys.ctypes.data)
+        return np.ascontiguousarray(np.sort(keys, axis=-1)[:, ::-1])
+
+    @staticmethod
+    def kth_largest(values: np.ndarray, ranks: list[int], presorted: bool) -> list[int]:
+        """The ranks-th (0-based) largest values: read off where ``presorted`` (descending), else an
+        introselect per rank (``numpy.partition``: several ranks in one call took 22× one rank's
+        time on 2^18 keys)."""
+        if presorted:
+            return [int(values[r]) for r in ranks]
+        return [int(np.partition(values, values.size - 1 - r)[values.size - 1 - r]) for r in ranks]
+
+    def bracket_pass(self, rows: list[int], los: list, his: list, rates: list[int], cap: int) -> PassCounts:
+        n = len(rows)
+        counts = np.empty((-(-self.numel // self.BLOCK), n, 4), dtype=np.int32)
+        cand, fill = np.empty((n, cap), dtype=np.int64), np.zeros(n, dtype=np.int64)
+        los, his = [int(v) for v in los], [int(v) for v in his]
+        self.ext.bracket_pass(self.base, self.base_code, [self.tuned[i] for i in rows], [self.codes[i] for i in rows],
+                              self.numel, self.tuned_are_deltas, los, his, rates, cap, self.BLOCK,
+                              counts.ctypes.data, cand.ctypes.data, fill.ctypes.data)
+        totals = counts.sum(0, dtype=np.int64).tolist()
+        host = [(*t, int(f), lo, hi) for t, f, lo, hi in zip(totals, fill, los, his)]
+        return PassCounts(host, counts, cand)
+
+    def candidate_ranks(self, cand: np.ndarray, rows: list[int], stored: list[int], ranks: list[int]) -> list:
+        """(key, cutoff) of the ranks-th (1-based) largest of the first ``stored`` candidates of
+        each of ``rows``: one introselect per row."""
+        packed = [self.kth_largest(cand[i, :n], [r - 1], False)[0] for i, n, r in zip(rows, stored, ranks)]
+        return [(candidate_keys(p), candidate_index(p)) for p in packed]
+
+    def tie_indices(self, rows: list[int], queries: list, counts: np.ndarray) -> list[int]:
+        """Flat index of the rank-th (1-based) element with key ``key`` of each query (pass row,
+        key, rank, column): the block from the running per-block counts of that row and column,
+        the element from one C++ scan of that block."""
+        found = []
+        for j, key, rank, column in queries:
+            running = np.cumsum(counts[:, j, column], dtype=np.int64)
+            block = int(np.searchsorted(running, rank))
+            before = int(running[block - 1]) if block else 0
+            start = block * self.BLOCK
+            i = rows[j]
+            found.append(self.ext.tie_index(self.base, self.base_code, self.tuned[i], self.codes[i], self.numel,
+                                            self.tuned_are_deltas, start, min(self.numel, start + self.BLOCK),
+                                            int(key), rank - before))
+        return found
+
+    @staticmethod
+    def results(values: list) -> np.ndarray:
+        return np.array([int(v) for v in values], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_runs(numel: int, count: int, run: int) -> np.ndarray:
+    """``count`` random aligned run indices for a shape (fixed seed), drawn once per shape: a
+    checkpoint's tensors share a few shapes."""
+    runs = np.random.default_rng(SAMPLE_SEED).integers(0, numel // run, count, dtype=np.int64)
+    runs.flags.writeable = False
+    return runs
