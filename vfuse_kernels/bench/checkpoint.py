@@ -35,6 +35,8 @@ HEADERS = {  # method → (YAML without models, the model line for a fine-tune; 
     "ties": ("merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\n",
              "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5}}}}"),
     "task_arithmetic": ("merge_method: task_arithmetic\nbase_model: {base}\n", "  - {{model: {t}, parameters: {{weight: 0.5}}}}"),
+    "dare_ties": ("merge_method: dare_ties\nbase_model: {base}\n",
+                  "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5}}}}"),
     "breadcrumbs_ties": ("merge_method: breadcrumbs_ties\nbase_model: {base}\n",
                          "  - {{model: {t}, parameters: {{weight: {w:.4f}, density: 0.5, gamma: 0.01}}}}"),
     "breadcrumbs": ("merge_method: breadcrumbs\nbase_model: {base}\n",
