@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -241,21 +242,27 @@ class HostSelector:
         keys = np.empty((len(self.tuned), runs.size * RUN), dtype=np.int32)
         self.ext.sample_keys(self.base, self.base_code, self.tuned, self.codes, self.numel, self.tuned_are_deltas,
                              runs.ctypes.data, runs.size, RUN, keys.ctypes.data)
-        return np.ascontiguousarray(np.sort(keys, axis=-1)[:, ::-1])
+        keys.sort(axis=-1)
+        return keys[:, ::-1]
 
     @staticmethod
     def kth_largest(values: np.ndarray, ranks: list[int], presorted: bool) -> list[int]:
         """The ranks-th (0-based) largest values: read off where ``presorted`` (descending), else an
-        introselect per rank (``numpy.partition``: several ranks in one call took 22× one rank's
-        time on 2^18 keys)."""
+        introselect per rank in place (``ndarray.partition``, which reorders ``values``: several
+        ranks in one call took 22× one rank's time on 2^18 keys)."""
         if presorted:
             return [int(values[r]) for r in ranks]
-        return [int(np.partition(values, values.size - 1 - r)[values.size - 1 - r]) for r in ranks]
+        found = []
+        for r in ranks:
+            values.partition(values.size - 1 - r)
+            found.append(int(values[values.size - 1 - r]))
+        return found
 
     def bracket_pass(self, rows: list[int], los: list, his: list, rates: list[int], cap: int) -> PassCounts:
+        """The C++ pass into this thread's scratch arrays (valid until its next pass)."""
         n = len(rows)
-        counts = np.empty((-(-self.numel // self.BLOCK), n, 4), dtype=np.int32)
-        cand, fill = np.empty((n, cap), dtype=np.int64), np.zeros(n, dtype=np.int64)
+        counts = _scratch("counts", (-(-self.numel // self.BLOCK), n, 4), np.int32)
+        cand, fill = _scratch("cand", (n, cap), np.int64), np.zeros(n, dtype=np.int64)
         los, his = [int(v) for v in los], [int(v) for v in his]
         self.ext.bracket_pass(self.base, self.base_code, [self.tuned[i] for i in rows], [self.codes[i] for i in rows],
                               self.numel, self.tuned_are_deltas, los, his, rates, cap, self.BLOCK,
@@ -266,7 +273,7 @@ class HostSelector:
 
     def candidate_ranks(self, cand: np.ndarray, rows: list[int], stored: list[int], ranks: list[int]) -> list:
         """(key, cutoff) of the ranks-th (1-based) largest of the first ``stored`` candidates of
-        each of ``rows``: one introselect per row."""
+        each of ``rows``: one introselect per row, in place."""
         packed = [self.kth_largest(cand[i, :n], [r - 1], False)[0] for i, n, r in zip(rows, stored, ranks)]
         return [(candidate_keys(p), candidate_index(p)) for p in packed]
 
@@ -289,6 +296,22 @@ class HostSelector:
     @staticmethod
     def results(values: list) -> np.ndarray:
         return np.array([int(v) for v in values], dtype=np.int64)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised array of ``shape`` over this thread's grow-only buffer ``name``: a
+    checkpoint's hundreds of selections reuse its pages, where fresh arrays took a page fault
+    per 4 KiB written (a third of a 4M-element selection on a 2-vCPU Xeon). It holds the
+    largest pass's candidates and counts (≤ ~1% of that tensor's inputs)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,7 +3,7 @@
 // vfuse_kernels/triton/magnitude_select.py). One pass over base and every tuned tensor:
 // per block of `block` elements and model, the counts of key > hi, key == hi, key == lo
 // and lo < key < hi, and the inside elements whose index hash is below the model's rate,
-// packed as (key − 2^30) << 33 | (2^33 − 1 − index).
+// packed as (key − 2^30) << 33 | (2^33 − 1 − index), in flat order.
 //
 // Counting is one vectorised loop per chunk: with one storage dtype and 1–4 models (the
 // common case) every value is converted, subtracted and compared in registers; otherwise
@@ -211,6 +211,70 @@ void count_avx512_n(const DeltaInputs& in, int64_t start, int64_t len, const Bra
   }
 }
 
+// (key − 2^30) << 33 | (last − local) of 8 keys and local indices (last = 2^33 − 1 − the chunk's start).
+VFUSE_AVX512 VFUSE_INLINE __m512i pack8(__m256i keys, __m256i local, __m512i last) {
+  const __m512i key = _mm512_slli_epi64(_mm512_sub_epi64(_mm512_cvtepu32_epi64(keys), _mm512_set1_epi64(1 << 30)), 33);
+  return _mm512_or_si512(key, _mm512_sub_epi64(last, _mm512_cvtepu32_epi64(local)));
+}
+
+// The packed candidates (key − 2^30) << 33 | (2^33 − 1 − e) of the lanes `inside` of 16 keys whose
+// flat indices are start + local, written to dst (room for 16); returns how many.
+VFUSE_AVX512 VFUSE_INLINE int pack16(__m512i keys, __m512i local, __mmask16 inside, int64_t start, int64_t* dst) {
+  const __m512i k = _mm512_maskz_compress_epi32(inside, keys), e = _mm512_maskz_compress_epi32(inside, local);
+  const __m512i last = _mm512_set1_epi64((int64_t(1) << 33) - 1 - start);
+  const int count = __builtin_popcount(inside);
+  _mm512_storeu_si512(dst, pack8(_mm512_castsi512_si256(k), _mm512_castsi512_si256(e), last));
+  if (count > 8) _mm512_storeu_si512(dst + 8, pack8(_mm512_extracti64x4_epi64(k, 1), _mm512_extracti64x4_epi64(e, 1), last));
+  return count;
+}
+
+// Writes model i's inside elements of chunk [start, start + len) as packed candidates to dst (room for
+// their number + 16), from count_avx512's inside masks: each 16-lane group with an inside bit has its
+// keys recomputed (the counting loop's conversion and subtraction) and compressed. Returns the number.
+template <bool kBf16, bool kDeltas>
+VFUSE_AVX512 int64_t pick_avx512(const DeltaInputs& in, int i, int64_t start, int64_t len, const uint16_t* masks,
+                                 int64_t* dst) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
+  int64_t written = 0;
+  const int64_t groups = kBf16 ? 2 * ((len + 31) / 32) : (len + 15) / 16;  // <= 32
+  const __m512i all = _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << groups) - 1), masks);
+  // the groups holding an inside lane, visited by their bits (a branch per group mispredicts at ~2% inside)
+  for (uint32_t holding = _mm512_test_epi16_mask(all, all); holding; holding &= holding - 1) {
+    const int64_t q = __builtin_ctz(holding);
+    const __mmask16 inside = masks[q];
+    __m512 delta;
+    __m512i local;
+    if constexpr (kBf16) {  // mask q: the even (q even) or odd lanes of elements 32(q / 2) ..
+      const int64_t j = 32 * (q / 2), rest = std::min<int64_t>(len - j, 32);
+      const __mmask32 loaded = rest == 32 ? ~__mmask32(0) : (__mmask32(1) << rest) - 1;
+      const __m512i t = _mm512_maskz_loadu_epi16(loaded, static_cast<const uint16_t*>(in.tuned[i]) + start + j);
+      const __m512i b = kDeltas ? _mm512_setzero_si512()
+                                : _mm512_maskz_loadu_epi16(loaded, static_cast<const uint16_t*>(in.base) + start + j);
+      delta = q % 2 ? bf16_odd(t) : bf16_even(t);
+      if (!kDeltas) delta = _mm512_sub_ps(delta, q % 2 ? bf16_odd(b) : bf16_even(b));
+      local = _mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(int32_t(j + q % 2)));
+    } else {
+      const int64_t j = 16 * q, rest = std::min<int64_t>(len - j, 16);
+      const __mmask16 valid = rest == 16 ? __mmask16(0xffff) : __mmask16((1u << rest) - 1);
+      delta = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.tuned[i]) + start + j);
+      if (!kDeltas) delta = _mm512_sub_ps(delta, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.base) + start + j));
+      local = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j)));
+    }
+    written += pack16(_mm512_and_si512(_mm512_castps_si512(delta), sign_off), local, inside, start, dst + written);
+  }
+  return written;
+}
+
+int64_t pick_chunk_avx512(const DeltaInputs& in, int i, int64_t start, int64_t len, const uint16_t* masks,
+                          int64_t* dst) {
+  if (in.base_dtype == kBFloat16)
+    return in.tuned_are_deltas ? pick_avx512<true, true>(in, i, start, len, masks, dst)
+                               : pick_avx512<true, false>(in, i, start, len, masks, dst);
+  return in.tuned_are_deltas ? pick_avx512<false, true>(in, i, start, len, masks, dst)
+                             : pick_avx512<false, false>(in, i, start, len, masks, dst);
+}
+
 void count_chunk_avx512(const DeltaInputs& in, int64_t start, int64_t len, const Bracket* br, int64_t* c,
                         uint16_t* masks) {
   const bool bf16 = in.base_dtype == kBFloat16;
@@ -222,6 +286,7 @@ void count_chunk_avx512(const DeltaInputs& in, int64_t start, int64_t len, const
 }
 #else
 void count_chunk_avx512(const DeltaInputs&, int64_t, int64_t, const Bracket*, int64_t*, uint16_t*) {}
+int64_t pick_chunk_avx512(const DeltaInputs&, int, int64_t, int64_t, const uint16_t*, int64_t*) { return 0; }
 #endif
 
 // Model i's key of flat element e (bf16 or fp32 storage), as the counting loops compute it.
@@ -303,12 +368,17 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
   const bool fused = one_dtype(in), avx512 = fused && avx512_loops_for(in.base_dtype);
   std::vector<Bracket> br(n);
   for (int i = 0; i < n; ++i) br[i] = Bracket(lo[i], hi[i]);
-  std::vector<std::vector<std::vector<int64_t>>> picked(threads, std::vector<std::vector<int64_t>>(n));
+  std::vector<int64_t> totals(size_t(threads) * n);  // candidates found by each thread, per model
 #pragma omp parallel num_threads(threads)
   {
-    auto& mine = picked[omp_get_thread_num()];
+    // this thread's candidates per model, in flat order (static schedule: its blocks are one range);
+    // the vectors keep their capacity between calls, so a checkpoint's selections fault no fresh pages
+    static thread_local std::vector<std::vector<int64_t>> kept;
+    const int tid = omp_get_thread_num();
+    if (kept.size() < size_t(n)) kept.resize(n);
+    for (int i = 0; i < n; ++i) kept[i].clear();
     ChunkScratch s(n);
-    std::vector<int64_t> c(size_t(n) * 4), inside_before(n);
+    std::vector<int64_t> c(size_t(n) * 4), inside_before(n), picked(kChunk + 16);
     std::vector<uint8_t> flags(size_t(n) * kChunk + 8, 0);
     std::vector<uint32_t> keys(size_t(n) * kChunk);
     std::vector<uint16_t> masks(size_t(n) * (kChunk / 16));
@@ -327,15 +397,18 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
           count_chunk_staged(in, start, len, br.data(), c.data(), keys.data(), flags.data(), s);
         for (int i = 0; i < n; ++i) {  // rare: the elements strictly inside the bracket
           if (c[4 * i + 3] == inside_before[i]) continue;
+          int64_t got = 0;  // the chunk's picks, packed into `picked`, then appended to the model's candidates
           auto pick = [&](int64_t local, uint32_t key) {
             const int64_t e = start + local;
             if (rate[i] > 0xffffffffLL || int64_t(subsample_hash(e)) < rate[i])  // rate 2^32: every element
-              mine[i].push_back(((int64_t(key) - (int64_t(1) << 30)) << 33) | ((int64_t(1) << 33) - 1 - e));
+              picked[got++] = ((int64_t(key) - (int64_t(1) << 30)) << 33) | ((int64_t(1) << 33) - 1 - e);
           };
-          if (avx512) {  // 16-bit masks (count_avx512's order), four per word; the keys recomputed
+          uint16_t* m = masks.data() + size_t(i) * (kChunk / 16);
+          if (avx512 && rate[i] > 0xffffffffLL) {  // every inside element: compressed 16 lanes at a time
+            got = pick_chunk_avx512(in, i, start, len, m, picked.data());
+          } else if (avx512) {  // 16-bit masks (count_avx512's order), four per word; the keys recomputed
             const bool pairs = in.base_dtype == kBFloat16;
             const int64_t written = pairs ? 2 * ((len + 31) / 32) : (len + 15) / 16;
-            uint16_t* m = masks.data() + size_t(i) * (kChunk / 16);
             std::fill(m + written, m + ((written + 3) & ~int64_t(3)), 0);
             for (int64_t w = 0; w < written; w += 4) {
               uint64_t bits;
@@ -347,34 +420,36 @@ void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, c
                 pick(local, key_at(in, i, start + local));
               }
             }
-            continue;
-          }
-          uint8_t* f = flags.data() + size_t(i) * kChunk;
-          const uint32_t* k = keys.data() + size_t(i) * kChunk;
-          std::fill(f + len, f + ((len + 7) & ~int64_t(7)), 0);
-          for (int64_t j = 0; j < len; j += 8) {  // 8 flags at a time
-            uint64_t word;
-            std::memcpy(&word, f + j, 8);
-            for (; word; word &= word - 1) {
-              const int64_t local = j + (__builtin_ctzll(word) >> 3);
-              pick(local, k[local]);
+          } else {
+            uint8_t* f = flags.data() + size_t(i) * kChunk;
+            const uint32_t* k = keys.data() + size_t(i) * kChunk;
+            std::fill(f + len, f + ((len + 7) & ~int64_t(7)), 0);
+            for (int64_t j = 0; j < len; j += 8) {  // 8 flags at a time
+              uint64_t word;
+              std::memcpy(&word, f + j, 8);
+              for (; word; word &= word - 1) {
+                const int64_t local = j + (__builtin_ctzll(word) >> 3);
+                pick(local, k[local]);
+              }
             }
           }
+          kept[i].insert(kept[i].end(), picked.data(), picked.data() + got);
         }
       }
       for (int i = 0; i < n; ++i)
         for (int f = 0; f < 4; ++f) counts[(blk * n + i) * 4 + f] = int32_t(c[4 * i + f]);
     }
-  }
-  for (int i = 0; i < n; ++i) {
-    int64_t total = 0;
-    for (auto& t : picked) {
-      const int64_t room = std::max<int64_t>(0, std::min<int64_t>(int64_t(t[i].size()), cap - total));
-      if (room) std::memcpy(cand + i * cap + total, t[i].data(), size_t(room) * sizeof(int64_t));
-      total += int64_t(t[i].size());
+    for (int i = 0; i < n; ++i) totals[size_t(tid) * n + i] = int64_t(kept[i].size());
+#pragma omp barrier
+    for (int i = 0; i < n; ++i) {  // into cand in thread order: flat order, the first cap of them
+      int64_t at = 0;
+      for (int t = 0; t < tid; ++t) at += totals[size_t(t) * n + i];
+      const int64_t room = std::max<int64_t>(0, std::min(int64_t(kept[i].size()), cap - at));
+      if (room) std::memcpy(cand + i * cap + at, kept[i].data(), size_t(room) * sizeof(int64_t));
     }
-    fill[i] += total;
   }
+  for (int i = 0; i < n; ++i)
+    for (int t = 0; t < threads; ++t) fill[i] += totals[size_t(t) * n + i];
 }
 
 }  // namespace vfuse
