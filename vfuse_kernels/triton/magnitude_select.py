@@ -290,8 +290,9 @@ class DeviceSelector:
         bracket_pass(self.base, [self.tuned[i] for i in rows], lo, hi, host_to_device(rates, torch.int64, device), cap,
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
         totals = counts.sum(0, dtype=torch.int64)
-        host = torch.cat([totals, fill[:, None], lo[:, None], hi[:, None]], dim=1).tolist()  # the pass's one sync
-        return PassCounts([tuple(r) for r in host], counts, cand)
+        host = torch.cat([totals.reshape(-1), fill, lo, hi]).tolist()  # the pass's one synchronisation
+        rows = [(*host[4 * j: 4 * j + 4], host[4 * n + j], host[5 * n + j], host[6 * n + j]) for j in range(n)]
+        return PassCounts(rows, counts, cand)
 
     def candidate_ranks(self, cand: torch.Tensor, rows: list[int], stored: list[int], ranks: list[int]) -> list:
         """(key, cutoff) device scalars of the ranks-th (1-based) largest of the first ``stored``
