@@ -720,6 +720,15 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
                   "  - {model: FT1, parameters: {weight: 0.4, density: 0.2}}\n", torch.float32, "all"),
     "dare_linear-no_rescale": ("base_model: BASE\nparameters: {rescale: false}\nmodels:\n"
                                "  - {model: FT0, parameters: {weight: 0.7, density: 0.5}}\n", torch.bfloat16, "all"),
+    "breadcrumbs": ("base_model: BASE\nmodels:\n  - {model: FT0, parameters: {weight: 0.7, density: 0.4, gamma: 0.05}}\n"
+                    "  - {model: FT1, parameters: {weight: 0.4, density: 0.9, gamma: 0.02}}\n", torch.bfloat16, "all"),
+    "breadcrumbs_ties-l1-to-fp32": ("base_model: BASE\nparameters: {rescale: true, lambda: 0.9}\nmodels:\n"
+                                    "  - {model: FT0, parameters: {weight: 0.7, density: 1.0, gamma: 0.1}}\n"
+                                    "  - {model: FT1, parameters: {weight: 0.4, density: 0.3}}\nout_dtype: float32\n",
+                                    torch.float16, "all"),
+    "breadcrumbs-normalized": ("base_model: BASE\nparameters: {normalize: true}\nmodels:\n"
+                               "  - {model: FT0, parameters: {weight: 0.7, density: 0.4}}\n", torch.bfloat16,
+                               "none"),  # a normalised sum without consensus: gta's torch combine
     "nearswap": ("base_model: BASE\nparameters: {t: 0.002}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n"
                  "out_dtype: float16\n", torch.bfloat16, "all"),
     "slerp": ("base_model: BASE\nparameters: {t: [0, 0.3, 1]}\nmodels:\n  - {model: BASE}\n  - {model: FT0}\n",
@@ -745,8 +754,8 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
 
 @pytest.mark.parametrize("case", NATIVE_CASES)
 def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, case):
-    """Task arithmetic, linear, TIES, DARE and the C++-backed per-tensor methods run on the CPU
-    on the files' pages without torch (merging/native.py); the torch route (the ops on views of the
+    """Task arithmetic, linear, TIES, DARE, breadcrumbs and the C++-backed per-tensor methods run
+    on the CPU on the files' pages without torch (merging/native.py); the torch route (the ops on views of the
     same memory) writes the same bits, with dtype conversions on the way out too; what the
     native route does not take (a rounding the op does differently, per-vector work, a case
     the op sends to torch ops) goes through torch."""

@@ -28,20 +28,20 @@ def test_help_imports_no_torch():
 
 def test_merge_imports_what_its_method_needs(tmp_path):
     """Task arithmetic, TIES (its selection included) and Model Stock on the CPU run the C++
-    passes on the files' pages: no torch; breadcrumbs masks through torch ops: torch, but neither
+    passes on the files' pages: no torch; DELLA ranks through torch ops: torch, but neither
     transformers nor triton — and each writes the bytes of a run in this process (torch loaded)."""
     from vfuse_kernels.merging import merge_checkpoints
 
     base, tuned = family(str(tmp_path), llama, n=2)
     models = {"task_arithmetic": "weight: 0.5", "ties": "weight: 0.5, density: 0.5", "model_stock": None,
-              "breadcrumbs": "weight: 0.5, density: 0.5"}
+              "della": "weight: 0.5, density: 0.5"}
     for method, params in models.items():
         listed = "".join(f"  - {{model: {t}" + (f", parameters: {{{params}}}" if params else "") + "}\n" for t in tuned)
         config = write_yaml(str(tmp_path / f"{method}.yml"), f"merge_method: {method}\nbase_model: {base}\n"
                                                              f"models:\n{listed}")
         out = str(tmp_path / f"out-{method}")
         found = imported_after(["merge", config, out, "--quiet"], "torch", "transformers", "triton")
-        assert found == {"torch": method == "breadcrumbs", "transformers": False, "triton": False}
+        assert found == {"torch": method == "della", "transformers": False, "triton": False}
         merge_checkpoints(config, out + "-here", progress=False)
         assert load_tensors(out).keys() == load_tensors(out + "-here").keys()
         assert all(torch.equal(v, load_tensors(out + "-here")[k]) for k, v in load_tensors(out).items())

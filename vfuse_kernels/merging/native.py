@@ -1,8 +1,8 @@
 """The CPU merge without torch. Task arithmetic, linear, TIES and DARE (``ops.delta_merge``'s
-fused methods), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++
+fused methods), Model Breadcrumbs (both), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++
 passes straight from the files' pages into the engine's output buffer, so ``vfuse merge`` on
 the CPU does not import torch for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s
-merge of 0.6B × 3. TIES selects its thresholds through ``selection.HostSelector``.
+merge of 0.6B × 3. TIES and breadcrumbs select through ``selection.HostSelector``.
 
 Each entry here calls the kernels with the arguments the op's C++ path passes them (and the
 same scalar math between passes: ``gram.py``, ``_C.slerp_coefficients``), so the bytes equal
@@ -18,7 +18,7 @@ import math
 
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
-from ..selection import MAX_NUMEL, HostSelector, magnitude_select
+from ..selection import MAX_NUMEL, HostSelector, higher_index_cuts, magnitude_select
 from .checkpoint import TensorInfo, itemsize
 from .output import address
 
@@ -26,7 +26,10 @@ from .output import address
 # define them; task arithmetic and linear differ in the plan's normalize only
 FUSED = {"task_arithmetic": (0, False), "linear": (0, False), "ties": (1, True), "dare_linear": (2, False),
          "dare_ties": (2, True)}
-NATIVE_METHODS = (*FUSED, "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock")  # may skip torch
+BREADCRUMBS = {"breadcrumbs": False, "breadcrumbs_ties": True}  # method → sign consensus (methods/gta.py)
+NATIVE_METHODS = (*FUSED, *BREADCRUMBS, "nearswap", "slerp", "nuslerp", "multislerp", "karcher",
+                  "model_stock")  # may skip torch
+BAND = 4  # the merge kernel's sparsify code of the band between two magnitude cuts (csrc/cpu/delta_merge.h)
 L1_EPS = 1e-7  # reference.delta_merge.L1_EPS: below this L1 norm a delta is not rescaled
 
 
@@ -36,7 +39,9 @@ def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
     backend forced; a per-tensor method's inputs of one dtype, and where its op takes the C++
     path: slerp into its inputs' dtype (the op rounds through it otherwise), nuslerp and
     multislerp with a base (flattened; 2 to 4 models besides it), karcher over 2 to 4 inputs,
-    Model Stock over 2 to 4 models besides the base with whole-tensor rows."""
+    Model Stock over 2 to 4 models besides the base with whole-tensor rows, breadcrumbs with a
+    base and a fused combine (with sign consensus, or not normalised); tensors under 2^33
+    elements for the magnitude selections."""
     dtypes = [task.out_dtype] + [info.dtype for info in infos]
     if (task.copy_from is not None or forced_backend() not in ("", "cpp") or cpu_extension() is None
             or any(d not in KERNEL_DTYPES for d in dtypes)):
@@ -51,6 +56,9 @@ def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
     from .methods.slerp import as_bool
 
     has_base = task.base_index is not None
+    if method in BREADCRUMBS:  # as gta.breadcrumbs_merge takes it: one pass where the combine is fused
+        fused = BREADCRUMBS[method] or not bool(task.shared["normalize"])
+        return inputs == 1 and has_base and len(infos) >= 2 and fused and math.prod(task.shape) < MAX_NUMEL
     if method == "nuslerp":
         return inputs == 1 and has_base and as_bool(task.shared["nuslerp_flatten"])
     if method == "multislerp":
@@ -82,7 +90,9 @@ def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray
         task.shared
     others = [i for i in range(len(ptrs)) if i != task.base_index]
     weights = [as_float(task.params[i]["weight"]) for i in others] if method in ("nuslerp", "multislerp") else None
-    if method == "nearswap":  # the base towards the other model, element by element
+    if method in BREADCRUMBS:
+        _breadcrumbs(ext, task, BREADCRUMBS[method], out, out_code, ptrs[0], code, [ptrs[i] for i in others], numel)
+    elif method == "nearswap":  # the base towards the other model, element by element
         ext.nearswap(address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(shared["t"]))
     elif method == "slerp":  # from the base (t = 0) to the other model
         ca, cb = ext.slerp_coefficients(ext.pair_sums(ptrs[0], ptrs[1], code, numel), as_float(shared["t"]))
@@ -161,3 +171,29 @@ def _keep_thresholds(sparsify: int, selector: HostSelector, densities: list[floa
         for i, key, cutoff in zip(active, *(x.tolist() for x in found)):
             keys[i], cutoffs[i] = key, cutoff
     return keys, cutoffs
+
+
+def _breadcrumbs(ext, task, consensus: bool, out, out_code, base: int, code: int, tuned: list[int], numel: int) -> None:
+    """Model Breadcrumbs as ``gta.breadcrumbs_merge`` runs it on the CPU: per model the
+    min(n, k + int(γn)) and that minus k largest |δ| (``selection.higher_index_cuts``), then one
+    merge pass keeping the band between the two cuts, with the L1 rescale's sums where asked."""
+    others = [i for i in range(len(task.params)) if i != task.base_index]
+    params = [task.params[i] for i in others]
+    weights, shared = [float(p["weight"]) for p in params], task.shared
+    wide, narrow = [], []
+    for p in params:
+        density, gamma = float(p["density"]), float(p["gamma"])
+        k = int(density * numel)
+        top = min(numel, k + int(gamma * numel))
+        wide.append(numel if density >= 1 else top)
+        narrow.append(0 if density >= 1 else top - k)
+    selector = HostSelector(base, code, tuned + tuned, [code] * (2 * len(tuned)), numel, False)
+    keys, cuts = higher_index_cuts(selector, wide + narrow)
+    coefs = list(weights)
+    if bool(shared["rescale"]):
+        sums = ext.sparse_l1(base, code, tuned, [code] * len(tuned), numel, False, BAND, keys, cuts, 0)
+        for i, (before, after) in enumerate(zip(sums[0::2], sums[1::2])):
+            if float(params[i]["density"]) < 1 and before >= L1_EPS and after >= L1_EPS:
+                coefs[i] = weights[i] * (before / after)
+    ext.merge(address(out), out_code, base, code, tuned, [code] * len(tuned), numel, False, BAND, keys, cuts, 0, coefs,
+              weights, 1 if consensus else 0, bool(shared["normalize"]), float(shared["lambda"]))
