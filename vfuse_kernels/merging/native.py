@@ -1,8 +1,9 @@
 """The CPU merge without torch. Task arithmetic, linear, TIES and DARE (``ops.delta_merge``'s
-fused methods), Model Breadcrumbs (both), nearswap, slerp, nuslerp, multislerp, karcher and Model Stock run their C++
-passes straight from the files' pages into the engine's output buffer, so ``vfuse merge`` on
-the CPU does not import torch for them: on the 2-core dev VM the import costs ~1.5 s of a 2.5 s
-merge of 0.6B × 3. TIES and breadcrumbs select through ``selection.HostSelector``.
+fused methods), Model Breadcrumbs (both), nearswap, slerp, nuslerp, multislerp, karcher and
+Model Stock run their C++ passes straight from the files' pages into the engine's output
+buffer, so ``vfuse merge`` on the CPU does not import torch for them: on the 2-core dev VM the
+import costs ~1.5 s of a 2.5 s merge of 0.6B × 3. TIES and breadcrumbs select through
+``selection.HostSelector``.
 
 Each entry here calls the kernels with the arguments the op's C++ path passes them (and the
 same scalar math between passes: ``gram.py``, ``_C.slerp_coefficients``), so the bytes equal
@@ -12,9 +13,9 @@ no extension, mixed input dtypes, row-wise vectors), ``kernel_takes`` says no.
 """
 from __future__ import annotations
 
-import numpy
-
 import math
+
+import numpy
 
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
@@ -145,8 +146,12 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
         return
     base_ptr, base_code = address(base), KERNEL_DTYPES[base_dtype]
     ptrs, codes = [address(t) for t in tuned], [KERNEL_DTYPES[info.dtype] for info in tuned_infos]
-    args = (base_ptr, base_code, ptrs, codes, numel, plan.tuned_are_deltas, sparsify)
-    keep_a, keep_b = _keep_thresholds(sparsify, HostSelector(*args[:-1]), task.densities, numel)
+    inputs = (base_ptr, base_code, ptrs, codes, numel, plan.tuned_are_deltas)
+    args = (*inputs, sparsify)
+    if sparsify == 2:  # DARE: keep thresholds on 32 random bits (reference.philox.dare_keep_threshold)
+        keep_a, keep_b = [int(p * 2**32) for p in task.densities], [0] * len(ptrs)
+    else:
+        keep_a, keep_b = _trim_thresholds(HostSelector(*inputs), task.densities, numel)
     weights = [float(w) for w in task.weights]
     coefs = list(weights)
     if plan.rescale == "l1":  # each sparsified delta keeps its L1 norm: cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ|
@@ -157,12 +162,9 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
               plan.normalize, plan.scale)
 
 
-def _keep_thresholds(sparsify: int, selector: HostSelector, densities: list[float], numel: int) -> tuple[list, list]:
-    """The merge kernel's per-model keep arguments: TIES's (key, cutoff) of the top kᵢ =
-    max(1, int(densityᵢ · numel)) |δᵢ| (everything kept at kᵢ = numel: key 0, cutoff numel − 1),
-    or DARE's thresholds on 32 random bits (``reference.philox.dare_keep_threshold``)."""
-    if sparsify == 2:
-        return [int(p * 2**32) for p in densities], [0] * len(densities)
+def _trim_thresholds(selector: HostSelector, densities: list[float], numel: int) -> tuple[list, list]:
+    """TIES's (keys, cutoffs) (``ties_thresholds``): of the top kᵢ = max(1, int(densityᵢ · numel))
+    |δᵢ| of each model, everything kept at kᵢ = numel (key 0, cutoff numel − 1)."""
     ks = [min(numel, max(1, int(p * numel))) for p in densities]
     keys, cutoffs = [0] * len(ks), [numel - 1] * len(ks)
     active = [i for i, k in enumerate(ks) if k < numel]
@@ -174,26 +176,36 @@ def _keep_thresholds(sparsify: int, selector: HostSelector, densities: list[floa
 
 
 def _breadcrumbs(ext, task, consensus: bool, out, out_code, base: int, code: int, tuned: list[int], numel: int) -> None:
-    """Model Breadcrumbs as ``gta.breadcrumbs_merge`` runs it on the CPU: per model the
-    min(n, k + int(γn)) and that minus k largest |δ| (``selection.higher_index_cuts``), then one
-    merge pass keeping the band between the two cuts, with the L1 rescale's sums where asked."""
     others = [i for i in range(len(task.params)) if i != task.base_index]
-    params = [task.params[i] for i in others]
-    weights, shared = [float(p["weight"]) for p in params], task.shared
+    params, shared = [task.params[i] for i in others], task.shared
+    band_merge(ext, address(out), out_code, base, code, tuned, numel, [float(p["weight"]) for p in params],
+               [float(p["density"]) for p in params], [float(p["gamma"]) for p in params], consensus=consensus,
+               normalize=bool(shared["normalize"]), scale=float(shared["lambda"]), rescale=bool(shared["rescale"]))
+
+
+def band_merge(ext, out: int, out_code: int, base: int, code: int, tuned: list[int], numel: int, weights: list[float],
+               densities: list[float], gammas: list[float], *, consensus: bool, normalize: bool, scale: float,
+               rescale: bool, tuned_are_deltas: bool = False) -> None:
+    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes into the address ``out``
+    (storage code ``out_code``; every input of storage code ``code``): per model the
+    min(n, k + int(γn)) and the min(n, k + int(γn)) − k largest |δ| (k = int(density · n), all at
+    density ≥ 1; ``selection.higher_index_cuts``), then one merge pass keeping the band between the
+    two cuts (``BAND``), with cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ| under the L1 rescale (density < 1 and
+    both sums ≥ L1_EPS; else wᵢ). ``methods/gta.py``'s CPU path for torch tensors, too."""
     wide, narrow = [], []
-    for p in params:
-        density, gamma = float(p["density"]), float(p["gamma"])
+    for density, gamma in zip(densities, gammas):
         k = int(density * numel)
         top = min(numel, k + int(gamma * numel))
         wide.append(numel if density >= 1 else top)
         narrow.append(0 if density >= 1 else top - k)
-    selector = HostSelector(base, code, tuned + tuned, [code] * (2 * len(tuned)), numel, False)
-    keys, cuts = higher_index_cuts(selector, wide + narrow)
+    codes = [code] * len(tuned)
+    keys, cuts = higher_index_cuts(HostSelector(base, code, tuned + tuned, codes + codes, numel, tuned_are_deltas),
+                                   wide + narrow)
     coefs = list(weights)
-    if bool(shared["rescale"]):
-        sums = ext.sparse_l1(base, code, tuned, [code] * len(tuned), numel, False, BAND, keys, cuts, 0)
+    if rescale:
+        sums = ext.sparse_l1(base, code, tuned, codes, numel, tuned_are_deltas, BAND, keys, cuts, 0)
         for i, (before, after) in enumerate(zip(sums[0::2], sums[1::2])):
-            if float(params[i]["density"]) < 1 and before >= L1_EPS and after >= L1_EPS:
+            if densities[i] < 1 and before >= L1_EPS and after >= L1_EPS:
                 coefs[i] = weights[i] * (before / after)
-    ext.merge(address(out), out_code, base, code, tuned, [code] * len(tuned), numel, False, BAND, keys, cuts, 0, coefs,
-              weights, 1 if consensus else 0, bool(shared["normalize"]), float(shared["lambda"]))
+    ext.merge(out, out_code, base, code, tuned, codes, numel, tuned_are_deltas, BAND, keys, cuts, 0, coefs, weights,
+              1 if consensus else 0, normalize, scale)

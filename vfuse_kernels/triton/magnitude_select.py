@@ -249,7 +249,10 @@ class DeviceSelector:
     statistics by torch's radix sort. Bracket ends stay device scalars until the pass's one
     synchronisation. Contiguous ``base`` and ``tuned`` of one device."""
 
-    BLOCK = 1024  # elements per block of the bracket pass's counts (< 2^16: 16-bit count fields)
+    # Elements per block of the bracket pass's counts (< 2^16: 16-bit count fields). H200, 2 × 268M
+    # bf16, density 0.3: the pass 0.634 ms with blocks of 1024 and 4 warps, 0.708 with 2048 and 4,
+    # 0.668 with 4096 and 4, 1.09 with 4096 and 8 (benchmarks/NOTES.md, v0.10).
+    BLOCK = 1024
     SAMPLE_TOP, SAMPLE_SHARE = 1 << 20, 64
 
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
@@ -261,10 +264,7 @@ class DeviceSelector:
 
     def sample_size(self, numel: int) -> int:
         """~numel/64 keys, at most 2^20. (H100, 2 × 268M bf16, density 0.3: ties_thresholds 2.02 ms
-        at 2^20, 2.18 at 2^21 — a longer sample sort — and 2.89 at 2^19 — a wider bracket.) The
-        count blocks: 1024 elements (H200, same inputs: the bracket pass 0.634 ms with blocks of
-        1024 and 4 warps, 0.708 with 2048 and 4, 0.668 with 4096 and 4, 1.09 with 4096 and 8;
-        benchmarks/NOTES.md, v0.10)."""
+        at 2^20, 2.18 at 2^21 — a longer sample sort — and 2.89 at 2^19 — a wider bracket.)"""
         return sample_size(numel, self.SAMPLE_TOP, self.SAMPLE_SHARE)
 
     def sample(self, size: int) -> torch.Tensor:

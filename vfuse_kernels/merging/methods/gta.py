@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from ..._backend import cpp_kernels_for
+from ..._backend import DTYPE_CODES, cpp_kernels_for
 from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
@@ -204,36 +204,22 @@ def della_keep_mask(delta: torch.Tensor, density: float, epsilon: float, seed: i
 def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[float], densities: list[float],
                       gammas: list[float], *, consensus: bool, normalize: bool, scale: float, rescale: bool,
                       tuned_are_deltas: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU: per model the
-    two magnitude cuts (``selection.higher_index_cuts``: the min(n, k + int(γn)) largest and that minus k),
-    then one merge pass keeping the band between them (``_cpp_kernels.BAND``) — no fp32 task
-    vectors, no masks: the stacked path's masks and bits (with the L1 rescale within fp32
-    rounding: its sums are fp64 here). None where it does not apply (not the CPU, a normalised
-    non-consensus combine): the caller stacks."""
-    from ...ops import _cpp_kernels
-    from ...selection import higher_index_cuts
+    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU
+    (``merging/native.band_merge``: two magnitude cuts per model, then one merge pass keeping the
+    band between them) — no fp32 task vectors, no masks: the stacked path's masks and bits (with
+    the L1 rescale within fp32 rounding: its sums are fp64 here). None where it does not apply
+    (not the CPU, a normalised non-consensus combine): the caller stacks."""
+    from ..native import band_merge
 
-    if cpp_kernels_for([base, *tuned]) is None or not (consensus or not normalize):
+    ext = cpp_kernels_for([base, *tuned])
+    if ext is None or not (consensus or not normalize):
         return None
     base, tuned = base.contiguous(), [t.contiguous() for t in tuned]
-    n = base.numel()
-    wide, narrow = [], []
-    for density, gamma in zip(densities, gammas):
-        k = int(density * n)
-        top = min(n, k + int(gamma * n))
-        wide.append(n if density >= 1 else top)
-        narrow.append(0 if density >= 1 else top - k)
-    keys, cuts = higher_index_cuts(_cpp_kernels.selector(base, tuned + tuned, tuned_are_deltas), wide + narrow)
-    band = torch.tensor(keys), torch.tensor(cuts)
-    coefs = [float(w) for w in weights]
-    if rescale:
-        sums = _cpp_kernels.sparse_l1(base, tuned, tuned_are_deltas, _cpp_kernels.BAND, [], band, 0)
-        for i, (before, after) in enumerate(sums.tolist()):
-            if densities[i] < 1 and before >= L1_EPS and after >= L1_EPS:
-                coefs[i] = weights[i] * (before / after)
     target = kernel_output(out, base.shape)
-    _cpp_kernels.merge(target, base, tuned, tuned_are_deltas, _cpp_kernels.BAND, 1 if consensus else 0, normalize,
-                       scale, [float(w) for w in weights], coefs, [], band, 0)
+    band_merge(ext, target.data_ptr(), DTYPE_CODES[target.dtype], base.data_ptr(), DTYPE_CODES[base.dtype],
+               [t.data_ptr() for t in tuned], base.numel(), [float(w) for w in weights], list(densities), list(gammas),
+               consensus=consensus, normalize=normalize, scale=scale, rescale=rescale,
+               tuned_are_deltas=tuned_are_deltas)
     return deliver(target, out)
 
 
