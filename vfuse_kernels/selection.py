@@ -25,6 +25,13 @@ Algorithm, written once here over a *selector* (the device layer's handle on one
    from it resolves — about two more passes; the region shrinks every two passes, so every
    input finishes.
 
+A selector holds one call's inputs (base, N tuned tensors of ``numel`` elements) and provides:
+``sample_size(numel)`` and ``sample(size)`` (each model's sample keys, descending);
+``kth_largest(values, ranks, presorted)``; ``bracket_pass(rows, los, his, rates, cap)`` (a
+``PassCounts``, its one host synchronisation); ``candidate_ranks(cand, rows, stored, ranks)``;
+``tie_indices(rows, queries, counts)``; ``results(values)`` (the returned keys or cutoffs); and
+``subset(rows)``; ``rows`` index its tuned tensors.
+
 Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≤ 0.5% of the elements at
 S = 2^20) plus 16 bytes per block. Largest tensor: numel < 2^33 (the packed index).
 """
