@@ -142,6 +142,22 @@ def magnitude_select(selector, ks: list[int]) -> tuple:
     return selector.results([m.result[0] for m in models]), selector.results([m.result[1] for m in models])
 
 
+def trim_thresholds(selector, ks: list[int]) -> tuple:
+    """(keys, cutoffs) of the top-kᵢ |δᵢ| of each of the selector's models, as ``selector.results``
+    gives them, for any 0 <= kᵢ <= numel: ``magnitude_select`` where kᵢ < numel, and key 0 with
+    cutoff numel − 1 (everything kept) where kᵢ = numel."""
+    numel = selector.numel
+    active = [i for i, k in enumerate(ks) if k < numel]
+    if len(active) == len(ks):
+        return magnitude_select(selector, ks)
+    keys, cutoffs = [0] * len(ks), [numel - 1] * len(ks)
+    if active:
+        found_keys, found_cutoffs = magnitude_select(selector.subset(active), [ks[i] for i in active])
+        for j, i in enumerate(active):
+            keys[i], cutoffs[i] = found_keys[j], found_cutoffs[j]
+    return selector.results(keys), selector.results(cutoffs)
+
+
 def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -> None:
     """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
     resolution of every model whose K it pins down."""

@@ -552,9 +552,7 @@ def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
     lo, hi = (select_kernels._stack([b[j] for b in brackets], device) for j in (0, 1))
     cap = selection._capacity(max(b[2] for b in brackets), numel)
     block = selector.BLOCK
-    counts = torch.empty(-(-numel // block), len(tuned), 4, dtype=torch.int32, device=device)
-    cand = torch.empty(len(tuned), cap, dtype=torch.int64, device=device)
-    fill = torch.zeros(len(tuned), dtype=torch.int64, device=device)
+    counts, cand, fill = selector.pass_buffers(len(tuned), cap)
     gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
     rows = []
     variants = (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),

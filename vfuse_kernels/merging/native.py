@@ -19,7 +19,7 @@ import numpy
 
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
-from ..selection import MAX_NUMEL, HostSelector, higher_index_cuts, magnitude_select
+from ..selection import MAX_NUMEL, HostSelector, higher_index_cuts, trim_thresholds
 from .checkpoint import TensorInfo, itemsize
 from .output import address
 
@@ -31,7 +31,8 @@ BREADCRUMBS = {"breadcrumbs": False, "breadcrumbs_ties": True}  # method → sig
 NATIVE_METHODS = (*FUSED, *BREADCRUMBS, "nearswap", "slerp", "nuslerp", "multislerp", "karcher",
                   "model_stock")  # may skip torch
 BAND = 4  # the merge kernel's sparsify code of the band between two magnitude cuts (csrc/cpu/delta_merge.h)
-L1_EPS = 1e-7  # reference.delta_merge.L1_EPS: below this L1 norm a delta is not rescaled
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance (reference.delta_merge.L1_EPS): below this L1 norm
+# a delta is not rescaled
 
 
 def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
@@ -151,7 +152,8 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
     if sparsify == 2:  # DARE: keep thresholds on 32 random bits (reference.philox.dare_keep_threshold)
         keep_a, keep_b = [int(p * 2**32) for p in task.densities], [0] * len(ptrs)
     else:
-        keep_a, keep_b = _trim_thresholds(HostSelector(*inputs), task.densities, numel)
+        ks = [min(numel, max(1, int(p * numel))) for p in task.densities]  # reference.delta_merge.trim_count
+        keep_a, keep_b = (x.tolist() for x in trim_thresholds(HostSelector(*inputs), ks))
     weights = [float(w) for w in task.weights]
     coefs = list(weights)
     if plan.rescale == "l1":  # each sparsified delta keeps its L1 norm: cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ|
@@ -160,19 +162,6 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
                  for w, before, after in zip(weights, sums[0::2], sums[1::2])]
     ext.merge(address(out), out_code, *args, keep_a, keep_b, task.seed, coefs, weights, 1 if elects else 0,
               plan.normalize, plan.scale)
-
-
-def _trim_thresholds(selector: HostSelector, densities: list[float], numel: int) -> tuple[list, list]:
-    """TIES's (keys, cutoffs) (``ties_thresholds``): of the top kᵢ = max(1, int(densityᵢ · numel))
-    |δᵢ| of each model, everything kept at kᵢ = numel (key 0, cutoff numel − 1)."""
-    ks = [min(numel, max(1, int(p * numel))) for p in densities]
-    keys, cutoffs = [0] * len(ks), [numel - 1] * len(ks)
-    active = [i for i, k in enumerate(ks) if k < numel]
-    if active:
-        found = magnitude_select(selector.subset(active), [ks[i] for i in active])
-        for i, key, cutoff in zip(active, *(x.tolist() for x in found)):
-            keys[i], cutoffs[i] = key, cutoff
-    return keys, cutoffs
 
 
 def _breadcrumbs(ext, task, consensus: bool, out, out_code, base: int, code: int, tuned: list[int], numel: int) -> None:

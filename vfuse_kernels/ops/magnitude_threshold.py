@@ -19,7 +19,7 @@ from .._backend import select_backend
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
 from ._library import define
-from ..selection import MAX_NUMEL, magnitude_select
+from ..selection import MAX_NUMEL, trim_thresholds
 
 
 class MagnitudeThresholds(NamedTuple):
@@ -40,38 +40,32 @@ def _kernels(backend: str):
 
 
 def _reference_select(base, tuned, ks, tuned_are_deltas):
+    numel = base.numel()
     keys, cutoffs = [], []
     b = base.reshape(-1).float()
     for t, k in zip(tuned, ks):
+        if k == numel:  # everything kept
+            keys.append(0)
+            cutoffs.append(numel - 1)
+            continue
         delta = t.reshape(-1).float() if tuned_are_deltas else t.reshape(-1).float() - b
         mask = ref.top_magnitude_mask(delta, k)
         kept = delta.abs()[mask]
         key = kept.min().view(torch.int32).item()
         keys.append(key)
         cutoffs.append(int(torch.nonzero(mask & (delta.abs() == kept.min())).max()))
-    return torch.tensor(keys, device=base.device), torch.tensor(cutoffs, device=base.device)
+    return (torch.tensor(keys, dtype=torch.int64, device=base.device),
+            torch.tensor(cutoffs, dtype=torch.int64, device=base.device))
 
 
 def _select(base: torch.Tensor, tuned: list[torch.Tensor], ks: list[int], tuned_are_deltas: bool):
     """(keys, cutoffs) int64 [N] on base's device; k == numel keeps everything (key 0, cutoff numel − 1)."""
     backend = select_backend(base.device)
-    numel, device = base.numel(), base.device
-    active = [i for i, k in enumerate(ks) if k < numel]
-    if active:
-        sub, sub_ks = [tuned[i].contiguous() for i in active], [ks[i] for i in active]
-        if backend == "reference":
-            k_sel, c_sel = _reference_select(base, sub, sub_ks, tuned_are_deltas)
-        else:
-            base = base.contiguous()
-            k_sel, c_sel = (torch.as_tensor(x, device=device) for x in magnitude_select(
-                _kernels(backend).selector(base, sub, tuned_are_deltas), sub_ks))
-        if len(active) == len(tuned):
-            return k_sel, c_sel
-    keys = torch.zeros(len(tuned), dtype=torch.int64, device=device)
-    cutoffs = torch.full((len(tuned),), numel - 1, dtype=torch.int64, device=device)
-    for j, i in enumerate(active):
-        keys[i], cutoffs[i] = k_sel[j], c_sel[j]
-    return keys, cutoffs
+    if backend == "reference":
+        return _reference_select(base, tuned, ks, tuned_are_deltas)
+    base, tuned = base.contiguous(), [t.contiguous() for t in tuned]  # (held here: the selector keeps addresses)
+    selector = _kernels(backend).selector(base, tuned, tuned_are_deltas)
+    return tuple(torch.as_tensor(x, device=base.device) for x in trim_thresholds(selector, ks))
 
 
 def _magnitude_select_fake(base, tuned, ks, tuned_are_deltas):

@@ -281,12 +281,17 @@ class DeviceSelector:
             values = torch.sort(values, descending=True).values
         return [values[r] for r in ranks]
 
+    def pass_buffers(self, n: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pass's per-block counts [blocks, n, 4] int32, candidates [n, cap] int64 and fill
+        counters [n] int64 (zeroed)."""
+        device = self.device
+        return (torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device),
+                torch.empty(n, cap, dtype=torch.int64, device=device), torch.zeros(n, dtype=torch.int64, device=device))
+
     def bracket_pass(self, rows: list[int], los: list, his: list, rates: list[int], cap: int) -> PassCounts:
         n, device = len(rows), self.device
         lo, hi = _stack(list(los) + list(his), device).split(n)
-        counts = torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device)
-        cand = torch.empty(n, cap, dtype=torch.int64, device=device)
-        fill = torch.zeros(n, dtype=torch.int64, device=device)
+        counts, cand, fill = self.pass_buffers(n, cap)
         bracket_pass(self.base, [self.tuned[i] for i in rows], lo, hi, host_to_device(rates, torch.int64, device), cap,
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
         totals = counts.sum(0, dtype=torch.int64)

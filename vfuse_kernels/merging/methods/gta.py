@@ -59,9 +59,9 @@ from ..._backend import DTYPE_CODES, cpp_kernels_for
 from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
+from ..native import L1_EPS, band_merge  # (torch-free: the CPU merge's entries; L1_EPS, mergekit's tolerance)
 from . import Param, TensorInputs, TensorMethod, della_epsilon, is_bool, is_number, register, unit_interval
 
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
 CHUNK = 1 << 22  # elements per step of the element-wise combines: their temporaries stay ~100 MB
 
@@ -209,8 +209,6 @@ def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: li
     band between them) — no fp32 task vectors, no masks: the stacked path's masks and bits (with
     the L1 rescale within fp32 rounding: its sums are fp64 here). None where it does not apply
     (not the CPU, a normalised non-consensus combine): the caller stacks."""
-    from ..native import band_merge
-
     ext = cpp_kernels_for([base, *tuned])
     if ext is None or not (consensus or not normalize):
         return None
