@@ -5,7 +5,8 @@ import torch
 from conftest import backend_device, needs_avx512, with_and_without_avx512
 
 import vfuse_kernels as vk
-from vfuse_kernels.reference.philox import dare_keep_threshold, dare_random_bits, philox4x32_10
+from vfuse_kernels.delta_rules import dare_keep_threshold
+from vfuse_kernels.reference.philox import dare_random_bits, philox4x32_10
 
 # (counter, key) -> output, from Random123's kat_vectors (philox4x32, 10 rounds)
 KNOWN_ANSWERS = [

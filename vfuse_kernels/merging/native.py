@@ -18,21 +18,19 @@ import math
 import numpy
 
 from .._extension import KERNEL_DTYPES, cpu_extension, forced_backend
+from ..delta_rules import L1_EPS, METHODS, SPARSIFY_CODES, dare_keep_threshold, trim_count
 from ..gram import karcher_coefficients, model_stock_t, multislerp_coefficients, nuslerp_coefficients
 from ..selection import MAX_NUMEL, HostSelector, higher_index_cuts, trim_thresholds
 from .checkpoint import TensorInfo, itemsize
 from .output import address
 
-# ops.delta_merge's methods: (sparsify code, elects signs) as csrc/cpu/delta_merge.h and ops.delta_merge.METHODS
-# define them; task arithmetic and linear differ in the plan's normalize only
-FUSED = {"task_arithmetic": (0, False), "linear": (0, False), "ties": (1, True), "dare_linear": (2, False),
-         "dare_ties": (2, True)}
+# ops.delta_merge's methods: (sparsify code, elects signs); task arithmetic and linear differ in the plan's
+# normalize only
+FUSED = {method: (SPARSIFY_CODES[sparsify], elects) for method, (sparsify, elects, _) in METHODS.items()}
 BREADCRUMBS = {"breadcrumbs": False, "breadcrumbs_ties": True}  # method → sign consensus (methods/gta.py)
 NATIVE_METHODS = (*FUSED, *BREADCRUMBS, "nearswap", "slerp", "nuslerp", "multislerp", "karcher",
                   "model_stock")  # may skip torch
 BAND = 4  # the merge kernel's sparsify code of the band between two magnitude cuts (csrc/cpu/delta_merge.h)
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance (reference.delta_merge.L1_EPS): below this L1 norm
-# a delta is not rescaled
 
 
 def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
@@ -140,7 +138,7 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
     else:
         base, base_dtype, tuned, tuned_infos = loaded[0], infos[0].dtype, loaded[1:], infos[1:]
     sparsify, elects = FUSED[plan.method]
-    if sparsify == 0:
+    if sparsify == SPARSIFY_CODES["none"]:
         _merge_kernel(ext, out, out_code, address(base), KERNEL_DTYPES[base_dtype], [address(t) for t in tuned],
                       [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
                       plan.normalize, plan.scale, task.seed)
@@ -149,10 +147,10 @@ def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
     ptrs, codes = [address(t) for t in tuned], [KERNEL_DTYPES[info.dtype] for info in tuned_infos]
     inputs = (base_ptr, base_code, ptrs, codes, numel, plan.tuned_are_deltas)
     args = (*inputs, sparsify)
-    if sparsify == 2:  # DARE: keep thresholds on 32 random bits (reference.philox.dare_keep_threshold)
-        keep_a, keep_b = [int(p * 2**32) for p in task.densities], [0] * len(ptrs)
+    if sparsify == SPARSIFY_CODES["drop"]:  # DARE: keep thresholds on 32 random bits
+        keep_a, keep_b = [dare_keep_threshold(p) for p in task.densities], [0] * len(ptrs)
     else:
-        ks = [min(numel, max(1, int(p * numel))) for p in task.densities]  # reference.delta_merge.trim_count
+        ks = [trim_count(p, numel) for p in task.densities]
         keep_a, keep_b = (x.tolist() for x in trim_thresholds(HostSelector(*inputs), ks))
     weights = [float(w) for w in task.weights]
     coefs = list(weights)

@@ -12,20 +12,12 @@ from collections.abc import Sequence
 import torch
 
 from .._backend import host_to_device, select_backend
+from ..delta_rules import ELECT_CODES, L1_EPS, METHODS, SPARSIFY_CODES, dare_keep_threshold, trim_count
 from ..reference import delta_merge as ref
-from ..reference.philox import dare_keep_threshold
 from ._library import define
 from ._checks import check_choice, check_like, check_merge_inputs, check_real, check_tensor, per_model
 from .magnitude_threshold import MagnitudeThresholds, _kernels, check_trim_size, magnitude_select_op
 
-# method → (sparsification, sign election, default normalize), as mergekit defines them
-METHODS = {
-    "task_arithmetic": ("none", False, False),
-    "linear": ("none", False, True),
-    "ties": ("trim", True, True),
-    "dare_linear": ("drop", False, False),
-    "dare_ties": ("drop", True, False),
-}
 SPARSE_METHODS = tuple(m for m, (sparsify, _, _) in METHODS.items() if sparsify != "none")  # take a density
 # mergekit's generalized task arithmetic with magnitude-ranked sparsification: method → (sign
 # consensus, default normalize, default L1 rescale, its parameter and that parameter's default).
@@ -37,8 +29,6 @@ GTA_METHODS = {
     "della": (True, True, True, "epsilon", 0.15),
     "della_linear": (False, False, True, "epsilon", 0.15),
 }
-SPARSIFY_CODES = {"none": 0, "trim": 1, "drop": 2}
-ELECT_CODES = {None: 0, "sum": 1, "count": 2}
 SPARSIFY_NAMES = {code: name for name, code in SPARSIFY_CODES.items()}
 ELECT_NAMES = {code: name for name, code in ELECT_CODES.items()}
 RESCALES = ("density", "l1", None)
@@ -55,7 +45,7 @@ def _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, res
     trim, dare_thresholds = None, [0] * n
     if sparsify_name == "trim":
         if trim_keys is None:
-            ks = [ref.trim_count(p, base.numel()) for p in densities]
+            ks = [trim_count(p, base.numel()) for p in densities]
             trim_keys, trim_cutoffs = magnitude_select_op(base, tuned, ks, tuned_are_deltas)
         trim = trim_keys.to(device), trim_cutoffs.to(device)
     elif sparsify_name == "drop":
@@ -63,7 +53,7 @@ def _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, res
     if sparsify_name != "none" and rescale == "l1":
         sums = kernels.sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, seed).to(device)
         before, after = sums[:, 0], sums[:, 1]
-        small = (before < ref.L1_EPS) | (after < ref.L1_EPS)
+        small = (before < L1_EPS) | (after < L1_EPS)
         factors = torch.where(small, 1.0, before / torch.where(small, 1.0, after))
         coefs = factors * host_to_device(weights, torch.float64, device)
     elif sparsify_name == "drop" and rescale == "density":

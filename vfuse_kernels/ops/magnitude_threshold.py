@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .._backend import select_backend
+from ..delta_rules import trim_count
 from ..reference import delta_merge as ref
 from ._checks import check_merge_inputs
 from ._library import define
@@ -87,7 +88,7 @@ def check_trim_inputs(base, tuned, density, tuned_are_deltas) -> tuple[list[torc
     """``check_merge_inputs`` plus the size limit; returns (tuned, kᵢ)."""
     tuned, densities = check_merge_inputs(base, tuned, density, tuned_are_deltas)
     check_trim_size(base)
-    return tuned, [ref.trim_count(p, base.numel()) for p in densities]
+    return tuned, [trim_count(p, base.numel()) for p in densities]
 
 
 def ties_thresholds(

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .philox import dare_keep_threshold, dare_random_bits
-
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves the tensor alone below this norm
+from ..delta_rules import L1_EPS, dare_keep_threshold, trim_count
+from .philox import dare_random_bits
 
 
 def top_magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
@@ -22,11 +21,6 @@ def top_magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[order[:k]] = True
     return mask
-
-
-def trim_count(density: float, numel: int) -> int:
-    """k = max(1, int(density · numel)), at most numel."""
-    return min(numel, max(1, int(density * numel)))
 
 
 def magnitude_threshold(delta: torch.Tensor, density: float) -> torch.Tensor:

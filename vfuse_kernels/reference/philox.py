@@ -40,7 +40,3 @@ def dare_random_bits(numel: int, seed: int, model: int, device=None) -> torch.Te
     words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
     return torch.stack(words, dim=1).reshape(-1)[:numel]
 
-
-def dare_keep_threshold(density: float) -> int:
-    """An element is kept when its 32 random bits are below ``floor(density · 2^32)``."""
-    return int(density * 2**32)

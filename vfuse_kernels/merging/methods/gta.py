@@ -56,10 +56,11 @@ from typing import Any
 import torch
 
 from ..._backend import DTYPE_CODES, cpp_kernels_for
+from ...delta_rules import L1_EPS
 from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
-from ..native import L1_EPS, band_merge  # (torch-free: the CPU merge's entries; L1_EPS, mergekit's tolerance)
+from ..native import band_merge  # (torch-free: the CPU merge's entries)
 from . import Param, TensorInputs, TensorMethod, della_epsilon, is_bool, is_number, register, unit_interval
 
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
