@@ -305,9 +305,10 @@ def test_the_last_shard_gets_no_crc_and_a_resume_rewrites_it(llama_family, tmp_p
 
 
 def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatch):
-    """Peak memory: an output of the largest size is computed only once the outputs still waiting
-    for the writer leave room for it — lm_head's and the embeddings' (adjacent in the file) share
-    one pooled buffer even when the writer is slow — and the bytes are those of a plain run."""
+    """Peak memory: an output is computed only once the outputs still waiting for the writer leave
+    room for it within WRITE_AHEAD_BYTES (here the largest output's size) — lm_head's and the
+    embeddings' (adjacent in the file) share one pooled buffer even when the writer is slow — and
+    the bytes are those of a plain run."""
     from vfuse_kernels.merging import engine
     from vfuse_kernels.merging.checkpoint import ShardWriter
 
@@ -333,6 +334,7 @@ def test_a_largest_output_waits_for_the_previous_ones_write(tmp_path, monkeypatc
 
     monkeypatch.setattr(engine._BufferPool, "take", recording_take)
     monkeypatch.setattr(ShardWriter, "write", slow_write)
+    monkeypatch.setattr(engine, "WRITE_AHEAD_BYTES", largest)
     out = str(tmp_path / "out")
     merge_checkpoints(config, out, progress=False)
     assert sum(fresh) == 1
@@ -784,3 +786,56 @@ def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatc
     assert native_out.keys() == torch_out.keys() and len(native_out) > 5
     for name, value in native_out.items():
         assert torch.equal(value.view(torch.uint8), torch_out[name].view(torch.uint8)), name  # bits, NaNs too
+
+
+@pytest.mark.parametrize("case", ["task_arithmetic", "linear-to-fp32", "ties", "ties-l1-to-fp32", "dare_ties",
+                                  "breadcrumbs", "breadcrumbs_ties-l1-to-fp32"])
+def test_outputs_merged_and_written_in_parts_are_the_whole_merges_bytes(tmp_path, monkeypatch, case):
+    """A host merge whose last pass goes element by element writes outputs over PART_BYTES in parts
+    (each merged into a pool buffer, DARE's random bits and TIES's tie cutoffs by flat index):
+    the bytes of the merge run whole, with a slow writer so that parts wait for it."""
+    from vfuse_kernels import selection
+    from vfuse_kernels.merging import engine
+    from vfuse_kernels.merging.checkpoint import ShardWriter
+
+    monkeypatch.setattr(selection, "SMALL", 512)
+    text, dtype, _ = NATIVE_CASES[case]
+    base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
+    text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
+    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}")
+    merge_checkpoints(config, str(tmp_path / "whole"), progress=False)
+    parts, append = [], ShardWriter.append
+
+    def slow_append(self, data):
+        parts.append(memoryview(data).nbytes)
+        time.sleep(0.001)
+        return append(self, data)
+
+    part_bytes = 2048  # 512 or 1024 elements: several parts in most of the family's tensors
+    monkeypatch.setattr(engine, "PART_BYTES", part_bytes)
+    monkeypatch.setattr(engine, "WRITE_AHEAD_BYTES", 4 * part_bytes)
+    monkeypatch.setattr(ShardWriter, "append", slow_append)
+    merge_checkpoints(config, str(tmp_path / "parts"), progress=False)
+    assert parts.count(part_bytes) >= 10
+    whole, in_parts = load_tensors(str(tmp_path / "whole")), load_tensors(str(tmp_path / "parts"))
+    assert whole.keys() == in_parts.keys()
+    for name, value in whole.items():
+        assert torch.equal(value.view(torch.uint8), in_parts[name].view(torch.uint8)), name
+
+
+def test_the_merge_kernel_takes_ranges_at_its_alignment():
+    """``_C.merge``'s ``first``: a multiple of MERGE_ALIGN, and the range within the tensors."""
+    from vfuse_kernels._extension import cpu_extension
+
+    ext = cpu_extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    base, tuned, out = torch.randn(2000), torch.randn(2000), torch.empty(2000)
+    args = (out.data_ptr(), 0, base.data_ptr(), 0, [tuned.data_ptr()], [0], 2000, False, 0, [0], [0], 0, [0.5],
+            [0.5], 0, False, 1.0)
+    ext.merge(*args, first=ext.MERGE_ALIGN, count=2000 - ext.MERGE_ALIGN)
+    expected = (base + 0.5 * (tuned - base))[ext.MERGE_ALIGN:]
+    torch.testing.assert_close(out[:2000 - ext.MERGE_ALIGN], expected, rtol=1e-6, atol=1e-6)
+    for first, count in [(1, 10), (ext.MERGE_ALIGN, 2000), (-ext.MERGE_ALIGN, 10)]:
+        with pytest.raises(ValueError, match="multiple of"):
+            ext.merge(*args, first=first, count=count)

@@ -477,26 +477,28 @@ void merge_chunk_dense(const DeltaInputs& in, int64_t start, int64_t len, const 
 }  // namespace
 
 void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<float>& coefs,
-           const std::vector<float>& weights, int elect, bool normalize, float scale) {
+           const std::vector<float>& weights, int elect, bool normalize, float scale, int64_t first, int64_t count) {
   const int n = in.models();
-  const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
+  const int64_t end = first + count, chunks = (end + kChunk - 1) / kChunk;
+  // the passes address the output by flat index, as the inputs: element first lands at out
+  void* flat_out = static_cast<char*>(out) - first * dtype_size(out_dtype);
   double weight_sum = 0.0;  // Σ wᵢ in fp64 like the host, rounded once
   for (float w : weights) weight_sum += double(w);
-  bool aliased = out == in.base;
-  for (const void* t : in.tuned) aliased = aliased || out == t;
-  const MergeParams params{out, out_dtype, !aliased, coefs.data(), weights.data(), elect, normalize, scale,
+  bool aliased = flat_out == in.base;
+  for (const void* t : in.tuned) aliased = aliased || flat_out == t;
+  const MergeParams params{flat_out, out_dtype, !aliased, coefs.data(), weights.data(), elect, normalize, scale,
                            float(weight_sum), dense_quotient(normalize, float(weight_sum))};
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
   const bool trim_elect = in.sparsify == kTrim && elect != kNoElection && dense_fusable(in, out_dtype);
   const bool trim_elect_avx512 = trim_elect && avx512_loops_for(out_dtype);
-#pragma omp parallel num_threads(threads_for(in.numel * (n + 1)))
+#pragma omp parallel num_threads(threads_for(count * (n + 1)))
   {
     ChunkScratch s(n);
     std::vector<float> u(size_t(n) * kChunk), m(kChunk), d(kChunk), vote(kChunk);
     std::vector<unsigned char> staged(size_t(kChunk) * 4);
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t start = c * kChunk, len = std::min(kChunk, in.numel - start);
+    for (int64_t c = first / kChunk; c < chunks; ++c) {
+      const int64_t start = c * kChunk, len = std::min(kChunk, end - start);
       if (dense) {
         merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), staged.data());
       } else if (trim_elect_avx512) {

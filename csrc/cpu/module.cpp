@@ -13,8 +13,9 @@
 namespace py = pybind11;
 
 namespace vfuse {
+// Merges elements [first, first + count) (first a multiple of kChunk) into out, which holds element first.
 void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<float>& coefs,
-           const std::vector<float>& weights, int elect, bool normalize, float scale);
+           const std::vector<float>& weights, int elect, bool normalize, float scale, int64_t first, int64_t count);
 std::vector<double> sparse_l1(const DeltaInputs& in);
 void bracket_pass(const DeltaInputs& in, const int64_t* lo, const int64_t* hi, const int64_t* rate, int64_t cap,
                   int64_t block, int32_t* counts, int64_t* cand, int64_t* fill);
@@ -87,16 +88,28 @@ static DeltaInputs make_inputs(uintptr_t base, int base_dtype, const std::vector
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vfuse_kernels CPU kernels (C++17, OpenMP)";
 
+  m.attr("MERGE_ALIGN") = py::int_(vfuse::kChunk);  // merge's `first`: a multiple of this
   m.def("merge",
         [](uintptr_t out, int out_dtype, uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned,
            std::vector<int> tuned_dtypes, int64_t numel, bool tuned_are_deltas, int sparsify,
            std::vector<int64_t> keep_a, std::vector<int64_t> keep_b, uint64_t seed, std::vector<float> coefs,
-           std::vector<float> weights, int elect, bool normalize, float scale) {
+           std::vector<float> weights, int elect, bool normalize, float scale, int64_t first, int64_t count) {
           DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas, sparsify,
                                        std::move(keep_a), std::move(keep_b), seed);
+          if (count < 0) count = numel - first;
+          if (first < 0 || first % vfuse::kChunk != 0 || first + count > numel)
+            throw std::invalid_argument("first must be a multiple of " + std::to_string(vfuse::kChunk) +
+                                        " and [first, first + count) within the tensors");
           py::gil_scoped_release release;
-          vfuse::merge(reinterpret_cast<void*>(out), out_dtype, in, coefs, weights, elect, normalize, scale);
-        });
+          vfuse::merge(reinterpret_cast<void*>(out), out_dtype, in, coefs, weights, elect, normalize, scale, first,
+                       count);
+        },
+        py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("tuned"),
+        py::arg("tuned_dtypes"), py::arg("numel"), py::arg("tuned_are_deltas"), py::arg("sparsify"),
+        py::arg("keep_a"), py::arg("keep_b"), py::arg("seed"), py::arg("coefs"), py::arg("weights"),
+        py::arg("elect"), py::arg("normalize"), py::arg("scale"), py::arg("first") = 0, py::arg("count") = -1,
+        "Merges elements [first, first + count) of the tensors (count -1: to the end) into out, the address of "
+        "output element first; first a multiple of the kernels' chunk (512).");
 
   m.def("sparse_l1",
         [](uintptr_t base, int base_dtype, std::vector<uintptr_t> tuned, std::vector<int> tuned_dtypes,

@@ -4,10 +4,13 @@ Pipeline: the inputs of the next tensors are requested ahead, as long as the inp
 flight stay within the largest single tensor's (so two huge tensors, embeddings and
 lm_head, are never in flight at once), while the main thread merges the current tensor
 with ``delta_merge`` (C++ on CPU, Triton on CUDA) and a writer thread streams finished
-tensors into the output shard being written. At most ``WRITE_QUEUE`` outputs wait for the
-writer, and on the host an output is computed only once the outputs still waiting leave room
-for it within the largest one's size (its buffer then comes back from the pool), so peak
-memory is the largest tensor's inputs plus one output, not the model.
+tensors into the output shard being written. On the host an output is computed only once the
+outputs still waiting for the writer leave room for it within ``WRITE_AHEAD_BYTES`` (a larger
+one waits until none is left; its buffer then comes back from the pool); a large output of a
+merge whose last pass goes element by element is merged and written in parts of ``PART_BYTES``.
+So peak memory is the largest tensor's inputs plus about one output, not the model; and the
+writer, fed several outputs ahead, keeps writing while a TIES selection runs. On a device, at
+most ``WRITE_QUEUE`` outputs wait for the writer.
 
 - CPU: the inputs are zero-copy views of the files' pages, populated ahead by a reader
   thread and dropped from the process (MADV_DONTNEED) once used; outputs come from a pool.
@@ -42,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -50,15 +53,19 @@ from dataclasses import dataclass
 import numpy
 
 from .checkpoint import (BIN_INDEX_NAME, INDEX_NAME, CheckpointError, DeviceReader, HostReader, ShardWriter, as_tensor,
-                         file_crc32, host_buffers, parse_size, plan_shards, read_ahead, staged, staging_bytes,
-                         torch_dtype)
+                         file_crc32, host_buffers, itemsize, parse_size, plan_shards, read_ahead, staged,
+                         staging_bytes, torch_dtype)
 from .config import MergeConfig, load_config
 from .lock import OutLock
-from .native import kernel_takes, native_merge
+from .native import kernel_takes, native_merge, range_merger
 from .output import ALIGN, address
 from .plan import MergePlan, TensorTask, build_plan
 
-WRITE_QUEUE = 1  # merged tensors waiting for the writer
+WRITE_QUEUE = 1  # staged route: merged tensors waiting for the writer (their device memory)
+WRITE_AHEAD_BYTES = 64 << 20  # host route: output bytes that may wait for the writer
+# host merges whose last pass goes element by element (native.range_merger) and whose output is larger than
+# this are merged and written in parts of this size (a multiple of 4 · the extension's MERGE_ALIGN)
+PART_BYTES = 16 << 20
 WRITE_SLOTS = 4  # pinned buffers the writer copies device outputs into
 STATE_PREFIX = ".vfuse-merge-state"
 STATE_NAME = STATE_PREFIX + ".json"
@@ -159,6 +166,8 @@ class _Result:
     mapped: list[tuple]  # (checkpoint, name) of input views to release once written
     staged: bool = False  # on the device: copied off through the writer's staging buffers
     ready: object = None  # staged on CUDA: a torch.cuda.Event recorded after the merge
+    first: bool = True  # starts the task's output (a part of it: ``_Runner.parts``)
+    last: bool = True  # ends it
 
     def tensor(self, task: TensorTask):
         """The result as a torch tensor of the task's dtype and shape (a view: no copy)."""
@@ -258,6 +267,34 @@ class _Runner:
             merged = torch.cuda.Event()
             merged.record(torch.cuda.current_stream(out.device))
         return _Result(out, buffer, [], staged=True, ready=merged)
+
+    def parts(self, task: TensorTask, loaded: list, offset: int, make_room) -> Iterator[_Result]:
+        """``compute``'s result, once ``make_room(bytes)`` has returned (it waits for outputs
+        in flight to leave room for one of that size). A host merge whose last pass goes
+        element by element (``range_merger``) with an output over ``PART_BYTES`` comes in
+        parts instead, each merged into a pool buffer of that size: the writer streams a part
+        while the next one merges, and the output never exists whole. Its fresh pages were
+        the largest cost of such a merge on the 2-vCPU dev VM (first touch, 0.04–0.66 s for
+        272 MB, at random)."""
+        infos = self.infos(task)
+        merge = None
+        if task.nbytes > PART_BYTES and task.copy_from is None and self.on_host(task) and self.native(task, infos):
+            merge = range_merger(self.plan, task, infos, loaded)
+        if merge is None:
+            make_room(task.nbytes)
+            yield self.compute(task, loaded, offset)
+            return
+        size = itemsize(task.out_dtype)
+        numel, step = task.nbytes // size, PART_BYTES // size
+        for first in range(0, numel, step):
+            count = min(step, numel - first)
+            make_room(PART_BYTES)
+            buffer = self.pool.take(PART_BYTES, offset + first * size)
+            merge(address(buffer), first, count)
+            last = first + count == numel
+            if last:
+                HostReader.release(self.reads(task))
+            yield _Result(buffer[:count * size], buffer, [], first=first == 0, last=last)
 
     def _merge(self, task: TensorTask, loaded: list, out) -> None:
         """The torch route of a merge: ``loaded`` and ``out`` are torch tensors."""
@@ -575,7 +612,7 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
             for n, offset in zip(layout.names, layout.offsets)]
     skipped = sum(len(layout.names) for layout in mine if layout.filename in done)
     largest = max((t.nbytes for t in plan.tasks), default=0)
-    runner = _Runner(plan, device, _BufferPool(max_bytes=(WRITE_QUEUE + 1) * largest), staging)
+    runner = _Runner(plan, device, _BufferPool(max_bytes=2 * largest), staging)
     if runner.needs_torch([task for _, task, _ in todo]):
         load_torch()
     drain = _DeviceToFile(device, staging_bytes(largest)) if staging else None
@@ -601,13 +638,17 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
             writer = state["writer"] = ShardWriter(out_dir, layout, checksum=layout is not last)
         if result.staged:
             drain.put(writer, task.name, result.data, result.ready)
-        else:
+        elif result.first and result.last:
             writer.write(task.name, result.data)
+        else:  # a part of a host output (_Runner.parts)
+            if result.first:
+                writer.start(task.name)
+            writer.append(memoryview(result.data))
         state["written"] += result.data.nbytes
         HostReader.release(result.mapped)
         if result.buffer is not None:
             runner.pool.give(result.buffer)
-        if writer.complete:
+        if result.last and writer.complete:
             if drain is not None:
                 drain.flush()
             digest = writer.finish()
@@ -627,16 +668,19 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
         with ThreadPoolExecutor(1, thread_name_prefix="vfuse-write") as writer_pool:
             loads = read_ahead([runner.reads(task) for _, task, _ in todo], lambda i: runner.reader(todo[i][1]))
             writes: deque = deque()  # (future, output bytes) of the outputs waiting for the writer
-            for i, ((layout, task, offset), loaded) in enumerate(zip(todo, loads)):
-                while not staging and writes and sum(n for _, n in writes) + task.nbytes > largest:
+
+            def make_room(nbytes: int) -> None:
+                while not staging and writes and sum(n for _, n in writes) + nbytes > WRITE_AHEAD_BYTES:
                     writes.popleft()[0].result()  # its buffer returns to the pool: the new output reuses it
-                result = runner.compute(task, loaded, offset)
+
+            for i, ((layout, task, offset), loaded) in enumerate(zip(todo, loads)):
+                for result in runner.parts(task, loaded, offset, make_room):
+                    writes.append((writer_pool.submit(write, layout, task, result), result.data.nbytes))
+                    del result
+                    while staging and len(writes) > WRITE_QUEUE:
+                        writes.popleft()[0].result()
                 del loaded
                 merged, copied = (merged, copied + 1) if task.copy_from else (merged + 1, copied)
-                writes.append((writer_pool.submit(write, layout, task, result), task.nbytes))
-                del result
-                while len(writes) > WRITE_QUEUE:
-                    writes.popleft()[0].result()
                 if bar is not None:
                     bar.update(task.nbytes)
                     rate = (i + 1) / max(time.perf_counter() - start, 1e-9)

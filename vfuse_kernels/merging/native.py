@@ -71,6 +71,22 @@ def kernel_takes(plan, task, infos: list[TensorInfo]) -> bool:
     return False
 
 
+def range_merger(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray]):
+    """For ``ops.delta_merge``'s methods and Model Breadcrumbs (``kernel_takes`` the task), whose
+    last pass merges element by element: runs the passes before it (the TIES selection, the
+    breadcrumbs cuts, the L1 sums) and returns ``merge(out, first, count)``, which writes elements
+    [first, first + count) of the result (first a multiple of the extension's ``MERGE_ALIGN``) to
+    the address ``out``. None for the other methods (``native_merge`` runs them whole)."""
+    numel = math.prod(task.shape)
+    out_code = KERNEL_DTYPES[task.out_dtype]
+    if task.method_inputs is None:
+        return _fused(cpu_extension(), plan, task, infos, loaded, out_code, numel)
+    if plan.config.method in BREADCRUMBS:
+        return _breadcrumbs(cpu_extension(), task, BREADCRUMBS[plan.config.method], out_code,
+                            [address(x) for x in loaded], KERNEL_DTYPES[infos[0].dtype], numel)
+    return None
+
+
 def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray], out: numpy.ndarray) -> bool:
     """Merges ``task`` (``kernel_takes`` it; ``loaded``: its inputs' bytes in ``infos``' order,
     the base first when there is one) into the uint8 array ``out``. False, with nothing
@@ -80,19 +96,18 @@ def native_merge(plan, task, infos: list[TensorInfo], loaded: list[numpy.ndarray
         return True
     numel = out.nbytes // itemsize(task.out_dtype)
     out_code = KERNEL_DTYPES[task.out_dtype]
-    ext = cpu_extension()
-    if task.method_inputs is None:
-        _fused(ext, plan, task, infos, loaded, out, out_code, numel)
+    merge = range_merger(plan, task, infos, loaded)
+    if merge is not None:
+        merge(address(out), 0, numel)
         return True
+    ext = cpu_extension()
     from .methods.slerp import as_bool, as_float, as_int, nuslerp_t
 
     method, code, ptrs, shared = plan.config.method, KERNEL_DTYPES[infos[0].dtype], [address(x) for x in loaded], \
         task.shared
     others = [i for i in range(len(ptrs)) if i != task.base_index]
     weights = [as_float(task.params[i]["weight"]) for i in others] if method in ("nuslerp", "multislerp") else None
-    if method in BREADCRUMBS:
-        _breadcrumbs(ext, task, BREADCRUMBS[method], out, out_code, ptrs[0], code, [ptrs[i] for i in others], numel)
-    elif method == "nearswap":  # the base towards the other model, element by element
+    if method == "nearswap":  # the base towards the other model, element by element
         ext.nearswap(address(out), out_code, ptrs[0], ptrs[1], code, numel, as_float(shared["t"]))
     elif method == "slerp":  # from the base (t = 0) to the other model
         ca, cb = ext.slerp_coefficients(ext.pair_sums(ptrs[0], ptrs[1], code, numel), as_float(shared["t"]))
@@ -128,57 +143,59 @@ def _merge_kernel(ext, out, out_code, base, base_code, tuned, tuned_codes, numel
               no_keep, no_keep, seed, k, k, no_election, normalize, scale)
 
 
-def _fused(ext, plan, task, infos, loaded, out, out_code, numel) -> None:
+def _fused(ext, plan, task, infos, loaded, out_code, numel):
     """``ops.delta_merge``'s methods as its C++ path runs them with the plan's rescale (mergekit's:
     the L1 one or none; linear over a zero base, with the tuned tensors as the deltas): TIES's
-    exact selection (``ties_thresholds``), DARE's keep thresholds, the L1 rescale's sums, then
-    the one merge pass."""
+    exact selection (``ties_thresholds``), DARE's keep thresholds, the L1 rescale's sums; returns
+    the merge pass over a range (``range_merger``)."""
     if task.base is None:
-        base, base_dtype, tuned, tuned_infos = numpy.zeros(out.nbytes, numpy.uint8), task.out_dtype, loaded, infos
+        base, base_dtype, tuned, tuned_infos = numpy.zeros(numel * itemsize(task.out_dtype), numpy.uint8), \
+            task.out_dtype, loaded, infos
     else:
         base, base_dtype, tuned, tuned_infos = loaded[0], infos[0].dtype, loaded[1:], infos[1:]
     sparsify, elects = FUSED[plan.method]
-    if sparsify == SPARSIFY_CODES["none"]:
-        _merge_kernel(ext, out, out_code, address(base), KERNEL_DTYPES[base_dtype], [address(t) for t in tuned],
-                      [KERNEL_DTYPES[info.dtype] for info in tuned_infos], numel, task.weights, plan.tuned_are_deltas,
-                      plan.normalize, plan.scale, task.seed)
-        return
-    base_ptr, base_code = address(base), KERNEL_DTYPES[base_dtype]
     ptrs, codes = [address(t) for t in tuned], [KERNEL_DTYPES[info.dtype] for info in tuned_infos]
-    inputs = (base_ptr, base_code, ptrs, codes, numel, plan.tuned_are_deltas)
-    args = (*inputs, sparsify)
-    if sparsify == SPARSIFY_CODES["drop"]:  # DARE: keep thresholds on 32 random bits
-        keep_a, keep_b = [dare_keep_threshold(p) for p in task.densities], [0] * len(ptrs)
-    else:
-        ks = [trim_count(p, numel) for p in task.densities]
-        keep_a, keep_b = (x.tolist() for x in trim_thresholds(HostSelector(*inputs), ks))
+    inputs = (KERNEL_DTYPES[base_dtype], ptrs, codes, numel, plan.tuned_are_deltas)  # (after the base's address)
     weights = [float(w) for w in task.weights]
-    coefs = list(weights)
-    if plan.rescale == "l1":  # each sparsified delta keeps its L1 norm: cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ|
-        sums = ext.sparse_l1(*args, keep_a, keep_b, task.seed)  # (Σ|δᵢ|, Σ kept |δᵢ|) per model
+    coefs, keep_a, keep_b = list(weights), [0] * len(ptrs), [0] * len(ptrs)
+    if sparsify == SPARSIFY_CODES["drop"]:  # DARE: keep thresholds on 32 random bits
+        keep_a = [dare_keep_threshold(p) for p in task.densities]
+    elif sparsify == SPARSIFY_CODES["trim"]:
+        ks = [trim_count(p, numel) for p in task.densities]
+        keep_a, keep_b = (x.tolist() for x in trim_thresholds(HostSelector(address(base), *inputs), ks))
+    if sparsify != SPARSIFY_CODES["none"] and plan.rescale == "l1":  # each sparsified delta keeps its L1 norm:
+        # cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ|
+        sums = ext.sparse_l1(address(base), *inputs, sparsify, keep_a, keep_b, task.seed)  # (Σ|δᵢ|, Σ kept |δᵢ|)
         coefs = [w if before < L1_EPS or after < L1_EPS else before / after * w
                  for w, before, after in zip(weights, sums[0::2], sums[1::2])]
-    ext.merge(address(out), out_code, *args, keep_a, keep_b, task.seed, coefs, weights, 1 if elects else 0,
-              plan.normalize, plan.scale)
+
+    def merge(out: int, first: int, count: int) -> None:
+        ext.merge(out, out_code, address(base), *inputs, sparsify, keep_a, keep_b, task.seed, coefs, weights,
+                  1 if elects else 0, plan.normalize, plan.scale, first, count)
+
+    return merge
 
 
-def _breadcrumbs(ext, task, consensus: bool, out, out_code, base: int, code: int, tuned: list[int], numel: int) -> None:
+def _breadcrumbs(ext, task, consensus: bool, out_code: int, ptrs: list[int], code: int, numel: int):
+    """``band_merger`` with the task's parameters (``ptrs``: the inputs' addresses, the base first)."""
     others = [i for i in range(len(task.params)) if i != task.base_index]
     params, shared = [task.params[i] for i in others], task.shared
-    band_merge(ext, address(out), out_code, base, code, tuned, numel, [float(p["weight"]) for p in params],
-               [float(p["density"]) for p in params], [float(p["gamma"]) for p in params], consensus=consensus,
-               normalize=bool(shared["normalize"]), scale=float(shared["lambda"]), rescale=bool(shared["rescale"]))
+    return band_merger(ext, out_code, ptrs[0], code, ptrs[1:], numel, [float(p["weight"]) for p in params],
+                       [float(p["density"]) for p in params], [float(p["gamma"]) for p in params],
+                       consensus=consensus, normalize=bool(shared["normalize"]), scale=float(shared["lambda"]),
+                       rescale=bool(shared["rescale"]))
 
 
-def band_merge(ext, out: int, out_code: int, base: int, code: int, tuned: list[int], numel: int, weights: list[float],
-               densities: list[float], gammas: list[float], *, consensus: bool, normalize: bool, scale: float,
-               rescale: bool, tuned_are_deltas: bool = False) -> None:
-    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes into the address ``out``
-    (storage code ``out_code``; every input of storage code ``code``): per model the
-    min(n, k + int(γn)) and the min(n, k + int(γn)) − k largest |δ| (k = int(density · n), all at
-    density ≥ 1; ``selection.higher_index_cuts``), then one merge pass keeping the band between the
-    two cuts (``BAND``), with cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ| under the L1 rescale (density < 1 and
-    both sums ≥ L1_EPS; else wᵢ). ``methods/gta.py``'s CPU path for torch tensors, too."""
+def band_merger(ext, out_code: int, base: int, code: int, tuned: list[int], numel: int, weights: list[float],
+                densities: list[float], gammas: list[float], *, consensus: bool, normalize: bool, scale: float,
+                rescale: bool, tuned_are_deltas: bool = False):
+    """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes (output storage code
+    ``out_code``; every input of storage code ``code``): per model the min(n, k + int(γn)) and
+    the min(n, k + int(γn)) − k largest |δ| (k = int(density · n), all at density ≥ 1;
+    ``selection.higher_index_cuts``), then the L1 sums; returns the merge pass over a range
+    (``range_merger``), which keeps the band between the two cuts (``BAND``), with
+    cᵢ = wᵢ · Σ|δᵢ| / Σ kept |δᵢ| under the L1 rescale (density < 1 and both sums ≥ L1_EPS;
+    else wᵢ). ``methods/gta.py``'s CPU path for torch tensors, too."""
     wide, narrow = [], []
     for density, gamma in zip(densities, gammas):
         k = int(density * numel)
@@ -194,5 +211,9 @@ def band_merge(ext, out: int, out_code: int, base: int, code: int, tuned: list[i
         for i, (before, after) in enumerate(zip(sums[0::2], sums[1::2])):
             if densities[i] < 1 and before >= L1_EPS and after >= L1_EPS:
                 coefs[i] = weights[i] * (before / after)
-    ext.merge(out, out_code, base, code, tuned, codes, numel, tuned_are_deltas, BAND, keys, cuts, 0, coefs, weights,
-              1 if consensus else 0, normalize, scale)
+
+    def merge(out: int, first: int, count: int) -> None:
+        ext.merge(out, out_code, base, code, tuned, codes, numel, tuned_are_deltas, BAND, keys, cuts, 0, coefs,
+                  weights, 1 if consensus else 0, normalize, scale, first, count)
+
+    return merge

@@ -60,7 +60,7 @@ from ...delta_rules import L1_EPS
 from ...ops._library import deliver, kernel_output
 from ...ops.delta_merge import delta_merge
 from ...ops.random_bits import MASK64, random_bits
-from ..native import band_merge  # (torch-free: the CPU merge's entries)
+from ..native import band_merger  # (torch-free: the CPU merge's entries)
 from . import Param, TensorInputs, TensorMethod, della_epsilon, is_bool, is_number, register, unit_interval
 
 SUM_WEIGHT_EPS = 1e-8  # mergekit's |Σ w| guard without consensus
@@ -206,7 +206,7 @@ def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: li
                       gammas: list[float], *, consensus: bool, normalize: bool, scale: float, rescale: bool,
                       tuned_are_deltas: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Model Breadcrumbs (``consensus``: breadcrumbs_ties) in C++ passes on the CPU
-    (``merging/native.band_merge``: two magnitude cuts per model, then one merge pass keeping the
+    (``merging/native.band_merger``: two magnitude cuts per model, then one merge pass keeping the
     band between them) — no fp32 task vectors, no masks: the stacked path's masks and bits (with
     the L1 rescale within fp32 rounding: its sums are fp64 here). None where it does not apply
     (not the CPU, a normalised non-consensus combine): the caller stacks."""
@@ -215,10 +215,11 @@ def breadcrumbs_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: li
         return None
     base, tuned = base.contiguous(), [t.contiguous() for t in tuned]
     target = kernel_output(out, base.shape)
-    band_merge(ext, target.data_ptr(), DTYPE_CODES[target.dtype], base.data_ptr(), DTYPE_CODES[base.dtype],
-               [t.data_ptr() for t in tuned], base.numel(), [float(w) for w in weights], list(densities), list(gammas),
-               consensus=consensus, normalize=normalize, scale=scale, rescale=rescale,
-               tuned_are_deltas=tuned_are_deltas)
+    merge = band_merger(ext, DTYPE_CODES[target.dtype], base.data_ptr(), DTYPE_CODES[base.dtype],
+                        [t.data_ptr() for t in tuned], base.numel(), [float(w) for w in weights], list(densities),
+                        list(gammas), consensus=consensus, normalize=normalize, scale=scale, rescale=rescale,
+                        tuned_are_deltas=tuned_are_deltas)
+    merge(target.data_ptr(), 0, base.numel())
     return deliver(target, out)
 
 
