@@ -352,6 +352,50 @@ json.dump(out, sys.stdout)
 """
 
 
+DARE_GRID = """
+import hashlib, json, sys, torch, vfuse_kernels as vk
+out = {}
+def bits(t):  # NaN as one NaN: the sign and payload of a NaN depend on the compiler's operand order
+    t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
+    return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (1, 2, 3, 4):
+        for numel in (1, 33, 1031, 70_001):
+            gen = torch.Generator().manual_seed(numel + n)
+            base = torch.randn(numel, generator=gen).to(dtype)
+            tuned = [(base.float() + 0.01 * torch.randn(numel, generator=gen)).to(dtype) for _ in range(n)]
+            if numel > 40:
+                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
+                tuned[-1][13] = float("-inf")
+            for deltas in (False, True):
+                for method, consensus in (("dare_linear", None), ("dare_ties", "sum"), ("dare_ties", "count")):
+                    for normalize in (True, False):
+                        for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n], [0.0] * n):
+                            for density, rescale in ((0.01, None), (0.3, None), (1.0, None), (0.3, "l1")):
+                                res = torch.full_like(base, float("nan"))
+                                options = dict(consensus=consensus) if consensus else {}
+                                vk.delta_merge(base, tuned, weights, method=method, density=density, out=res, seed=5,
+                                               tuned_are_deltas=deltas, normalize=normalize, rescale=rescale,
+                                               scale=0.9, **options)
+                                key = f"{dtype} {n} {numel} {deltas} {method} {consensus} {normalize} {weights} {density}"
+                                out[f"{key} {rescale}"] = bits(res)
+json.dump(out, sys.stdout)
+"""
+
+
+@needs_avx512
+def test_the_avx512_dare_loop_gives_the_portable_loops_bits():
+    """DARE (linear and TIES-style, both consensus rules) on bf16 and fp32, 1–4 models, deltas or
+    not, normalised or not, weights that cancel or sum to 0, NaN, ±0 and ±inf, densities 0.01 to
+    1, with and without the L1 rescale: the AVX-512 loops (merge, L1 sums) write the bits of the
+    compiler-vectorised chunk loops (VFUSE_NO_AVX512), Philox words and flag products included
+    (a NaN's sign and payload aside)."""
+    avx512, portable = with_and_without_avx512(DARE_GRID)
+    assert len(avx512) > 2000  # the whole grid ran
+    differing = [key for key in avx512 if avx512[key] != portable[key]]
+    assert not differing, differing[:5]
+
+
 @needs_avx512
 def test_the_avx512_ties_loop_gives_the_portable_loops_bits():
     """TIES on bf16 and fp32, 1–4 models, deltas or not, both consensus rules, normalised or not,

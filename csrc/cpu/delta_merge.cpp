@@ -311,16 +311,14 @@ void merge_chunk_trim_elect(const DeltaInputs& in, int64_t start, int64_t len, c
 // so that each key meets one threshold: key > K − 1 up to C, key > K after it. Keep flags and
 // agreement select instead of multiplying by 0/1 (a dropped or disagreeing term is left out of
 // sums that start at +0, as the portable loop adds +0 for it): the same bits, tested against it.
-template <int N, bool kDeltas, bool kCount, bool kNormalize>
-VFUSE_AVX512 VFUSE_INLINE __m512 trim_elect16(__m512 b, const __m512* t, const __m512i* floor, const __m512* coef,
-                                             const __m512* weight, __m512 scale) {
+// b + scale · m of 16 lanes, m the election's disjoint mean of the weighted, sparsified deltas uᵢ
+// (merge_chunk's operations in its order). kFlagProducts: a disagreeing term adds uᵢ · 0, as
+// merge_chunk's flag product does (NaN from NaN or ±inf), where trim_elect_fused leaves it out.
+template <int N, bool kCount, bool kNormalize, bool kFlagProducts = false>
+VFUSE_AVX512 VFUSE_INLINE __m512 elect16(__m512 b, const __m512* u, const __m512* weight, __m512 scale) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
-  __m512 u[N], vote = zero;
+  __m512 vote = zero;
   for (int i = 0; i < N; ++i) {
-    const __m512 d = kDeltas ? t[i] : _mm512_sub_ps(t[i], b);
-    const __mmask16 keep = _mm512_cmpgt_epi32_mask(_mm512_and_si512(_mm512_castps_si512(d), magnitude), floor[i]);
-    u[i] = _mm512_maskz_mul_ps(keep, d, coef[i]);
     if (kCount) {
       vote = _mm512_mask_add_ps(vote, _mm512_cmp_ps_mask(u[i], zero, _CMP_GT_OQ), vote, one);
       vote = _mm512_mask_sub_ps(vote, _mm512_cmp_ps_mask(u[i], zero, _CMP_LT_OQ), vote, one);
@@ -333,12 +331,26 @@ VFUSE_AVX512 VFUSE_INLINE __m512 trim_elect16(__m512 b, const __m512* t, const _
   for (int i = 0; i < N; ++i) {
     const __mmask16 agree = _mm512_mask_cmp_ps_mask(positive, u[i], zero, _CMP_GT_OQ) |
                             _mm512_mask_cmp_ps_mask(__mmask16(~positive), u[i], zero, _CMP_LT_OQ);
-    m = _mm512_mask_add_ps(m, agree, m, u[i]);
+    m = kFlagProducts ? _mm512_add_ps(m, _mm512_mask_mul_ps(u[i], __mmask16(~agree), u[i], zero))
+                      : _mm512_mask_add_ps(m, agree, m, u[i]);
     if (kNormalize) divisor = _mm512_mask_add_ps(divisor, agree, divisor, weight[i]);
   }
   if (kNormalize)
     m = _mm512_div_ps(m, _mm512_mask_mov_ps(divisor, _mm512_cmp_ps_mask(divisor, zero, _CMP_EQ_OQ), one));
   return _mm512_add_ps(b, _mm512_mul_ps(scale, m));
+}
+
+template <int N, bool kDeltas, bool kCount, bool kNormalize>
+VFUSE_AVX512 VFUSE_INLINE __m512 trim_elect16(__m512 b, const __m512* t, const __m512i* floor, const __m512* coef,
+                                             const __m512* weight, __m512 scale) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512 u[N];
+  for (int i = 0; i < N; ++i) {
+    const __m512 d = kDeltas ? t[i] : _mm512_sub_ps(t[i], b);
+    const __mmask16 keep = _mm512_cmpgt_epi32_mask(_mm512_and_si512(_mm512_castps_si512(d), magnitude), floor[i]);
+    u[i] = _mm512_maskz_mul_ps(keep, d, coef[i]);
+  }
+  return elect16<N, kCount, kNormalize>(b, u, weight, scale);
 }
 
 template <bool kBf16, int N, bool kDeltas, bool kCount, bool kNormalize>
@@ -425,6 +437,127 @@ void trim_elect_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t st
   }
 }
 
+// DARE (drop, then election or a plain sum) on AVX-512, bf16 and fp32 storage: merge_chunk's
+// operations in its order on the chunk's Philox words (dare_bits_chunk), 16 lanes at a time, its
+// bits included (signed zeros, NaN): a dropped term is (δ · c) · 0, as its flag product makes it.
+// kElect: the election and disjoint mean (elect16), else Σ uᵢ (over Σ wᵢ when normalising).
+template <int N, bool kDeltas, bool kElect, bool kCount, bool kNormalize>
+VFUSE_AVX512 VFUSE_INLINE __m512 drop16(__m512 b, const __m512* t, const __m512i* bits, const __m512i* threshold,
+                                       const __mmask16* all, const __m512* coef, const __m512* weight, __m512 scale,
+                                       __m512 divisor) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 u[N];
+  for (int i = 0; i < N; ++i) {
+    const __m512 d = kDeltas ? t[i] : _mm512_sub_ps(t[i], b);
+    const __mmask16 keep = all[i] | _mm512_cmplt_epu32_mask(bits[i], threshold[i]);
+    u[i] = _mm512_mul_ps(d, coef[i]);
+    u[i] = _mm512_mask_mul_ps(u[i], __mmask16(~keep), u[i], zero);
+  }
+  if (kElect) return elect16<N, kCount, kNormalize, true>(b, u, weight, scale);
+  __m512 m = u[0];
+  for (int i = 1; i < N; ++i) m = _mm512_add_ps(m, u[i]);
+  if (kNormalize) m = _mm512_div_ps(m, divisor);
+  return _mm512_add_ps(b, _mm512_mul_ps(scale, m));
+}
+
+template <bool kBf16, int N, bool kDeltas, bool kElect, bool kCount, bool kNormalize>
+VFUSE_AVX512 void drop_avx512(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  __m512 coef[N], weight[N];
+  __m512i threshold[N];
+  __mmask16 all[N];
+  alignas(64) uint32_t words[N][kChunk];
+  for (int i = 0; i < N; ++i) {
+    coef[i] = _mm512_set1_ps(p.coefs[i]);
+    weight[i] = _mm512_set1_ps(p.weights[i]);
+    const uint64_t keep = uint64_t(in.keep_a[i]);  // kept: word < keep (every word at keep >= 2^32)
+    threshold[i] = _mm512_set1_epi32(int32_t(uint32_t(std::min<uint64_t>(keep, 0xffffffffu))));
+    all[i] = keep > 0xffffffffu ? __mmask16(0xffff) : __mmask16(0);
+    dare_bits_chunk(in.seed, uint32_t(i), start, len, words[i]);
+  }
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  const __m512 divisor = _mm512_set1_ps(p.weight_sum == 0.f ? 1.f : p.weight_sum);
+  if constexpr (kBf16) {
+    const __m512i even_words = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd_words = _mm512_add_epi32(even_words, _mm512_set1_epi32(1));
+    const uint16_t* base = static_cast<const uint16_t*>(in.base) + start;
+    uint16_t* out = static_cast<uint16_t*>(p.out) + start;
+    for (int64_t j = 0; j < len; j += 32) {
+      const int64_t rest = std::min<int64_t>(len - j, 32);
+      const __mmask32 valid = rest == 32 ? ~__mmask32(0) : (__mmask32(1) << rest) - 1;
+      const __m512i b = _mm512_maskz_loadu_epi16(valid, base + j);
+      __m512 even[N], odd[N];
+      __m512i bits_even[N], bits_odd[N];
+      for (int i = 0; i < N; ++i) {
+        const __m512i t = _mm512_maskz_loadu_epi16(valid, static_cast<const uint16_t*>(in.tuned[i]) + start + j);
+        even[i] = bf16_even(t);
+        odd[i] = bf16_odd(t);
+        const __m512i w0 = _mm512_load_si512(words[i] + j), w1 = _mm512_load_si512(words[i] + j + 16);
+        bits_even[i] = _mm512_permutex2var_epi32(w0, even_words, w1);
+        bits_odd[i] = _mm512_permutex2var_epi32(w0, odd_words, w1);
+      }
+      const __m512 lo = drop16<N, kDeltas, kElect, kCount, kNormalize>(bf16_even(b), even, bits_even, threshold, all,
+                                                                       coef, weight, scale, divisor);
+      const __m512 hi = drop16<N, kDeltas, kElect, kCount, kNormalize>(bf16_odd(b), odd, bits_odd, threshold, all,
+                                                                       coef, weight, scale, divisor);
+      _mm512_mask_storeu_epi16(out + j, valid, bf16_pack(bf16_high_halves(lo), bf16_high_halves(hi)));
+    }
+  } else {
+    const float* base = static_cast<const float*>(in.base) + start;
+    float* out = static_cast<float*>(p.out) + start;
+    for (int64_t j = 0; j < len; j += 16) {
+      const int64_t rest = std::min<int64_t>(len - j, 16);
+      const __mmask16 valid = rest == 16 ? __mmask16(0xffff) : __mmask16((1u << rest) - 1);
+      __m512 t[N];
+      __m512i bits[N];
+      for (int i = 0; i < N; ++i) {
+        t[i] = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.tuned[i]) + start + j);
+        bits[i] = _mm512_load_si512(words[i] + j);
+      }
+      const __m512 b = _mm512_maskz_loadu_ps(valid, base + j);
+      _mm512_mask_storeu_ps(out + j, valid, drop16<N, kDeltas, kElect, kCount, kNormalize>(
+                                                b, t, bits, threshold, all, coef, weight, scale, divisor));
+    }
+  }
+}
+
+template <bool kBf16, int N>
+void drop_avx512_flags(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  const int code = int(in.tuned_are_deltas) * 8 + int(p.elect != kNoElection) * 4 + int(p.elect == kElectCount) * 2 +
+                   int(p.normalize);
+  switch (code) {
+    case 0: return drop_avx512<kBf16, N, false, false, false, false>(in, p, start, len);
+    case 1: return drop_avx512<kBf16, N, false, false, false, true>(in, p, start, len);
+    case 4: return drop_avx512<kBf16, N, false, true, false, false>(in, p, start, len);
+    case 5: return drop_avx512<kBf16, N, false, true, false, true>(in, p, start, len);
+    case 6: return drop_avx512<kBf16, N, false, true, true, false>(in, p, start, len);
+    case 7: return drop_avx512<kBf16, N, false, true, true, true>(in, p, start, len);
+    case 8: return drop_avx512<kBf16, N, true, false, false, false>(in, p, start, len);
+    case 9: return drop_avx512<kBf16, N, true, false, false, true>(in, p, start, len);
+    case 12: return drop_avx512<kBf16, N, true, true, false, false>(in, p, start, len);
+    case 13: return drop_avx512<kBf16, N, true, true, false, true>(in, p, start, len);
+    case 14: return drop_avx512<kBf16, N, true, true, true, false>(in, p, start, len);
+    default: return drop_avx512<kBf16, N, true, true, true, true>(in, p, start, len);
+  }
+}
+
+template <bool kBf16>
+void drop_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+  switch (in.models()) {
+    case 1: return drop_avx512_flags<kBf16, 1>(in, p, start, len);
+    case 2: return drop_avx512_flags<kBf16, 2>(in, p, start, len);
+    case 3: return drop_avx512_flags<kBf16, 3>(in, p, start, len);
+    default: return drop_avx512_flags<kBf16, 4>(in, p, start, len);
+  }
+}
+
+// DARE in drop_avx512 (the caller checked dense_fusable, the method and avx512_loops_for).
+void merge_chunk_drop_avx512(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
+  if (p.out_dtype == kBFloat16)
+    drop_avx512_n<true>(in, p, start, len);
+  else
+    drop_avx512_n<false>(in, p, start, len);
+}
+
 // TIES in trim_elect_avx512 (the caller checked dense_fusable, the method and avx512_loops_for).
 void merge_chunk_trim_elect_avx512(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
   if (p.out_dtype == kBFloat16)
@@ -434,6 +567,7 @@ void merge_chunk_trim_elect_avx512(const DeltaInputs& in, int64_t start, int64_t
 }
 #else
 void merge_chunk_trim_elect_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
+void merge_chunk_drop_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
 #endif
 
 // Whether the fused dense loop applies: one storage dtype everywhere and 1 to 4 models.
@@ -491,6 +625,7 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
   const bool trim_elect = in.sparsify == kTrim && elect != kNoElection && dense_fusable(in, out_dtype);
   const bool trim_elect_avx512 = trim_elect && avx512_loops_for(out_dtype);
+  const bool drop_avx512 = in.sparsify == kDrop && dense_fusable(in, out_dtype) && avx512_loops_for(out_dtype);
 #pragma omp parallel num_threads(threads_for(count * (n + 1)))
   {
     ChunkScratch s(n);
@@ -503,6 +638,8 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
         merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), staged.data());
       } else if (trim_elect_avx512) {
         merge_chunk_trim_elect_avx512(in, start, len, params);
+      } else if (drop_avx512) {
+        merge_chunk_drop_avx512(in, start, len, params);
       } else if (trim_elect) {
         merge_chunk_trim_elect(in, start, len, params);
       } else {
@@ -514,8 +651,71 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   }
 }
 
-// Σ|δᵢ| and Σ keepᵢ·|δᵢ| per model (fp64, summed in chunk order: independent of the
-// thread count). Returns [models][2].
+namespace {
+
+constexpr int kSumLanes = 8;  // sparse_l1's fp64 accumulators per sum: element j adds into lane j % 8
+
+#if VFUSE_AVX512_LOOPS
+// chunk_l1's lane sums over the chunk's first 16·⌊len/16⌋ elements, as its portable loop adds them
+// (the same operations in the same order); returns how many elements it took.
+VFUSE_AVX512 int64_t chunk_l1_avx512(const float* delta, const float* keep, int64_t len, double* all_lanes,
+                                     double* kept_lanes) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512d all = _mm512_load_pd(all_lanes), kept = _mm512_load_pd(kept_lanes);
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(delta + j), magnitude));
+    const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+    const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    all = _mm512_add_pd(_mm512_add_pd(all, low), high);
+    if (keep == nullptr) {
+      kept = _mm512_add_pd(_mm512_add_pd(kept, low), high);
+    } else {
+      const __m512 k = _mm512_loadu_ps(keep + j);
+      const __m512d k_low = _mm512_cvtps_pd(_mm512_castps512_ps256(k));
+      const __m512d k_high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(k), 1)));
+      kept = _mm512_add_pd(_mm512_add_pd(kept, _mm512_mul_pd(low, k_low)), _mm512_mul_pd(high, k_high));
+    }
+  }
+  _mm512_store_pd(all_lanes, all);
+  _mm512_store_pd(kept_lanes, kept);
+  return j;
+}
+#endif
+
+// Σ|δ| and Σ keep·|δ| of one chunk of one model: lane-wise fp64 sums, the lanes then added in
+// order (the same totals on every machine; independent chains, so the loop vectorises).
+VFUSE_MULTIVERSION
+void chunk_l1(const float* delta, const float* keep, int64_t len, double* all_out, double* kept_out) {
+  alignas(64) double all[kSumLanes] = {}, kept[kSumLanes] = {};
+  int64_t j = 0;
+#if VFUSE_AVX512_LOOPS
+  if (avx512_loops()) j = chunk_l1_avx512(delta, keep, len, all, kept);
+#endif
+  for (; j + kSumLanes <= len; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) {
+      const double a = std::fabs(double(delta[j + l]));
+      all[l] += a;
+      kept[l] += keep == nullptr ? a : a * keep[j + l];
+    }
+  for (int l = 0; j < len; ++j, ++l) {
+    const double a = std::fabs(double(delta[j]));
+    all[l] += a;
+    kept[l] += keep == nullptr ? a : a * keep[j];
+  }
+  double all_sum = 0.0, kept_sum = 0.0;
+  for (int l = 0; l < kSumLanes; ++l) {
+    all_sum += all[l];
+    kept_sum += kept[l];
+  }
+  *all_out = all_sum;
+  *kept_out = kept_sum;
+}
+
+}  // namespace
+
+// Σ|δᵢ| and Σ keepᵢ·|δᵢ| per model (fp64, summed in a fixed order, chunk by chunk: independent of
+// the thread count). Returns [models][2].
 std::vector<double> sparse_l1(const DeltaInputs& in) {
   const int n = in.models();
   const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
@@ -527,17 +727,9 @@ std::vector<double> sparse_l1(const DeltaInputs& in) {
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, in.numel - start);
       load_deltas(in, start, len, true, s);
-      for (int i = 0; i < n; ++i) {
-        const float* delta = s.delta_of(i);
-        double all = 0.0, kept = 0.0;
-        for (int64_t j = 0; j < len; ++j) {
-          double a = std::fabs(double(delta[j]));
-          all += a;
-          kept += s.keep_all ? a : a * s.keep_of(i)[j];
-        }
-        partial[(size_t(c) * n + i) * 2] = all;
-        partial[(size_t(c) * n + i) * 2 + 1] = kept;
-      }
+      for (int i = 0; i < n; ++i)
+        chunk_l1(s.delta_of(i), s.keep_all ? nullptr : s.keep_of(i), len, &partial[(size_t(c) * n + i) * 2],
+                 &partial[(size_t(c) * n + i) * 2 + 1]);
     }
   }
   std::vector<double> total(size_t(n) * 2, 0.0);
