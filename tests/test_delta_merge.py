@@ -383,6 +383,47 @@ json.dump(out, sys.stdout)
 """
 
 
+BAND_GRID = """
+import hashlib, json, sys, torch
+from vfuse_kernels.merging.methods.gta import breadcrumbs_merge
+out = {}
+def bits(t):  # NaN as one NaN: the sign and payload of a NaN depend on the compiler's operand order
+    t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
+    return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (1, 2, 3):
+        for numel in (33, 1031, 70_001):
+            gen = torch.Generator().manual_seed(numel + n)
+            base = torch.randn(numel, generator=gen).to(dtype)
+            steps = torch.randint(-4, 5, (n, numel), generator=gen).float() * 2.0**-7  # tie-heavy deltas
+            tuned = [(base.float() + s).to(dtype) for s in steps]
+            if numel > 40:
+                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
+            for deltas in (False, True):
+                for consensus, normalize in ((True, True), (True, False), (False, False)):
+                    for rescale in (False, True):
+                        for densities, gammas in (([0.3, 0.9, 0.5][:n], [0.05, 0.0, 0.2][:n]),
+                                                  ([1.0, 0.01, 0.7][:n], [0.1, 0.5, 0.3][:n])):
+                            res = breadcrumbs_merge(base, tuned, [0.7, -0.3, 1.1][:n], densities, gammas,
+                                                    consensus=consensus, normalize=normalize, scale=0.9,
+                                                    rescale=rescale, tuned_are_deltas=deltas)
+                            out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {rescale} {densities}"] = bits(res)
+json.dump(out, sys.stdout)
+"""
+
+
+@needs_avx512
+def test_the_avx512_band_loop_gives_the_portable_loops_bits():
+    """Model Breadcrumbs' band merge (both cuts, ties to the higher index at each) on bf16 and fp32,
+    1–3 models, tie-heavy deltas, deltas or not, with and without consensus and the L1 rescale,
+    densities 1 (every element) and gammas that empty the band: the AVX-512 loop writes the bits
+    of the compiler-vectorised chunk loop (VFUSE_NO_AVX512), a NaN's sign and payload aside."""
+    avx512, portable = with_and_without_avx512(BAND_GRID)
+    assert len(avx512) > 400  # the whole grid ran
+    differing = [key for key in avx512 if avx512[key] != portable[key]]
+    assert not differing, differing[:5]
+
+
 @needs_avx512
 def test_the_avx512_dare_loop_gives_the_portable_loops_bits():
     """DARE (linear and TIES-style, both consensus rules) on bf16 and fp32, 1–4 models, deltas or

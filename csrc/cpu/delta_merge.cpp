@@ -437,21 +437,19 @@ void trim_elect_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t st
   }
 }
 
-// DARE (drop, then election or a plain sum) on AVX-512, bf16 and fp32 storage: merge_chunk's
-// operations in its order on the chunk's Philox words (dare_bits_chunk), 16 lanes at a time, its
-// bits included (signed zeros, NaN): a dropped term is (δ · c) · 0, as its flag product makes it.
-// kElect: the election and disjoint mean (elect16), else Σ uᵢ (over Σ wᵢ when normalising).
-template <int N, bool kDeltas, bool kElect, bool kCount, bool kNormalize>
-VFUSE_AVX512 VFUSE_INLINE __m512 drop16(__m512 b, const __m512* t, const __m512i* bits, const __m512i* threshold,
-                                       const __mmask16* all, const __m512* coef, const __m512* weight, __m512 scale,
-                                       __m512 divisor) {
+// DARE and Model Breadcrumbs (drop, or the band between two magnitude cuts; then the election or
+// a plain sum) on AVX-512, bf16 and fp32 storage: merge_chunk's operations in its order, 16 lanes
+// at a time, its bits included (signed zeros, NaN): a dropped term is (δ · c) · 0, as its flag
+// product makes it. kElect: the election and disjoint mean (elect16), else Σ uᵢ (over Σ wᵢ when
+// normalising).
+template <int N, bool kElect, bool kCount, bool kNormalize>
+VFUSE_AVX512 VFUSE_INLINE __m512 sparse16(__m512 b, const __m512* d, const __mmask16* keep, const __m512* coef,
+                                         const __m512* weight, __m512 scale, __m512 divisor) {
   const __m512 zero = _mm512_setzero_ps();
   __m512 u[N];
   for (int i = 0; i < N; ++i) {
-    const __m512 d = kDeltas ? t[i] : _mm512_sub_ps(t[i], b);
-    const __mmask16 keep = all[i] | _mm512_cmplt_epu32_mask(bits[i], threshold[i]);
-    u[i] = _mm512_mul_ps(d, coef[i]);
-    u[i] = _mm512_mask_mul_ps(u[i], __mmask16(~keep), u[i], zero);
+    u[i] = _mm512_mul_ps(d[i], coef[i]);
+    u[i] = _mm512_mask_mul_ps(u[i], __mmask16(~keep[i]), u[i], zero);
   }
   if (kElect) return elect16<N, kCount, kNormalize, true>(b, u, weight, scale);
   __m512 m = u[0];
@@ -460,102 +458,151 @@ VFUSE_AVX512 VFUSE_INLINE __m512 drop16(__m512 b, const __m512* t, const __m512i
   return _mm512_add_ps(b, _mm512_mul_ps(scale, m));
 }
 
-template <bool kBf16, int N, bool kDeltas, bool kElect, bool kCount, bool kNormalize>
-VFUSE_AVX512 void drop_avx512(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+// One magnitude cut of the band, as load_deltas applies it: key > K, or key == K past the cutoff.
+// Keys below 0 hold every element, keys above 2^31 − 1 none.
+struct Cut {
+  __m512i key, cutoff;  // int32: K (clamped), the cutoff relative to the chunk
+  __mmask16 every, none;
+  VFUSE_AVX512 static Cut at(int64_t k, int64_t c, int64_t start) {
+    return {_mm512_set1_epi32(int32_t(std::clamp<int64_t>(k, 0, INT32_MAX))),
+            _mm512_set1_epi32(int32_t(std::clamp<int64_t>(c - start, -1, kChunk))),
+            k < 0 ? __mmask16(0xffff) : __mmask16(0), k > INT32_MAX ? __mmask16(0xffff) : __mmask16(0)};
+  }
+  // keys: 16 magnitude keys; index: their elements' indices relative to the chunk
+  VFUSE_AVX512 __mmask16 holds(__m512i keys, __m512i index) const {
+    const __mmask16 above = _mm512_cmpgt_epi32_mask(keys, key);
+    const __mmask16 past = _mm512_mask_cmpgt_epi32_mask(_mm512_cmpeq_epi32_mask(keys, key), index, cutoff);
+    return __mmask16((every | above | past) & ~none);
+  }
+};
+
+template <bool kBf16, int N, bool kBand, bool kDeltas, bool kElect, bool kCount, bool kNormalize>
+VFUSE_AVX512 void sparse_avx512(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   __m512 coef[N], weight[N];
   __m512i threshold[N];
-  __mmask16 all[N];
-  alignas(64) uint32_t words[N][kChunk];
+  __mmask16 every[N];
+  alignas(64) uint32_t words[kBand ? 1 : N][kChunk];  // DARE: the chunk's Philox words of each model
+  Cut cuts[kBand ? 2 * N : 1];  // band: each model's wider cut, then the narrower ones
   for (int i = 0; i < N; ++i) {
     coef[i] = _mm512_set1_ps(p.coefs[i]);
     weight[i] = _mm512_set1_ps(p.weights[i]);
-    const uint64_t keep = uint64_t(in.keep_a[i]);  // kept: word < keep (every word at keep >= 2^32)
-    threshold[i] = _mm512_set1_epi32(int32_t(uint32_t(std::min<uint64_t>(keep, 0xffffffffu))));
-    all[i] = keep > 0xffffffffu ? __mmask16(0xffff) : __mmask16(0);
-    dare_bits_chunk(in.seed, uint32_t(i), start, len, words[i]);
+    if constexpr (!kBand) {
+      const uint64_t keep = uint64_t(in.keep_a[i]);  // kept: word < keep (every word at keep >= 2^32)
+      threshold[i] = _mm512_set1_epi32(int32_t(uint32_t(std::min<uint64_t>(keep, 0xffffffffu))));
+      every[i] = keep > 0xffffffffu ? __mmask16(0xffff) : __mmask16(0);
+      dare_bits_chunk(in.seed, uint32_t(i), start, len, words[i]);
+    }
   }
+  if constexpr (kBand)
+    for (int c = 0; c < 2 * N; ++c) cuts[c] = Cut::at(in.keep_a[c], in.keep_b[c], start);
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  // the keep flags of model i's 16 deltas d at elements `index` (relative to the chunk), whose
+  // Philox words are `bits`
+  const auto keep_of = [&](int i, __m512 d, __m512i index, __m512i bits) VFUSE_AVX512 {
+    if constexpr (kBand) {
+      const __m512i keys = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
+      return __mmask16(cuts[i].holds(keys, index) & ~cuts[N + i].holds(keys, index));
+    } else {
+      return __mmask16(every[i] | _mm512_cmplt_epu32_mask(bits, threshold[i]));
+    }
+  };
   const __m512 scale = _mm512_set1_ps(p.scale);
   const __m512 divisor = _mm512_set1_ps(p.weight_sum == 0.f ? 1.f : p.weight_sum);
+  const __m512i zeros = _mm512_setzero_si512();
   if constexpr (kBf16) {
-    const __m512i even_words = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd_words = _mm512_add_epi32(even_words, _mm512_set1_epi32(1));
+    const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd_lanes = _mm512_add_epi32(even_lanes, _mm512_set1_epi32(1));
     const uint16_t* base = static_cast<const uint16_t*>(in.base) + start;
     uint16_t* out = static_cast<uint16_t*>(p.out) + start;
     for (int64_t j = 0; j < len; j += 32) {
       const int64_t rest = std::min<int64_t>(len - j, 32);
       const __mmask32 valid = rest == 32 ? ~__mmask32(0) : (__mmask32(1) << rest) - 1;
       const __m512i b = _mm512_maskz_loadu_epi16(valid, base + j);
-      __m512 even[N], odd[N];
-      __m512i bits_even[N], bits_odd[N];
+      const __m512 b_even = bf16_even(b), b_odd = bf16_odd(b);
+      const __m512i at = _mm512_set1_epi32(int32_t(j));
+      const __m512i index_even = _mm512_add_epi32(at, even_lanes), index_odd = _mm512_add_epi32(at, odd_lanes);
+      __m512 d_even[N], d_odd[N];
+      __mmask16 keep_even[N], keep_odd[N];
       for (int i = 0; i < N; ++i) {
         const __m512i t = _mm512_maskz_loadu_epi16(valid, static_cast<const uint16_t*>(in.tuned[i]) + start + j);
-        even[i] = bf16_even(t);
-        odd[i] = bf16_odd(t);
-        const __m512i w0 = _mm512_load_si512(words[i] + j), w1 = _mm512_load_si512(words[i] + j + 16);
-        bits_even[i] = _mm512_permutex2var_epi32(w0, even_words, w1);
-        bits_odd[i] = _mm512_permutex2var_epi32(w0, odd_words, w1);
+        d_even[i] = kDeltas ? bf16_even(t) : _mm512_sub_ps(bf16_even(t), b_even);
+        d_odd[i] = kDeltas ? bf16_odd(t) : _mm512_sub_ps(bf16_odd(t), b_odd);
+        __m512i bits_even = zeros, bits_odd = zeros;
+        if constexpr (!kBand) {
+          const __m512i w0 = _mm512_load_si512(words[i] + j), w1 = _mm512_load_si512(words[i] + j + 16);
+          bits_even = _mm512_permutex2var_epi32(w0, even_lanes, w1);
+          bits_odd = _mm512_permutex2var_epi32(w0, odd_lanes, w1);
+        }
+        keep_even[i] = keep_of(i, d_even[i], index_even, bits_even);
+        keep_odd[i] = keep_of(i, d_odd[i], index_odd, bits_odd);
       }
-      const __m512 lo = drop16<N, kDeltas, kElect, kCount, kNormalize>(bf16_even(b), even, bits_even, threshold, all,
-                                                                       coef, weight, scale, divisor);
-      const __m512 hi = drop16<N, kDeltas, kElect, kCount, kNormalize>(bf16_odd(b), odd, bits_odd, threshold, all,
-                                                                       coef, weight, scale, divisor);
+      const __m512 lo = sparse16<N, kElect, kCount, kNormalize>(b_even, d_even, keep_even, coef, weight, scale,
+                                                                divisor);
+      const __m512 hi = sparse16<N, kElect, kCount, kNormalize>(b_odd, d_odd, keep_odd, coef, weight, scale, divisor);
       _mm512_mask_storeu_epi16(out + j, valid, bf16_pack(bf16_high_halves(lo), bf16_high_halves(hi)));
     }
   } else {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float* base = static_cast<const float*>(in.base) + start;
     float* out = static_cast<float*>(p.out) + start;
     for (int64_t j = 0; j < len; j += 16) {
       const int64_t rest = std::min<int64_t>(len - j, 16);
       const __mmask16 valid = rest == 16 ? __mmask16(0xffff) : __mmask16((1u << rest) - 1);
-      __m512 t[N];
-      __m512i bits[N];
-      for (int i = 0; i < N; ++i) {
-        t[i] = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.tuned[i]) + start + j);
-        bits[i] = _mm512_load_si512(words[i] + j);
-      }
       const __m512 b = _mm512_maskz_loadu_ps(valid, base + j);
-      _mm512_mask_storeu_ps(out + j, valid, drop16<N, kDeltas, kElect, kCount, kNormalize>(
-                                                b, t, bits, threshold, all, coef, weight, scale, divisor));
+      const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j)), lanes);
+      __m512 d[N];
+      __mmask16 keep[N];
+      for (int i = 0; i < N; ++i) {
+        const __m512 t = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(in.tuned[i]) + start + j);
+        d[i] = kDeltas ? t : _mm512_sub_ps(t, b);
+        __m512i bits = zeros;
+        if constexpr (!kBand) bits = _mm512_load_si512(words[i] + j);
+        keep[i] = keep_of(i, d[i], index, bits);
+      }
+      _mm512_mask_storeu_ps(out + j, valid,
+                            sparse16<N, kElect, kCount, kNormalize>(b, d, keep, coef, weight, scale, divisor));
     }
   }
 }
 
-template <bool kBf16, int N>
-void drop_avx512_flags(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+template <bool kBf16, int N, bool kBand>
+void sparse_avx512_flags(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   const int code = int(in.tuned_are_deltas) * 8 + int(p.elect != kNoElection) * 4 + int(p.elect == kElectCount) * 2 +
                    int(p.normalize);
   switch (code) {
-    case 0: return drop_avx512<kBf16, N, false, false, false, false>(in, p, start, len);
-    case 1: return drop_avx512<kBf16, N, false, false, false, true>(in, p, start, len);
-    case 4: return drop_avx512<kBf16, N, false, true, false, false>(in, p, start, len);
-    case 5: return drop_avx512<kBf16, N, false, true, false, true>(in, p, start, len);
-    case 6: return drop_avx512<kBf16, N, false, true, true, false>(in, p, start, len);
-    case 7: return drop_avx512<kBf16, N, false, true, true, true>(in, p, start, len);
-    case 8: return drop_avx512<kBf16, N, true, false, false, false>(in, p, start, len);
-    case 9: return drop_avx512<kBf16, N, true, false, false, true>(in, p, start, len);
-    case 12: return drop_avx512<kBf16, N, true, true, false, false>(in, p, start, len);
-    case 13: return drop_avx512<kBf16, N, true, true, false, true>(in, p, start, len);
-    case 14: return drop_avx512<kBf16, N, true, true, true, false>(in, p, start, len);
-    default: return drop_avx512<kBf16, N, true, true, true, true>(in, p, start, len);
+    case 0: return sparse_avx512<kBf16, N, kBand, false, false, false, false>(in, p, start, len);
+    case 1: return sparse_avx512<kBf16, N, kBand, false, false, false, true>(in, p, start, len);
+    case 4: return sparse_avx512<kBf16, N, kBand, false, true, false, false>(in, p, start, len);
+    case 5: return sparse_avx512<kBf16, N, kBand, false, true, false, true>(in, p, start, len);
+    case 6: return sparse_avx512<kBf16, N, kBand, false, true, true, false>(in, p, start, len);
+    case 7: return sparse_avx512<kBf16, N, kBand, false, true, true, true>(in, p, start, len);
+    case 8: return sparse_avx512<kBf16, N, kBand, true, false, false, false>(in, p, start, len);
+    case 9: return sparse_avx512<kBf16, N, kBand, true, false, false, true>(in, p, start, len);
+    case 12: return sparse_avx512<kBf16, N, kBand, true, true, false, false>(in, p, start, len);
+    case 13: return sparse_avx512<kBf16, N, kBand, true, true, false, true>(in, p, start, len);
+    case 14: return sparse_avx512<kBf16, N, kBand, true, true, true, false>(in, p, start, len);
+    default: return sparse_avx512<kBf16, N, kBand, true, true, true, true>(in, p, start, len);
   }
 }
 
-template <bool kBf16>
-void drop_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
+template <bool kBf16, bool kBand>
+void sparse_avx512_n(const DeltaInputs& in, const MergeParams& p, int64_t start, int64_t len) {
   switch (in.models()) {
-    case 1: return drop_avx512_flags<kBf16, 1>(in, p, start, len);
-    case 2: return drop_avx512_flags<kBf16, 2>(in, p, start, len);
-    case 3: return drop_avx512_flags<kBf16, 3>(in, p, start, len);
-    default: return drop_avx512_flags<kBf16, 4>(in, p, start, len);
+    case 1: return sparse_avx512_flags<kBf16, 1, kBand>(in, p, start, len);
+    case 2: return sparse_avx512_flags<kBf16, 2, kBand>(in, p, start, len);
+    case 3: return sparse_avx512_flags<kBf16, 3, kBand>(in, p, start, len);
+    default: return sparse_avx512_flags<kBf16, 4, kBand>(in, p, start, len);
   }
 }
 
-// DARE in drop_avx512 (the caller checked dense_fusable, the method and avx512_loops_for).
-void merge_chunk_drop_avx512(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
-  if (p.out_dtype == kBFloat16)
-    drop_avx512_n<true>(in, p, start, len);
+// DARE and Model Breadcrumbs in sparse_avx512 (the caller checked dense_fusable, the sparsification
+// and avx512_loops_for).
+void merge_chunk_sparse_avx512(const DeltaInputs& in, int64_t start, int64_t len, const MergeParams& p) {
+  const bool bf16 = p.out_dtype == kBFloat16, band = in.sparsify == kBand;
+  if (bf16)
+    band ? sparse_avx512_n<true, true>(in, p, start, len) : sparse_avx512_n<true, false>(in, p, start, len);
   else
-    drop_avx512_n<false>(in, p, start, len);
+    band ? sparse_avx512_n<false, true>(in, p, start, len) : sparse_avx512_n<false, false>(in, p, start, len);
 }
 
 // TIES in trim_elect_avx512 (the caller checked dense_fusable, the method and avx512_loops_for).
@@ -567,7 +614,7 @@ void merge_chunk_trim_elect_avx512(const DeltaInputs& in, int64_t start, int64_t
 }
 #else
 void merge_chunk_trim_elect_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
-void merge_chunk_drop_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
+void merge_chunk_sparse_avx512(const DeltaInputs&, int64_t, int64_t, const MergeParams&) {}
 #endif
 
 // Whether the fused dense loop applies: one storage dtype everywhere and 1 to 4 models.
@@ -625,7 +672,8 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
   const bool dense = in.sparsify == kKeepAll && elect == kNoElection;
   const bool trim_elect = in.sparsify == kTrim && elect != kNoElection && dense_fusable(in, out_dtype);
   const bool trim_elect_avx512 = trim_elect && avx512_loops_for(out_dtype);
-  const bool drop_avx512 = in.sparsify == kDrop && dense_fusable(in, out_dtype) && avx512_loops_for(out_dtype);
+  const bool sparse_avx512 = (in.sparsify == kDrop || in.sparsify == kBand) && dense_fusable(in, out_dtype) &&
+                             avx512_loops_for(out_dtype);
 #pragma omp parallel num_threads(threads_for(count * (n + 1)))
   {
     ChunkScratch s(n);
@@ -638,8 +686,8 @@ void merge(void* out, int out_dtype, const DeltaInputs& in, const std::vector<fl
         merge_chunk_dense(in, start, len, params, s.base.data(), m.data(), staged.data());
       } else if (trim_elect_avx512) {
         merge_chunk_trim_elect_avx512(in, start, len, params);
-      } else if (drop_avx512) {
-        merge_chunk_drop_avx512(in, start, len, params);
+      } else if (sparse_avx512) {
+        merge_chunk_sparse_avx512(in, start, len, params);
       } else if (trim_elect) {
         merge_chunk_trim_elect(in, start, len, params);
       } else {
