@@ -319,130 +319,106 @@ def test_l1_rescale_identical_on_both_backends(method, monkeypatch):
     assert torch.equal(on_triton.cpu(), on_cpu)
 
 
-TIES_GRID = """
-import hashlib, json, sys, torch, vfuse_kernels as vk
-out = {}
-def bits(t):
-    return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
-for dtype in (torch.bfloat16, torch.float32):
-    for n in (1, 2, 3, 4):
-        for numel in (1, 33, 1031, 70_001):
-            gen = torch.Generator().manual_seed(numel + n)
-            base = torch.randn(numel, generator=gen).to(dtype)
-            steps = torch.randint(-4, 5, (n, numel), generator=gen).float() * 2.0**-7  # tie-heavy deltas
-            tuned = [(base.float() + s).to(dtype) for s in steps]
-            if numel > 40:
-                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
-            for deltas in (False, True):
-                for consensus in ("sum", "count"):
-                    for normalize in (True, False):
-                        for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n]):
-                            for density in (0.01, 0.3, 1.0):
-                                res = torch.full_like(base, float("nan"))
-                                vk.delta_merge(base, tuned, weights, method="ties", density=density, out=res,
-                                               tuned_are_deltas=deltas, consensus=consensus, normalize=normalize)
-                                out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {weights} {density}"] = bits(res)
-            for key in (0, 2**31 - 1, -5, 1 << 40, 0x3C000000):  # given thresholds, cutoffs inside chunks
-                for cut in (0, numel // 2, numel - 1, 600, 1024):
-                    res = torch.full_like(base, float("nan"))
-                    vk.delta_merge(base, tuned, [0.6, 0.4, 0.3, 0.2][:n], method="ties", out=res,
-                                   thresholds=(torch.tensor([key] * n), torch.tensor([cut + i for i in range(n)])))
-                    out[f"{dtype} {n} {numel} key={key} cut={cut}"] = bits(res)
-json.dump(out, sys.stdout)
-"""
-
-
-DARE_GRID = """
-import hashlib, json, sys, torch, vfuse_kernels as vk
-out = {}
-def bits(t):  # NaN as one NaN: the sign and payload of a NaN depend on the compiler's operand order
-    t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
-    return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
-for dtype in (torch.bfloat16, torch.float32):
-    for n in (1, 2, 3, 4):
-        for numel in (1, 33, 1031, 70_001):
-            gen = torch.Generator().manual_seed(numel + n)
-            base = torch.randn(numel, generator=gen).to(dtype)
-            tuned = [(base.float() + 0.01 * torch.randn(numel, generator=gen)).to(dtype) for _ in range(n)]
-            if numel > 40:
-                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
-                tuned[-1][13] = float("-inf")
-            for deltas in (False, True):
-                for method, consensus in (("dare_linear", None), ("dare_ties", "sum"), ("dare_ties", "count")):
-                    for normalize in (True, False):
-                        for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n], [0.0] * n):
-                            for density, rescale in ((0.01, None), (0.3, None), (1.0, None), (0.3, "l1")):
-                                res = torch.full_like(base, float("nan"))
-                                options = dict(consensus=consensus) if consensus else {}
-                                vk.delta_merge(base, tuned, weights, method=method, density=density, out=res, seed=5,
-                                               tuned_are_deltas=deltas, normalize=normalize, rescale=rescale,
-                                               scale=0.9, **options)
-                                key = f"{dtype} {n} {numel} {deltas} {method} {consensus} {normalize} {weights} {density}"
-                                out[f"{key} {rescale}"] = bits(res)
-json.dump(out, sys.stdout)
-"""
-
-
-BAND_GRID = """
+# The grids below run in fresh processes (with_and_without_avx512): this prologue is part of each.
+GRID_PROLOGUE = """
 import hashlib, json, sys, torch
-from vfuse_kernels.merging.methods.gta import breadcrumbs_merge
 out = {}
-def bits(t):  # NaN as one NaN: the sign and payload of a NaN depend on the compiler's operand order
-    t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
+def bits(t, any_nan=False):  # any_nan: every NaN as one (its sign and payload follow the compiler's operand order)
+    if any_nan:
+        t = torch.where(t.isnan(), torch.tensor(float("nan"), dtype=t.dtype), t)
     return hashlib.sha1((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()).hexdigest()
-for dtype in (torch.bfloat16, torch.float32):
-    for n in (1, 2, 3):
-        for numel in (33, 1031, 70_001):
-            gen = torch.Generator().manual_seed(numel + n)
-            base = torch.randn(numel, generator=gen).to(dtype)
-            steps = torch.randint(-4, 5, (n, numel), generator=gen).float() * 2.0**-7  # tie-heavy deltas
-            tuned = [(base.float() + s).to(dtype) for s in steps]
-            if numel > 40:
-                base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
-            for deltas in (False, True):
-                for consensus, normalize in ((True, True), (True, False), (False, False)):
-                    for rescale in (False, True):
-                        for densities, gammas in (([0.3, 0.9, 0.5][:n], [0.05, 0.0, 0.2][:n]),
-                                                  ([1.0, 0.01, 0.7][:n], [0.1, 0.5, 0.3][:n])):
-                            res = breadcrumbs_merge(base, tuned, [0.7, -0.3, 1.1][:n], densities, gammas,
-                                                    consensus=consensus, normalize=normalize, scale=0.9,
-                                                    rescale=rescale, tuned_are_deltas=deltas)
-                            out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {rescale} {densities}"] = bits(res)
+def cases(counts, numels, tie_heavy):
+    # (dtype, n, numel, base, tuned): fresh data, tie-heavy deltas (nine steps) or Gaussian ones, and
+    # -0, 0, NaN, inf and -inf at fixed places
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in counts:
+            for numel in numels:
+                gen = torch.Generator().manual_seed(numel + n)
+                base = torch.randn(numel, generator=gen).to(dtype)
+                if tie_heavy:
+                    deltas = torch.randint(-4, 5, (n, numel), generator=gen).float() * 2.0**-7
+                else:
+                    deltas = 0.01 * torch.randn(n, numel, generator=gen)
+                tuned = [(base.float() + d).to(dtype) for d in deltas]
+                if numel > 40:
+                    base[5], tuned[0][5], tuned[-1][7], base[9], tuned[0][11] = -0.0, 0.0, float("nan"), float("inf"), -0.0
+                    tuned[-1][13] = float("-inf")
+                yield dtype, n, numel, base, tuned
+"""
+
+TIES_GRID = GRID_PROLOGUE + """
+import vfuse_kernels as vk
+for dtype, n, numel, base, tuned in cases((1, 2, 3, 4), (1, 33, 1031, 70_001), tie_heavy=True):
+    for deltas in (False, True):
+        for consensus in ("sum", "count"):
+            for normalize in (True, False):
+                for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n]):
+                    for density in (0.01, 0.3, 1.0):
+                        res = torch.full_like(base, float("nan"))
+                        vk.delta_merge(base, tuned, weights, method="ties", density=density, out=res,
+                                       tuned_are_deltas=deltas, consensus=consensus, normalize=normalize)
+                        out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {weights} {density}"] = bits(res)
+    for key in (0, 2**31 - 1, -5, 1 << 40, 0x3C000000):  # given thresholds, cutoffs inside chunks
+        for cut in (0, numel // 2, numel - 1, 600, 1024):
+            res = torch.full_like(base, float("nan"))
+            vk.delta_merge(base, tuned, [0.6, 0.4, 0.3, 0.2][:n], method="ties", out=res,
+                           thresholds=(torch.tensor([key] * n), torch.tensor([cut + i for i in range(n)])))
+            out[f"{dtype} {n} {numel} key={key} cut={cut}"] = bits(res)
+json.dump(out, sys.stdout)
+"""
+
+
+DARE_GRID = GRID_PROLOGUE + """
+import vfuse_kernels as vk
+for dtype, n, numel, base, tuned in cases((1, 2, 3, 4), (1, 33, 1031, 70_001), tie_heavy=False):
+    for deltas in (False, True):
+        for method, consensus in (("dare_linear", None), ("dare_ties", "sum"), ("dare_ties", "count")):
+            for normalize in (True, False):
+                for weights in ([0.7, -0.3, 1.1, 0.25][:n], [0.5, -0.5, 0.5, -0.5][:n], [0.0] * n):
+                    for density, rescale in ((0.01, None), (0.3, None), (1.0, None), (0.3, "l1")):
+                        res = torch.full_like(base, float("nan"))
+                        options = dict(consensus=consensus) if consensus else {}
+                        vk.delta_merge(base, tuned, weights, method=method, density=density, out=res, seed=5,
+                                       tuned_are_deltas=deltas, normalize=normalize, rescale=rescale, scale=0.9,
+                                       **options)
+                        key = f"{dtype} {n} {numel} {deltas} {method} {consensus} {normalize} {weights} {density}"
+                        out[f"{key} {rescale}"] = bits(res, any_nan=True)
+json.dump(out, sys.stdout)
+"""
+
+
+BAND_GRID = GRID_PROLOGUE + """
+from vfuse_kernels.merging.methods.gta import breadcrumbs_merge
+for dtype, n, numel, base, tuned in cases((1, 2, 3), (33, 1031, 70_001), tie_heavy=True):
+    for deltas in (False, True):
+        for consensus, normalize in ((True, True), (True, False), (False, False)):
+            for rescale in (False, True):
+                for densities, gammas in (([0.3, 0.9, 0.5][:n], [0.05, 0.0, 0.2][:n]),
+                                          ([1.0, 0.01, 0.7][:n], [0.1, 0.5, 0.3][:n])):
+                    res = breadcrumbs_merge(base, tuned, [0.7, -0.3, 1.1][:n], densities, gammas, consensus=consensus,
+                                            normalize=normalize, scale=0.9, rescale=rescale, tuned_are_deltas=deltas)
+                    out[f"{dtype} {n} {numel} {deltas} {consensus} {normalize} {rescale} {densities}"] = bits(
+                        res, any_nan=True)
 json.dump(out, sys.stdout)
 """
 
 
 @needs_avx512
-def test_the_avx512_band_loop_gives_the_portable_loops_bits():
-    """Model Breadcrumbs' band merge (both cuts, ties to the higher index at each) on bf16 and fp32,
-    1–3 models, tie-heavy deltas, deltas or not, with and without consensus and the L1 rescale,
-    densities 1 (every element) and gammas that empty the band: the AVX-512 loop writes the bits
-    of the compiler-vectorised chunk loop (VFUSE_NO_AVX512), a NaN's sign and payload aside."""
-    avx512, portable = with_and_without_avx512(BAND_GRID)
-    assert len(avx512) > 400  # the whole grid ran
+@pytest.mark.parametrize("grid, rows", [(TIES_GRID, 2000), (DARE_GRID, 2000), (BAND_GRID, 400)],
+                         ids=["ties", "dare", "breadcrumbs"])
+def test_the_avx512_loops_give_the_portable_loops_bits(grid, rows):
+    """The AVX-512 merge loops write the bits of the compiler-vectorised loops (VFUSE_NO_AVX512),
+    each grid on bf16 and fp32, deltas or not, NaN, ±0 and ±inf in the inputs:
+    - TIES: 1–4 models, both consensus rules, normalised or not, weights that cancel, tie-heavy
+      deltas, densities 0.01 to 1, given thresholds at the key range's ends and out of it, cutoffs
+      anywhere in a chunk;
+    - DARE (linear and TIES-style, both consensus rules): 1–4 models, normalised or not, weights
+      that cancel or sum to 0, densities 0.01 to 1, with and without the L1 rescale (its sums'
+      loop too): Philox words and flag products included, a NaN's sign and payload aside;
+    - Model Breadcrumbs' band (both cuts, ties to the higher index at each): 1–3 models, tie-heavy
+      deltas, with and without consensus and the L1 rescale, density 1 (every element) and gammas
+      that empty the band, a NaN's sign and payload aside."""
+    avx512, portable = with_and_without_avx512(grid)
+    assert len(avx512) > rows  # the whole grid ran
     differing = [key for key in avx512 if avx512[key] != portable[key]]
     assert not differing, differing[:5]
-
-
-@needs_avx512
-def test_the_avx512_dare_loop_gives_the_portable_loops_bits():
-    """DARE (linear and TIES-style, both consensus rules) on bf16 and fp32, 1–4 models, deltas or
-    not, normalised or not, weights that cancel or sum to 0, NaN, ±0 and ±inf, densities 0.01 to
-    1, with and without the L1 rescale: the AVX-512 loops (merge, L1 sums) write the bits of the
-    compiler-vectorised chunk loops (VFUSE_NO_AVX512), Philox words and flag products included
-    (a NaN's sign and payload aside)."""
-    avx512, portable = with_and_without_avx512(DARE_GRID)
-    assert len(avx512) > 2000  # the whole grid ran
-    differing = [key for key in avx512 if avx512[key] != portable[key]]
-    assert not differing, differing[:5]
-
-
-@needs_avx512
-def test_the_avx512_ties_loop_gives_the_portable_loops_bits():
-    """TIES on bf16 and fp32, 1–4 models, deltas or not, both consensus rules, normalised or not,
-    weights that cancel, tie-heavy deltas, NaN, ±0 and inf, densities 0.01 to 1, given thresholds
-    at the key range's ends and out of it, cutoffs anywhere in a chunk: the AVX-512 loop writes the
-    compiler-vectorised loop's bits (VFUSE_NO_AVX512)."""
-    avx512, portable = with_and_without_avx512(TIES_GRID)
-    assert len(avx512) > 2000  # the whole grid ran
-    assert avx512 == portable
