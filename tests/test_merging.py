@@ -836,6 +836,6 @@ def test_the_merge_kernel_takes_ranges_at_its_alignment():
     ext.merge(*args, first=ext.MERGE_ALIGN, count=2000 - ext.MERGE_ALIGN)
     expected = (base + 0.5 * (tuned - base))[ext.MERGE_ALIGN:]
     torch.testing.assert_close(out[:2000 - ext.MERGE_ALIGN], expected, rtol=1e-6, atol=1e-6)
-    for first, count in [(1, 10), (ext.MERGE_ALIGN, 2000), (-ext.MERGE_ALIGN, 10)]:
+    for first, count in [(1, 10), (ext.MERGE_ALIGN, 2000), (-ext.MERGE_ALIGN, 10), (4 * ext.MERGE_ALIGN, -1)]:
         with pytest.raises(ValueError, match="multiple of"):
             ext.merge(*args, first=first, count=count)

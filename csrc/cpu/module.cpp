@@ -97,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
           DeltaInputs in = make_inputs(base, base_dtype, tuned, tuned_dtypes, numel, tuned_are_deltas, sparsify,
                                        std::move(keep_a), std::move(keep_b), seed);
           if (count < 0) count = numel - first;
-          if (first < 0 || first % vfuse::kChunk != 0 || first + count > numel)
+          if (first < 0 || count < 0 || first % vfuse::kChunk != 0 || first + count > numel)
             throw std::invalid_argument("first must be a multiple of " + std::to_string(vfuse::kChunk) +
                                         " and [first, first + count) within the tensors");
           py::gil_scoped_release release;
