@@ -428,15 +428,26 @@ def test_della_fused_passes_match_the_stacked_path(monkeypatch, name, n, dtype, 
     close(fused, stacked, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["small", "sampled"])
+@pytest.mark.parametrize("ties", ["tie-heavy", "gaussian"])
 @pytest.mark.parametrize("shape", [(37, 53), (1,), (70001,), (3, 5, 7)], ids=str)
-def test_higher_index_cuts_match_a_stable_sort(shape):
+def test_higher_index_cuts_match_a_stable_sort(monkeypatch, shape, ties, sampled):
     """``higher_index_cuts`` keeps key > K or (key == K and e > C): exactly the last c of a stable
     ascending sort of |δ| (equal magnitudes: the higher flat index ranks higher), on tie-heavy
-    deltas (bf16 steps), for every count from none to all."""
+    deltas (bf16 steps) and on Gaussian bf16 ones (K then inside the sampled bracket), every
+    count from none to all; with the sampled bracket forced on small tensors too."""
+    from vfuse_kernels import selection
     from vfuse_kernels.ops._cpp_kernels import selector
     from vfuse_kernels.selection import higher_index_cuts
 
-    base, tuned = (t.bfloat16() for t in tie_models(shape, 1, seed=31, heavy_tail=True))
+    if sampled:
+        monkeypatch.setattr(selection, "SMALL", 64)
+    if ties == "tie-heavy":
+        base, tuned = (t.bfloat16() for t in tie_models(shape, 1, seed=31, heavy_tail=True))
+    else:
+        gen = torch.Generator().manual_seed(31)
+        base = torch.randn(shape, generator=gen).bfloat16()
+        tuned = (base.float() + 0.01 * torch.randn(shape, generator=gen)).bfloat16()
     n = base.numel()
     delta = (tuned.float() - base.float()).reshape(-1)
     order = torch.sort(delta.abs(), stable=True).indices

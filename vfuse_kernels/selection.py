@@ -121,9 +121,11 @@ def _capacity(share: float, population: int) -> int:
     return min(population, int(1.25 * share * population) + 8192)
 
 
-def magnitude_select(selector, ks: list[int]) -> tuple:
+def magnitude_select(selector, ks: list[int], higher_index: bool = False) -> tuple:
     """(keys, cutoffs) of the top-kᵢ |δᵢ| of each of the selector's models, as
-    ``selector.results`` gives them (1 <= kᵢ < numel < 2^33)."""
+    ``selector.results`` gives them (1 <= kᵢ < numel < 2^33). ``higher_index``: equal magnitudes
+    rank higher at the higher flat index instead, kept iff key > K or (key == K and e > C), C = -1
+    where every equal key is kept."""
     numel = selector.numel
     if numel >= MAX_NUMEL:
         raise ValueError(f"magnitude selection supports tensors under 2^{INDEX_BITS} elements, got {numel}")
@@ -136,7 +138,7 @@ def magnitude_select(selector, ks: list[int]) -> tuple:
         pending = [i for i, m in enumerate(models) if m.result is None]
         if not pending:
             break
-        _run_pass(selector, pending, [models[i] for i in pending], size)
+        _run_pass(selector, pending, [models[i] for i in pending], size, higher_index)
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return selector.results([m.result[0] for m in models]), selector.results([m.result[1] for m in models])
@@ -158,9 +160,10 @@ def trim_thresholds(selector, ks: list[int]) -> tuple:
     return selector.results(keys), selector.results(cutoffs)
 
 
-def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -> None:
+def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, higher: bool = False) -> None:
     """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
-    resolution of every model whose K it pins down."""
+    resolution of every model whose K it pins down (``higher``: ties to the higher flat index,
+    the cutoff then the last equal key left out, -1 for none)."""
     numel = selector.numel
     los, his, rates, caps = [], [], [], []
     for m in models:
@@ -187,7 +190,7 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -
         if k <= gt:  # K above the bracket
             m.below, m.low = numel - gt, hi + 1
         elif k <= gt + eq_hi:
-            ties.append((j, hi, k - gt, 1))
+            ties.append((j, hi, eq_hi - (k - gt) if higher else k - gt, 1))
         elif k <= gt + eq_hi + inside:
             if stored == inside and stored <= cap:
                 inner.append((j, stored, k - gt - eq_hi))
@@ -196,13 +199,34 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -
                 if rates[j] < FULL_RATE:  # a uniform subsample of the new region
                     m.sample = candidate_keys(found.cand[j, :min(stored, cap)])
         elif k <= gt + eq_hi + inside + eq_lo:
-            ties.append((j, lo, k - gt - eq_hi - inside, 2))
+            kept = k - gt - eq_hi - inside
+            ties.append((j, lo, eq_lo - kept if higher else kept, 2))
         else:  # K below the bracket
             m.above, m.high = gt + eq_hi + inside + eq_lo, lo - 1
     if inner:
         at, stored, ranks = (list(x) for x in zip(*inner))
-        for j, result in zip(at, selector.candidate_ranks(found.cand, at, stored, ranks)):
+        results = list(selector.candidate_ranks(found.cand, at, stored, ranks))
+        if higher:  # K's candidates hold ranks a+1 … a+q in index order, and the first q − (r − a) are left out
+            again = []  # (position in at, rank of the last one left out)
+            for p, (j, n, r, (key, _)) in enumerate(zip(at, stored, ranks, results)):
+                keys = candidate_keys(found.cand[j, :n])
+                above, equal = int((keys > key).sum()), int((keys == key).sum())
+                left_out = equal - (r - above)
+                results[p] = key, -1
+                if left_out > 0:
+                    again.append((p, above + left_out))
+            if again:
+                where = [p for p, _ in again]
+                cuts = selector.candidate_ranks(found.cand, [at[p] for p in where], [stored[p] for p in where],
+                                                [rank for _, rank in again])
+                for p, (_, cutoff) in zip(where, cuts):
+                    results[p] = results[p][0], cutoff
+        for j, result in zip(at, results):
             models[j].result = result
+    if higher:  # none of K's equal keys left out: cutoff -1, no search
+        for j, key, rank, _ in [t for t in ties if t[2] == 0]:
+            models[j].result = key, -1
+        ties = [t for t in ties if t[2] > 0]
     if ties:
         for (j, key, _, _), cutoff in zip(ties, selector.tie_indices(rows, ties, found.counts)):
             models[j].result = key, cutoff
@@ -211,27 +235,17 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int) -
 def higher_index_cuts(selector, counts: list[int]) -> tuple[list[int], list[int]]:
     """For each of the selector's models j and counts[j]: the key K and cutoff C of the counts[j]
     largest |δ| with equal magnitudes ranked higher at the higher flat index (a stable ascending
-    sort's order) — kept iff key > K or (key == K and e > C) — from the exact selection's K (no
-    sort), one bracket pass counting the keys above and equal to K, and the flat index of the
-    equal key where the kept ones start. Any count: ≥ numel keeps all, ≤ 0 none."""
+    sort's order) — kept iff key > K or (key == K and e > C): ``magnitude_select`` with
+    ``higher_index`` (no sort). Any count: ≥ numel keeps all, ≤ 0 none."""
     numel = selector.numel
     keys = [-1 if c >= numel else MAX_KEY + 1 for c in counts]
     cuts = [-1 if c >= numel else numel for c in counts]
     inner = [j for j, c in enumerate(counts) if 0 < c < numel]
     if not inner:
         return keys, cuts
-    found = magnitude_select(selector.subset(inner), [counts[j] for j in inner])[0].tolist()
-    tally = selector.bracket_pass(inner, found, found, [FULL_RATE] * len(inner), 1)  # key > K, key == K
-    queries = []
-    for row, (j, key, (above, equal, *_)) in enumerate(zip(inner, found, tally.host)):
-        keys[j] = key
-        skipped = equal - (counts[j] - above)  # equal keys left out: the lowest indices
-        if skipped > 0:
-            queries.append((row, key, skipped, 1))
-        else:
-            cuts[j] = -1
-    for (row, _, _, _), index in zip(queries, selector.tie_indices(inner, queries, tally.counts)):
-        cuts[inner[row]] = int(index)
+    found_keys, found_cuts = magnitude_select(selector.subset(inner), [counts[j] for j in inner], higher_index=True)
+    for j, key, cut in zip(inner, found_keys.tolist(), found_cuts.tolist()):
+        keys[j], cuts[j] = key, cut
     return keys, cuts
 
 
