@@ -19,7 +19,9 @@ Algorithm, written once here over a *selector* (the device layer's handle on one
    compacted or sorted, so heavy ties (bf16 deltas) cost nothing.
 3. Resolve, with one host synchronisation per pass for all models: K = hi or lo → C is the
    r-th equal key in flat order, found from the per-block counts and one block; K inside →
-   the candidates ordered by (key desc, index asc) give K and C at rank k.
+   the candidates ordered by (key desc, index asc) give K and C at rank k. With ties to the
+   higher index (``higher_index``) C is the last equal key left out: the same searches at
+   another rank, after counting the candidates above and at K.
 4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
    compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
    from it resolves — about two more passes; the region shrinks every two passes, so every
@@ -224,7 +226,7 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, h
         for j, result in zip(at, results):
             models[j].result = result
     if higher:  # none of K's equal keys left out: cutoff -1, no search
-        for j, key, rank, _ in [t for t in ties if t[2] == 0]:
+        for j, key, _, _ in [t for t in ties if t[2] == 0]:
             models[j].result = key, -1
         ties = [t for t in ties if t[2] > 0]
     if ties:
