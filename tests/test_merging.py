@@ -754,6 +754,22 @@ NATIVE_CASES = {  # config (models BASE, FT0, FT1), the family's dtype, which me
 }
 
 
+def native_case(tmp_path, case: str) -> tuple[str, str]:
+    """(config path, which merges run native) of NATIVE_CASES[case] over a fresh test family."""
+    text, dtype, native_share = NATIVE_CASES[case]
+    base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
+    text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
+    return write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}"), native_share
+
+
+def assert_same_bits(out_a: str, out_b: str) -> None:
+    """The two merge outputs hold the same tensors, bit for bit (NaNs too)."""
+    a, b = load_tensors(out_a), load_tensors(out_b)
+    assert a.keys() == b.keys() and len(a) > 5
+    for name, value in a.items():
+        assert torch.equal(value.view(torch.uint8), b[name].view(torch.uint8)), name
+
+
 @pytest.mark.parametrize("case", NATIVE_CASES)
 def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatch, case):
     """Task arithmetic, linear, TIES, DARE, breadcrumbs and the C++-backed per-tensor methods run
@@ -765,10 +781,7 @@ def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatc
     from vfuse_kernels.merging import engine
 
     monkeypatch.setattr(selection, "SMALL", 512)  # TIES: sampled brackets on the family's small tensors too
-    text, dtype, native_share = NATIVE_CASES[case]
-    base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
-    text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
-    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}")
+    config, native_share = native_case(tmp_path, case)
     calls, native = [], engine.native_merge
 
     def recording(plan, task, *args):
@@ -782,10 +795,7 @@ def test_the_torch_free_merge_writes_the_torch_routes_bytes(tmp_path, monkeypatc
     assert {"all": len(calls) == len(tasks), "some": 0 < len(calls) < len(tasks), "none": not calls}[native_share]
     monkeypatch.setattr(engine, "kernel_takes", lambda *args: False)
     merge_checkpoints(config, str(tmp_path / "torch"), progress=False)
-    native_out, torch_out = load_tensors(str(tmp_path / "native")), load_tensors(str(tmp_path / "torch"))
-    assert native_out.keys() == torch_out.keys() and len(native_out) > 5
-    for name, value in native_out.items():
-        assert torch.equal(value.view(torch.uint8), torch_out[name].view(torch.uint8)), name  # bits, NaNs too
+    assert_same_bits(str(tmp_path / "native"), str(tmp_path / "torch"))
 
 
 @pytest.mark.parametrize("case", ["task_arithmetic", "linear-to-fp32", "ties", "ties-l1-to-fp32", "dare_ties",
@@ -799,10 +809,7 @@ def test_outputs_merged_and_written_in_parts_are_the_whole_merges_bytes(tmp_path
     from vfuse_kernels.merging.checkpoint import ShardWriter
 
     monkeypatch.setattr(selection, "SMALL", 512)
-    text, dtype, _ = NATIVE_CASES[case]
-    base, tuned = family(str(tmp_path), llama, n=2, dtype=dtype)
-    text = text.replace("BASE", base).replace("FT0", tuned[0]).replace("FT1", tuned[1])
-    config = write_yaml(str(tmp_path / "c.yml"), f"merge_method: {case.split('-')[0]}\n{text}")
+    config, _ = native_case(tmp_path, case)
     merge_checkpoints(config, str(tmp_path / "whole"), progress=False)
     parts, append = [], ShardWriter.append
 
@@ -817,10 +824,7 @@ def test_outputs_merged_and_written_in_parts_are_the_whole_merges_bytes(tmp_path
     monkeypatch.setattr(ShardWriter, "append", slow_append)
     merge_checkpoints(config, str(tmp_path / "parts"), progress=False)
     assert parts.count(part_bytes) >= 10
-    whole, in_parts = load_tensors(str(tmp_path / "whole")), load_tensors(str(tmp_path / "parts"))
-    assert whole.keys() == in_parts.keys()
-    for name, value in whole.items():
-        assert torch.equal(value.view(torch.uint8), in_parts[name].view(torch.uint8)), name
+    assert_same_bits(str(tmp_path / "whole"), str(tmp_path / "parts"))
 
 
 def test_the_merge_kernel_takes_ranges_at_its_alignment():

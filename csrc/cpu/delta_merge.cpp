@@ -306,11 +306,6 @@ void merge_chunk_trim_elect(const DeltaInputs& in, int64_t start, int64_t len, c
 }
 
 #if VFUSE_AVX512_LOOPS
-// trim_elect_fused on AVX-512 (bf16 and fp32 storage): its fp32 operations in its order, 16
-// lanes at a time, every flag in a mask register. The chunk is split at each model's cutoff C,
-// so that each key meets one threshold: key > K − 1 up to C, key > K after it. Keep flags and
-// agreement select instead of multiplying by 0/1 (a dropped or disagreeing term is left out of
-// sums that start at +0, as the portable loop adds +0 for it): the same bits, tested against it.
 // b + scale · m of 16 lanes, m the election's disjoint mean of the weighted, sparsified deltas uᵢ
 // (merge_chunk's operations in its order). kFlagProducts: a disagreeing term adds uᵢ · 0, as
 // merge_chunk's flag product does (NaN from NaN or ±inf), where trim_elect_fused leaves it out.
@@ -340,6 +335,11 @@ VFUSE_AVX512 VFUSE_INLINE __m512 elect16(__m512 b, const __m512* u, const __m512
   return _mm512_add_ps(b, _mm512_mul_ps(scale, m));
 }
 
+// trim_elect_fused on AVX-512 (bf16 and fp32 storage): its fp32 operations in its order, 16
+// lanes at a time, every flag in a mask register. The chunk is split at each model's cutoff C,
+// so that each key meets one threshold: key > K − 1 up to C, key > K after it. Keep flags and
+// agreement select instead of multiplying by 0/1 (a dropped or disagreeing term is left out of
+// sums that start at +0, as the portable loop adds +0 for it): the same bits, tested against it.
 template <int N, bool kDeltas, bool kCount, bool kNormalize>
 VFUSE_AVX512 VFUSE_INLINE __m512 trim_elect16(__m512 b, const __m512* t, const __m512i* floor, const __m512* coef,
                                              const __m512* weight, __m512 scale) {

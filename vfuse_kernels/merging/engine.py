@@ -638,12 +638,11 @@ def _pipeline(plan: MergePlan, layouts, fingerprint, done, out_dir, device, prog
             writer = state["writer"] = ShardWriter(out_dir, layout, checksum=layout is not last)
         if result.staged:
             drain.put(writer, task.name, result.data, result.ready)
-        elif result.first and result.last:
-            writer.write(task.name, result.data)
-        else:  # a part of a host output (_Runner.parts)
+        else:  # a host output's bytes, or a part of them (_Runner.parts)
             if result.first:
                 writer.start(task.name)
-            writer.append(memoryview(result.data))
+            if result.data.nbytes:
+                writer.append(memoryview(result.data))
         state["written"] += result.data.nbytes
         HostReader.release(result.mapped)
         if result.buffer is not None:
