@@ -37,7 +37,8 @@ def test_bench_sweep_rows():
 
 def test_merge_kernel_ablations_run_the_triton_kernel():
     """The GPU suite's ablation rows (tiny; under the interpreter without a GPU): one row per
-    ablation, and the kernel they time writes the merge that delta_merge writes."""
+    ablation, and the kernel they time writes the merge that delta_merge writes (the last row:
+    TIES with the inverse by an indexed load, the bits of delta_merge's select tree)."""
     import vfuse_kernels as vk
 
     device = backend_device("triton")
@@ -47,7 +48,8 @@ def test_merge_kernel_ablations_run_the_triton_kernel():
     rows = bench_merge._merge_ablation_rows(base, tuned, trim, out, device, copy_gbps=10.0)
     assert [r["impl"] for r in rows] == [f"ablation: {a[0]}" for a in bench_merge.MERGE_ABLATIONS]
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
-    torch.testing.assert_close(out, vk.delta_merge(base, tuned, [0.5, 0.5], method="task_arithmetic"), rtol=0, atol=0)
+    expected = vk.delta_merge(base, tuned, [0.5, 0.5], method="ties", density=0.3)
+    assert torch.equal(out, expected) and bench_merge.MERGE_ABLATIONS[-1][4:] == (0,)
 
 
 def test_the_ncu_workload_merges_like_delta_merge(monkeypatch):

@@ -518,21 +518,30 @@ def _merge_kernel_call(out, base, tuned, trim, sparsify, elect, normalize):
                   trim if sparsify else None, 0)
 
 
-MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize): the TIES merge kernel, one part removed at a time
+MERGE_ABLATIONS = (  # (name, sparsify code, elect code, normalize[, models up to which the inverse is selected]):
+    # the TIES merge kernel, one part removed at a time, and the inverse by an indexed load (the kernel before v0.13)
     ("TIES merge kernel (trim, elect, normalise)", 1, 1, True), ("without normalising", 1, 1, False),
-    ("trim only", 1, 0, False), ("elect and normalise, no trim", 0, 1, True), ("task arithmetic", 0, 0, False))
+    ("trim only", 1, 0, False), ("elect and normalise, no trim", 0, 1, True), ("task arithmetic", 0, 0, False),
+    ("TIES merge kernel, the inverse by an indexed load", 1, 1, True, 0))
 
 
 def _merge_ablation_rows(base, tuned, trim, out, device, copy_gbps):
     """The merge kernel alone with the TIES thresholds ``trim`` (keys, cutoffs), each part of TIES
     switched off in turn (the same bytes every time): which part keeps it from memory speed."""
+    from ..triton import delta_merge as kernels
+
     gb = (len(tuned) + 2) * base.numel() * base.element_size() / 1e9
     rows = []
-    for name, *codes in MERGE_ABLATIONS:
-        ms = _time(lambda: _merge_kernel_call(out, base, tuned, trim, *codes), device)
-        rows.append({"op": "merge_kernel", "suite": "merge", "shape": "2x268M", "method": "ties",
-                     "impl": f"ablation: {name}", "median_ms": ms, "GB/s": gb / ms * 1e3,
-                     "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
+    select_models = kernels.INVERSE_SELECT_MODELS
+    try:
+        for name, sparsify, elect, normalize, *select in MERGE_ABLATIONS:
+            kernels.INVERSE_SELECT_MODELS = select[0] if select else select_models
+            ms = _time(lambda: _merge_kernel_call(out, base, tuned, trim, sparsify, elect, normalize), device)
+            rows.append({"op": "merge_kernel", "suite": "merge", "shape": "2x268M", "method": "ties",
+                         "impl": f"ablation: {name}", "median_ms": ms, "GB/s": gb / ms * 1e3,
+                         "pct_of_copy": 100 * gb / ms * 1e3 / copy_gbps})
+    finally:
+        kernels.INVERSE_SELECT_MODELS = select_models
     return rows
 
 

@@ -35,7 +35,7 @@ def kernel_configs():
     merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False), ("bf16", 9, 1, 1, False)]  # 9: past the inverse table
     for dtype, n, sparsify, elect, deltas in merges:
         consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
-                      TUNED_ARE_DELTAS=deltas, BLOCK=delta_merge.BLOCK)
+                      TUNED_ARE_DELTAS=deltas, SELECT_MODELS=delta_merge.INVERSE_SELECT_MODELS, BLOCK=delta_merge.BLOCK)
         sig = dict(out_ptr=f"*{dtype}", base_ptr=f"*{dtype}", tuned=_tuned(dtype, n), params_ptr="*fp64",
                    trim_ptr="*i64", numel="i64", scale="fp32")
         name = f"[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]"

@@ -27,20 +27,24 @@ from .philox import dare_bits
 BLOCK = 1024
 NUM_WARPS = 4
 INVERSE_TABLE_MODELS = tl.constexpr(8)  # up to this many models, elected merges divide by a table of 2^N inverses
+# ... picked from the table by a tree of selects on the agreement masks up to this many models (no per-element
+# gather: sm_90 SASS, bf16, N = 2, per 1024-element program 480 instructions against 560 with the gather;
+# N = 4: 1168 against 1064), by an indexed load past it. A launch parameter: the GPU suite times both.
+INVERSE_SELECT_MODELS = 3
 
 
 @triton.jit
-def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
+def sparse_delta(tuned_ptr, b, lane, mask, start, model, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
-    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C), in
-    32-bit compares (keys and K are < 2^31; C relative to the block, clamped); drop keeps random
-    bits < threshold."""
-    delta = load_delta(tuned_ptr, b, offs, mask, TUNED_ARE_DELTAS)
+    """(δ, keep) of one model on one block: trim keeps key > K or (key == K and e <= C), i.e.
+    key > K − [e <= C], in 32-bit compares (keys and K are < 2^31; C relative to the block,
+    clamped); drop keeps random bits < threshold."""
+    delta = load_delta(tuned_ptr + start, b, lane, mask, TUNED_ARE_DELTAS)
     if SPARSIFY == 1:
         key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         threshold = tl.load(trim_ptr + model).to(tl.int32)
         last = tl.minimum(tl.maximum(tl.load(trim_ptr + N + model) - start, -1), BLOCK).to(tl.int32)
-        keep = (key > threshold) | ((key == threshold) & (tl.arange(0, BLOCK) <= last))
+        keep = key > tl.where(lane <= last, threshold - 1, threshold)
     elif SPARSIFY == 2:
         k0 = tl.load(params_ptr + 3 * N).to(tl.int64).to(tl.uint32)
         k1 = tl.load(params_ptr + 3 * N + 1).to(tl.int64).to(tl.uint32)
@@ -52,16 +56,18 @@ def sparse_delta(tuned_ptr, b, offs, mask, start, model, params_ptr, trim_ptr,
 
 
 @triton.jit
-def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
+def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
                  N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, FOREACH: tl.constexpr,
-                 TUNED_TY: tl.constexpr, BLOCK: tl.constexpr):
+                 TUNED_TY: tl.constexpr, SELECT_MODELS: tl.constexpr, BLOCK: tl.constexpr):
     """combine(uᵢ) of one block in fp32, divided by the divisor when normalising; the tuned
     pointers come from the ``tuned`` tuple, or (FOREACH) from the tensor table's row. The
     quotient is the fp64 product with the divisor's inverse rounded to fp32, the IEEE quotient's
     bits (csrc/cpu/common.h, exact_quotient): without election one inverse for the block, with it
-    the inverse of the agreeing models' weight sum, looked up by their bit set in the table of
-    all 2^N sums (``_inverse_table``; past INVERSE_TABLE_MODELS models an IEEE division)."""
+    the inverse of the agreeing models' weight sum, picked by their bit set from the table of
+    all 2^N sums (``_inverse_table``): by a tree of selects on the agreement masks up to
+    SELECT_MODELS models, else by an indexed load; past INVERSE_TABLE_MODELS models an IEEE
+    division."""
     kept = ()  # uᵢ of every model, for the agreement pass
     vote = tl.zeros([BLOCK], dtype=tl.float32)
     merged = tl.zeros([BLOCK], dtype=tl.float32)
@@ -70,7 +76,7 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
             tuned_ptr = tl.load(table_row + 2 + i).to(tl.pointer_type(TUNED_TY))
         else:
             tuned_ptr = tuned[i]
-        delta, keep = sparse_delta(tuned_ptr, b, offs, mask, start, i, params_ptr, trim_ptr,
+        delta, keep = sparse_delta(tuned_ptr, b, lane, mask, start, i, params_ptr, trim_ptr,
                                    N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
         u = tl.where(keep, delta * tl.load(params_ptr + i).to(tl.float32), 0.0)
         if ELECT == 0:
@@ -85,20 +91,32 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
         if NORMALIZE:
             merged = (merged.to(tl.float64) * tl.load(params_ptr + 3 * N + 2)).to(tl.float32)
     else:
-        positive = vote >= 0
+        sign = tl.where(vote >= 0, 1.0, -1.0)  # agreeing: u > 0 where vote >= 0, else u < 0 (u·sign is exact)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         agreeing = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: model i agrees with the elected sign
+        agrees = ()
         for i in tl.static_range(N):
             u = kept[i]
-            agree = tl.where(positive, u > 0, u < 0)
+            agree = u * sign > 0
             merged += tl.where(agree, u, 0.0)
+            agrees += (agree,)
             if N <= INVERSE_TABLE_MODELS:
-                agreeing |= agree.to(tl.int32) << i
+                agreeing += tl.where(agree, 1 << i, 0)
             else:
                 divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
         if NORMALIZE:
-            if N <= INVERSE_TABLE_MODELS:
-                inverse = tl.load(params_ptr + 3 * N + 3 + agreeing)
+            if N <= SELECT_MODELS:
+                level = ()
+                for s in tl.static_range(1 << N):
+                    level += (tl.load(params_ptr + 3 * N + 3 + s),)
+                for i in tl.static_range(N):
+                    pairs = ()
+                    for j in tl.static_range(1 << (N - 1 - i)):
+                        pairs += (tl.where(agrees[i], level[2 * j + 1], level[2 * j]),)
+                    level = pairs
+                merged = (merged.to(tl.float64) * level[0]).to(tl.float32)
+            elif N <= INVERSE_TABLE_MODELS:
+                inverse = tl.load(params_ptr + 3 * N + 3 + agreeing.to(tl.uint32))  # (unsigned: one wide multiply-add)
                 merged = (merged.to(tl.float64) * inverse).to(tl.float32)
             else:
                 merged = tl.div_rn(merged, tl.where(divisor == 0, 1.0, divisor))  # IEEE division: "/" is approximate
@@ -108,14 +126,15 @@ def merged_block(b, offs, mask, start, tuned, table_row, params_ptr, trim_ptr,
 @triton.jit
 def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale,
                   N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
-                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
+                  NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, SELECT_MODELS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    merged = merged_block(b, offs, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
-                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, BLOCK)
-    tl.store(out_ptr + offs, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
+    lane = tl.arange(0, BLOCK)  # 32-bit offsets from the block's start
+    mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
+    b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
+    merged = merged_block(b, lane, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
+                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, SELECT_MODELS, BLOCK)
+    tl.store(out_ptr + start + lane, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["tensors"])
@@ -123,7 +142,7 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
                           N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                           NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, OUT_TY: tl.constexpr,
                           BASE_TY: tl.constexpr, TUNED_TY: tl.constexpr, PARAMS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          SELECT_MODELS: tl.constexpr, BLOCK: tl.constexpr):
     """Many tensors in one launch: row j of the table holds (out, base, tuned₀ … tuned_N−1,
     numel) as int64, tensor j's scalars are params[PARAMS·j : PARAMS·(j + 1)]; tensor j owns
     programs [block_start[j], block_start[j + 1])."""
@@ -138,15 +157,15 @@ def _merge_foreach_kernel(table_ptr, block_start_ptr, params_ptr, trim_ptr, tens
             high = middle
     row = table_ptr + low.to(tl.int64) * (N + 3)
     start = (pid - tl.load(block_start_ptr + low)).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < tl.load(row + 2 + N)
+    lane = tl.arange(0, BLOCK)
+    mask = lane < tl.minimum(tl.load(row + 2 + N) - start, BLOCK).to(tl.int32)
     base_ptr = tl.load(row + 1).to(tl.pointer_type(BASE_TY))
-    b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
     params = params_ptr + low.to(tl.int64) * PARAMS
-    merged = merged_block(b, offs, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
-                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, True, TUNED_TY, BLOCK)
+    merged = merged_block(b, lane, mask, start, row, row, params, trim_ptr + low.to(tl.int64) * (2 * N),
+                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, True, TUNED_TY, SELECT_MODELS, BLOCK)
     out_ptr = tl.load(row).to(tl.pointer_type(OUT_TY))
-    tl.store(out_ptr + offs, (b + scale * merged).to(OUT_TY), mask=mask)
+    tl.store(out_ptr + start + lane, (b + scale * merged).to(OUT_TY), mask=mask)
 
 
 @triton.jit
@@ -155,11 +174,11 @@ def _sparse_l1_kernel(partial_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel,
                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    b = load_base(base_ptr, offs, mask, TUNED_ARE_DELTAS)
+    lane = tl.arange(0, BLOCK)
+    mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
+    b = load_base(base_ptr + start, lane, mask, TUNED_ARE_DELTAS)
     for i in tl.static_range(N):
-        delta, keep = sparse_delta(tuned[i], b, offs, mask, start, i, params_ptr, trim_ptr,
+        delta, keep = sparse_delta(tuned[i], b, lane, mask, start, i, params_ptr, trim_ptr,
                                    N, SPARSIFY, TUNED_ARE_DELTAS, BLOCK)
         magnitude = tl.abs(delta).to(tl.float64)  # fp64 sums, as on the CPU: the rescale factors agree
         tl.store(partial_ptr + (pid * N + i) * 2, tl.sum(magnitude, axis=0))
@@ -229,7 +248,7 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
         out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
-        TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        TUNED_ARE_DELTAS=tuned_are_deltas, SELECT_MODELS=INVERSE_SELECT_MODELS, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
 
 
@@ -253,6 +272,7 @@ def merge_foreach(outs, bases, tuned, tuned_are_deltas, sparsify, elect, normali
         count, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
         TUNED_ARE_DELTAS=tuned_are_deltas, OUT_TY=TL_TYPES[outs[0].dtype], BASE_TY=TL_TYPES[bases[0].dtype],
-        TUNED_TY=TL_TYPES[tuned[0][0].dtype], PARAMS=len(params) // count, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        TUNED_TY=TL_TYPES[tuned[0][0].dtype], PARAMS=len(params) // count,
+        SELECT_MODELS=INVERSE_SELECT_MODELS, BLOCK=BLOCK, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
