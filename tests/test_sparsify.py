@@ -267,6 +267,59 @@ def test_triton_result_independent_of_block_size(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("data", ["tie-heavy bf16", "gaussian fp32"])
+def test_triton_device_resolution_gives_the_host_resolution(data, monkeypatch):
+    """The GPU's one-synchronisation pass (resolve_pass: the resolution on the device) resolves
+    bracket-end ties (tie-heavy data) and inside keys (distinct fp32 keys) in its first pass, with
+    the thresholds of selection.py's host resolution, for 1 to 4 models and the density edges."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    monkeypatch.setattr(ms, "SMALL", 1024)
+    monkeypatch.setattr(kernels.DeviceSelector, "SAMPLE_SHARE", 4)  # brackets narrow enough that K is often hi
+    device = backend_device("triton")
+    resolved = []
+    original = kernels.DeviceSelector.resolve_pass
+
+    def recorded(selector, *args):
+        found = original(selector, *args)
+        resolved.append(found is not None)
+        return found
+
+    for models in (1, 2, 4):
+        if data == "tie-heavy bf16":
+            base, tuned = _tie_heavy(30_011, models, device=device, seed=models)
+        else:
+            gen = torch.Generator().manual_seed(models)
+            base = torch.randn(30_011, generator=gen)
+            base, tuned = base.to(device), [(base + torch.randn(30_011, generator=gen)).to(device) for _ in range(models)]
+        densities = [1e-9, 0.01, 0.5, 0.99, 2.0 / 30_011, 0.3, 0.9, 0.7][:models]
+        monkeypatch.setattr(kernels.DeviceSelector, "resolve_pass", recorded)
+        got = vk.ties_thresholds(base, tuned, densities)
+        monkeypatch.setattr(kernels.DeviceSelector, "resolve_pass", None)  # selection.py's host resolution
+        expected = vk.ties_thresholds(base, tuned, densities)
+        assert torch.equal(got.keys, expected.keys) and torch.equal(got.cutoffs, expected.cutoffs)
+        _assert_exact_selection(base, tuned, densities, got)
+    assert resolved == [True] * 3
+
+
+def test_triton_device_resolution_misses_when_candidates_overflow():
+    """A bracket whose inside keys outnumber the candidate slots is a miss (None: the host's
+    passes take over), never a rank among the slots that were kept."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    device = backend_device("triton")
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(5003, generator=gen)
+    tuned = [(base + torch.randn(5003, generator=gen)).to(device)]
+    selector = kernels.selector(base.to(device), tuned, False)
+    assert selector.resolve_pass([0], [-1], [2**31], 100, [700]) is None  # every key inside, 100 slots
+    keys, cutoffs = selector.resolve_pass([0], [-1], [2**31], 5003, [700])
+    _assert_exact_selection(base, tuned, [700 / 5003], vk.MagnitudeThresholds(keys, cutoffs))
+
+
 def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
     """The one-launch Triton sampler gathers the keys of the reference's gather."""
     pytest.importorskip("triton")

@@ -21,7 +21,8 @@ Algorithm, written once here over a *selector* (the device layer's handle on one
    r-th equal key in flat order, found from the per-block counts and one block; K inside →
    the candidates ordered by (key desc, index asc) give K and C at rank k. With ties to the
    higher index (``higher_index``) C is the last equal key left out: the same searches at
-   another rank, after counting the candidates above and at K.
+   another rank, after counting the candidates above and at K. A selector may resolve a pass
+   itself (the GPU's: every step on the device, its one synchronisation after the last).
 4. A sample that missed (rare): the exact counts bound the key region holding K; a pass that
    compacts a uniform hash-subsample of that region gives a new sample, and a bracket pass
    from it resolves — about two more passes; the region shrinks every two passes, so every
@@ -32,7 +33,9 @@ A selector holds one call's inputs (base, N tuned tensors of ``numel`` elements)
 ``kth_largest(values, ranks, presorted)``; ``bracket_pass(rows, los, his, rates, cap)`` (a
 ``PassCounts``, its one host synchronisation); ``candidate_ranks(cand, rows, stored, ranks)``;
 ``tie_indices(rows, queries, counts)``; ``results(values)`` (the returned keys or cutoffs); and
-``subset(rows)``; ``rows`` index its tuned tensors.
+``subset(rows)``; ``rows`` index its tuned tensors. Optionally ``resolve_pass(rows, los, his, cap,
+ks)``: a pass of sampled brackets and its resolution with ties to the lower index, as (keys,
+cutoffs), or None where a model's K lies outside its bracket (the pass above then runs).
 
 Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≤ 0.5% of the elements at
 S = 2^20) plus 16 bytes per block. Largest tensor: numel < 2^33 (the packed index).
@@ -140,7 +143,9 @@ def magnitude_select(selector, ks: list[int], higher_index: bool = False) -> tup
         pending = [i for i, m in enumerate(models) if m.result is None]
         if not pending:
             break
-        _run_pass(selector, pending, [models[i] for i in pending], size, higher_index)
+        resolved = _run_pass(selector, pending, [models[i] for i in pending], size, higher_index)
+        if resolved is not None and len(pending) == len(models):  # (no restacking of the selector's results)
+            return resolved
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return selector.results([m.result[0] for m in models]), selector.results([m.result[1] for m in models])
@@ -162,11 +167,10 @@ def trim_thresholds(selector, ks: list[int]) -> tuple:
     return selector.results(keys), selector.results(cutoffs)
 
 
-def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, higher: bool = False) -> None:
-    """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
-    resolution of every model whose K it pins down (``higher``: ties to the higher flat index,
-    the cutoff then the last equal key left out, -1 for none)."""
-    numel = selector.numel
+def _pass_brackets(selector, models: list[_Model], subsample: int) -> tuple[list, list, list[int], int]:
+    """(los, his, subsample rates, candidate slots) of a bracket pass over ``models``: around the
+    target from a model's sample where it has one, else the whole region with a uniform
+    subsample of it (all of it when small)."""
     los, his, rates, caps = [], [], [], []
     for m in models:
         if m.sample is not None:  # bracket around the target from a sample of the region
@@ -180,7 +184,24 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, h
         his.append(hi)
         rates.append(rate)
         caps.append(_capacity(share, m.population))
-    cap = max(caps)
+    return los, his, rates, max(caps)
+
+
+def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, higher: bool = False):
+    """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
+    resolution of every model whose K it pins down (``higher``: ties to the higher flat index,
+    the cutoff then the last equal key left out, -1 for none). Where the selector resolves the
+    whole pass itself (``resolve_pass``: ties to the lower index, every bracket from a sample),
+    returns its (keys, cutoffs)."""
+    numel = selector.numel
+    los, his, rates, cap = _pass_brackets(selector, models, subsample)
+    resolve = getattr(selector, "resolve_pass", None)
+    if resolve is not None and not higher and all(rate == FULL_RATE for rate in rates):
+        resolved = resolve(rows, los, his, cap, [m.k for m in models])
+        if resolved is not None:
+            for j, m in enumerate(models):
+                m.result = resolved[0][j], resolved[1][j]
+            return resolved
     found = selector.bracket_pass(rows, los, his, rates, cap)
     ties = []  # (pass row, key, rank, column) of the models whose K is a bracket end
     inner = []  # (pass row, candidates stored, rank among them) of the models whose K is inside

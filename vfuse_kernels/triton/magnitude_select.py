@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._backend import host_to_device
-from ..selection import RUN, SAMPLE_SEED, PassCounts, candidate_index, candidate_keys, sample_size
+from ..selection import FULL_RATE, RUN, SAMPLE_SEED, PassCounts, candidate_index, candidate_keys, sample_size
 
 NUM_WARPS = 4  # at 1024 elements per program (DeviceSelector.BLOCK): 8 per thread
 
@@ -221,19 +221,60 @@ def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     """The flat index of the rank-th (1-based) element whose key is ``key``, of every query (model, key,
     rank, column) — model indexing ``tuned`` and the per-block ``counts``' second axis — in two
     launches for all (reference/magnitude_select.tie_index states it)."""
-    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
                            torch.int64, base.device)
+    return list(_tie_search(base, tuned, table, counts, block, tuned_are_deltas))
+
+
+def _tie_search(base, tuned, table, counts, block, tuned_are_deltas) -> torch.Tensor:
+    """[q] int64: ``tie_indices`` of the queries in the device ``table`` [q, 4] (key, rank, model, column)."""
+    queries = table.numel() // 4
+    out = torch.empty(queries, dtype=torch.int64, device=base.device)
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
-    sums = torch.empty(len(queries), chunks, dtype=torch.int64, device=base.device)
-    _tie_chunk_kernel[(chunks, len(queries))](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK,
-                                              num_warps=4)
-    _tie_find_kernel[(len(queries),)](
+    sums = torch.empty(queries, chunks, dtype=torch.int64, device=base.device)
+    _tie_chunk_kernel[(chunks, queries)](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK, num_warps=4)
+    _tie_find_kernel[(queries,)](
         out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
     )
-    return list(out)
+    return out
+
+
+INSIDE, TIE, MISSED = 0, 1, 2  # _resolve_kernel's statuses
+
+
+@triton.jit
+def _resolve_kernel(found_ptr, queries_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, cap,
+                    N: tl.constexpr, LANES: tl.constexpr):
+    """selection.py's resolution of one bracket pass (ties to the lower index) on the device, model
+    j in lane j, from the pass's totals [N, 4] (key > hi, == hi, == lo, strictly inside) and its
+    candidate counts ``fill``: found[2, j] is TIE (K = found[0, j] a bracket end; C the tie
+    search's answer to queries[j] = (K, rank, j, column)), INSIDE (K, C the found[3, j]-th of
+    the found[4, j] candidates in (key desc, index asc) order) or MISSED (K outside the bracket,
+    or candidates lost past ``cap``). Queries of other models ask for a harmless search."""
+    j = tl.arange(0, LANES)
+    valid = j < N
+    gt = tl.load(totals_ptr + 4 * j, mask=valid, other=0)
+    eq_hi = tl.load(totals_ptr + 4 * j + 1, mask=valid, other=0)
+    lo = tl.load(lo_ptr + j, mask=valid, other=0)
+    hi = tl.load(hi_ptr + j, mask=valid, other=0)
+    eq_lo = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 2, mask=valid, other=0))
+    inside = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 3, mask=valid, other=0))
+    stored = tl.load(fill_ptr + j, mask=valid, other=0)
+    k = tl.load(k_ptr + j, mask=valid, other=0)
+    at_hi = (k > gt) & (k <= gt + eq_hi)
+    within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (at full rate every inside key is stored)
+    at_lo = (k > gt + eq_hi + inside) & (k <= gt + eq_hi + inside + eq_lo)
+    status = tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2))
+    tl.store(found_ptr + j, tl.where(at_lo, lo, hi), mask=valid)
+    tl.store(found_ptr + 2 * N + j, status.to(tl.int64), mask=valid)
+    tl.store(found_ptr + 3 * N + j, k - gt - eq_hi, mask=valid)
+    tl.store(found_ptr + 4 * N + j, stored, mask=valid)
+    tl.store(queries_ptr + 4 * j, tl.where(at_lo, lo, hi), mask=valid)
+    tl.store(queries_ptr + 4 * j + 1, tl.where(at_lo, k - gt - eq_hi - inside, tl.where(at_hi, k - gt, 1)), mask=valid)
+    tl.store(queries_ptr + 4 * j + 2, j.to(tl.int64), mask=valid)
+    tl.store(queries_ptr + 4 * j + 3, tl.where(at_lo, 2, 1).to(tl.int64), mask=valid)
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
@@ -299,18 +340,51 @@ class DeviceSelector:
         rows = [(*host[4 * j: 4 * j + 4], host[4 * n + j], host[5 * n + j], host[6 * n + j]) for j in range(n)]
         return PassCounts(rows, counts, cand)
 
+    def resolve_pass(self, rows: list[int], los: list, his: list, cap: int, ks: list[int]):
+        """The bracket pass at full rate and its resolution (ties to the lower index). Queued on the
+        device without a wait: the pass, its totals, the resolve kernel, the tie search for every
+        model; then the one synchronisation (the models' statuses). A model whose K lies strictly
+        inside its bracket then takes its candidates' sort (``candidate_ranks``: a few launches,
+        only for those models; bf16 deltas mostly resolve at a bracket end). (keys, cutoffs) [N]
+        int64 on the device, or None where a model missed."""
+        n, device = len(rows), self.device
+        tuned = [self.tuned[i] for i in rows]
+        lo, hi = _stack(list(los) + list(his), device).split(n)
+        counts, cand, fill = self.pass_buffers(n, cap)
+        bracket_pass(self.base, tuned, lo, hi, host_to_device([FULL_RATE] * n, torch.int64, device), cap,
+                     self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
+        found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, (cutoffs), statuses, ranks, stored
+        queries = torch.empty(n, 4, dtype=torch.int64, device=device)
+        _resolve_kernel[(1,)](found, queries, counts.sum(0, dtype=torch.int64), fill, lo, hi,
+                              host_to_device(ks, torch.int64, device), cap, N=n, LANES=triton.next_power_of_2(n),
+                              num_warps=1)
+        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas)
+        statuses, ranks, stored = found[2:].tolist()  # the one synchronisation
+        if MISSED in statuses:
+            return None
+        inside = [j for j, status in enumerate(statuses) if status == INSIDE]
+        if inside:
+            packed = self._ranked(cand, inside, [stored[j] for j in inside], [ranks[j] for j in inside])
+            at = host_to_device(inside, torch.int64, device)
+            keys[at], cutoffs[at] = candidate_keys(packed), candidate_index(packed)
+        return keys, cutoffs
+
     def candidate_ranks(self, cand: torch.Tensor, rows: list[int], stored: list[int], ranks: list[int]) -> list:
         """(key, cutoff) device scalars of the ranks-th (1-based) largest of the first ``stored``
-        candidates of each of ``rows``: one segmented sort and one gather for all rows (the unfilled
-        tails masked to the smallest int64, below every candidate)."""
+        candidates of each of ``rows``."""
+        packed = self._ranked(cand, rows, stored, ranks)
+        return list(zip(candidate_keys(packed), candidate_index(packed)))
+
+    def _ranked(self, cand: torch.Tensor, rows: list[int], stored: list[int], ranks: list[int]) -> torch.Tensor:
+        """[len(rows)] packed: ``candidate_ranks``' candidates, by one segmented sort and one gather for
+        all rows (the unfilled tails masked to the smallest int64, below every candidate)."""
         device = self.device
         rows_t, stored_t, ranks_t = host_to_device([rows, stored, ranks], torch.int64, device)
         width = max(stored)
         block = cand[:, :width] if rows == list(range(cand.shape[0])) else cand[rows_t, :width]  # (a view)
         unfilled = torch.arange(width, device=device) >= stored_t[:, None]
         ordered = torch.sort(block.masked_fill_(unfilled, torch.iinfo(torch.int64).min), dim=1, descending=True).values
-        packed = ordered.gather(1, (ranks_t - 1)[:, None]).reshape(-1)
-        return list(zip(candidate_keys(packed), candidate_index(packed)))
+        return ordered.gather(1, (ranks_t - 1)[:, None]).reshape(-1)
 
     def tie_indices(self, rows: list[int], queries: list, counts: torch.Tensor) -> list[torch.Tensor]:
         return tie_indices(self.base, [self.tuned[i] for i in rows], queries, counts, self.BLOCK,
