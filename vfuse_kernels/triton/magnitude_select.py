@@ -95,7 +95,11 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
         above_lo = lo.to(tl.int32)
         from_lo = tl.maximum(lo - 1, -1).to(tl.int32)
         upper = tl.sum(tl.sum(tl.where(key > above_hi, 1, 0) + tl.where(key > from_hi, 1 << 16, 0), axis=1), axis=0)
-        lower = tl.sum(tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=1), axis=0)
+        if lo == hi:  # the same thresholds (K in a run of equal keys that spans the bracket: bf16 deltas, often)
+            lower = upper
+        else:
+            lower = tl.sum(tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=1),
+                           axis=0)
         above_hi_n = (upper & 0xFFFF) - tl.where(above_hi < 0, outside, 0)
         from_hi_n = (upper >> 16) - tl.where(from_hi < 0, outside, 0)
         above_lo_n = (lower & 0xFFFF) - tl.where(above_lo < 0, outside, 0)
