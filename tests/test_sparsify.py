@@ -293,7 +293,8 @@ def test_triton_device_resolution_gives_the_host_resolution(data, monkeypatch):
         else:
             gen = torch.Generator().manual_seed(models)
             base = torch.randn(30_011, generator=gen)
-            base, tuned = base.to(device), [(base + torch.randn(30_011, generator=gen)).to(device) for _ in range(models)]
+            tuned = [(base + torch.randn(30_011, generator=gen)).to(device) for _ in range(models)]
+            base = base.to(device)
         densities = [1e-9, 0.01, 0.5, 0.99, 2.0 / 30_011, 0.3, 0.9, 0.7][:models]
         monkeypatch.setattr(kernels.DeviceSelector, "resolve_pass", recorded)
         got = vk.ties_thresholds(base, tuned, densities)

@@ -34,8 +34,9 @@ A selector holds one call's inputs (base, N tuned tensors of ``numel`` elements)
 ``PassCounts``, its one host synchronisation); ``candidate_ranks(cand, rows, stored, ranks)``;
 ``tie_indices(rows, queries, counts)``; ``results(values)`` (the returned keys or cutoffs); and
 ``subset(rows)``; ``rows`` index its tuned tensors. Optionally ``resolve_pass(rows, los, his, cap,
-ks)``: a pass of sampled brackets and its resolution with ties to the lower index, as (keys,
-cutoffs), or None where a model's K lies outside its bracket (the pass above then runs).
+ks)``: a bracket pass without subsampling and its resolution with ties to the lower index, as
+(keys, cutoffs), or None where a model's K lies outside its bracket or its candidates overflowed
+(the pass above then runs).
 
 Extra memory: ~1.25·(2m/S)·numel int64 candidates per model (≤ 0.5% of the elements at
 S = 2^20) plus 16 bytes per block. Largest tensor: numel < 2^33 (the packed index).
@@ -191,8 +192,8 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, h
     """One bracket pass over the selector's models ``rows`` (their states ``models``), and the
     resolution of every model whose K it pins down (``higher``: ties to the higher flat index,
     the cutoff then the last equal key left out, -1 for none). Where the selector resolves the
-    whole pass itself (``resolve_pass``: ties to the lower index, every bracket from a sample),
-    returns its (keys, cutoffs)."""
+    whole pass itself (``resolve_pass``: ties to the lower index, no subsampling), returns its
+    (keys, cutoffs)."""
     numel = selector.numel
     los, his, rates, cap = _pass_brackets(selector, models, subsample)
     resolve = getattr(selector, "resolve_pass", None)

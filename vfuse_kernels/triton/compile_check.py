@@ -68,8 +68,8 @@ def kernel_configs():
     for n in (1, 3):
         sig = dict(found_ptr="*i64", queries_ptr="*i64", totals_ptr="*i64", fill_ptr="*i64", lo_ptr="*i64",
                    hi_ptr="*i64", k_ptr="*i64", cap="i64")
-        yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, dict(N=n, LANES=triton.next_power_of_2(n)), dict(
-            num_warps=1)
+        consts = dict(N=n, LANES=triton.next_power_of_2(n))
+        yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, consts, dict(num_warps=1)
     sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
     yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
         num_warps=4)

@@ -248,7 +248,8 @@ def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale,
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
         out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale),
         N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
-        TUNED_ARE_DELTAS=tuned_are_deltas, SELECT_MODELS=INVERSE_SELECT_MODELS, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        TUNED_ARE_DELTAS=tuned_are_deltas, SELECT_MODELS=INVERSE_SELECT_MODELS, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
 
 

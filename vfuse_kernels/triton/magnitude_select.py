@@ -268,9 +268,9 @@ def _resolve_kernel(found_ptr, queries_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr
     stored = tl.load(fill_ptr + j, mask=valid, other=0)
     k = tl.load(k_ptr + j, mask=valid, other=0)
     at_hi = (k > gt) & (k <= gt + eq_hi)
-    within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (at full rate every inside key is stored)
+    within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (full rate: inside keys all stored)
     at_lo = (k > gt + eq_hi + inside) & (k <= gt + eq_hi + inside + eq_lo)
-    status = tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2))
+    status = tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2))  # INSIDE, TIE, MISSED
     tl.store(found_ptr + j, tl.where(at_lo, lo, hi), mask=valid)
     tl.store(found_ptr + 2 * N + j, status.to(tl.int64), mask=valid)
     tl.store(found_ptr + 3 * N + j, k - gt - eq_hi, mask=valid)
