@@ -145,8 +145,11 @@ def magnitude_select(selector, ks: list[int], higher_index: bool = False) -> tup
         if not pending:
             break
         resolved = _run_pass(selector, pending, [models[i] for i in pending], size, higher_index)
-        if resolved is not None and len(pending) == len(models):  # (no restacking of the selector's results)
-            return resolved
+        if resolved is not None:
+            if len(pending) == len(models):  # (no restacking of the selector's results)
+                return resolved
+            for j, i in enumerate(pending):
+                models[i].result = resolved[0][j], resolved[1][j]
     else:  # pragma: no cover - the region shrinks every two passes
         raise RuntimeError("magnitude_select did not converge")
     return selector.results([m.result[0] for m in models]), selector.results([m.result[1] for m in models])
@@ -193,15 +196,13 @@ def _run_pass(selector, rows: list[int], models: list[_Model], subsample: int, h
     resolution of every model whose K it pins down (``higher``: ties to the higher flat index,
     the cutoff then the last equal key left out, -1 for none). Where the selector resolves the
     whole pass itself (``resolve_pass``: ties to the lower index, no subsampling), returns its
-    (keys, cutoffs)."""
+    (keys, cutoffs) of ``models`` instead of setting their results."""
     numel = selector.numel
     los, his, rates, cap = _pass_brackets(selector, models, subsample)
     resolve = getattr(selector, "resolve_pass", None)
     if resolve is not None and not higher and all(rate == FULL_RATE for rate in rates):
         resolved = resolve(rows, los, his, cap, [m.k for m in models])
         if resolved is not None:
-            for j, m in enumerate(models):
-                m.result = resolved[0][j], resolved[1][j]
             return resolved
     found = selector.bracket_pass(rows, los, his, rates, cap)
     ties = []  # (pass row, key, rank, column) of the models whose K is a bracket end

@@ -93,16 +93,13 @@ def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
     else:
         sign = tl.where(vote >= 0, 1.0, -1.0)  # agreeing: u > 0 where vote >= 0, else u < 0 (u·sign is exact)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
-        agreeing = tl.zeros([BLOCK], dtype=tl.int32)  # bit i: model i agrees with the elected sign
-        agrees = ()
+        agrees = ()  # model i agrees with the elected sign
         for i in tl.static_range(N):
             u = kept[i]
             agree = u * sign > 0
             merged += tl.where(agree, u, 0.0)
             agrees += (agree,)
-            if N <= INVERSE_TABLE_MODELS:
-                agreeing += tl.where(agree, 1 << i, 0)
-            else:
+            if N > INVERSE_TABLE_MODELS:
                 divisor += tl.where(agree, tl.load(params_ptr + N + i).to(tl.float32), 0.0)
         if NORMALIZE:
             if N <= SELECT_MODELS:
@@ -116,6 +113,9 @@ def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
                     level = pairs
                 merged = (merged.to(tl.float64) * level[0]).to(tl.float32)
             elif N <= INVERSE_TABLE_MODELS:
+                agreeing = tl.zeros([BLOCK], dtype=tl.int32)  # the agreeing models' bit set
+                for i in tl.static_range(N):
+                    agreeing += tl.where(agrees[i], 1 << i, 0)
                 inverse = tl.load(params_ptr + 3 * N + 3 + agreeing.to(tl.uint32))  # (unsigned: one wide multiply-add)
                 merged = (merged.to(tl.float64) * inverse).to(tl.float32)
             else:
