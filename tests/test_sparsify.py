@@ -22,17 +22,19 @@ def expected_trim(delta: torch.Tensor, k: int) -> torch.Tensor:
     return keep.reshape(delta.shape)
 
 
+@pytest.mark.parametrize("numel", [997, 5003])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.8, 1.0])
-def test_ties_threshold_ties_go_to_lower_index(backend, density):
-    """Many equal magnitudes straddle the threshold: exactly k survive, the lowest indices first."""
+def test_ties_threshold_ties_go_to_lower_index(backend, density, numel):
+    """Many equal magnitudes straddle the threshold: exactly k survive, the lowest indices first
+    (5003 elements: the equal keys span several merge blocks, before and after the cutoff's)."""
     device = backend_device(backend)
     gen = torch.Generator().manual_seed(0)
     values = torch.tensor([0.5, -0.5, 1.0, -1.0, 2.0, 0.25])
-    delta = values[torch.randint(0, len(values), (997,), generator=gen)]
-    base = torch.randn(997, generator=gen).round()  # integers: θ = base + δ is exact in fp32
+    delta = values[torch.randint(0, len(values), (numel,), generator=gen)]
+    base = torch.randn(numel, generator=gen).round()  # integers: θ = base + δ is exact in fp32
     out = vk.delta_merge(base.to(device), [(base + delta).to(device)], 1.0, method="ties", density=density)
     kept = (out.cpu() != base)
-    k = ref.trim_count(density, 997)
+    k = ref.trim_count(density, numel)
     assert kept.sum().item() == k
     assert torch.equal(kept, expected_trim(delta, k))
     assert torch.equal(out.cpu()[kept], (base + delta)[kept])

@@ -27,9 +27,10 @@ from .philox import dare_bits
 BLOCK = 1024
 NUM_WARPS = 4
 INVERSE_TABLE_MODELS = tl.constexpr(8)  # up to this many models, elected merges divide by a table of 2^N inverses
-# ... picked from the table by a tree of selects on the agreement masks up to this many models (no per-element
-# gather: sm_90 SASS, bf16, N = 2, per 1024-element program 480 instructions against 560 with the gather;
-# N = 4: 1168 against 1064), by an indexed load past it. A launch parameter: the GPU suite times both.
+# ... picked from the table by a tree of selects on the agreement masks up to this many models (no dependent
+# per-element load; sm_90 SASS, bf16, per thread of a 1024-element program: N = 2, 375 instructions against 378
+# with the gather; N = 3, 546 against 539; N = 4, 741 against 689), by an indexed load past it. A launch
+# parameter: the GPU suite times both.
 INVERSE_SELECT_MODELS = 3
 
 
@@ -44,7 +45,10 @@ def sparse_delta(tuned_ptr, b, lane, mask, start, model, params_ptr, trim_ptr,
         key = delta.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         threshold = tl.load(trim_ptr + model).to(tl.int32)
         last = tl.minimum(tl.maximum(tl.load(trim_ptr + N + model) - start, -1), BLOCK).to(tl.int32)
-        keep = key > tl.where(lane <= last, threshold - 1, threshold)
+        if (last < 0) | (last >= BLOCK - 1):  # every lane on one side of C (all blocks but one): one threshold
+            keep = key > threshold - (last >= 0).to(tl.int32)
+        else:
+            keep = key > tl.where(lane <= last, threshold - 1, threshold)
     elif SPARSIFY == 2:
         k0 = tl.load(params_ptr + 3 * N).to(tl.int64).to(tl.uint32)
         k1 = tl.load(params_ptr + 3 * N + 1).to(tl.int64).to(tl.uint32)

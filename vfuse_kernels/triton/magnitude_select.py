@@ -62,6 +62,16 @@ def subsample_hash(offs):
 
 
 @triton.jit
+def field_counts(key, first, second):
+    """The block's count of key > first in bits 0–15 plus its count of key > second in bits 16–31
+    ([BLOCK / ROW, ROW] keys in [0, 2³¹), thresholds in [−1, 2³¹)): key > t is the sign of t − key,
+    which cannot overflow — a subtract and a shifted add per key and threshold."""
+    above_first = tl.sum((first - key).to(tl.uint32, bitcast=True) >> 31, axis=1)
+    above_second = tl.sum((second - key).to(tl.uint32, bitcast=True) >> 31, axis=1)
+    return tl.sum(above_first + (above_second << 16), axis=0).to(tl.int32)
+
+
+@triton.jit
 def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_ptr, rate_ptr, numel, cap,
                     N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
     """Per model four counts of ``key > t``, for the 32-bit thresholds t = hi, hi − 1, lo, lo − 1
@@ -94,12 +104,11 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
         from_hi = tl.minimum(hi - 1, 0x7FFFFFFF).to(tl.int32)
         above_lo = lo.to(tl.int32)
         from_lo = tl.maximum(lo - 1, -1).to(tl.int32)
-        upper = tl.sum(tl.sum(tl.where(key > above_hi, 1, 0) + tl.where(key > from_hi, 1 << 16, 0), axis=1), axis=0)
+        upper = field_counts(key, above_hi, from_hi)
         if lo == hi:  # the same thresholds (K in a run of equal keys that spans the bracket: bf16 deltas, often)
             lower = upper
         else:
-            lower = tl.sum(tl.sum(tl.where(key > above_lo, 1, 0) + tl.where(key > from_lo, 1 << 16, 0), axis=1),
-                           axis=0)
+            lower = field_counts(key, above_lo, from_lo)
         above_hi_n = (upper & 0xFFFF) - tl.where(above_hi < 0, outside, 0)
         from_hi_n = (upper >> 16) - tl.where(from_hi < 0, outside, 0)
         above_lo_n = (lower & 0xFFFF) - tl.where(above_lo < 0, outside, 0)
