@@ -3,6 +3,7 @@ failed check (never crashing the suite), the distributed merge's byte comparison
 results, and pytest outcomes turned into checks."""
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -127,18 +128,26 @@ def test_the_gpu_tests_run_first_and_the_others_in_the_time_left(tmp_path, monke
     assert gpu["passed"] and not other["passed"] and other["detail"].startswith("not run:")
 
 
-def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parent_sigint", [signal.default_int_handler, signal.SIG_IGN], ids=["default", "ignored"])
+def test_a_child_past_its_limit_is_interrupted_before_it_is_killed(tmp_path, monkeypatch, parent_sigint):
     """SIGINT INTERRUPT_GRACE_S before the limit (pytest writes its report), SIGKILL at the limit:
-    a child never outlives its limit."""
+    a child never outlives its limit. Also where the suite ignores SIGINT (a shell's background
+    job), which its children would inherit."""
     monkeypatch.setattr(gpu_suite, "INTERRUPT_GRACE_S", 2)
     reports = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
                "    print('wrote the report', flush=True)\n    raise SystemExit(2)\n")
     deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
-    with open(tmp_path / "suite.log", "w") as log:
-        code, seconds, output = gpu_suite._spawn("sleeper", [sys.executable, "-c", reports], 4, log, dict(os.environ))
-        assert code is None and 2 <= seconds < 4 and "wrote the report" in output
-        code, seconds, _ = gpu_suite._spawn("deaf sleeper", [sys.executable, "-c", deaf], 4, log, dict(os.environ))
-        assert code is None and 4 <= seconds < 5
+    previous = signal.signal(signal.SIGINT, parent_sigint)
+    try:
+        with open(tmp_path / "suite.log", "w") as log:
+            code, seconds, output = gpu_suite._spawn("sleeper", [sys.executable, "-c", reports], 4, log,
+                                                     dict(os.environ))
+            assert code is None and 2 <= seconds < 4 and "wrote the report" in output
+            code, seconds, _ = gpu_suite._spawn("deaf sleeper", [sys.executable, "-c", deaf], 4, log, dict(os.environ))
+            assert code is None and 4 <= seconds < 5
+        assert signal.getsignal(signal.SIGINT) == parent_sigint
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_failed_child_is_reported_by_its_error_line():

@@ -57,6 +57,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -528,7 +529,7 @@ def _spawn(label: str, command: list[str], limit: float, log, env: dict, cwd: st
     log.flush()
     offset = os.path.getsize(log.name)
     start = time.monotonic()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    proc = _popen_interruptible(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:
         code = proc.wait(timeout=max(limit - INTERRUPT_GRACE_S, 1.0))
     except subprocess.TimeoutExpired:
@@ -549,6 +550,20 @@ def _spawn(label: str, command: list[str], limit: float, log, env: dict, cwd: st
     if code != 0:
         print("\n".join(f"   | {line}" for line in output.rstrip().splitlines()[-12:]), flush=True)
     return code, seconds, output
+
+
+def _popen_interruptible(command: list[str], **kwargs) -> subprocess.Popen:
+    """Popen with SIGINT's default action in the child even where this process ignores SIGINT (a
+    shell starts background jobs so, and a child inherits an ignored signal across exec): the
+    handler is swapped for the default one around the start (main thread only; else as inherited)."""
+    swap = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread()
+    if swap:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python handler: the default after exec
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        if swap:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _why(code: int | None, limit: float, output: str) -> str:

@@ -5,12 +5,16 @@ kernel in the configurations the launchers use, so a kernel that only the interp
 run is still known to compile for the device. Must run without TRITON_INTERPRET.
 
     python -m vfuse_kernels.triton.compile_check --arch 90
+    python -m vfuse_kernels.triton.compile_check --sass merge bracket   # with SASS instruction counts
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -24,8 +28,41 @@ from . import query_key_scores as qk_kernels
 from . import select_tokens as select_kernels
 
 
+# The streaming kernels also compile as a launch specialises them for tensors of fewer than 2^31
+# elements, aligned to 16 bytes, with a count divisible by 16 (the usual launch: numel an i32, it and
+# every pointer, those inside the ``tuned`` tuple too, known divisible by 16: 16-byte loads); the
+# configurations without the suffix are the unaligned or 2^31-and-more launch.
+ALIGNED = "[aligned]"
+ALIGNED_LAUNCH = dict(num_warps=delta_merge.NUM_WARPS, enable_fp_fusion=False, divisible=("numel",))
+
+
 def _tuned(dtype: str, n: int) -> tuple:
     return tuple([f"*{dtype}"] * n)
+
+
+def _divisibility(signature: dict, divisible: tuple) -> dict:
+    """The JIT's 16-divisibility hints for aligned tensors: every pointer argument, every pointer in
+    a tuple argument, and the integer arguments named in ``divisible``."""
+    attrs = {}
+    for i, (name, kind) in enumerate(signature.items()):
+        if isinstance(kind, tuple):
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, item in enumerate(kind) if item.startswith("*")})
+        elif kind.startswith("*") or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")  # (Triton ships it)
+
+
+def sass_instructions(cubin: bytes) -> list[str]:
+    """The cubin's SASS instructions, one string each (padding NOPs left out), by nvdisasm."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    found = (re.match(r"\s*/\*[0-9a-f]{4}\*/\s*(.*?)\s*;", line) for line in listing.splitlines())
+    return [m.group(1) for m in found if m and m.group(1) != "NOP"]
 
 
 def kernel_configs():
@@ -40,6 +77,7 @@ def kernel_configs():
                    trim_ptr="*i64", numel="i64", scale="fp32")
         name = f"[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]"
         yield "merge" + name, delta_merge._merge_kernel, sig, consts
+        yield "merge" + name + ALIGNED, delta_merge._merge_kernel, dict(sig, numel="i32"), consts, ALIGNED_LAUNCH
         sig = dict(table_ptr="*i64", block_start_ptr="*i32", params_ptr="*fp64", trim_ptr="*i64", tensors="i32",
                    scale="fp32")
         ty = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
@@ -51,12 +89,16 @@ def kernel_configs():
                    trim_ptr="*i64", numel="i64")
         consts = dict(N=2, SPARSIFY=sparsify, TUNED_ARE_DELTAS=False, BLOCK=delta_merge.BLOCK)
         yield f"sparse_l1[sparsify={sparsify}]", delta_merge._sparse_l1_kernel, sig, consts
+        yield (f"sparse_l1[sparsify={sparsify}]{ALIGNED}", delta_merge._sparse_l1_kernel, dict(sig, numel="i32"), consts,
+               ALIGNED_LAUNCH)
     for deltas in (False, True):
         sig = dict(counts_ptr="*i32", cand_ptr="*i64", fill_ptr="*i64", base_ptr="*bf16", tuned=_tuned("bf16", 2),
                    lo_ptr="*i64", hi_ptr="*i64", rate_ptr="*i64", numel="i64", cap="i64")
         consts = dict(N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block)
-        yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, dict(
-            num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
+        options = dict(num_warps=magnitude_select.NUM_WARPS, enable_fp_fusion=False)
+        yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, options
+        yield (f"bracket[deltas={deltas}]{ALIGNED}", magnitude_select._bracket_kernel, dict(sig, numel="i32", cap="i32"),
+               consts, dict(options, divisible=("numel", "cap")))
         sig = dict(keys_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
         yield f"sample[deltas={deltas}]", magnitude_select._sample_kernel, sig, dict(
             N=2, TUNED_ARE_DELTAS=deltas, RUN=selection.RUN, RUNS=64), dict(num_warps=4, enable_fp_fusion=False)
@@ -118,12 +160,12 @@ def _token_configs():
         yield f"qk_key_sums[{dtype},d={d}]", qk._key_sums_kernel, sig, consts, launch
 
 
-def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, int]:
-    """Compiles the kernels for sm_<arch>; returns the cubin size of each."""
+def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, bytes]:
+    """Compiles the kernels for sm_<arch>; returns the cubin of each."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter replaces the compiler)")
     target = GPUTarget("cuda", arch, 32)
-    sizes = {}
+    cubins = {}
     for name, kernel, signature, constexprs, *launch in kernel_configs():
         if names and not any(name.startswith(n) for n in names):
             continue
@@ -134,20 +176,23 @@ def compile_all(arch: int = 90, names: list[str] | None = None) -> dict[str, int
             options = dict(launch[0])  # "divisible", the 16-byte pointer divisibility the JIT specialises
             divisible = options.pop("divisible", None)  # aligned tensors to, and the int arguments it
             if divisible is not None:  # would find divisible by 16
-                attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(signature.items())
-                         if v.startswith("*") or k in divisible}
+                attrs = _divisibility(signature, divisible)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=target, options=options)
-        sizes[name] = len(compiled.asm["cubin"])
-    return sizes
+        cubins[name] = compiled.asm["cubin"]
+    return cubins
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90: H100/H200)")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count each kernel's SASS instructions (static: every path; by nvdisasm)")
+    parser.add_argument("kernels", nargs="*", help="only the configurations whose names start with these")
     args = parser.parse_args(argv)
-    for name, size in compile_all(args.arch).items():
-        print(f"sm_{args.arch}  {name:48s} {size:8d} bytes cubin")
+    for name, cubin in compile_all(args.arch, args.kernels or None).items():
+        sass = f"  {len(sass_instructions(cubin)):6d} SASS instructions" if args.sass else ""
+        print(f"sm_{args.arch}  {name:56s} {len(cubin):8d} bytes cubin{sass}")
 
 
 if __name__ == "__main__":
