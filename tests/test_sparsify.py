@@ -323,6 +323,49 @@ def test_triton_device_resolution_misses_when_candidates_overflow():
     _assert_exact_selection(base, tuned, [700 / 5003], vk.MagnitudeThresholds(keys, cutoffs))
 
 
+@pytest.mark.parametrize("data, starved, settles", [("tie-heavy bf16", False, True), ("gaussian fp32", False, False),
+                                                    ("gaussian fp32", True, False)],
+                         ids=["settled", "inside", "missed"])
+def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data, starved, settles, monkeypatch):
+    """The GPU's TIES merge is queued before the selection's wait, guarded by the device's
+    verdict. Where every model settles at a bracket end (tie-heavy data), it is the merge; where
+    one lies inside its bracket (distinct keys, narrow brackets) or misses (16 candidate slots),
+    it writes nothing — in place into base — and the merge runs again with the host's
+    thresholds. Either way the bits of the merge with the selection's thresholds passed in
+    (Triton against Triton: the interpreter rounds fp32 to bf16 toward zero, the GPU to nearest)."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import delta_merge as kernels
+    from vfuse_kernels.triton import magnitude_select as select_kernels
+
+    monkeypatch.setattr(ms, "SMALL", 1024)
+    monkeypatch.setattr(select_kernels.DeviceSelector, "SAMPLE_SHARE", 4)
+    resolve, merge, launches = select_kernels.DeviceSelector.resolve_pass, kernels.merge, []
+    if starved:
+        monkeypatch.setattr(select_kernels.DeviceSelector, "resolve_pass",
+                            lambda self, rows, los, his, cap, ks: resolve(self, rows, los, his, 16, ks))
+    monkeypatch.setattr(kernels, "merge", lambda *args, **kw: launches.append(kw.get("guard") is not None) or
+                        merge(*args, **kw))
+    device = backend_device("triton")
+    for models in (1, 3):
+        if data == "tie-heavy bf16":
+            base, tuned = _tie_heavy(30_011, models, seed=models)
+        else:
+            gen = torch.Generator().manual_seed(models)
+            base = torch.randn(30_011, generator=gen)
+            tuned = [base + torch.randn(30_011, generator=gen) for _ in range(models)]
+        base, tuned = base.to(device), [t.to(device) for t in tuned]
+        weights, densities = [0.6, -0.3, 0.9][:models], [0.3, 0.9, 0.01][:models]
+        monkeypatch.setenv("VFUSE_BACKEND", "triton")
+        expected = vk.delta_merge(base, tuned, weights, method="ties",
+                                  thresholds=vk.ties_thresholds(base, tuned, densities))
+        launches.clear()
+        got = base.clone()
+        vk.delta_merge(got, tuned, weights, method="ties", density=densities, out=got)
+        bits = torch.int16 if got.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(got.view(bits), expected.view(bits))
+        assert launches == ([True] if settles else [True, False])
+
+
 def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
     """The one-launch Triton sampler gathers the keys of the reference's gather."""
     pytest.importorskip("triton")

@@ -93,11 +93,16 @@ def _merge_into(
     kernels = _kernels(backend)
     base = base.contiguous()
     tuned = [t.contiguous() for t in tuned]
-    trim, dare_thresholds, coefs = _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify, rescale,
-                                                        seed, tuned_are_deltas, trim_keys, trim_cutoffs)
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=base.device)
-    kernels.merge(target, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs,
-                  dare_thresholds, trim, seed)
+    if (SPARSIFY_NAMES[sparsify] == "trim" and trim_keys is None and rescale != "l1"
+            and hasattr(kernels, "select_then_merge")):  # the GPU: the merge queued before the selection's wait
+        kernels.select_then_merge(target, base, tuned, tuned_are_deltas, elect, normalize, scale, weights,
+                                  [trim_count(p, base.numel()) for p in densities], seed)
+    else:
+        trim, dare_thresholds, coefs = _sparse_coefficients(kernels, base, tuned, weights, densities, sparsify,
+                                                            rescale, seed, tuned_are_deltas, trim_keys, trim_cutoffs)
+        kernels.merge(target, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs,
+                      dare_thresholds, trim, seed)
     if target is not out:
         out.copy_(target)
 

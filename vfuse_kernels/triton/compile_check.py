@@ -71,18 +71,21 @@ def kernel_configs():
     merges = [("bf16", 3, sparsify, elect, False) for sparsify, elect in itertools.product((0, 1, 2), (0, 1, 2))]
     merges += [("fp16", 1, 1, 1, True), ("fp32", 4, 2, 2, False), ("bf16", 9, 1, 1, False)]  # 9: past the inverse table
     for dtype, n, sparsify, elect, deltas in merges:
-        consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True,
-                      TUNED_ARE_DELTAS=deltas, SELECT_MODELS=delta_merge.INVERSE_SELECT_MODELS, BLOCK=delta_merge.BLOCK)
+        consts = dict(N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=True, TUNED_ARE_DELTAS=deltas,
+                      SELECT_MODELS=delta_merge.INVERSE_SELECT_MODELS, GUARDED=False, BLOCK=delta_merge.BLOCK)
         sig = dict(out_ptr=f"*{dtype}", base_ptr=f"*{dtype}", tuned=_tuned(dtype, n), params_ptr="*fp64",
-                   trim_ptr="*i64", numel="i64", scale="fp32")
+                   trim_ptr="*i64", guard_ptr="*fp64", numel="i64", scale="fp32")
         name = f"[{dtype},N={n},sparsify={sparsify},elect={elect},deltas={deltas}]"
         yield "merge" + name, delta_merge._merge_kernel, sig, consts
         yield "merge" + name + ALIGNED, delta_merge._merge_kernel, dict(sig, numel="i32"), consts, ALIGNED_LAUNCH
+        if sparsify == 1 and elect == 1:  # TIES queued before the selection's wait (select_then_merge)
+            yield ("merge" + name + "[guarded]" + ALIGNED, delta_merge._merge_kernel,
+                   dict(sig, numel="i32", guard_ptr="*i32"), dict(consts, GUARDED=True), ALIGNED_LAUNCH)
         sig = dict(table_ptr="*i64", block_start_ptr="*i32", params_ptr="*fp64", trim_ptr="*i64", tensors="i32",
                    scale="fp32")
         ty = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
         yield ("merge_foreach" + name, delta_merge._merge_foreach_kernel, sig,
-               dict(consts, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty,
+               dict({k: v for k, v in consts.items() if k != "GUARDED"}, OUT_TY=ty, BASE_TY=ty, TUNED_TY=ty,
                     PARAMS=len(delta_merge._model_values([0.0] * n, [1.0] * n, [0] * n, 0, elect, True))))
     for sparsify in (1, 2):
         sig = dict(partial_ptr="*fp64", base_ptr="*bf16", tuned=_tuned("bf16", 2), params_ptr="*fp64",
@@ -108,8 +111,8 @@ def kernel_configs():
             N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
             num_warps=8, enable_fp_fusion=False)
     for n in (1, 3):
-        sig = dict(found_ptr="*i64", queries_ptr="*i64", totals_ptr="*i64", fill_ptr="*i64", lo_ptr="*i64",
-                   hi_ptr="*i64", k_ptr="*i64", cap="i64")
+        sig = dict(found_ptr="*i64", queries_ptr="*i64", settled_ptr="*i32", totals_ptr="*i64", fill_ptr="*i64",
+                   lo_ptr="*i64", hi_ptr="*i64", k_ptr="*i64", cap="i64")
         consts = dict(N=n, LANES=triton.next_power_of_2(n))
         yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, consts, dict(num_warps=1)
     sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")

@@ -21,11 +21,14 @@ import triton
 import triton.language as tl
 
 from .._backend import host_to_device
-from .magnitude_select import load_base, load_delta, selector  # noqa: F401 (selector: re-exported)
+from ..delta_rules import SPARSIFY_CODES
+from ..selection import trim_thresholds
+from .magnitude_select import load_base, load_delta, selector
 from .philox import dare_bits
 
 BLOCK = 1024
 NUM_WARPS = 4
+SPARSIFY_TRIM = SPARSIFY_CODES["trim"]
 INVERSE_TABLE_MODELS = tl.constexpr(8)  # up to this many models, elected merges divide by a table of 2^N inverses
 # ... picked from the table by a tree of selects on the agreement masks up to this many models (no dependent
 # per-element load; sm_90 SASS, bf16, per thread of a 1024-element program: N = 2, 375 instructions against 378
@@ -128,17 +131,24 @@ def merged_block(b, lane, mask, start, tuned, table_row, params_ptr, trim_ptr,
 
 
 @triton.jit
-def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, numel, scale,
+def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, guard_ptr, numel, scale,
                   N: tl.constexpr, SPARSIFY: tl.constexpr, ELECT: tl.constexpr,
                   NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, SELECT_MODELS: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    lane = tl.arange(0, BLOCK)  # 32-bit offsets from the block's start
-    mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
-    b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
-    merged = merged_block(b, lane, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
-                          N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, SELECT_MODELS, BLOCK)
-    tl.store(out_ptr + start + lane, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
+                  GUARDED: tl.constexpr, BLOCK: tl.constexpr):
+    """GUARDED: a merge queued before the selection it reads was confirmed; it writes nothing
+    unless the int32 at ``guard_ptr`` is nonzero (the selection settled on the device)."""
+    if GUARDED:
+        go = tl.load(guard_ptr) != 0
+    else:
+        go = True
+    if go:
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        lane = tl.arange(0, BLOCK)  # 32-bit offsets from the block's start
+        mask = lane < tl.minimum(numel - start, BLOCK).to(tl.int32)
+        b = tl.load(base_ptr + start + lane, mask=mask, other=0.0).to(tl.float32)
+        merged = merged_block(b, lane, mask, start, tuned, params_ptr, params_ptr, trim_ptr,
+                              N, SPARSIFY, ELECT, NORMALIZE, TUNED_ARE_DELTAS, False, tl.float32, SELECT_MODELS, BLOCK)
+        tl.store(out_ptr + start + lane, (b + scale * merged).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["tensors"])
@@ -245,16 +255,37 @@ def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, se
 
 
 def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
-          trim, seed):
-    """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out``."""
+          trim, seed, guard=None):
+    """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out`` (with ``guard``, an
+    int32 device flag: only where it is nonzero when the kernel runs)."""
     n, numel = len(tuned), base.numel()
     params = _params(base.device, coefs, weights, dare_thresholds, seed, elect, normalize)
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
-        out, base, tuple(tuned), params, _trim(base, trim), numel, float(scale),
-        N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize,
-        TUNED_ARE_DELTAS=tuned_are_deltas, SELECT_MODELS=INVERSE_SELECT_MODELS, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        out, base, tuple(tuned), params, _trim(base, trim), params if guard is None else guard, numel, float(scale),
+        N=n, SPARSIFY=sparsify, ELECT=elect, NORMALIZE=normalize, TUNED_ARE_DELTAS=tuned_are_deltas,
+        SELECT_MODELS=INVERSE_SELECT_MODELS, GUARDED=guard is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
+
+
+def select_then_merge(out, base, tuned, tuned_are_deltas, elect, normalize, scale, weights, ks, seed) -> None:
+    """The TIES trim's selection (ties to the lower index) and the merge (coefficients = weights), the
+    merge queued before the selection's one wait: where the device settles every model's K at a
+    bracket end, the guarded merge writes ``out`` and nothing runs after the wait; otherwise it
+    writes nothing, and the merge runs again with the thresholds the host then resolves."""
+    n, device = len(tuned), base.device
+    dev_selector = selector(base, tuned, tuned_are_deltas)
+
+    def merge_when_settled(keys, cutoffs, settled):
+        merge(out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale, weights, weights, [0] * n,
+              (keys, cutoffs), seed, guard=settled)
+
+    dev_selector.then = merge_when_settled
+    keys, cutoffs = trim_thresholds(dev_selector, ks)
+    if not dev_selector.settled:
+        trim = torch.as_tensor(keys, device=device), torch.as_tensor(cutoffs, device=device)
+        merge(out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale, weights, weights, [0] * n,
+              trim, seed)
 
 
 TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -258,14 +258,15 @@ INSIDE, TIE, MISSED = 0, 1, 2  # _resolve_kernel's statuses
 
 
 @triton.jit
-def _resolve_kernel(found_ptr, queries_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, cap,
+def _resolve_kernel(found_ptr, queries_ptr, settled_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, cap,
                     N: tl.constexpr, LANES: tl.constexpr):
     """selection.py's resolution of one bracket pass (ties to the lower index) on the device, model
     j in lane j, from the pass's totals [N, 4] (key > hi, == hi, == lo, strictly inside) and its
     candidate counts ``fill``: found[2, j] is TIE (K = found[0, j] a bracket end; C the tie
     search's answer to queries[j] = (K, rank, j, column)), INSIDE (K, C the found[3, j]-th of
     the found[4, j] candidates in (key desc, index asc) order) or MISSED (K outside the bracket,
-    or candidates lost past ``cap``). Queries of other models ask for a harmless search."""
+    or candidates lost past ``cap``); settled (int32) is 1 where every model is TIE, else 0. Queries of
+    other models ask for a harmless search."""
     j = tl.arange(0, LANES)
     valid = j < N
     gt = tl.load(totals_ptr + 4 * j, mask=valid, other=0)
@@ -280,6 +281,7 @@ def _resolve_kernel(found_ptr, queries_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr
     within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (full rate: inside keys all stored)
     at_lo = (k > gt + eq_hi + inside) & (k <= gt + eq_hi + inside + eq_lo)
     status = tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2))  # INSIDE, TIE, MISSED
+    tl.store(settled_ptr, tl.min(tl.where(valid, (status == 1).to(tl.int32), 1), axis=0))
     tl.store(found_ptr + j, tl.where(at_lo, lo, hi), mask=valid)
     tl.store(found_ptr + 2 * N + j, status.to(tl.int64), mask=valid)
     tl.store(found_ptr + 3 * N + j, k - gt - eq_hi, mask=valid)
@@ -312,6 +314,10 @@ class DeviceSelector:
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
         self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
         self.numel, self.device = base.numel(), base.device
+        # then(keys, cutoffs, settled): work to queue on the device results of the first pass that
+        # resolves every model, before its wait (delta_merge's guarded merge); settled: whether
+        # that pass settled every model on the device (its keys and cutoffs were the results)
+        self.then, self.settled = None, False
 
     def subset(self, rows: list[int]) -> DeviceSelector:
         return DeviceSelector(self.base, [self.tuned[i] for i in rows], self.tuned_are_deltas)
@@ -368,14 +374,20 @@ class DeviceSelector:
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
         found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, (cutoffs), statuses, ranks, stored
         queries = torch.empty(n, 4, dtype=torch.int64, device=device)
-        _resolve_kernel[(1,)](found, queries, counts.sum(0, dtype=torch.int64), fill, lo, hi,
+        settled = torch.empty(1, dtype=torch.int32, device=device)
+        _resolve_kernel[(1,)](found, queries, settled, counts.sum(0, dtype=torch.int64), fill, lo, hi,
                               host_to_device(ks, torch.int64, device), cap, N=n, LANES=triton.next_power_of_2(n),
                               num_warps=1)
         keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas)
+        then = self.then if n == len(self.tuned) else None  # (a pass over every model of the call)
+        if then is not None:
+            self.then = None
+            then(keys, cutoffs, settled)
         statuses, ranks, stored = found[2:].tolist()  # the one synchronisation
         if MISSED in statuses:
             return None
         inside = [j for j, status in enumerate(statuses) if status == INSIDE]
+        self.settled = then is not None and not inside
         if inside:
             packed = self._ranked(cand, inside, [stored[j] for j in inside], [ranks[j] for j in inside])
             at = host_to_device(inside, torch.int64, device)
