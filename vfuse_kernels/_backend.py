@@ -59,3 +59,20 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     non-blocking copy from pinned memory (``torch.tensor(values, device=cuda)`` synchronises)."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+def to_host_later(tensor: torch.Tensor):
+    """A function returning ``tensor.tolist()``. On CUDA the copy is queued now (into pinned memory,
+    an event after it) and the function waits only for that copy, not for work queued after it."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait():
+        copied.synchronize()
+        return host.tolist()
+
+    return wait

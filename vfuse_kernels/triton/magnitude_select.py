@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import host_to_device
+from .._backend import host_to_device, to_host_later
 from ..selection import FULL_RATE, RUN, SAMPLE_SEED, PassCounts, candidate_index, candidate_keys, sample_size
 
 NUM_WARPS = 4  # at 1024 elements per program (DeviceSelector.BLOCK): 8 per thread
@@ -379,11 +379,12 @@ class DeviceSelector:
                               host_to_device(ks, torch.int64, device), cap, N=n, LANES=triton.next_power_of_2(n),
                               num_warps=1)
         keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas)
+        verdict = to_host_later(found[2:])
         then = self.then if n == len(self.tuned) else None  # (a pass over every model of the call)
         if then is not None:
             self.then = None
             then(keys, cutoffs, settled)
-        statuses, ranks, stored = found[2:].tolist()  # the one synchronisation
+        statuses, ranks, stored = verdict()  # the one synchronisation (not with the work ``then`` queued)
         if MISSED in statuses:
             return None
         inside = [j for j, status in enumerate(statuses) if status == INSIDE]
