@@ -314,9 +314,9 @@ class DeviceSelector:
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
         self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
         self.numel, self.device = base.numel(), base.device
-        # then(keys, cutoffs, settled): work to queue on the device results of the first pass that
-        # resolves every model, before its wait (delta_merge's guarded merge); settled: whether
-        # that pass settled every model on the device (its keys and cutoffs were the results)
+        # then(keys, cutoffs, settled): called once, on the first resolve pass over every model, after
+        # that pass's work is queued and before its wait (delta_merge queues its guarded merge there);
+        # settled: whether that pass settled every model at a bracket end (its keys and cutoffs the results)
         self.then, self.settled = None, False
 
     def subset(self, rows: list[int]) -> DeviceSelector:
