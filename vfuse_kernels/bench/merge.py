@@ -5,7 +5,9 @@ quantised and full of equal magnitudes, as in real checkpoints). Reports time, G
 ideal bytes a single pass must move ((N + 1) reads and one write of the storage dtype) and
 that as % of a plain copy's bandwidth measured in the same run. TIES rows (one per density)
 include the threshold selection; "thresholds only" rows time the selection alone beside a
-``torch.topk`` threshold.
+``torch.topk`` threshold, and "thresholds, then the merge" rows the two calls in turn (on the
+GPU the merge then waits for the selection's host synchronisation; in one ``delta_merge`` call
+it is queued before it).
 
     python -m vfuse_kernels.bench.merge                       # CPU, 2 × 32M bf16
     python -m vfuse_kernels.bench.merge --device cuda --numel 268435456
@@ -172,6 +174,8 @@ def _merge_rows(label, base, tuned, device, methods, densities, reps, with_merge
             row(method, "vfuse", lambda: vk.delta_merge(base, tuned, weights, method=method, out=out, **kw), p)
             if method == "ties":
                 row(method, "vfuse thresholds only", lambda: vk.ties_thresholds(base, tuned, p), p)
+                row(method, "vfuse thresholds, then the merge", lambda: vk.delta_merge(  # (the merge after the wait)
+                    base, tuned, weights, method=method, out=out, thresholds=vk.ties_thresholds(base, tuned, p)), p)
                 row(method, "torch.topk thresholds", lambda: topk_thresholds(base, tuned, p), p)
             if sparse and with_mergekit:
                 row(method, "mergekit ops", lambda: mergekit_merge(base, tuned, weights, method=method, density=p,
