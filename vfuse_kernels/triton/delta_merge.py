@@ -273,19 +273,13 @@ def select_then_merge(out, base, tuned, tuned_are_deltas, elect, normalize, scal
     merge queued before the selection's one wait: where the device settles every model's K at a
     bracket end, the guarded merge writes ``out`` and nothing runs after the wait; otherwise it
     writes nothing, and the merge runs again with the thresholds the host then resolves."""
-    n, device = len(tuned), base.device
+    ties_merge = functools.partial(merge, out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale,
+                                   weights, weights, [0] * len(tuned))
     dev_selector = selector(base, tuned, tuned_are_deltas)
-
-    def merge_when_settled(keys, cutoffs, settled):
-        merge(out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale, weights, weights, [0] * n,
-              (keys, cutoffs), seed, guard=settled)
-
-    dev_selector.then = merge_when_settled
-    keys, cutoffs = trim_thresholds(dev_selector, ks)
+    dev_selector.then = lambda keys, cutoffs, settled: ties_merge((keys, cutoffs), seed, guard=settled)
+    trim = trim_thresholds(dev_selector, ks)  # (device tensors)
     if not dev_selector.settled:
-        trim = torch.as_tensor(keys, device=device), torch.as_tensor(cutoffs, device=device)
-        merge(out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale, weights, weights, [0] * n,
-              trim, seed)
+        ties_merge(trim, seed)
 
 
 TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
