@@ -379,6 +379,49 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
         assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
 
 
+@pytest.mark.parametrize("size", [1, 17, 40_000])  # 40_000: five programs per query
+def test_triton_order_statistics_match_a_sort(size):
+    """The radix select of the GPU's sample gives the keys of a descending sort at every queried
+    rank: the first and last, repeated rows, on keys of bf16 deltas (few distinct values, equal
+    high digits), on all-equal keys and on uniform 31-bit keys (every digit used)."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    gen = torch.Generator().manual_seed(size)
+    deltas = (0.01 * torch.randn(3, size, generator=gen)).bfloat16().float()
+    for keys in (deltas.view(torch.int32) & 0x7FFFFFFF, torch.full((3, size), 0x3C23D70A, dtype=torch.int32),
+                 torch.randint(0, 2**31, (3, size), generator=gen, dtype=torch.int64).int()):
+        rows, ranks = [0, 2, 1, 2, 0], [0, size - 1, size // 2, size // 3, min(7, size - 1)]
+        got = kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks)
+        ordered = keys.sort(dim=1, descending=True).values
+        assert got.tolist() == [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+
+
+def test_triton_selection_brackets_every_model_by_one_order_statistics_call(monkeypatch):
+    """The GPU's first pass takes every model's bracket ends from one radix select over its
+    unsorted sample (no sort): the same ends as ranks in the sorted sample."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import magnitude_select as kernels
+
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    monkeypatch.setattr(ms, "SMALL", 1024)
+    monkeypatch.setattr(kernels.DeviceSelector, "SAMPLE_SHARE", 4)  # every bracket end inside the sample
+    calls, passes = [], []
+    original, bracket_pass = kernels.order_statistics, kernels.bracket_pass
+    monkeypatch.setattr(kernels, "order_statistics", lambda keys, rows, ranks: calls.append(
+        (keys.cpu(), rows, ranks)) or original(keys, rows, ranks))
+    monkeypatch.setattr(kernels, "bracket_pass", lambda base, tuned, lo, hi, *args: passes.append(
+        (lo.tolist(), hi.tolist())) or bracket_pass(base, tuned, lo, hi, *args))
+    base, tuned = _tie_heavy(40_009, 3, device=backend_device("triton"))
+    densities = [0.2, 0.5, 0.7]
+    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+    (keys, rows, ranks), = calls
+    assert sorted(set(rows)) == [0, 1, 2] and len(rows) == 6  # both ends of every model
+    ordered = keys.sort(dim=1, descending=True).values
+    ends = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+    assert passes[0] == (ends[1::2], ends[0::2])  # (lo: the lower rank's key, hi: the upper's)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("models", [1, 4])
 def test_cpp_sample_keys_match_the_torch_sampler(dtype, models):

@@ -29,8 +29,9 @@ Algorithm, written once here over a *selector* (the device layer's handle on one
    input finishes.
 
 A selector holds one call's inputs (base, N tuned tensors of ``numel`` elements) and provides:
-``sample_size(numel)`` and ``sample(size)`` (each model's sample keys, descending);
-``kth_largest(values, ranks, presorted)``; ``bracket_pass(rows, los, his, rates, cap)`` (a
+``sample_size(numel)`` and ``sample(size)`` (each model's sample keys; in descending order where
+``SAMPLE_SORTED``); ``order_statistics(samples, ranks, presorted)`` (per sample the keys at
+those descending ranks, for every model in one call); ``bracket_pass(rows, los, his, rates, cap)`` (a
 ``PassCounts``, its one host synchronisation); ``candidate_ranks(cand, rows, stored, ranks)``;
 ``tie_indices(rows, queries, counts)``; ``results(values)`` (the returned keys or cutoffs); and
 ``subset(rows)``; ``rows`` index its tuned tensors. Optionally ``resolve_pass(rows, los, his, cap,
@@ -106,20 +107,26 @@ class _Model:
         return self.numel - self.above - self.below
 
 
-def _bracket(model: _Model, selector) -> tuple:
-    """(lo, hi, expected share of the region strictly inside) around the target rank, from the
-    model's sample; lo and hi are the selector's scalars, or ints where the margin passes the
-    sample's end."""
-    sample = model.sample
-    size = len(sample)
-    p = (model.k - model.above) / model.population
-    rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
-    hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    inner = [r for r in (hi_rank, lo_rank) if 0 <= r < size]
-    found = iter(selector.kth_largest(sample, inner, model.sorted))
-    hi = next(found) if hi_rank >= 0 else model.high + 1
-    lo = next(found) if lo_rank < size else model.low - 1
-    return lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size
+def _brackets(models: list[_Model], selector) -> list[tuple]:
+    """(lo, hi, expected share of the region strictly inside) around each model's target rank,
+    from its sample (one ``order_statistics`` call for all); lo and hi are the selector's
+    scalars, or ints where the margin passes the sample's end."""
+    plans, wanted = [], []
+    for model in models:
+        size = len(model.sample)
+        p = (model.k - model.above) / model.population
+        rank, margin = p * size, Z * math.sqrt(size * p * (1.0 - p)) + SLACK
+        hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
+        plans.append((size, hi_rank, lo_rank))
+        wanted.append([r for r in (hi_rank, lo_rank) if 0 <= r < size])
+    found = selector.order_statistics([m.sample for m in models], wanted, [m.sorted for m in models])
+    brackets = []
+    for model, (size, hi_rank, lo_rank), values in zip(models, plans, found):
+        values = iter(values)
+        hi = next(values) if hi_rank >= 0 else model.high + 1
+        lo = next(values) if lo_rank < size else model.low - 1
+        brackets.append((lo, hi, (min(lo_rank, size) - max(hi_rank, -1)) / size))
+    return brackets
 
 
 def _capacity(share: float, population: int) -> int:
@@ -139,7 +146,7 @@ def magnitude_select(selector, ks: list[int], higher_index: bool = False) -> tup
     size = selector.sample_size(numel)
     if numel > SMALL:  # small tensors: the first pass compacts every element
         for model, row in zip(models, selector.sample(size)):
-            model.sample, model.sorted = row, True
+            model.sample, model.sorted = row, selector.SAMPLE_SORTED
     for _ in range(MAX_PASSES):
         pending = [i for i, m in enumerate(models) if m.result is None]
         if not pending:
@@ -175,10 +182,12 @@ def _pass_brackets(selector, models: list[_Model], subsample: int) -> tuple[list
     """(los, his, subsample rates, candidate slots) of a bracket pass over ``models``: around the
     target from a model's sample where it has one, else the whole region with a uniform
     subsample of it (all of it when small)."""
+    sampled = [m for m in models if m.sample is not None]
+    brackets = iter(_brackets(sampled, selector) if sampled else ())
     los, his, rates, caps = [], [], [], []
     for m in models:
         if m.sample is not None:  # bracket around the target from a sample of the region
-            lo, hi, share = _bracket(m, selector)
+            lo, hi, share = next(brackets)
             rate = FULL_RATE
         else:  # collect a uniform subsample of the region (all of it when small)
             lo, hi = m.low - 1, m.high + 1
@@ -282,6 +291,7 @@ class HostSelector:
 
     BLOCK = 2048  # elements per block of the bracket pass's counts (< 2^16: 16-bit count fields)
     SAMPLE_TOP, SAMPLE_SHARE = 1 << 18, 128
+    SAMPLE_SORTED = True
 
     def __init__(self, base: int, base_code: int, tuned: list[int], codes: list[int], numel: int,
                  tuned_are_deltas: bool):
@@ -306,6 +316,9 @@ class HostSelector:
                              runs.ctypes.data, runs.size, RUN, keys.ctypes.data)
         keys.sort(axis=-1)
         return keys[:, ::-1]
+
+    def order_statistics(self, samples: list[np.ndarray], ranks: list[list[int]], presorted: list[bool]) -> list:
+        return [self.kth_largest(s, r, p) for s, r, p in zip(samples, ranks, presorted)]
 
     @staticmethod
     def kth_largest(values: np.ndarray, ranks: list[int], presorted: bool) -> list[int]:

@@ -464,7 +464,7 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
     rows = []
     saved = kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS
     selector = select_kernels.DeviceSelector
-    block_size, sample_size = selector.BLOCK, selector.sample_size
+    block_size, sample_size, order_statistics = selector.BLOCK, selector.sample_size, selector.order_statistics
     try:
         trim = tuple(vk.ties_thresholds(base, tuned, 0.3))
         merges = (("task_arithmetic", {}, "", ((1024, 4), (2048, 8), (4096, 8))),
@@ -493,9 +493,16 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
                          "impl": f"variant sample of {size} keys", "median_ms": ms})
+        selector.sample_size = sample_size
+        selector.order_statistics = selector.sorted_statistics  # the bracket ends as v0.14 found them
+        for density in (0.01, 0.3):
+            ms = _time(lambda: vk.ties_thresholds(base, tuned, density), device)
+            rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
+                         "density": density, "impl": "variant the sample's order statistics by torch.sort",
+                         "median_ms": ms})
     finally:
         kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS = saved
-        selector.BLOCK, selector.sample_size = block_size, sample_size
+        selector.BLOCK, selector.sample_size, selector.order_statistics = block_size, sample_size, order_statistics
     return rows
 
 
@@ -560,8 +567,8 @@ def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
     selector = select_kernels.selector(base, tuned, False)
     models = [selection._Model(int(0.3 * numel), numel) for _ in tuned]
     for model, row in zip(models, selector.sample(selector.sample_size(numel))):
-        model.sample, model.sorted = row, True
-    brackets = [selection._bracket(model, selector) for model in models]
+        model.sample, model.sorted = row, selector.SAMPLE_SORTED
+    brackets = selection._brackets(models, selector)
     lo, hi = (select_kernels._stack([b[j] for b in brackets], device) for j in (0, 1))
     cap = selection._capacity(max(b[2] for b in brackets), numel)
     block = selector.BLOCK

@@ -110,6 +110,10 @@ def kernel_configs():
         yield f"tie_find[deltas={deltas}]", magnitude_select._tie_find_kernel, sig, dict(
             N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
             num_warps=8, enable_fp_fusion=False)
+    sig = dict(out_ptr="*i64", hist_ptr="*i32", keys_ptr="*i32", queries_ptr="*i64", size="i32", queries="i32")
+    for round_ in range(5):  # the sample's order statistics
+        yield f"order_round[{round_}]", magnitude_select._order_round_kernel, sig, dict(
+            ROUND=round_, CHUNK=magnitude_select.ORDER_CHUNK, BLOCK=magnitude_select.ORDER_BLOCK), dict(num_warps=4)
     for n in (1, 3):
         sig = dict(found_ptr="*i64", queries_ptr="*i64", settled_ptr="*i32", totals_ptr="*i64", fill_ptr="*i64",
                    lo_ptr="*i64", hi_ptr="*i64", k_ptr="*i64", cap="i64")

@@ -6,9 +6,10 @@ key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit
 pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
 program for the slot, a scan over the rows of 8 for the positions). Equal keys at the bracket ends are
-only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch)
-and the tie search (each query's rank-th equal key's flat index: chunk sums of the per-block
-counts, then one program per query); ``DeviceSelector`` drives them for selection.py.
+only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch),
+the sample's order statistics (every bracket end by one radix select, five launches), the tie
+search (each query's rank-th equal key's flat index: chunk sums of the per-block counts, then
+one program per query); ``DeviceSelector`` drives them for selection.py.
 """
 from __future__ import annotations
 
@@ -169,6 +170,69 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas):
     return keys
 
 
+DIGIT_BINS = 256  # a radix select round's digit: 8 bits, four rounds for a 31-bit key
+ORDER_CHUNK, ORDER_BLOCK = 8192, 2048  # keys per program of a round (2^20 keys: 128 programs per query), per histogram
+
+
+@triton.jit
+def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, queries,
+                        ROUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Round ROUND of a radix select of the queries [Q, 2] (row, rank) over ``keys`` [R, size]
+    int32 in [0, 2³¹): query q asks for the rank-th largest key (0-based) of its row.
+
+    The digits entering the round come from the earlier rounds' histograms hist[r, q] (bits
+    [24 − 8r, 32 − 8r) of the row's keys whose higher bits equal the digits found before):
+    digit d of round r is the smallest whose keys of larger digits number ≤ rank, and the rank
+    is then counted among d's keys. Only bins above d are read, so keys of other prefixes (and
+    lanes past the row) go to bin 0 uncounted-for. ROUND < 4 adds the histogram of the next
+    digit over this program's CHUNK keys into hist[ROUND, q] (a privatised ``tl.histogram``,
+    whose ballots do not serialise on equal keys, then one atomic per nonzero bin); ROUND 4
+    stores the key, the four digits, in out[q]."""
+    q = tl.program_id(1)
+    row = tl.load(queries_ptr + 2 * q).to(tl.int64)
+    rank = tl.load(queries_ptr + 2 * q + 1).to(tl.int32)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], dtype=tl.int32)  # the digits found so far
+    for r in tl.static_range(ROUND):
+        counts = tl.load(hist_ptr + (r * queries + q) * 256 + bins)
+        above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0)  # keys of a larger digit
+        digit = tl.min(tl.where(above <= rank, bins, 256), axis=0)
+        rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
+        prefix = prefix * 256 + digit
+    if ROUND == 4:
+        tl.store(out_ptr + q, prefix.to(tl.int64))
+    else:
+        shift: tl.constexpr = 24 - 8 * ROUND
+        start = tl.program_id(0).to(tl.int64) * CHUNK
+        counts = tl.zeros([256], dtype=tl.int32)
+        for offset in tl.static_range(0, CHUNK, BLOCK):
+            idx = start + offset + tl.arange(0, BLOCK)
+            key = tl.load(keys_ptr + row * size + idx, mask=idx < size, other=0)
+            match = idx < size
+            if ROUND > 0:
+                match = match & ((key >> (shift + 8)) == prefix)
+            counts += tl.histogram(tl.where(match, (key >> shift) & 255, 0), 256)  # (others: bin 0, never read)
+        tl.atomic_add(hist_ptr + (ROUND * queries + q) * 256 + bins, counts, mask=counts != 0, sem="relaxed")
+
+
+def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int]) -> torch.Tensor:
+    """[Q] int64: the ranks[q]-th largest (0-based) key of row rows[q] of ``keys`` [R, S] (contiguous
+    int32 in [0, 2³¹), ranks < S), by a radix select: four rounds of 8-bit digit histograms over
+    the rows, no sort; five launches for every query."""
+    size, count = keys.shape[1], len(rows)
+    if not count:
+        return torch.empty(0, dtype=torch.int64, device=keys.device)
+    table = host_to_device([v for row, rank in zip(rows, ranks) for v in (row, rank)], torch.int64, keys.device)
+    hist = torch.zeros(4, count, DIGIT_BINS, dtype=torch.int32, device=keys.device)
+    out = torch.empty(count, dtype=torch.int64, device=keys.device)
+    chunk = min(ORDER_CHUNK, max(triton.next_power_of_2(size), 16))
+    for round_ in range(5):
+        grid = (triton.cdiv(size, chunk) if round_ < 4 else 1, count)
+        _order_round_kernel[grid](out, hist, keys, table, size, count, ROUND=round_, CHUNK=chunk,
+                                  BLOCK=min(ORDER_BLOCK, chunk), num_warps=4)
+    return out
+
+
 TIE_CHUNK = 1024  # bracket blocks per chunk of the tie search's first level
 
 
@@ -302,14 +366,15 @@ def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts
 
 class DeviceSelector:
     """The selection's GPU side (selection.py): torch tensors, the Triton passes above, order
-    statistics by torch's radix sort. Bracket ends stay device scalars until the pass's one
-    synchronisation. Contiguous ``base`` and ``tuned`` of one device."""
+    statistics by a radix select (candidates' by torch's sort). Bracket ends stay device scalars
+    until the pass's one synchronisation. Contiguous ``base`` and ``tuned`` of one device."""
 
     # Elements per block of the bracket pass's counts (< 2^16: 16-bit count fields). H200, 2 × 268M
     # bf16, density 0.3: the pass 0.634 ms with blocks of 1024 and 4 warps, 0.708 with 2048 and 4,
     # 0.668 with 4096 and 4, 1.09 with 4096 and 8 (benchmarks/NOTES.md, v0.10).
     BLOCK = 1024
     SAMPLE_TOP, SAMPLE_SHARE = 1 << 20, 64
+    SAMPLE_SORTED = False
 
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
         self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
@@ -318,6 +383,7 @@ class DeviceSelector:
         # that pass's work is queued and before its wait (delta_merge queues its guarded merge there);
         # settled: whether that pass settled every model at a bracket end (its keys and cutoffs the results)
         self.then, self.settled = None, False
+        self._sample, self._sample_rows = None, []
 
     def subset(self, rows: list[int]) -> DeviceSelector:
         return DeviceSelector(self.base, [self.tuned[i] for i in rows], self.tuned_are_deltas)
@@ -327,19 +393,31 @@ class DeviceSelector:
         at 2^20, 2.18 at 2^21 — a longer sample sort — and 2.89 at 2^19 — a wider bracket.)"""
         return sample_size(numel, self.SAMPLE_TOP, self.SAMPLE_SHARE)
 
-    def sample(self, size: int) -> torch.Tensor:
-        """[N, size] int32 keys of each model's deltas at random aligned runs, in descending order
-        (32-bit keys: a radix sort of half the passes of int64 ones)."""
+    def sample(self, size: int) -> list[torch.Tensor]:
+        """The rows of [N, size] int32 keys of each model's deltas at random aligned runs, unsorted:
+        ``order_statistics`` selects from them (a sort of 2 × 2^20 keys took ~0.1 ms)."""
         runs = _sample_runs(self.numel, size // RUN, RUN, self.device)
-        return torch.sort(sample_keys(self.base, self.tuned, runs, RUN, self.tuned_are_deltas), dim=-1,
-                          descending=True).values
+        self._sample = sample_keys(self.base, self.tuned, runs, RUN, self.tuned_are_deltas)
+        self._sample_rows = list(self._sample)
+        return self._sample_rows
 
-    @staticmethod
-    def kth_largest(values: torch.Tensor, ranks: list[int], presorted: bool) -> list[torch.Tensor]:
-        """The ranks-th (0-based) largest values, as device scalars (views into a sort)."""
-        if not presorted:
-            values = torch.sort(values, descending=True).values
-        return [values[r] for r in ranks]
+    def order_statistics(self, samples: list[torch.Tensor], ranks: list[list[int]], presorted: list[bool]) -> list:
+        """Per sample, its ranks-th (0-based) largest keys as device scalars: for rows of this
+        selector's ``sample``, one radix select for all (``order_statistics`` above); for any other
+        (a subsample of candidates, after a miss) a sort."""
+        rows = [next((i for i, row in enumerate(self._sample_rows) if row is s), None) for s in samples]
+        if None in rows or any(presorted):
+            return self.sorted_statistics(samples, ranks, presorted)
+        found = iter(order_statistics(self._sample, [i for i, r in zip(rows, ranks) for _ in r], sum(ranks, [])))
+        return [[next(found) for _ in r] for r in ranks]
+
+    def sorted_statistics(self, samples: list[torch.Tensor], ranks: list[list[int]], presorted: list[bool]) -> list:
+        """``order_statistics`` by a sort of each sample not ``presorted`` (views into it)."""
+        found = []
+        for values, rank, ordered in zip(samples, ranks, presorted):
+            values = values if ordered else torch.sort(values, descending=True).values
+            found.append([values[r] for r in rank])
+        return found
 
     def pass_buffers(self, n: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A pass's per-block counts [blocks, n, 4] int32, candidates [n, cap] int64 and fill
