@@ -173,6 +173,34 @@ def test_select_encoder_tokens_global_batch_averages_counts():
         assert torch.equal(k, ref.select_tokens(s, k.shape[1]))
 
 
+@pytest.mark.parametrize("mode", ["proportional", "global"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["one dtype", "mixed dtypes"])
+def test_select_encoder_tokens_in_one_launch_for_every_encoder(mode, mixed, monkeypatch):
+    """On the Triton backend every encoder that needs a search goes in one launch (scores of one
+    dtype; mixed dtypes: one launch each): tie-heavy rows of different lengths, one non-contiguous
+    (and ranked first by the global mode), in proportional mode one encoder left with no
+    token — each the reference's selection."""
+    kernels = _kernels()
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    launches = []
+    many = kernels.select_tokens_many
+    monkeypatch.setattr(kernels, "select_tokens_many", lambda scores, ks: launches.append(list(ks)) or many(scores, ks))
+    device = backend_device("triton")
+    scores = [_scores((3, 4), torch.bfloat16, seed=1, ties=True), _scores((3, 577), torch.bfloat16, seed=2, ties=True),
+              (_scores((130, 3), torch.float32 if mixed else torch.bfloat16, seed=3, ties=True) + 1.0).t()]
+    scores = [s.to(device) for s in scores]
+    assert not scores[2].is_contiguous()
+    keep = vk.select_encoder_tokens(scores, 60, mode=mode)
+    counts = [k.shape[1] for k in keep]
+    assert sum(counts) == 60 and (mode == "global" or counts[0] == 0)
+    for s, k in zip(scores, keep):
+        assert torch.equal(k.cpu(), ref.select_tokens(s.cpu(), k.shape[1]))
+    searched = [(c, s.dtype) for s, c in zip(scores, counts) if 0 < c < s.shape[1]]
+    assert len(searched) >= 2 and len({dtype for _, dtype in searched}) == (2 if mixed else 1)
+    per_call = [[c] for c, _ in searched] if mixed else [[c for c, _ in searched]]
+    assert launches[-len(per_call):] == per_call
+
+
 def test_select_encoder_tokens_errors():
     scores = [torch.randn(2, 5), torch.randn(2, 6)]
     with pytest.raises(ValueError, match="mode='best' is not one of"):

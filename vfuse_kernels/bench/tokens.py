@@ -4,7 +4,8 @@
 project_concat rows: M encoders × N tokens (D → H → H projector MLPs, exact GELU as LLaVA's
 ``"gelu"``), batch B, keep ratio; each encoder's tokens are pruned to keep·N by precomputed scores
 (selection included in every implementation) and projected into one [B, ΣK, H] sequence.
-Implementations: ``vfuse`` (select_tokens + project_concat), ``eager`` (topk + sort + gather +
+Implementations: ``vfuse`` (select_encoder_tokens — every encoder in one launch on CUDA — +
+project_concat), ``eager`` (topk + sort + gather +
 projector per encoder + torch.cat, what LLaVA-style code does), ``torch.compile`` of the eager function (compiled once per shape,
 ``dynamic=False``, warm; its compile time is reported as ``compile_s``) and ``GEMM`` — the same
 two matmuls stacked over all encoders' rows, pre-gathered and contiguous (torch.mm: cuBLAS /
@@ -79,7 +80,14 @@ def eager_select_project(features, scores, projectors, ks):
 
 
 def vfuse_select_project(features, scores, projectors, ks):
-    keep = [None if k == x.shape[1] else vk.select_tokens(s, k) for x, s, k in zip(features, scores, ks)]
+    """select_encoder_tokens (every encoder's selection in one launch on CUDA; the grid's budgets
+    split proportionally into ``ks``), then project_concat; keep 1: no selection."""
+    if all(k == x.shape[1] for x, k in zip(features, ks)):
+        keep = None
+    elif vk.encoder_budgets([s.shape[1] for s in scores], sum(ks)) == list(ks):
+        keep = vk.select_encoder_tokens(scores, sum(ks))
+    else:
+        keep = [None if k == x.shape[1] else vk.select_tokens(s, k) for x, s, k in zip(features, scores, ks)]
     return vk.project_concat(features, projectors, keep=keep)
 
 
@@ -431,6 +439,7 @@ def _host_rows(case, label, calls: int = 300) -> list[dict]:
     keep = [vk.select_tokens(s, k) for s, k in zip(scores, ks)]
     pieces = {"vk.select_tokens (one encoder)": lambda: vk.select_tokens(scores[0], ks[0]),
               "torch.topk (one encoder)": lambda: torch.topk(scores[0], ks[0], dim=1),
+              "vk.select_encoder_tokens (every encoder, one launch)": lambda: vk.select_encoder_tokens(scores, sum(ks)),
               "project_concat argument checks": lambda: PC.check_inputs(features, projectors, keep),
               "vk.project_concat (keep given)": lambda: vk.project_concat(features, projectors, keep=keep),
               "eager projectors + cat (gathered rows given)": lambda: torch.cat(

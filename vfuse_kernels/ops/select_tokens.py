@@ -6,8 +6,9 @@ the lowest score. No device sync and no data-dependent shapes on any path:
 
 - CUDA (fp32/bf16/fp16 scores): one Triton launch, one program per row — an exact k-th-key
   search on order-preserving integer keys, then a prefix count that resolves ties by index
-  and writes the indices in order (``triton/select_tokens.py``). ``torch.topk`` cannot be used
-  as is: its choice among equal scores is unspecified;
+  and writes the indices in order (``triton/select_tokens.py``); ``select_encoder_tokens``
+  selects every encoder's rows in that one launch (scores of one dtype). ``torch.topk`` cannot
+  be used as is: its choice among equal scores is unspecified;
 - CPU, and fp64 scores: ``torch.topk``'s k-th value as a threshold, then one O(N) pass — a
   cumulative count of the ties keeps the first ones — and a second ``topk`` on −index keys
   that returns the kept indices in ascending order.
@@ -59,6 +60,19 @@ def _select(scores: torch.Tensor, k: int) -> torch.Tensor:
     positions = torch.arange(n, device=s.device).expand(b, n)
     keys = torch.where(mask, -positions, torch.full_like(positions, -n - 1))
     return (-torch.topk(keys, k, dim=1, sorted=True).values).contiguous()
+
+
+def _select_many(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """``_select`` of every (scores[j], ks[j]) (one device); on the Triton backend the tensors that
+    need a search (1 ≤ kⱼ < Nⱼ, B ≥ 1), where they share one dtype, go in one launch."""
+    search = [j for j, (s, k) in enumerate(zip(scores, ks)) if 0 < k < s.shape[1] and s.shape[0]]
+    dtypes = {scores[j].dtype for j in search}
+    if len(search) < 2 or len(dtypes) > 1 or torch.float64 in dtypes or select_backend(scores[0].device) != "triton":
+        return [_select(s, k) for s, k in zip(scores, ks)]
+    from ..triton import select_tokens as kernels
+
+    found = dict(zip(search, kernels.select_tokens_many([scores[j] for j in search], [ks[j] for j in search])))
+    return [found[j] if j in found else _select(s, k) for j, (s, k) in enumerate(zip(scores, ks))]
 
 
 def _select_fake(scores, k):
@@ -158,4 +172,6 @@ def select_encoder_tokens(scores: Sequence[torch.Tensor], keep, *, mode: str = "
             encoder = torch.bucketize(chosen, bounds, right=True)
             per_encoder = torch.bincount(encoder.reshape(-1), minlength=len(lengths)).tolist()  # Σ = B·K
             counts = _largest_remainder(per_encoder, batch, total)
-    return [select_tokens(s, kj) for s, kj in zip(scores, counts)]
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return [select_tokens(s, kj) for s, kj in zip(scores, counts)]  # traced: the registered op per encoder
+    return _select_many([s.detach() for s in scores], counts)  # eager: one launch for every encoder (CUDA)

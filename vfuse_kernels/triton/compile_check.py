@@ -148,8 +148,10 @@ def _token_configs():
                                   ("fp16", torch.float16, 8192)):
         consts = dict(select_kernels.launch_config(n, torch_dtype))  # (a copy: the launcher caches it)
         launch = dict(num_warps=consts.pop("num_warps"))
-        sig = dict(scores_ptr=f"*{dtype}", out_ptr="*i64", N="i32", K="i32", stride_b="i32", stride_n="i32")
-        yield f"select_tokens[{dtype},N={n}]", select_kernels._select_kernel, sig, consts, launch
+        for m in (1, 3):  # one score tensor, or three encoders' in one launch
+            ints = ("i32",) * m
+            sig = dict(scores=(f"*{dtype}",) * m, outs=("*i64",) * m, ns=ints, ks=ints, strides_b=ints, strides_n=ints)
+            yield f"select_tokens[{dtype},N={n},M={m}]", select_kernels._select_kernel, sig, consts, launch
     qk = qk_kernels
     strides = dict(sqb="i64", sqh="i32", sql="i32", skb="i64", skh="i32", skn="i32")
     sizes = dict(H="i32", Lq="i32", Nk="i32", GROUP="i32")

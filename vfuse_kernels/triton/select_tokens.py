@@ -1,6 +1,7 @@
 """Triton kernel of ``select_tokens``: an exact order-preserving top-k per row in one launch.
 
-One program per row of scores [B, N] (fp32, bf16 or fp16):
+One program per row of scores [B, N] (fp32, bf16 or fp16), for one or several score tensors
+(one per encoder) in one launch:
 
 1. every score becomes an integer key with the same order: the fp32 bit pattern, negative
    values' magnitude bits flipped, −0.0 mapped to +0.0 and NaN below −inf; bf16/fp16 scores,
@@ -51,11 +52,9 @@ def _count_at_least(keys, thresholds):
 
 
 @triton.jit
-def _select_kernel(scores_ptr, out_ptr, N, K, stride_b, stride_n, SHIFT: tl.constexpr, STEPS: tl.constexpr,
-                   BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = scores_ptr + row * stride_b
-    out_row = out_ptr + row * K
+def _select_row(row_ptr, out_row, N, K, stride_n, SHIFT: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
+                ONE_CHUNK: tl.constexpr):
+    """The k largest of one row's N scores, their ascending indices stored at ``out_row``."""
     offs = tl.arange(0, BLOCK)
     quarter = tl.arange(0, 4).to(tl.int64)
     if ONE_CHUNK:
@@ -95,9 +94,22 @@ def _select_kernel(scores_ptr, out_ptr, N, K, stride_b, stride_n, SHIFT: tl.cons
         written += tl.sum(kept.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _select_kernel(scores, outs, ns, ks, strides_b, strides_n, SHIFT: tl.constexpr, STEPS: tl.constexpr,
+                   BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """Program (b, j): row b of the j-th [B, ns[j]] score tensor of the tuple ``scores`` → its
+    ks[j] indices in row b of ``outs[j]`` ([B, ks[j]] contiguous)."""
+    row = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)
+    for j in tl.static_range(len(scores)):
+        if which == j:
+            _select_row(scores[j] + row * strides_b[j], outs[j] + row * ks[j], ns[j], ks[j], strides_n[j],
+                        SHIFT, STEPS, BLOCK, ONE_CHUNK)
+
+
 @functools.lru_cache(maxsize=1024)
 def launch_config(n: int, dtype: torch.dtype) -> dict:
-    """Block, step count and warps for rows of ``n`` scores of ``dtype``."""
+    """Block, step count and warps for rows of up to ``n`` scores of ``dtype``."""
     block = min(max(16, triton.next_power_of_2(n)), MAX_BLOCK)
     shift = KEY_SHIFT[dtype]
     steps = (32 - shift + 1) // 2  # 4^steps ≥ 2^(32 − shift): the whole key range
@@ -107,7 +119,15 @@ def launch_config(n: int, dtype: torch.dtype) -> dict:
 
 def select_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[B, k] int64: ascending indices of the k largest scores per row (1 ≤ k < N, B ≥ 1)."""
-    batch, n = scores.shape
-    out = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
-    _select_kernel[(batch,)](scores, out, n, k, scores.stride(0), scores.stride(1), **launch_config(n, scores.dtype))
-    return out
+    return select_tokens_many([scores], [k])[0]
+
+
+def select_tokens_many(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """``select_tokens`` of every [B, Nⱼ] tensor of ``scores`` (one dtype, one B ≥ 1; 1 ≤ kⱼ < Nⱼ)
+    in one launch: grid (B, len(scores))."""
+    batch = scores[0].shape[0]
+    outs = [torch.empty(batch, k, dtype=torch.int64, device=scores[0].device) for k in ks]
+    _select_kernel[(batch, len(scores))](
+        tuple(scores), tuple(outs), tuple(s.shape[1] for s in scores), tuple(ks), tuple(s.stride(0) for s in scores),
+        tuple(s.stride(1) for s in scores), **launch_config(max(s.shape[1] for s in scores), scores[0].dtype))
+    return outs
