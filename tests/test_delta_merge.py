@@ -7,6 +7,7 @@ from conftest import (DTYPES, assert_close_to_reference, backend_device, needs_a
                       with_and_without_avx512)
 
 import vfuse_kernels as vk
+from vfuse_kernels._backend import host_to_device
 import vfuse_kernels.ops  # noqa: F401 - registers torch.ops.vfuse (the package imports lazily)
 from vfuse_kernels.reference import delta_merge as ref
 
@@ -317,6 +318,29 @@ def test_l1_rescale_identical_on_both_backends(method, monkeypatch):
     device = backend_device("triton")
     on_triton = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], [0.6, 0.3, 0.45], **args)
     assert torch.equal(on_triton.cpu(), on_cpu)
+
+
+def test_triton_scalars_copied_once_while_they_repeat(monkeypatch):
+    """The GPU merge reuses its scalars' device copy while the weights repeat (no copy queued
+    before the launch), a new one when they change: each merge the C++ kernel's bits."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton import delta_merge as kernels
+
+    copies = []
+    monkeypatch.setattr(kernels, "host_to_device", lambda values, *args: copies.append(len(values)) or
+                        host_to_device(values, *args))
+    kernels._device_values.cache_clear()
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(1031, generator=gen)
+    tuned = [base + torch.randn(1031, generator=gen) for _ in range(2)]
+    device = backend_device("triton")
+    for weights in ([0.5, 0.25], [0.5, 0.25], [0.25, 0.5], [0.5, 0.25]):
+        monkeypatch.setenv("VFUSE_BACKEND", "cpp")
+        expected = vk.delta_merge(base, tuned, weights, method="task_arithmetic")
+        monkeypatch.setenv("VFUSE_BACKEND", "triton")
+        got = vk.delta_merge(base.to(device), [t.to(device) for t in tuned], weights, method="task_arithmetic")
+        assert torch.equal(got.cpu().view(torch.int32), expected.view(torch.int32)), weights
+    assert len(copies) == 2  # [0.5, 0.25] once, [0.25, 0.5] once
 
 
 # The grids below run in fresh processes (with_and_without_avx512): this prologue is part of each.

@@ -303,10 +303,11 @@ def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     return list(_tie_search(base, tuned, table, counts, block, tuned_are_deltas))
 
 
-def _tie_search(base, tuned, table, counts, block, tuned_are_deltas) -> torch.Tensor:
-    """[q] int64: ``tie_indices`` of the queries in the device ``table`` [q, 4] (key, rank, model, column)."""
+def _tie_search(base, tuned, table, counts, block, tuned_are_deltas, out=None) -> torch.Tensor:
+    """[q] int64 (into ``out`` when given): ``tie_indices`` of the queries in the device ``table``
+    [q, 4] (key, rank, model, column)."""
     queries = table.numel() // 4
-    out = torch.empty(queries, dtype=torch.int64, device=base.device)
+    out = torch.empty(queries, dtype=torch.int64, device=base.device) if out is None else out
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
     sums = torch.empty(queries, chunks, dtype=torch.int64, device=base.device)
@@ -379,9 +380,9 @@ class DeviceSelector:
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
         self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
         self.numel, self.device = base.numel(), base.device
-        # then(keys, cutoffs, settled): called once, on the first resolve pass over every model, after
-        # that pass's work is queued and before its wait (delta_merge queues its guarded merge there);
-        # settled: whether that pass settled every model at a bracket end (its keys and cutoffs the results)
+        # then(trim, settled): called once, on the first resolve pass over every model, after that pass's
+        # work is queued and before its wait (delta_merge queues its guarded merge there), trim [2N] its keys
+        # then its cutoffs; settled: whether that pass settled every model at a bracket end (trim the results)
         self.then, self.settled = None, False
         self._sample, self._sample_rows = None, []
 
@@ -448,7 +449,7 @@ class DeviceSelector:
         tuned = [self.tuned[i] for i in rows]
         lo, hi = _stack(list(los) + list(his), device).split(n)
         counts, cand, fill = self.pass_buffers(n, cap)
-        bracket_pass(self.base, tuned, lo, hi, host_to_device([FULL_RATE] * n, torch.int64, device), cap,
+        bracket_pass(self.base, tuned, lo, hi, _full_rates(n, device), cap,
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
         found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, (cutoffs), statuses, ranks, stored
         queries = torch.empty(n, 4, dtype=torch.int64, device=device)
@@ -456,12 +457,13 @@ class DeviceSelector:
         _resolve_kernel[(1,)](found, queries, settled, counts.sum(0, dtype=torch.int64), fill, lo, hi,
                               host_to_device(ks, torch.int64, device), cap, N=n, LANES=triton.next_power_of_2(n),
                               num_warps=1)
-        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas)
+        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas,
+                                              out=found[1])
         verdict = to_host_later(found[2:])
         then = self.then if n == len(self.tuned) else None  # (a pass over every model of the call)
         if then is not None:
             self.then = None
-            then(keys, cutoffs, settled)
+            then(found[:2].reshape(-1), settled)
         statuses, ranks, stored = verdict()  # the one synchronisation (not with the work ``then`` queued)
         if MISSED in statuses:
             return None
@@ -501,6 +503,12 @@ class DeviceSelector:
 def selector(base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool) -> DeviceSelector:
     """The selection's handle on one call's contiguous inputs (selection.magnitude_select)."""
     return DeviceSelector(base, tuned, tuned_are_deltas)
+
+
+@functools.lru_cache(maxsize=16)
+def _full_rates(models: int, device: torch.device) -> torch.Tensor:
+    """[models] int64 FULL_RATE on ``device`` (read-only: every resolve pass's rates, copied once)."""
+    return host_to_device([FULL_RATE] * models, torch.int64, device)
 
 
 @functools.lru_cache(maxsize=16)
