@@ -335,6 +335,42 @@ def test_gather_rows_copies_only_what_it_must():
     assert torch.equal(rows, expected)
 
 
+def test_triton_gather_takes_every_encoder_s_kept_rows_in_one_launch(monkeypatch):
+    """On the Triton backend project_concat gathers the kept rows of every pruned encoder and layer
+    in one launch (NaN-poisoned buffers: every element written), from CLS-cropped views and a layer
+    of channel stride 2, with int32 and int64 indices in any order, with repeats."""
+    pytest.importorskip("triton")
+    kernels = importlib.import_module("vfuse_kernels.triton.project_concat")
+    poison_buffers(monkeypatch)
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    launches = []
+    gather = kernels.gather_rows
+    monkeypatch.setattr(kernels, "gather_rows", lambda entries: launches.append(len(entries)) or gather(entries))
+    device = backend_device("triton")
+    encoders = [(9, [16, 8], 16), (6, [8], 24), (5, [8], 16)]
+    feats, projs, keep, ref_parts = make_case(2, encoders, torch.float32, device, 23, 0.7, cls_view=True)
+    feats[0] = [torch.randn(2, 9, 16, 2, device=device)[..., 0], feats[0][1]]  # channel stride 2
+    keep = [keep[0].int(), keep[1], None]
+    check(feats, projs, keep, ref_parts, encoders)
+    assert launches == [3]  # encoder 0's two layers and encoder 1's one
+
+
+def test_triton_gather_never_reads_an_index_outside_the_tokens():
+    """An index outside [0, N) is masked, never read (on a GPU the launch's debug assertion stops
+    it there; the interpreter has no device assertions): its row is left as it was, the others
+    are the features' rows."""
+    pytest.importorskip("triton")
+    kernels = importlib.import_module("vfuse_kernels.triton.project_concat")
+    device = backend_device("triton")
+    x = torch.randn(2, 5, 8, device=device)
+    keep = torch.tensor([[4, -1, 0], [5, 2, 1 << 40]], device=device)
+    rows = torch.full((6, 8), float("nan"), device=device)
+    kernels.gather_rows([(x, keep, rows)])
+    inside = torch.tensor([0, 2, 4])
+    assert torch.equal(rows[inside].cpu(), x.cpu().reshape(10, 8)[torch.tensor([4, 0, 7])])
+    assert rows[torch.tensor([1, 3, 5])].isnan().all()
+
+
 def test_opcheck():
     feats, projs = _valid()
     flat = [feats[0], feats[1][..., :2], feats[1][..., 2:]]

@@ -15,14 +15,14 @@
 - ``keep[j]``: None (all Nⱼ tokens) or [B, Kⱼ] integer indices (``select_tokens``), gathered
   before projecting, so pruned tokens cost nothing; the output keeps ``keep``'s order.
 
-Computation (every device; ``VFUSE_BACKEND`` does not apply — the GEMMs are the work and the
-vendor GEMM is the limit): per encoder, the kept rows of its layers are gathered into one
-[B·K, ΣD] matrix (``torch.gather``, one pass over the kept rows of each layer; no copy at all
-for one unpruned layer whose strides allow a [B·N, D] view), then ``linear_1`` + bias (GEMM
-epilogue) + GELU, then ``linear_2`` + bias written into the encoder's token slice of the one
-[B, ΣK, H] output:
+Computation (the GEMMs on every device are the vendor's — they are the work and the limit —
+whatever ``VFUSE_BACKEND`` says): per encoder, the kept rows of its layers are gathered into one
+[B·K, ΣD] matrix (one pass over the kept rows of each layer; no copy at all for one unpruned
+layer whose strides allow a [B·N, D] view), then ``linear_1`` + bias (GEMM epilogue) + GELU, then
+``linear_2`` + bias written into the encoder's token slice of the one [B, ΣK, H] output:
 
-- CUDA: cuBLAS through ``torch.addmm``. Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU
+- CUDA: the kept rows of every encoder and layer by one Triton launch (whole rows by 16-byte
+  loads; ``torch.gather`` reads an index per element), then cuBLAS through ``torch.addmm``. Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU
   epilogue (``torch._addmm_activation``, which computes the tanh form on CUDA — and the exact erf
   one on CPU, so it is used on CUDA only); the others get a separate GELU pass (no cuBLAS epilogue
   computes erf). The second GEMM writes the encoder's output slice itself when it is one matrix
@@ -31,8 +31,9 @@ epilogue) + GELU, then ``linear_2`` + bias written into the encoder's token slic
   matrix when B > 1, and per-batch GEMMs of K rows would pad cuBLAS tiles. (Encoders on side
   streams were measured slower on an H100 and removed.) No host sync: indices are range-checked
   by the gather on the device (an asynchronous device assert, as for any out-of-range torch
-  indexing), not on the host.
-- CPU: PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
+  indexing; an index outside the tokens is never read), not on the host.
+- CPU: ``torch.gather`` (the Triton gather under ``VFUSE_BACKEND=triton`` and the interpreter),
+  PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
   values where the CPU has no native support (``compute_dtype``); indices are range-checked
   on the host (``ValueError``).
 
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._backend import select_backend
 from ._checks import check_float_tensor
 from ._library import define
 
@@ -327,10 +329,34 @@ def _linear(h, w, b, out=None) -> torch.Tensor:
     return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
-def _project_encoder(feats, w1, b1, w2, b2, act, keep, work, dst=None) -> torch.Tensor:
-    """One encoder's kept tokens through its projector: [B·K, H], written into ``dst`` (a
-    contiguous [B·K, H] view of the output) when given."""
-    x = gather_rows(feats, keep)
+def _projector_inputs(jobs) -> list[torch.Tensor]:
+    """Each job's projector input [B·K, ΣD] (``gather_rows``). On the Triton backend (CUDA) the
+    kept rows of every pruned encoder and layer are gathered by one launch
+    (``triton/project_concat.py``: whole rows, where ``torch.gather`` reads an index per element)."""
+    x0 = jobs[0][0][0]
+    if select_backend(x0.device) != "triton" or all(job[-1] is None for job in jobs):
+        return [gather_rows(job[0], job[-1]) for job in jobs]
+    from ..triton import project_concat as kernels
+
+    inputs, entries = [], []
+    for feats, *_, keep in jobs:
+        if keep is None:
+            inputs.append(gather_rows(feats, None))
+            continue
+        keep = keep.contiguous()
+        rows = new_buffer((keep.numel(), sum(x.shape[2] for x in feats)), dtype=x0.dtype, device=x0.device)
+        col = 0
+        for x in feats:
+            entries.append((x, keep, rows[:, col:col + x.shape[2]]))
+            col += x.shape[2]
+        inputs.append(rows)
+    kernels.gather_rows(entries)
+    return inputs
+
+
+def _project_encoder(x, w1, b1, w2, b2, act, work, dst=None) -> torch.Tensor:
+    """One encoder's projector input [B·K, ΣD] through its projector: [B·K, H], written into ``dst``
+    (a contiguous [B·K, H] view of the output) when given."""
     dtype = x.dtype
     if work != dtype:  # fp32 GEMMs on the exact upcast values (CPU without native bf16/fp16)
         x, w1, w2 = x.to(work), w1.to(work), w2.to(work)
@@ -349,21 +375,25 @@ def _project_into(out, layers, parts, keeps) -> torch.Tensor:
     than a strided copy per encoder, and per-batch GEMMs of K rows would pad cuBLAS tiles)."""
     jobs = [(feats, *part, kp) for feats, part, kp in zip(layers, parts, keeps)
             if out.shape[0] and (feats[0].shape[1] if kp is None else kp.shape[1])]
+    if not jobs:
+        return out
     work = compute_dtype(out.dtype, out.device)
     batch, hidden = out.shape[0], out.shape[2]
+    inputs = _projector_inputs(jobs)
     if batch == 1 or len(jobs) == 1:
         offset = 0
-        for job in jobs:
-            rows = job[0][0].shape[1] if job[-1] is None else job[-1].shape[1]
+        for x, job in zip(inputs, jobs):
+            rows = x.shape[0] // batch
             # (narrow: less host time than tensor indexing)
-            _project_encoder(*job, work, dst=out.narrow(1, offset, rows).view(-1, hidden))
+            _project_encoder(x, *job[1:-1], work, dst=out.narrow(1, offset, rows).view(-1, hidden))
             offset += rows
-    elif jobs:
-        torch.cat([_project_encoder(*job, work).view(batch, -1, hidden) for job in jobs], dim=1, out=out)
+    else:
+        torch.cat([_project_encoder(x, *job[1:-1], work).view(batch, -1, hidden) for x, job in zip(inputs, jobs)],
+                  dim=1, out=out)
     return out
 
 
-new_buffer = torch.empty  # output allocator (tests swap in a NaN-filled one to catch unwritten elements)
+new_buffer = torch.empty  # output and gathered rows' allocator (tests swap in a NaN-filled one: unwritten elements show)
 
 
 def _group(flat, layer_counts):

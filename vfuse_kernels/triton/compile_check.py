@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 from .. import selection
 from . import delta_merge, magnitude_select, philox, slerp
+from . import project_concat as pc_kernels
 from . import query_key_scores as qk_kernels
 from . import select_tokens as select_kernels
 
@@ -42,11 +43,12 @@ def _tuned(dtype: str, n: int) -> tuple:
 
 def _divisibility(signature: dict, divisible: tuple) -> dict:
     """The JIT's 16-divisibility hints for aligned tensors: every pointer argument, every pointer in
-    a tuple argument, and the integer arguments named in ``divisible``."""
+    a tuple argument, and the integer arguments (or tuples of them) named in ``divisible``."""
     attrs = {}
     for i, (name, kind) in enumerate(signature.items()):
         if isinstance(kind, tuple):
-            attrs.update({(i, j): [["tt.divisibility", 16]] for j, item in enumerate(kind) if item.startswith("*")})
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, item in enumerate(kind)
+                          if item[0] == "*" or (name in divisible and item[0] == "i")})
         elif kind.startswith("*") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
@@ -152,6 +154,18 @@ def _token_configs():
             ints = ("i32",) * m
             sig = dict(scores=(f"*{dtype}",) * m, outs=("*i64",) * m, ns=ints, ks=ints, strides_b=ints, strides_n=ints)
             yield f"select_tokens[{dtype},N={n},M={m}]", select_kernels._select_kernel, sig, consts, launch
+    for dtype, m, block_d in (("bf16", 3, 1024), ("fp32", 2, 2048)):  # the row gather: m entries in one launch
+        ints = ("i32",) * m
+        sig = dict(srcs=(f"*{dtype}",) * m, keeps=("*i64",) * m, dsts=(f"*{dtype}",) * m, ns=ints, widths=ints,
+                   ks=ints, strides_b=ints, strides_n=ints, strides_d=ints, dst_strides=ints, batch="i32")
+        consts = {"BLOCK_D": block_d, "ROWS": pc_kernels.ELEMENTS // block_d}
+        yield (f"gather_rows[{dtype},M={m}]", pc_kernels._gather_kernel, sig, consts,
+               dict(num_warps=4, debug=True, sanitize_overflow=False))
+        strides_d = pc_kernels._gather_kernel.arg_names.index("strides_d")  # every channel stride 1: a constant
+        yield (f"gather_rows[{dtype},M={m}]{ALIGNED}", pc_kernels._gather_kernel,
+               dict(sig, strides_d=("constexpr",) * m), {**consts, **{(strides_d, j): 1 for j in range(m)}},
+               dict(num_warps=4, debug=True, sanitize_overflow=False, divisible=("widths", "strides_b", "strides_n",
+                                                                                  "dst_strides")))
     qk = qk_kernels
     strides = dict(sqb="i64", sqh="i32", sql="i32", skb="i64", skh="i32", skn="i32")
     sizes = dict(H="i32", Lq="i32", Nk="i32", GROUP="i32")
