@@ -63,7 +63,7 @@ def sass_instructions(cubin: bytes) -> list[str]:
         f.write(cubin)
         f.flush()
         listing = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    found = (re.match(r"\s*/\*[0-9a-f]{4}\*/\s*(.*?)\s*;", line) for line in listing.splitlines())
+    found = (re.match(r"\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", line) for line in listing.splitlines())
     return [m.group(1) for m in found if m and m.group(1) != "NOP"]
 
 
@@ -153,12 +153,12 @@ def _token_configs():
         for m in (1, 3):  # one score tensor, or three encoders' in one launch
             ints = ("i32",) * m
             sig = dict(scores=(f"*{dtype}",) * m, outs=("*i64",) * m, ns=ints, ks=ints, strides_b=ints, strides_n=ints)
-            yield f"select_tokens[{dtype},N={n},M={m}]", select_kernels._select_kernel, sig, consts, launch
+            yield f"select_tokens[{dtype},N={n},M={m}]", select_kernels._select_kernel, sig, dict(consts, M=m), launch
     for dtype, m, block_d in (("bf16", 3, 1024), ("fp32", 2, 2048)):  # the row gather: m entries in one launch
         ints = ("i32",) * m
         sig = dict(srcs=(f"*{dtype}",) * m, keeps=("*i64",) * m, dsts=(f"*{dtype}",) * m, ns=ints, widths=ints,
                    ks=ints, strides_b=ints, strides_n=ints, strides_d=ints, dst_strides=ints, batch="i32")
-        consts = {"BLOCK_D": block_d, "ROWS": pc_kernels.ELEMENTS // block_d}
+        consts = {"ENTRIES": m, "BLOCK_D": block_d, "ROWS": pc_kernels.ELEMENTS // block_d}
         yield (f"gather_rows[{dtype},M={m}]", pc_kernels._gather_kernel, sig, consts,
                dict(num_warps=4, debug=True, sanitize_overflow=False))
         strides_d = pc_kernels._gather_kernel.arg_names.index("strides_d")  # every channel stride 1: a constant

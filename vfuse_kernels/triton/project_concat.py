@@ -18,10 +18,10 @@ ELEMENTS = 4096  # per program: ROWS rows of the widest entry's BLOCK_D columns
 
 @triton.jit
 def _gather_kernel(srcs, keeps, dsts, ns, widths, ks, strides_b, strides_n, strides_d, dst_strides, batch,
-                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                   ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """Program (g, e): rows [g·ROWS, (g + 1)·ROWS) of entry e's B·K destination rows."""
     which = tl.program_id(1)
-    for e in tl.static_range(len(srcs)):
+    for e in tl.static_range(ENTRIES):
         if which == e:
             k = ks[e]
             row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -49,5 +49,5 @@ def gather_rows(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) 
         srcs, keeps, dsts, tuple(s.shape[1] for s in srcs), tuple(s.shape[2] for s in srcs),
         tuple(k.shape[1] for k in keeps), tuple(s.stride(0) for s in srcs), tuple(s.stride(1) for s in srcs),
         tuple(s.stride(2) for s in srcs), tuple(d.stride(0) for d in dsts), batch,
-        BLOCK_D=block_d, ROWS=rows, num_warps=4, debug=True, sanitize_overflow=False,
+        ENTRIES=len(entries), BLOCK_D=block_d, ROWS=rows, num_warps=4, debug=True, sanitize_overflow=False,
     )

@@ -95,13 +95,13 @@ def _select_row(row_ptr, out_row, N, K, stride_n, SHIFT: tl.constexpr, STEPS: tl
 
 
 @triton.jit
-def _select_kernel(scores, outs, ns, ks, strides_b, strides_n, SHIFT: tl.constexpr, STEPS: tl.constexpr,
-                   BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
-    """Program (b, j): row b of the j-th [B, ns[j]] score tensor of the tuple ``scores`` → its
-    ks[j] indices in row b of ``outs[j]`` ([B, ks[j]] contiguous)."""
+def _select_kernel(scores, outs, ns, ks, strides_b, strides_n, M: tl.constexpr, SHIFT: tl.constexpr,
+                   STEPS: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """Program (b, j): row b of the j-th [B, ns[j]] score tensor of the tuple ``scores`` (M of them) →
+    its ks[j] indices in row b of ``outs[j]`` ([B, ks[j]] contiguous)."""
     row = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
-    for j in tl.static_range(len(scores)):
+    for j in tl.static_range(M):
         if which == j:
             _select_row(scores[j] + row * strides_b[j], outs[j] + row * ks[j], ns[j], ks[j], strides_n[j],
                         SHIFT, STEPS, BLOCK, ONE_CHUNK)
@@ -129,5 +129,6 @@ def select_tokens_many(scores: list[torch.Tensor], ks: list[int]) -> list[torch.
     outs = [torch.empty(batch, k, dtype=torch.int64, device=scores[0].device) for k in ks]
     _select_kernel[(batch, len(scores))](
         tuple(scores), tuple(outs), tuple(s.shape[1] for s in scores), tuple(ks), tuple(s.stride(0) for s in scores),
-        tuple(s.stride(1) for s in scores), **launch_config(max(s.shape[1] for s in scores), scores[0].dtype))
+        tuple(s.stride(1) for s in scores), M=len(scores),
+        **launch_config(max(s.shape[1] for s in scores), scores[0].dtype))
     return outs
