@@ -16,8 +16,8 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
     names = " ".join(lines)
-    for kernel in ("merge[", "merge_foreach[", "sparse_l1[", "bracket[", "sample[", "tie_find[", "tie_chunk", "random_bits", "select_tokens[", "order_round[", "gather_rows[", "qk_row_lse[",
-                   "qk_key_sums["):
+    for kernel in ("merge[", "merge_foreach[", "sparse_l1[", "bracket[", "sample[", "tie_find[", "tie_chunk",
+                   "random_bits", "select_tokens[", "order_round[", "gather_rows[", "qk_row_lse[", "qk_key_sums["):
         assert kernel in names
     assert "[aligned]" in names
     assert all(int(line.split()[-3]) > 0 for line in lines)

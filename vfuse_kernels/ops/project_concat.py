@@ -22,16 +22,17 @@ layer whose strides allow a [B·N, D] view), then ``linear_1`` + bias (GEMM epil
 ``linear_2`` + bias written into the encoder's token slice of the one [B, ΣK, H] output:
 
 - CUDA: the kept rows of every encoder and layer by one Triton launch (whole rows by 16-byte
-  loads; ``torch.gather`` reads an index per element), then cuBLAS through ``torch.addmm``. Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU
-  epilogue (``torch._addmm_activation``, which computes the tanh form on CUDA — and the exact erf
-  one on CPU, so it is used on CUDA only); the others get a separate GELU pass (no cuBLAS epilogue
-  computes erf). The second GEMM writes the encoder's output slice itself when it is one matrix
-  (batch 1 or one encoder); otherwise every encoder's [B·K, H] result goes into the output
-  through one ``torch.cat``: a slice ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one
-  matrix when B > 1, and per-batch GEMMs of K rows would pad cuBLAS tiles. (Encoders on side
-  streams were measured slower on an H100 and removed.) No host sync: indices are range-checked
-  by the gather on the device (an asynchronous device assert, as for any out-of-range torch
-  indexing; an index outside the tokens is never read), not on the host.
+  loads; ``torch.gather`` reads an index per element), then cuBLAS through ``torch.addmm``.
+  Tanh-GELU bf16 projectors use cuBLASLt's bias + GELU epilogue (``torch._addmm_activation``,
+  which computes the tanh form on CUDA — and the exact erf one on CPU, so it is used on CUDA
+  only); the others get a separate GELU pass (no cuBLAS epilogue computes erf). The second GEMM
+  writes the encoder's output slice itself when it is one matrix (batch 1 or one encoder);
+  otherwise every encoder's [B·K, H] result goes into the output through one ``torch.cat``: a
+  slice ``out[:, off:off+K]`` of a [B, ΣK, H] tensor is not one matrix when B > 1, and per-batch
+  GEMMs of K rows would pad cuBLAS tiles. (Encoders on side streams were measured slower on an
+  H100 and removed.) No host sync: indices are range-checked by the gather on the device (an
+  asynchronous device assert, as for any out-of-range torch indexing; an index outside the
+  tokens is never read), not on the host.
 - CPU: ``torch.gather`` (the Triton gather under ``VFUSE_BACKEND=triton`` and the interpreter),
   PyTorch/oneDNN GEMMs in the same order; bf16/fp16 ones run in fp32 on the exact upcast
   values where the CPU has no native support (``compute_dtype``); indices are range-checked
@@ -393,7 +394,7 @@ def _project_into(out, layers, parts, keeps) -> torch.Tensor:
     return out
 
 
-new_buffer = torch.empty  # output and gathered rows' allocator (tests swap in a NaN-filled one: unwritten elements show)
+new_buffer = torch.empty  # output and gathered rows' allocator (tests swap in a NaN-filled one: unwritten ones show)
 
 
 def _group(flat, layer_counts):
