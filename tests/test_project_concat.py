@@ -344,8 +344,8 @@ def test_triton_gather_takes_every_encoder_s_kept_rows_in_one_launch(monkeypatch
     poison_buffers(monkeypatch)
     monkeypatch.setenv("VFUSE_BACKEND", "triton")
     launches = []
-    gather = kernels.gather_rows
-    monkeypatch.setattr(kernels, "gather_rows", lambda entries: launches.append(len(entries)) or gather(entries))
+    gather = kernels.gather_rows_into
+    monkeypatch.setattr(kernels, "gather_rows_into", lambda entries: launches.append(len(entries)) or gather(entries))
     device = backend_device("triton")
     encoders = [(9, [16, 8], 16), (6, [8], 24), (5, [8], 16)]
     feats, projs, keep, ref_parts = make_case(2, encoders, torch.float32, device, 23, 0.7, cls_view=True)
@@ -365,7 +365,7 @@ def test_triton_gather_never_reads_an_index_outside_the_tokens():
     x = torch.randn(2, 5, 8, device=device)
     keep = torch.tensor([[4, -1, 0], [5, 2, 1 << 40]], device=device)
     rows = torch.full((6, 8), float("nan"), device=device)
-    kernels.gather_rows([(x, keep, rows)])
+    kernels.gather_rows_into([(x, keep, rows)])
     inside = torch.tensor([0, 2, 4])
     assert torch.equal(rows[inside].cpu(), x.cpu().reshape(10, 8)[torch.tensor([4, 0, 7])])
     assert rows[torch.tensor([1, 3, 5])].isnan().all()

@@ -80,14 +80,9 @@ def eager_select_project(features, scores, projectors, ks):
 
 
 def vfuse_select_project(features, scores, projectors, ks):
-    """select_encoder_tokens (every encoder's selection in one launch on CUDA; the grid's budgets
-    split proportionally into ``ks``), then project_concat; keep 1: no selection."""
-    if all(k == x.shape[1] for x, k in zip(features, ks)):
-        keep = None
-    elif vk.encoder_budgets([s.shape[1] for s in scores], sum(ks)) == list(ks):
-        keep = vk.select_encoder_tokens(scores, sum(ks))
-    else:
-        keep = [None if k == x.shape[1] else vk.select_tokens(s, k) for x, s, k in zip(features, scores, ks)]
+    """select_encoder_tokens of Σks (every encoder's selection in one launch on CUDA; a case's
+    encoders share N, so the proportional split is ``ks``), then project_concat; keep 1: no selection."""
+    keep = None if all(k == x.shape[1] for x, k in zip(features, ks)) else vk.select_encoder_tokens(scores, sum(ks))
     return vk.project_concat(features, projectors, keep=keep)
 
 

@@ -351,7 +351,7 @@ def _projector_inputs(jobs) -> list[torch.Tensor]:
             entries.append((x, keep, rows[:, col:col + x.shape[2]]))
             col += x.shape[2]
         inputs.append(rows)
-    kernels.gather_rows(entries)
+    kernels.gather_rows_into(entries)
     return inputs
 
 

@@ -36,7 +36,7 @@ def _gather_kernel(srcs, keeps, dsts, ns, widths, ks, strides_b, strides_n, stri
             tl.store(dsts[e] + row[:, None] * dst_strides[e] + column[None, :], tl.load(src, mask=mask), mask=mask)
 
 
-def gather_rows(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+def gather_rows_into(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """For each entry (features [B, N, D], keep [B, K] contiguous int32/int64, destination [B·K, D]
     view with channel stride 1) of one device and dtype, one batch B: destination[b·K + i] =
     features[b, keep[b, i]] — every entry in one launch."""
