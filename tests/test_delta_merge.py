@@ -324,12 +324,12 @@ def test_triton_scalars_copied_once_while_they_repeat(monkeypatch):
     """The GPU merge reuses its scalars' device copy while the weights repeat (no copy queued
     before the launch), a new one when they change: each merge the C++ kernel's bits."""
     pytest.importorskip("triton")
-    from vfuse_kernels.triton import delta_merge as kernels
+    from vfuse_kernels import _backend
 
     copies = []
-    monkeypatch.setattr(kernels, "host_to_device", lambda values, *args: copies.append(len(values)) or
+    monkeypatch.setattr(_backend, "host_to_device", lambda values, *args: copies.append(len(values)) or
                         host_to_device(values, *args))
-    kernels._device_values.cache_clear()
+    _backend._constants.cache_clear()
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(1031, generator=gen)
     tuned = [base + torch.randn(1031, generator=gen) for _ in range(2)]

@@ -399,27 +399,43 @@ def test_triton_order_statistics_match_a_sort(size):
 
 def test_triton_selection_brackets_every_model_by_one_order_statistics_call(monkeypatch):
     """The GPU's first pass takes every model's bracket ends from one radix select over its
-    unsorted sample (no sort): the same ends as ranks in the sorted sample."""
+    unsorted sample (no sort): the same ends as ranks in the sorted sample, and the pass's
+    [lo…, hi…] a view of the select's output (no stack). A repeated selection copies no
+    constants to the device."""
     pytest.importorskip("triton")
+    from vfuse_kernels import _backend
     from vfuse_kernels.triton import magnitude_select as kernels
 
     monkeypatch.setenv("VFUSE_BACKEND", "triton")
     monkeypatch.setattr(ms, "SMALL", 1024)
     monkeypatch.setattr(kernels.DeviceSelector, "SAMPLE_SHARE", 4)  # every bracket end inside the sample
-    calls, passes = [], []
+    calls, passes, copies = [], [], []
     original, bracket_pass = kernels.order_statistics, kernels.bracket_pass
-    monkeypatch.setattr(kernels, "order_statistics", lambda keys, rows, ranks: calls.append(
-        (keys.cpu(), rows, ranks)) or original(keys, rows, ranks))
+
+    def select(keys, rows, ranks):
+        out = original(keys, rows, ranks)
+        calls.append((keys.cpu(), rows, ranks, out.untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(kernels, "order_statistics", select)
     monkeypatch.setattr(kernels, "bracket_pass", lambda base, tuned, lo, hi, *args: passes.append(
-        (lo.tolist(), hi.tolist())) or bracket_pass(base, tuned, lo, hi, *args))
+        (lo.tolist(), hi.tolist(), lo.untyped_storage().data_ptr())) or bracket_pass(base, tuned, lo, hi, *args))
+    for module in (kernels, _backend):
+        monkeypatch.setattr(module, "host_to_device", lambda values, *args, copy=module.host_to_device: (
+            copies.append(values), copy(values, *args))[1])
     base, tuned = _tie_heavy(40_009, 3, device=backend_device("triton"))
     densities = [0.2, 0.5, 0.7]
-    _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
-    (keys, rows, ranks), = calls
-    assert sorted(set(rows)) == [0, 1, 2] and len(rows) == 6  # both ends of every model
-    ordered = keys.sort(dim=1, descending=True).values
-    ends = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
-    assert passes[0] == (ends[1::2], ends[0::2])  # (lo: the lower rank's key, hi: the upper's)
+    for call in range(2):
+        _assert_exact_selection(base, tuned, densities, vk.ties_thresholds(base, tuned, densities))
+        (keys, rows, ranks, selected), = calls[call:]
+        assert rows == [0, 1, 2, 0, 1, 2]  # both ends of every model: every lo, then every hi
+        ordered = keys.sort(dim=1, descending=True).values
+        ends = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+        lo, hi, storage = passes[call]
+        assert (lo, hi) == (ends[:3], ends[3:]) and storage == selected  # (lo: the lower rank's key)
+        if call == 1:
+            assert copies == []
+        copies.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -452,6 +468,24 @@ def test_host_sample_is_every_model_s_keys_at_the_seeded_runs_descending():
     expected = ref_select.sample_keys(base, tuned, runs, 16, False).sort(dim=-1, descending=True).values
     assert sample.shape == (2, 4096) and torch.equal(torch.from_numpy(sample.copy()), expected)
     assert ms._sample_runs(70_001, 256, 16) is ms._sample_runs(70_001, 256, 16)
+
+
+def test_triton_chunk_sums_and_totals():
+    """The bracket counts' chunk sums (per 1024 blocks, every column) and the totals they add
+    into: three chunks, the last partial, against torch's sums; totals start from what is there."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton.magnitude_select import TIE_CHUNK, chunk_sums
+
+    device = backend_device("triton")
+    blocks = 2 * TIE_CHUNK + 77
+    counts = torch.randint(0, 1 << 16, (blocks, 3, 4), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    totals = torch.arange(12, dtype=torch.int64).view(3, 4)
+    sums = chunk_sums(counts.to(device), totals.to(device).clone())
+    expected = torch.stack([counts[c * TIE_CHUNK:(c + 1) * TIE_CHUNK].sum(0, dtype=torch.int64) for c in range(3)])
+    assert torch.equal(sums.cpu(), expected)
+    got_totals = totals.to(device).clone()
+    chunk_sums(counts.to(device), got_totals)
+    assert torch.equal(got_totals.cpu(), totals + counts.sum(0, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("side", ["cpp", "triton"])

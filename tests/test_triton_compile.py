@@ -16,7 +16,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
     names = " ".join(lines)
-    for kernel in ("merge[", "merge_foreach[", "sparse_l1[", "bracket[", "sample[", "tie_find[", "tie_chunk",
+    for kernel in ("merge[", "merge_foreach[", "sparse_l1[", "bracket[", "sample[", "tie_find[", "chunk_sums",
                    "random_bits", "select_tokens[", "order_round[", "gather_rows[", "qk_row_lse[", "qk_key_sums["):
         assert kernel in names
     assert "[aligned]" in names

@@ -7,7 +7,10 @@ back to the reference with one warning.
 """
 from __future__ import annotations
 
+import functools
 import os
+
+import numpy as np
 
 import torch
 
@@ -16,8 +19,8 @@ from ._extension import BACKENDS, KERNEL_DTYPES, cpu_extension, forced_backend
 # Storage dtype codes shared with csrc/cpu/common.h.
 DTYPE_CODES = {torch.float32: KERNEL_DTYPES["F32"], torch.bfloat16: KERNEL_DTYPES["BF16"],
                torch.float16: KERNEL_DTYPES["F16"]}
-__all__ = ["BACKENDS", "DTYPE_CODES", "cpp_kernels_for", "cpu_extension", "host_to_device", "select_backend",
-           "triton_interpreted"]
+__all__ = ["BACKENDS", "DTYPE_CODES", "cpp_kernels_for", "cpu_extension", "device_constants", "host_to_device",
+           "select_backend", "triton_interpreted"]
 
 
 def triton_interpreted() -> bool:
@@ -59,6 +62,25 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     non-blocking copy from pinned memory (``torch.tensor(values, device=cuda)`` synchronises)."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+def device_constants(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``host_to_device(values, dtype, device)``, reused while the values repeat: one read-only copy
+    per (values' bits, dtype, device, current stream), an LRU of 64. A checkpoint's tensors merge
+    with the same weights and select at the same ranks, and a copy queued before a launch costs
+    stream time (H200: task arithmetic timed 0.5%, 2–3 µs, behind the compiled formula, which copies
+    nothing before its kernel) and host time. The copy is queued on the stream in the key, so every
+    launch there that reads it runs after it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    return _constants(np.asarray(values, dtype=NUMPY_DTYPES[dtype]).tobytes(), dtype, device, stream)
+
+
+NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float64: np.float64}
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(packed: bytes, dtype: torch.dtype, device: torch.device, stream) -> torch.Tensor:
+    return host_to_device(torch.frombuffer(bytearray(packed), dtype=dtype).tolist(), dtype, device)
 
 
 def to_host_later(tensor: torch.Tensor):

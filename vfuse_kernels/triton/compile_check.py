@@ -121,8 +121,8 @@ def kernel_configs():
                    lo_ptr="*i64", hi_ptr="*i64", k_ptr="*i64", cap="i64")
         consts = dict(N=n, LANES=triton.next_power_of_2(n))
         yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, consts, dict(num_warps=1)
-    sig = dict(sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", models="i32", blocks="i32", chunks="i32")
-    yield "tie_chunk", magnitude_select._tie_chunk_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
+    sig = dict(sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32", models="i32", blocks="i32")
+    yield "chunk_sums", magnitude_select._chunk_sums_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
         num_warps=4)
     # one model, one block, one chunk: the JIT turns integer arguments equal to 1 into constants
     sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",

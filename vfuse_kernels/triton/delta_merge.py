@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import host_to_device
+from .._backend import device_constants, host_to_device
 from ..delta_rules import SPARSIFY_CODES
 from ..selection import trim_thresholds
 from .magnitude_select import load_base, load_delta, selector
@@ -204,7 +204,10 @@ def _model_values(coefs, weights, dare_thresholds, seed, elect, normalize) -> li
     thresholds, the two seed words (exact: every value fits 53 bits), 1 / d for the divisor d
     without election (Σ wᵢ of the fp32 weights summed in fp64 and rounded to fp32 like the CPU
     kernel's, 1 where it is 0), and with election and normalising the ``_inverse_table``."""
-    divisor = torch.tensor(weights, dtype=torch.float32).double().sum().float().item()
+    divisor = 0.0
+    for w in np.asarray(weights, dtype=np.float32).tolist():  # (in order, as the C++ kernel: no pairwise sum)
+        divisor += w
+    divisor = float(np.float32(divisor))
     elected = elect and normalize and len(weights) <= INVERSE_TABLE_MODELS.value
     table = _inverse_table(tuple(float(w) for w in weights)) if elected else ()
     return [*coefs, *weights, *dare_thresholds, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
@@ -226,26 +229,15 @@ def _inverse_table(weights: tuple[float, ...]) -> tuple[float, ...]:
 def _params(device, coefs, weights, dare_thresholds, seed, elect=0, normalize=False) -> torch.Tensor:
     """fp64 ``_model_values`` on ``device``. ``coefs`` may be a device tensor (the L1 rescale computes
     them there): then a non-blocking copy from pinned memory, the coefficients written over it.
-    Otherwise the values' tensor is reused while they repeat (``_device_values``)."""
+    Otherwise the values' tensor is reused while they repeat (``device_constants``)."""
     n = len(weights)
     if isinstance(coefs, torch.Tensor):
         params = host_to_device(_model_values([0.0] * n, weights, dare_thresholds, seed, elect, normalize),
                                 torch.float64, device)
         params[:n] = coefs
         return params
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    values = np.asarray(_model_values(coefs, weights, dare_thresholds, seed, elect, normalize), dtype=np.float64)
-    return _device_values(device, stream, values.tobytes())
-
-
-@functools.lru_cache(maxsize=64)
-def _device_values(device, stream, packed: bytes) -> torch.Tensor:
-    """The fp64 values packed in ``packed`` (keyed by their bits) on ``device``, copied once per
-    (values, stream): a checkpoint's tensors merge with the same weights, and a copy
-    queued before every launch costs stream time (H200: task arithmetic timed consistently 0.5%,
-    2–3 µs, behind the compiled formula, which copies nothing before its kernel). Read only; the
-    copy is queued on ``stream`` (the key), so every launch that reads it runs after it."""
-    return host_to_device(np.frombuffer(packed, dtype=np.float64).tolist(), torch.float64, device)
+    return device_constants(_model_values(coefs, weights, dare_thresholds, seed, elect, normalize), torch.float64,
+                            device)
 
 
 def _trim(base, trim):

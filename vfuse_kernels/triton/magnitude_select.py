@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import host_to_device, to_host_later
+from .._backend import device_constants, host_to_device, to_host_later
 from ..selection import FULL_RATE, RUN, SAMPLE_SEED, PassCounts, candidate_index, candidate_keys, sample_size
 
 NUM_WARPS = 4  # at 1024 elements per program (DeviceSelector.BLOCK): 8 per thread
@@ -222,7 +222,7 @@ def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int]) -> t
     size, count = keys.shape[1], len(rows)
     if not count:
         return torch.empty(0, dtype=torch.int64, device=keys.device)
-    table = host_to_device([v for row, rank in zip(rows, ranks) for v in (row, rank)], torch.int64, keys.device)
+    table = device_constants([v for row, rank in zip(rows, ranks) for v in (row, rank)], torch.int64, keys.device)
     hist = torch.zeros(4, count, DIGIT_BINS, dtype=torch.int32, device=keys.device)
     out = torch.empty(count, dtype=torch.int64, device=keys.device)
     chunk = min(ORDER_CHUNK, max(triton.next_power_of_2(size), 16))
@@ -233,19 +233,32 @@ def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int]) -> t
     return out
 
 
-TIE_CHUNK = 1024  # bracket blocks per chunk of the tie search's first level
+TIE_CHUNK = 1024  # bracket blocks per chunk: a row of the chunk sums, the tie search's first level
 
 
 @triton.jit
-def _tie_chunk_kernel(sums_ptr, counts_ptr, queries_ptr, models, blocks, chunks, CHUNK: tl.constexpr):
-    """sums[q, c] = Σ counts[b, model_q, column_q] over the blocks b of chunk c."""
-    c = tl.program_id(0)
-    q = tl.program_id(1)
-    model = tl.load(queries_ptr + q * 4 + 2)
-    column = tl.load(queries_ptr + q * 4 + 3)
-    idx = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-    count = tl.load(counts_ptr + (idx * models + model) * 4 + column, mask=idx < blocks, other=0)
-    tl.store(sums_ptr + q * chunks + c, tl.sum(count.to(tl.int64), axis=0))
+def _chunk_sums_kernel(sums_ptr, totals_ptr, counts_ptr, models, blocks, CHUNK: tl.constexpr):
+    """sums[c, m, :] = Σ counts[b, m, :] over the blocks b of chunk c (the four columns, int64), and
+    totals[m, :] += sums[c, m, :]: one atomic per chunk, model and column."""
+    c = tl.program_id(0).to(tl.int64)
+    model = tl.program_id(1)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    column = tl.arange(0, 4)
+    count = tl.load(counts_ptr + (idx * models + model)[:, None] * 4 + column[None, :], mask=(idx < blocks)[:, None],
+                    other=0)
+    total = tl.sum(count.to(tl.int64), axis=0)
+    tl.store(sums_ptr + (c * models + model) * 4 + column, total)
+    tl.atomic_add(totals_ptr + model * 4 + column, total, sem="relaxed")
+
+
+def chunk_sums(counts: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """[chunks, N, 4] int64: the bracket pass's per-block ``counts`` [blocks, N, 4] summed per
+    TIE_CHUNK blocks, each model's totals added into ``totals`` [N, 4] int64 (zeroed): one launch."""
+    blocks, models = counts.shape[0], counts.shape[1]
+    chunks = triton.cdiv(blocks, TIE_CHUNK)
+    sums = torch.empty(chunks, models, 4, dtype=torch.int64, device=counts.device)
+    _chunk_sums_kernel[(chunks, models)](sums, totals, counts, models, blocks, CHUNK=TIE_CHUNK, num_warps=4)
+    return sums
 
 
 @triton.jit
@@ -262,8 +275,9 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
                      N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                      SCAN: tl.constexpr):
     """Query q = (key, rank, model, column): out[q] = the flat index of the rank-th element of
-    that model whose key is ``key``. Three levels, each one vector scan: the chunk (from
-    ``sums``), the block in it (from the bracket pass's per-block counts), the element."""
+    that model whose key is ``key``. Three levels, each one vector scan: the chunk (from the
+    chunk ``sums`` [chunks, models, 4]), the block in it (from the bracket pass's per-block
+    counts), the element."""
     q = tl.program_id(0)
     key = tl.load(queries_ptr + q * 4)
     rank = tl.load(queries_ptr + q * 4 + 1)
@@ -274,7 +288,7 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
     seen = tl.zeros([], dtype=tl.int64)
     for start in range(0, chunks, SCAN):  # chunks <= 4096 for numel < 2^33: one or a few steps
         idx = start + tl.arange(0, SCAN).to(tl.int64)
-        sums = tl.load(sums_ptr + q * chunks + idx, mask=idx < chunks, other=0)
+        sums = tl.load(sums_ptr + (idx * models + model) * 4 + column, mask=idx < chunks, other=0)
         first, prior = first_reaching(sums, idx, idx < chunks, seen, rank, chunks)
         before = tl.where((chunk == chunks) & (first < chunks), prior, before)
         chunk = tl.minimum(chunk, first)
@@ -300,18 +314,17 @@ def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     launches for all (reference/magnitude_select.tie_index states it)."""
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
                            torch.int64, base.device)
-    return list(_tie_search(base, tuned, table, counts, block, tuned_are_deltas))
+    sums = chunk_sums(counts, torch.zeros(counts.shape[1], 4, dtype=torch.int64, device=base.device))
+    return list(_tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas))
 
 
-def _tie_search(base, tuned, table, counts, block, tuned_are_deltas, out=None) -> torch.Tensor:
+def _tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas, out=None) -> torch.Tensor:
     """[q] int64 (into ``out`` when given): ``tie_indices`` of the queries in the device ``table``
-    [q, 4] (key, rank, model, column)."""
+    [q, 4] (key, rank, model, column), from the pass's per-block ``counts`` and their ``chunk_sums``
+    (one launch)."""
     queries = table.numel() // 4
     out = torch.empty(queries, dtype=torch.int64, device=base.device) if out is None else out
-    blocks, models = counts.shape[0], counts.shape[1]
-    chunks = triton.cdiv(blocks, TIE_CHUNK)
-    sums = torch.empty(queries, chunks, dtype=torch.int64, device=base.device)
-    _tie_chunk_kernel[(chunks, queries)](sums, counts, table, models, blocks, chunks, CHUNK=TIE_CHUNK, num_warps=4)
+    blocks, models, chunks = counts.shape[0], counts.shape[1], sums.shape[0]
     _tie_find_kernel[(queries,)](
         out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
         TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
@@ -409,8 +422,15 @@ class DeviceSelector:
         rows = [next((i for i, row in enumerate(self._sample_rows) if row is s), None) for s in samples]
         if None in rows or any(presorted):
             return self.sorted_statistics(samples, ranks, presorted)
-        found = iter(order_statistics(self._sample, [i for i, r in zip(rows, ranks) for _ in r], sum(ranks, [])))
-        return [[next(found) for _ in r] for r in ranks]
+        # every sample's last rank first, then the ones before: a bracket's [lo…, hi…] is then one
+        # view of the select's output (_stack), not a stack of 2N scalars
+        order = [(s, p) for back in range(max(map(len, ranks), default=0))
+                 for s, r in enumerate(ranks) for p in [len(r) - 1 - back] if p >= 0]
+        found = [[None] * len(r) for r in ranks]
+        for (s, p), value in zip(order, order_statistics(self._sample, [rows[s] for s, _ in order],
+                                                         [ranks[s][p] for s, p in order])):
+            found[s][p] = value
+        return found
 
     def sorted_statistics(self, samples: list[torch.Tensor], ranks: list[list[int]], presorted: list[bool]) -> list:
         """``order_statistics`` by a sort of each sample not ``presorted`` (views into it)."""
@@ -420,20 +440,21 @@ class DeviceSelector:
             found.append([values[r] for r in rank])
         return found
 
-    def pass_buffers(self, n: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A pass's per-block counts [blocks, n, 4] int32, candidates [n, cap] int64 and fill
-        counters [n] int64 (zeroed)."""
+    def pass_buffers(self, n: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pass's per-block counts [blocks, n, 4] int32, candidates [n, cap] int64, and zeroed
+        (one memset) fill counters [n] int64 and totals [n, 4] int64."""
         device = self.device
+        zeroed = torch.zeros(5 * n, dtype=torch.int64, device=device)
         return (torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device),
-                torch.empty(n, cap, dtype=torch.int64, device=device), torch.zeros(n, dtype=torch.int64, device=device))
+                torch.empty(n, cap, dtype=torch.int64, device=device), zeroed[:n], zeroed[n:].view(n, 4))
 
     def bracket_pass(self, rows: list[int], los: list, his: list, rates: list[int], cap: int) -> PassCounts:
         n, device = len(rows), self.device
         lo, hi = _stack(list(los) + list(his), device).split(n)
-        counts, cand, fill = self.pass_buffers(n, cap)
-        bracket_pass(self.base, [self.tuned[i] for i in rows], lo, hi, host_to_device(rates, torch.int64, device), cap,
-                     self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
-        totals = counts.sum(0, dtype=torch.int64)
+        counts, cand, fill, totals = self.pass_buffers(n, cap)
+        bracket_pass(self.base, [self.tuned[i] for i in rows], lo, hi, device_constants(rates, torch.int64, device),
+                     cap, self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
+        chunk_sums(counts, totals)
         host = torch.cat([totals.reshape(-1), fill, lo, hi]).tolist()  # the pass's one synchronisation
         rows = [(*host[4 * j: 4 * j + 4], host[4 * n + j], host[5 * n + j], host[6 * n + j]) for j in range(n)]
         return PassCounts(rows, counts, cand)
@@ -448,17 +469,17 @@ class DeviceSelector:
         n, device = len(rows), self.device
         tuned = [self.tuned[i] for i in rows]
         lo, hi = _stack(list(los) + list(his), device).split(n)
-        counts, cand, fill = self.pass_buffers(n, cap)
-        bracket_pass(self.base, tuned, lo, hi, _full_rates(n, device), cap,
+        counts, cand, fill, totals = self.pass_buffers(n, cap)
+        bracket_pass(self.base, tuned, lo, hi, device_constants([FULL_RATE] * n, torch.int64, device), cap,
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
+        sums = chunk_sums(counts, totals)
         found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, (cutoffs), statuses, ranks, stored
         queries = torch.empty(n, 4, dtype=torch.int64, device=device)
         settled = torch.empty(1, dtype=torch.int32, device=device)
-        _resolve_kernel[(1,)](found, queries, settled, counts.sum(0, dtype=torch.int64), fill, lo, hi,
-                              host_to_device(ks, torch.int64, device), cap, N=n, LANES=triton.next_power_of_2(n),
-                              num_warps=1)
-        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, self.BLOCK, self.tuned_are_deltas,
-                                              out=found[1])
+        _resolve_kernel[(1,)](found, queries, settled, totals, fill, lo, hi, device_constants(ks, torch.int64, device),
+                              cap, N=n, LANES=triton.next_power_of_2(n), num_warps=1)
+        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, sums, self.BLOCK,
+                                              self.tuned_are_deltas, out=found[1])
         verdict = to_host_later(found[2:])
         then = self.then if n == len(self.tuned) else None  # (a pass over every model of the call)
         if then is not None:
@@ -506,12 +527,6 @@ def selector(base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bo
 
 
 @functools.lru_cache(maxsize=16)
-def _full_rates(models: int, device: torch.device) -> torch.Tensor:
-    """[models] int64 FULL_RATE on ``device`` (read-only: every resolve pass's rates, copied once)."""
-    return host_to_device([FULL_RATE] * models, torch.int64, device)
-
-
-@functools.lru_cache(maxsize=16)
 def _sample_runs(numel: int, count: int, run: int, device: torch.device) -> torch.Tensor:
     """``count`` random aligned run indices for a shape (fixed seed), drawn once per shape and
     device: a checkpoint's tensors share a few shapes, and a call then launches no generator."""
@@ -521,9 +536,21 @@ def _sample_runs(numel: int, count: int, run: int, device: torch.device) -> torc
 
 def _stack(values: list, device) -> torch.Tensor:
     """int64 [len(values)] on ``device`` from host ints and device scalars, without a sync: one
-    host copy for the ints and one stack (not a launch per value)."""
+    host copy for the ints and one stack (not a launch per value); a view, without a launch, where
+    the values are consecutive elements of one vector."""
     ints = [v for v in values if not isinstance(v, torch.Tensor)]
     if len(ints) == len(values):
         return host_to_device(values, torch.int64, device)
+    if not ints and _consecutive(values):
+        return values[0].as_strided((len(values),), (1,))
     host = iter(host_to_device(ints, torch.int64, device) if ints else ())
     return torch.stack([v.reshape(()) if isinstance(v, torch.Tensor) else next(host) for v in values]).to(torch.int64)
+
+
+def _consecutive(values: list[torch.Tensor]) -> bool:
+    """Whether ``values`` are 0-d int64 views of consecutive elements of one vector (as a select's
+    output iterates)."""
+    first = values[0]
+    storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    return all(v.dim() == 0 and v.dtype == torch.int64 and v.untyped_storage().data_ptr() == storage
+               and v.storage_offset() == start + i for i, v in enumerate(values))
