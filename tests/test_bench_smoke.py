@@ -52,6 +52,17 @@ def test_merge_kernel_ablations_run_the_triton_kernel():
     assert torch.equal(out, expected) and bench_merge.MERGE_ABLATIONS[-1][4:] == (0,)
 
 
+def test_bracket_pass_rows_run_the_triton_kernel():
+    """The GPU suite's bracket-pass rows (tiny; under the interpreter without a GPU): the pass, the
+    pass without compaction and the counting-only pass, each timed."""
+    device = backend_device("triton")
+    base, tuned = bench_merge.tie_heavy_inputs(1 << 14, 2, torch.bfloat16, device)
+    rows = bench_merge._bracket_rows(base, tuned, device, copy_gbps=10.0, config=" BLOCK=1024")
+    assert [r["impl"] for r in rows] == ["bracket pass BLOCK=1024", "bracket pass, rate 0 (no compaction) BLOCK=1024",
+                                         "bracket pass, lo = hi (counting only) BLOCK=1024"]
+    assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
+
+
 def test_the_ncu_workload_merges_like_delta_merge(monkeypatch):
     """The kernels the GPU suite profiles under ncu (tiny; under the interpreter without a GPU)
     write what the Triton backend's delta_merge writes for TIES and task arithmetic."""

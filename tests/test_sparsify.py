@@ -470,6 +470,22 @@ def test_host_sample_is_every_model_s_keys_at_the_seeded_runs_descending():
     assert ms._sample_runs(70_001, 256, 16) is ms._sample_runs(70_001, 256, 16)
 
 
+def test_triton_order_statistics_of_uneven_rank_lists():
+    """The GPU selector's order statistics for samples asking for two, one or no ranks (a bracket
+    end past the sample's end): each the key at that rank of the sorted sample, in the order asked."""
+    pytest.importorskip("triton")
+    from vfuse_kernels.triton.magnitude_select import selector
+
+    base, tuned = _tie_heavy(20_011, 4, device=backend_device("triton"))
+    found = selector(base, tuned, False)
+    samples = found.sample(1024)
+    ranks = [[5], [3, 900], [], [1023, 0]]
+    got = found.order_statistics(samples, ranks, [False] * 4)
+    for sample, rank, values in zip(samples, ranks, got):
+        ordered = sample.cpu().sort(descending=True).values
+        assert [int(v) for v in values] == [int(ordered[r]) for r in rank]
+
+
 def test_triton_chunk_sums_and_totals():
     """The bracket counts' chunk sums (per 1024 blocks, every column) and the totals they add
     into: three chunks, the last partial, against torch's sums; totals start from what is there."""
@@ -486,6 +502,7 @@ def test_triton_chunk_sums_and_totals():
     got_totals = totals.to(device).clone()
     chunk_sums(counts.to(device), got_totals)
     assert torch.equal(got_totals.cpu(), totals + counts.sum(0, dtype=torch.int64))
+    assert torch.equal(chunk_sums(counts.to(device)).cpu(), expected)  # (no totals)
 
 
 @pytest.mark.parametrize("side", ["cpp", "triton"])

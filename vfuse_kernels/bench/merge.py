@@ -572,7 +572,7 @@ def _bracket_rows(base, tuned, device, copy_gbps, config="", full=True):
     lo, hi = (select_kernels._stack([b[j] for b in brackets], device) for j in (0, 1))
     cap = selection._capacity(max(b[2] for b in brackets), numel)
     block = selector.BLOCK
-    counts, cand, fill = selector.pass_buffers(len(tuned), cap)
+    counts, cand, fill, _ = selector.pass_buffers(len(tuned), cap)
     gb = (1 + len(tuned)) * numel * base.element_size() / 1e9
     rows = []
     variants = (("bracket pass", hi, selection.FULL_RATE), ("bracket pass, rate 0 (no compaction)", hi, 0),

@@ -122,8 +122,13 @@ def kernel_configs():
         consts = dict(N=n, LANES=triton.next_power_of_2(n))
         yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, consts, dict(num_warps=1)
     sig = dict(sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32", models="i32", blocks="i32")
-    yield "chunk_sums", magnitude_select._chunk_sums_kernel, sig, dict(CHUNK=magnitude_select.TIE_CHUNK), dict(
-        num_warps=4)
+    for totals in (True, False):
+        yield f"chunk_sums[totals={totals}]", magnitude_select._chunk_sums_kernel, sig, dict(
+            CHUNK=magnitude_select.TIE_CHUNK, TOTALS=totals), dict(num_warps=4)
+    # one model, one block: the JIT turns integer arguments equal to 1 into constants
+    yield "chunk_sums[models=blocks=1]", magnitude_select._chunk_sums_kernel, dict(
+        sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32"), dict(
+        models=1, blocks=1, CHUNK=magnitude_select.TIE_CHUNK, TOTALS=True), dict(num_warps=4)
     # one model, one block, one chunk: the JIT turns integer arguments equal to 1 into constants
     sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",
                tuned=_tuned("fp32", 1), numel="i64")

@@ -237,9 +237,9 @@ TIE_CHUNK = 1024  # bracket blocks per chunk: a row of the chunk sums, the tie s
 
 
 @triton.jit
-def _chunk_sums_kernel(sums_ptr, totals_ptr, counts_ptr, models, blocks, CHUNK: tl.constexpr):
+def _chunk_sums_kernel(sums_ptr, totals_ptr, counts_ptr, models, blocks, CHUNK: tl.constexpr, TOTALS: tl.constexpr):
     """sums[c, m, :] = Σ counts[b, m, :] over the blocks b of chunk c (the four columns, int64), and
-    totals[m, :] += sums[c, m, :]: one atomic per chunk, model and column."""
+    with TOTALS totals[m, :] += sums[c, m, :]: one atomic per chunk, model and column."""
     c = tl.program_id(0).to(tl.int64)
     model = tl.program_id(1)
     idx = c * CHUNK + tl.arange(0, CHUNK)
@@ -248,16 +248,19 @@ def _chunk_sums_kernel(sums_ptr, totals_ptr, counts_ptr, models, blocks, CHUNK: 
                     other=0)
     total = tl.sum(count.to(tl.int64), axis=0)
     tl.store(sums_ptr + (c * models + model) * 4 + column, total)
-    tl.atomic_add(totals_ptr + model * 4 + column, total, sem="relaxed")
+    if TOTALS:
+        tl.atomic_add(totals_ptr + model * 4 + column, total, sem="relaxed")
 
 
-def chunk_sums(counts: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+def chunk_sums(counts: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:
     """[chunks, N, 4] int64: the bracket pass's per-block ``counts`` [blocks, N, 4] summed per
-    TIE_CHUNK blocks, each model's totals added into ``totals`` [N, 4] int64 (zeroed): one launch."""
+    TIE_CHUNK blocks, each model's totals added into ``totals`` [N, 4] int64 when given (zeroed:
+    they are the pass's totals): one launch."""
     blocks, models = counts.shape[0], counts.shape[1]
     chunks = triton.cdiv(blocks, TIE_CHUNK)
     sums = torch.empty(chunks, models, 4, dtype=torch.int64, device=counts.device)
-    _chunk_sums_kernel[(chunks, models)](sums, totals, counts, models, blocks, CHUNK=TIE_CHUNK, num_warps=4)
+    _chunk_sums_kernel[(chunks, models)](sums, sums if totals is None else totals, counts, models, blocks,
+                                         CHUNK=TIE_CHUNK, TOTALS=totals is not None, num_warps=4)
     return sums
 
 
@@ -286,7 +289,7 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
     chunk = tl.zeros([], dtype=tl.int64) + chunks  # (not chunks.to: an argument equal to 1 is a constant)
     before = tl.zeros([], dtype=tl.int64)  # equal keys before the chunk found
     seen = tl.zeros([], dtype=tl.int64)
-    for start in range(0, chunks, SCAN):  # chunks <= 4096 for numel < 2^33: one or a few steps
+    for start in range(0, chunks, SCAN):  # chunks <= 8192 for numel < 2^33: one or a few steps
         idx = start + tl.arange(0, SCAN).to(tl.int64)
         sums = tl.load(sums_ptr + (idx * models + model) * 4 + column, mask=idx < chunks, other=0)
         first, prior = first_reaching(sums, idx, idx < chunks, seen, rank, chunks)
@@ -311,11 +314,10 @@ def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned
 def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     """The flat index of the rank-th (1-based) element whose key is ``key``, of every query (model, key,
     rank, column) — model indexing ``tuned`` and the per-block ``counts``' second axis — in two
-    launches for all (reference/magnitude_select.tie_index states it)."""
+    launches for all after the queries' copy (reference/magnitude_select.tie_index states it)."""
     table = host_to_device([v for model, key, rank, column in queries for v in (key, rank, model, column)],
                            torch.int64, base.device)
-    sums = chunk_sums(counts, torch.zeros(counts.shape[1], 4, dtype=torch.int64, device=base.device))
-    return list(_tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas))
+    return list(_tie_search(base, tuned, table, counts, chunk_sums(counts), block, tuned_are_deltas))
 
 
 def _tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas, out=None) -> torch.Tensor:
