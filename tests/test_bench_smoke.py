@@ -1,6 +1,12 @@
 """The merge and sweep benchmarks run end to end (tiny sizes) and write well-formed rows."""
+import ast
 import json
+import os
+import re
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from vfuse_kernels.bench import merge as bench_merge
@@ -61,6 +67,21 @@ def test_bracket_pass_rows_run_the_triton_kernel():
     assert [r["impl"] for r in rows] == ["bracket pass BLOCK=1024", "bracket pass, rate 0 (no compaction) BLOCK=1024",
                                          "bracket pass, lo = hi (counting only) BLOCK=1024"]
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
+
+
+def test_host_proxy_replays_a_ties_call():
+    """benchmarks/host_proxy.py (its own process: it patches the interpreter) records a TIES call's
+    launches and times their replay: every kernel of the call listed, a positive time per call."""
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_proxy.py")
+    proc = subprocess.run([sys.executable, script, "--numel", "65536", "--share", "8", "--calls", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launches = re.search(r"(\d+) Triton launches (\{.*\})", proc.stdout)
+    kernels = ast.literal_eval(launches.group(2))  # kernel name -> launches
+    assert int(launches.group(1)) == sum(kernels.values()) and {"_bracket_kernel", "_merge_kernel"} <= set(kernels)
+    median, least = map(int, re.search(r"median (\d+) us, min (\d+) us", proc.stdout).groups())
+    assert 0 < least <= median
 
 
 def test_the_ncu_workload_merges_like_delta_merge(monkeypatch):

@@ -551,8 +551,8 @@ def _stack(values: list, device) -> torch.Tensor:
 
 def _consecutive(values: list[torch.Tensor]) -> bool:
     """Whether ``values`` are 0-d int64 views of consecutive elements of one vector (as a select's
-    output iterates)."""
+    output iterates): consecutive addresses, the first and the last in one storage."""
     first = values[0]
-    storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
-    return all(v.dim() == 0 and v.dtype == torch.int64 and v.untyped_storage().data_ptr() == storage
-               and v.storage_offset() == start + i for i, v in enumerate(values))
+    start = first.data_ptr()
+    return (all(v.dim() == 0 and v.dtype == torch.int64 and v.data_ptr() == start + 8 * i for i, v in enumerate(values))
+            and values[-1].untyped_storage().data_ptr() == first.untyped_storage().data_ptr())
