@@ -69,6 +69,23 @@ def test_bracket_pass_rows_run_the_triton_kernel():
     assert all(r["median_ms"] > 0 and r["pct_of_copy"] > 0 for r in rows)
 
 
+def test_launch_variant_rows_run_on_the_triton_backend(monkeypatch):
+    """The GPU suite's launch-variant step (tiny; under the interpreter without a GPU): every row,
+    each timed, and the launch settings it patches restored."""
+    from vfuse_kernels.triton import delta_merge as kernels
+    from vfuse_kernels.triton import magnitude_select as select_kernels
+
+    monkeypatch.setenv("VFUSE_BACKEND", "triton")
+    saved = (kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS, select_kernels.DeviceSelector.BLOCK,
+             select_kernels.DeviceSelector.sample_size, select_kernels.DeviceSelector.order_statistics)
+    rows = bench_merge._variant_rows(backend_device("triton"), 10.0, numel=1 << 12, sample_sizes=(256,))
+    impls = [r["impl"] for r in rows]
+    assert len(impls) == 25 and impls.count("variant the sample's order statistics by torch.sort") == 2
+    assert sum(i.startswith("bracket pass") for i in impls) == 6 and all(r["median_ms"] > 0 for r in rows)
+    assert saved == (kernels.BLOCK, kernels.NUM_WARPS, select_kernels.NUM_WARPS, select_kernels.DeviceSelector.BLOCK,
+                     select_kernels.DeviceSelector.sample_size, select_kernels.DeviceSelector.order_statistics)
+
+
 def test_host_proxy_replays_a_ties_call():
     """benchmarks/host_proxy.py (its own process: it patches the interpreter) records a TIES call's
     launches and times their replay: every kernel of the call listed, a positive time per call."""

@@ -453,8 +453,9 @@ def _selection_profile_rows(device, shapes=(("2x268M", 1 << 28, 2), ("3x4096x110
     return rows
 
 
-def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
-    """Launch-configuration variants timed in the same run (for NOTES.md; not used for dispatch)."""
+def _variant_rows(device, copy_gbps, numel: int = 1 << 28, sample_sizes=(1 << 19, 1 << 20, 1 << 21)):
+    """Launch-configuration variants timed in the same run (for NOTES.md; not used for dispatch), and
+    the selection with samples of ``sample_sizes`` keys."""
     from ..triton import delta_merge as kernels
     from ..triton import magnitude_select as select_kernels
 
@@ -488,7 +489,7 @@ def _variant_rows(device, copy_gbps, numel: int = 1 << 28):
             rows += _bracket_rows(base, tuned, device, copy_gbps, f" BLOCK={block} warps={warps}",
                                   full=(block, warps) == (1024, 4))
         selector.BLOCK, select_kernels.NUM_WARPS = block_size, saved[2]
-        for size in (1 << 19, 1 << 20, 1 << 21):
+        for size in sample_sizes:
             selector.sample_size = lambda self, numel, size=size: size
             ms = _time(lambda: vk.ties_thresholds(base, tuned, 0.3), device)
             rows.append({"op": "ties_thresholds", "suite": "merge", "shape": "2x268M", "method": "ties",
