@@ -63,3 +63,16 @@ def test_token_op_docstring_examples():
                  "vfuse_kernels.ops.query_key_scores"):
         result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_host_time_rows_run(monkeypatch):
+    """The GPU suite's host-time rows of a small call (tiny; CPU): one row per piece, each timed,
+    and the pieces' outputs those of the ops they time (the vfuse and eager paths agree)."""
+    monkeypatch.delenv("VFUSE_BACKEND", raising=False)
+    case = bench_tokens.project_case(2, 12, 1, 0.25, 8, 16, torch.float32, torch.device("cpu"))
+    rows = bench_tokens._host_rows(case, "B1 keep 0.25", calls=2)
+    assert [r["impl"] for r in rows][-2:] == ["select + project_concat (vfuse)", "select + project_concat (eager)"]
+    assert len(rows) == 8 and all(r["op"] == "host time" and r["median_ms"] > 0 for r in rows)
+    args = case["features"], case["scores"], case["projectors"], case["ks"]
+    with torch.no_grad():
+        torch.testing.assert_close(bench_tokens.vfuse_select_project(*args), bench_tokens.eager_select_project(*args))
