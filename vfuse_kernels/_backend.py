@@ -11,7 +11,6 @@ import functools
 import os
 
 import numpy as np
-
 import torch
 
 from ._extension import BACKENDS, KERNEL_DTYPES, cpu_extension, forced_backend
@@ -64,6 +63,9 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     return host.to(device, non_blocking=True)
 
 
+NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float64: np.float64}  # (device_constants)
+
+
 def device_constants(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``host_to_device(values, dtype, device)``, reused while the values repeat: one read-only copy
     per (values' bits, dtype, device, current stream), an LRU of 64. A checkpoint's tensors merge
@@ -73,9 +75,6 @@ def device_constants(values, dtype: torch.dtype, device: torch.device) -> torch.
     launch there that reads it runs after it."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     return _constants(np.asarray(values, dtype=NUMPY_DTYPES[dtype]).tobytes(), dtype, device, stream)
-
-
-NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float64: np.float64}
 
 
 @functools.lru_cache(maxsize=64)
