@@ -324,14 +324,15 @@ def test_triton_device_resolution_misses_when_candidates_overflow():
 
 
 @pytest.mark.parametrize("data, starved, settles", [("tie-heavy bf16", False, True), ("gaussian fp32", False, False),
-                                                    ("gaussian fp32", True, False)],
-                         ids=["settled", "inside", "missed"])
+                                                    ("gaussian fp32", True, False), ("mixed fp32", False, False)],
+                         ids=["settled", "inside", "missed", "one settled"])
 def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data, starved, settles, monkeypatch):
     """The GPU's TIES merge is queued before the selection's wait, guarded by the device's
     verdict. Where every model settles at a bracket end (tie-heavy data), it is the merge; where
     one lies inside its bracket (distinct keys, narrow brackets) or misses (16 candidate slots),
     it writes nothing — in place into base — and the merge runs again with the host's
-    thresholds. Either way the bits of the merge with the selection's thresholds passed in
+    thresholds; so it does where only the first model settles (its deltas tie-heavy, the others'
+    distinct). Either way the bits of the merge with the selection's thresholds passed in
     (Triton against Triton: the interpreter rounds fp32 to bf16 toward zero, the GPU to nearest)."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import delta_merge as kernels
@@ -346,9 +347,13 @@ def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data
     monkeypatch.setattr(kernels, "merge", lambda *args, **kw: launches.append(kw.get("guard") is not None) or
                         merge(*args, **kw))
     device = backend_device("triton")
-    for models in (1, 3):
+    for models in (3,) if data == "mixed fp32" else (1, 3):
         if data == "tie-heavy bf16":
             base, tuned = _tie_heavy(30_011, models, seed=models)
+        elif data == "mixed fp32":
+            base, tied = _tie_heavy(30_011, 1, dtype=torch.float32, seed=models)
+            gen = torch.Generator().manual_seed(models)
+            tuned = tied + [base + torch.randn(30_011, generator=gen) for _ in range(models - 1)]
         else:
             gen = torch.Generator().manual_seed(models)
             base = torch.randn(30_011, generator=gen)
@@ -367,7 +372,9 @@ def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data
 
 
 def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
-    """The one-launch Triton sampler gathers the keys of the reference's gather."""
+    """The one-launch Triton sampler gathers the keys of the reference's gather, and with a
+    histogram workspace adds each model's histogram of their top digit (bits 24…31, the radix
+    select's round 0) into its start; bin 0 holds the lanes past the runs (never read)."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import magnitude_select as kernels
 
@@ -377,6 +384,11 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
     for deltas in (False, True):
         expected = ref_select.sample_keys(base, tuned, runs, 16, deltas)
         assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas), expected)
+        hist = torch.zeros(kernels.histogram_words(3, 6), dtype=torch.int32, device=device)
+        assert torch.equal(kernels.sample_keys(base, tuned, runs, 16, deltas, hist=hist), expected)
+        rows = hist[:3 * 256].view(3, 256).cpu()
+        assert all(torch.equal(rows[i, 1:], torch.bincount(expected[i].cpu() >> 24, minlength=256)[1:]) for i in range(3))
+        assert not hist[3 * 256:].any()
 
 
 @pytest.mark.parametrize("size", [1, 17, 40_000])  # 40_000: five programs per query
@@ -392,9 +404,16 @@ def test_triton_order_statistics_match_a_sort(size):
     for keys in (deltas.view(torch.int32) & 0x7FFFFFFF, torch.full((3, size), 0x3C23D70A, dtype=torch.int32),
                  torch.randint(0, 2**31, (3, size), generator=gen, dtype=torch.int64).int()):
         rows, ranks = [0, 2, 1, 2, 0], [0, size - 1, size // 2, size // 3, min(7, size - 1)]
-        got = kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks)
         ordered = keys.sort(dim=1, descending=True).values
-        assert got.tolist() == [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+        expected = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+        assert kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks).tolist() == expected
+        # round 0 counted before (as the sampler does): each row's top-digit histogram, bin 0 not read
+        counted = torch.zeros(kernels.histogram_words(3, len(rows)), dtype=torch.int32)
+        counted[:3 * 256].view(3, 256).copy_(torch.stack([torch.bincount(row >> 24, minlength=256) for row in keys]))
+        counted[0:3 * 256:256] += 12345
+        got = kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks,
+                                       counted.to(backend_device("triton")))
+        assert got.tolist() == expected
 
 
 def test_triton_selection_brackets_every_model_by_one_order_statistics_call(monkeypatch):
@@ -412,8 +431,9 @@ def test_triton_selection_brackets_every_model_by_one_order_statistics_call(monk
     calls, passes, copies = [], [], []
     original, bracket_pass = kernels.order_statistics, kernels.bracket_pass
 
-    def select(keys, rows, ranks):
-        out = original(keys, rows, ranks)
+    def select(keys, rows, ranks, counted=None):
+        assert counted is not None  # round 0 counted by the sampler
+        out = original(keys, rows, ranks, counted)
         calls.append((keys.cpu(), rows, ranks, out.untyped_storage().data_ptr()))
         return out
 

@@ -67,6 +67,11 @@ def sass_instructions(cubin: bytes) -> list[str]:
     return [m.group(1) for m in found if m and m.group(1) != "NOP"]
 
 
+TIE_FIND_SIG = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*bf16",
+                    tuned=_tuned("bf16", 2), models="i32", blocks="i32", chunks="i32", numel="i64", found_ptr="*i64",
+                    totals_ptr="*i64", fill_ptr="*i64", lo_ptr="*i64", hi_ptr="*i64", k_ptr="*i64", cap="i64")
+
+
 def kernel_configs():
     """(name, kernel, signature, constexprs[, launch options]) for the configurations worth compiling."""
     select_block = magnitude_select.DeviceSelector.BLOCK
@@ -82,7 +87,7 @@ def kernel_configs():
         yield "merge" + name + ALIGNED, delta_merge._merge_kernel, dict(sig, numel="i32"), consts, ALIGNED_LAUNCH
         if sparsify == 1 and elect == 1:  # TIES queued before the selection's wait (select_then_merge)
             yield ("merge" + name + "[guarded]" + ALIGNED, delta_merge._merge_kernel,
-                   dict(sig, numel="i32", guard_ptr="*i32"), dict(consts, GUARDED=True), ALIGNED_LAUNCH)
+                   dict(sig, numel="i32", guard_ptr="*i64"), dict(consts, GUARDED=True), ALIGNED_LAUNCH)
         sig = dict(table_ptr="*i64", block_start_ptr="*i32", params_ptr="*fp64", trim_ptr="*i64", tensors="i32",
                    scale="fp32")
         ty = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
@@ -104,23 +109,21 @@ def kernel_configs():
         yield f"bracket[deltas={deltas}]", magnitude_select._bracket_kernel, sig, consts, options
         yield (f"bracket[deltas={deltas}]{ALIGNED}", magnitude_select._bracket_kernel, dict(sig, numel="i32", cap="i32"),
                consts, dict(options, divisible=("numel", "cap")))
-        sig = dict(keys_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64", count="i32")
-        yield f"sample[deltas={deltas}]", magnitude_select._sample_kernel, sig, dict(
-            N=2, TUNED_ARE_DELTAS=deltas, RUN=selection.RUN, RUNS=64), dict(num_warps=4, enable_fp_fusion=False)
-        sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*bf16",
-                   tuned=_tuned("bf16", 2), models="i32", blocks="i32", chunks="i32", numel="i64")
-        yield f"tie_find[deltas={deltas}]", magnitude_select._tie_find_kernel, sig, dict(
-            N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(
-            num_warps=8, enable_fp_fusion=False)
-    sig = dict(out_ptr="*i64", hist_ptr="*i32", keys_ptr="*i32", queries_ptr="*i64", size="i32", queries="i32")
+        sig = dict(keys_ptr="*i32", hist_ptr="*i32", base_ptr="*bf16", tuned=_tuned("bf16", 2), runs_ptr="*i64",
+                   count="i32")
+        for hist in (True, False):
+            yield f"sample[deltas={deltas},hist={hist}]", magnitude_select._sample_kernel, sig, dict(
+                N=2, TUNED_ARE_DELTAS=deltas, RUN=selection.RUN, RUNS=64, HIST=hist), dict(
+                num_warps=4, enable_fp_fusion=False)
+        for resolve in (True, False):  # (with the resolution: its table unread, the resolution's pointers read)
+            yield f"tie_find[deltas={deltas},resolve={resolve}]", magnitude_select._tie_find_kernel, TIE_FIND_SIG, dict(
+                N=2, TUNED_ARE_DELTAS=deltas, BLOCK=select_block, CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024,
+                RESOLVE=resolve), dict(num_warps=8, enable_fp_fusion=False)
+    sig = dict(out_ptr="*i64", hist_ptr="*i32", keys_ptr="*i32", queries_ptr="*i64", size="i32", rows="i32",
+               queries="i32")
     for round_ in range(5):  # the sample's order statistics
         yield f"order_round[{round_}]", magnitude_select._order_round_kernel, sig, dict(
             ROUND=round_, CHUNK=magnitude_select.ORDER_CHUNK, BLOCK=magnitude_select.ORDER_BLOCK), dict(num_warps=4)
-    for n in (1, 3):
-        sig = dict(found_ptr="*i64", queries_ptr="*i64", settled_ptr="*i32", totals_ptr="*i64", fill_ptr="*i64",
-                   lo_ptr="*i64", hi_ptr="*i64", k_ptr="*i64", cap="i64")
-        consts = dict(N=n, LANES=triton.next_power_of_2(n))
-        yield f"resolve[N={n}]", magnitude_select._resolve_kernel, sig, consts, dict(num_warps=1)
     sig = dict(sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32", models="i32", blocks="i32")
     for totals in (True, False):
         yield f"chunk_sums[totals={totals}]", magnitude_select._chunk_sums_kernel, sig, dict(
@@ -130,11 +133,12 @@ def kernel_configs():
         sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32"), dict(
         models=1, blocks=1, CHUNK=magnitude_select.TIE_CHUNK, TOTALS=True), dict(num_warps=4)
     # one model, one block, one chunk: the JIT turns integer arguments equal to 1 into constants
-    sig = dict(out_ptr="*i64", sums_ptr="*i64", counts_ptr="*i32", queries_ptr="*i64", base_ptr="*fp32",
-               tuned=_tuned("fp32", 1), numel="i64")
-    yield "tie_find[models=blocks=chunks=1]", magnitude_select._tie_find_kernel, sig, dict(
-        models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=select_block,
-        CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024), dict(num_warps=8, enable_fp_fusion=False)
+    sig = {name: ty for name, ty in TIE_FIND_SIG.items() if name not in ("models", "blocks", "chunks")}
+    for resolve in (True, False):
+        yield f"tie_find[models=blocks=chunks=1,resolve={resolve}]", magnitude_select._tie_find_kernel, dict(
+            sig, base_ptr="*fp32", tuned=_tuned("fp32", 1)), dict(
+            models=1, blocks=1, chunks=1, N=1, TUNED_ARE_DELTAS=False, BLOCK=select_block,
+            CHUNK=magnitude_select.TIE_CHUNK, SCAN=1024, RESOLVE=resolve), dict(num_warps=8, enable_fp_fusion=False)
     yield "random_bits", philox._bits_kernel, dict(out_ptr="*i64", numel="i64", k0="i64", k1="i64", model="i32"), dict(
         BLOCK=philox.BITS_BLOCK)
     for dtype in ("bf16", "fp16", "fp32"):

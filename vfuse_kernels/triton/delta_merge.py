@@ -136,9 +136,12 @@ def _merge_kernel(out_ptr, base_ptr, tuned, params_ptr, trim_ptr, guard_ptr, num
                   NORMALIZE: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, SELECT_MODELS: tl.constexpr,
                   GUARDED: tl.constexpr, BLOCK: tl.constexpr):
     """GUARDED: a merge queued before the selection it reads was confirmed; it writes nothing
-    unless the int32 at ``guard_ptr`` is nonzero (the selection settled on the device)."""
+    unless the N int64 statuses at ``guard_ptr`` are all 1 (every model's selection settled at a
+    bracket end on the device: magnitude_select.TIE)."""
     if GUARDED:
-        go = tl.load(guard_ptr) != 0
+        go = tl.load(guard_ptr) == 1
+        for i in tl.static_range(1, N):
+            go = go & (tl.load(guard_ptr + i) == 1)
     else:
         go = True
     if go:
@@ -264,8 +267,8 @@ def sparse_l1(base, tuned, tuned_are_deltas, sparsify, dare_thresholds, trim, se
 
 def merge(out, base, tuned, tuned_are_deltas, sparsify, elect, normalize, scale, weights, coefs, dare_thresholds,
           trim, seed, guard=None):
-    """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out`` (with ``guard``, an
-    int32 device flag: only where it is nonzero when the kernel runs)."""
+    """Writes the merge of contiguous ``base``/``tuned`` into contiguous ``out`` (with ``guard``, the
+    selection's N int64 device statuses: only where every one is TIE when the kernel runs)."""
     n, numel = len(tuned), base.numel()
     params = _params(base.device, coefs, weights, dare_thresholds, seed, elect, normalize)
     _merge_kernel[(triton.cdiv(numel, BLOCK),)](
@@ -284,7 +287,7 @@ def select_then_merge(out, base, tuned, tuned_are_deltas, elect, normalize, scal
     ties_merge = functools.partial(merge, out, base, tuned, tuned_are_deltas, SPARSIFY_TRIM, elect, normalize, scale,
                                    weights, weights, [0] * len(tuned))
     dev_selector = selector(base, tuned, tuned_are_deltas)
-    dev_selector.then = lambda trim, settled: ties_merge(trim, seed, guard=settled)
+    dev_selector.then = lambda trim, statuses: ties_merge(trim, seed, guard=statuses)
     trim = trim_thresholds(dev_selector, ks)  # (device tensors)
     if not dev_selector.settled:
         ties_merge(trim, seed)

@@ -6,10 +6,11 @@ key > hi, key == hi, key == lo and lo < key < hi (two int32 reductions of 16-bit
 pairs, no atomics), and appends the inside elements picked by the subsample rate as
 ``(key − 2³⁰) << 33 | (2³³ − 1 − index)`` to the model's candidate buffer (one atomic per
 program for the slot, a scan over the rows of 8 for the positions). Equal keys at the bracket ends are
-only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch),
-the sample's order statistics (every bracket end by one radix select, five launches), the tie
-search (each query's rank-th equal key's flat index: chunk sums of the per-block counts, then
-one program per query); ``DeviceSelector`` drives them for selection.py.
+only counted, never compacted. Beside it: the sampler (every model's sample keys in one launch,
+with their top digits' histograms), the sample's order statistics (every bracket end by one
+radix select: four more launches), the tie search (each query's rank-th equal key's flat index:
+chunk sums of the per-block counts, then one program per query, which may first resolve its
+model's pass); ``DeviceSelector`` drives them for selection.py.
 """
 from __future__ import annotations
 
@@ -145,10 +146,16 @@ def _bracket_kernel(counts_ptr, cand_ptr, fill_ptr, base_ptr, tuned, lo_ptr, hi_
                     r += 1
 
 
+DIGIT_BINS = tl.constexpr(256)  # a radix select round's digit: 8 bits, four rounds for a 31-bit key
+ORDER_CHUNK, ORDER_BLOCK = 8192, 2048  # keys per program of a round (2^20 keys: 128 programs per query), per histogram
+
+
 @triton.jit
-def _sample_kernel(keys_ptr, base_ptr, tuned, runs_ptr, count, N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr,
-                   RUN: tl.constexpr, RUNS: tl.constexpr):
-    """keys[i, r·RUN + j] = key of model i's delta at runs[r]·RUN + j, for RUNS runs per program."""
+def _sample_kernel(keys_ptr, hist_ptr, base_ptr, tuned, runs_ptr, count, N: tl.constexpr,
+                   TUNED_ARE_DELTAS: tl.constexpr, RUN: tl.constexpr, RUNS: tl.constexpr, HIST: tl.constexpr):
+    """keys[i, r·RUN + j] = key of model i's delta at runs[r]·RUN + j, for RUNS runs per program;
+    with HIST also hist[i, :] += the histogram of those keys' top digit (bits 24…31), round 0 of
+    their radix select (``order_statistics``): lanes past the runs go to bin 0, which it never reads."""
     run = tl.program_id(0) * RUNS + tl.arange(0, RUNS)
     valid = (run < count)[:, None]
     column = tl.arange(0, RUN)[None, :]
@@ -156,79 +163,98 @@ def _sample_kernel(keys_ptr, base_ptr, tuned, runs_ptr, count, N: tl.constexpr, 
     b = load_base(base_ptr, offs, valid, TUNED_ARE_DELTAS)
     dst = run.to(tl.int64)[:, None] * RUN + column
     for i in tl.static_range(N):
-        key = magnitude_key(load_delta(tuned[i], b, offs, valid, TUNED_ARE_DELTAS))
-        tl.store(keys_ptr + i * count * RUN + dst, key.to(tl.int32), mask=valid)
+        key = magnitude_key(load_delta(tuned[i], b, offs, valid, TUNED_ARE_DELTAS)).to(tl.int32)
+        tl.store(keys_ptr + i * count * RUN + dst, key, mask=valid)
+        if HIST:
+            counts = tl.histogram(tl.reshape(tl.where(valid, key >> 24, 0), [RUNS * RUN]), DIGIT_BINS)
+            tl.atomic_add(hist_ptr + i * DIGIT_BINS + tl.arange(0, DIGIT_BINS), counts, mask=counts != 0,
+                          sem="relaxed")
 
 
-def sample_keys(base, tuned, runs, run, tuned_are_deltas):
-    """[N, len(runs)·run] int32 magnitude keys of each model's deltas at the runs (one launch)."""
+def sample_keys(base, tuned, runs, run, tuned_are_deltas, hist=None):
+    """[N, len(runs)·run] int32 magnitude keys of each model's deltas at the runs (one launch); with
+    ``hist`` (int32, zeroed) also their round-0 histograms, [N, 256] at its start (``order_statistics``)."""
     keys = torch.empty(len(tuned), runs.numel() * run, dtype=torch.int32, device=base.device)
     _sample_kernel[(triton.cdiv(runs.numel(), 64),)](
-        keys, base, tuple(tuned), runs, runs.numel(), N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, RUN=run,
-        RUNS=64, num_warps=4,
+        keys, keys if hist is None else hist, base, tuple(tuned), runs, runs.numel(), N=len(tuned),
+        TUNED_ARE_DELTAS=tuned_are_deltas, RUN=run, RUNS=64, HIST=hist is not None, num_warps=4,
     )
     return keys
 
 
-DIGIT_BINS = 256  # a radix select round's digit: 8 bits, four rounds for a 31-bit key
-ORDER_CHUNK, ORDER_BLOCK = 8192, 2048  # keys per program of a round (2^20 keys: 128 programs per query), per histogram
-
-
 @triton.jit
-def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, queries,
+def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, queries,
                         ROUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Round ROUND of a radix select of the queries [Q, 2] (row, rank) over ``keys`` [R, size]
     int32 in [0, 2³¹): query q asks for the rank-th largest key (0-based) of its row.
 
-    The digits entering the round come from the earlier rounds' histograms hist[r, q] (bits
-    [24 − 8r, 32 − 8r) of the row's keys whose higher bits equal the digits found before):
-    digit d of round r is the smallest whose keys of larger digits number ≤ rank, and the rank
-    is then counted among d's keys. Only bins above d are read, so keys of other prefixes (and
-    lanes past the row) go to bin 0 uncounted-for. ROUND < 4 adds the histogram of the next
-    digit over this program's CHUNK keys into hist[ROUND, q] (a privatised ``tl.histogram``,
-    whose ballots do not serialise on equal keys, then one atomic per nonzero bin); ROUND 4
-    stores the key, the four digits, in out[q]."""
-    q = tl.program_id(1)
-    row = tl.load(queries_ptr + 2 * q).to(tl.int64)
-    rank = tl.load(queries_ptr + 2 * q + 1).to(tl.int32)
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], dtype=tl.int32)  # the digits found so far
-    for r in tl.static_range(ROUND):
-        counts = tl.load(hist_ptr + (r * queries + q) * 256 + bins)
-        above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0)  # keys of a larger digit
-        digit = tl.min(tl.where(above <= rank, bins, 256), axis=0)
-        rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
-        prefix = prefix * 256 + digit
+    ``hist`` holds each row's histogram of its keys' top digit (bits 24…31), [R, 256], then
+    per round r = 1…3 and query q the histogram of bits [24 − 8r, 32 − 8r) of the row's keys
+    whose higher bits equal the digits found before. Digit d of round r is the smallest whose
+    keys of larger digits number ≤ rank, and the rank is then counted among d's keys. Only bins
+    above d are read, so keys of other prefixes (and lanes past the row) go to bin 0
+    uncounted-for. Round 0 (program (c, row)) and rounds 1…3 (program (c, q)) add the histogram
+    over the program's CHUNK keys (a privatised ``tl.histogram``, whose ballots do not serialise
+    on equal keys, then one atomic per nonzero bin); ROUND 4 stores the key, the four digits, in
+    out[q]."""
+    bins = tl.arange(0, DIGIT_BINS)
+    if ROUND == 0:
+        row = tl.program_id(1).to(tl.int64)
+        target = hist_ptr + row * DIGIT_BINS
+    else:
+        q = tl.program_id(1)
+        row = tl.load(queries_ptr + 2 * q).to(tl.int64)
+        rank = tl.load(queries_ptr + 2 * q + 1).to(tl.int32)
+        prefix = tl.zeros([], dtype=tl.int32)  # the digits found so far
+        for r in tl.static_range(ROUND):
+            if r == 0:
+                counts = tl.load(hist_ptr + row * DIGIT_BINS + bins)
+            else:
+                counts = tl.load(hist_ptr + (rows + (r - 1) * queries + q).to(tl.int64) * DIGIT_BINS + bins)
+            above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0)  # keys of a larger digit
+            digit = tl.min(tl.where(above <= rank, bins, DIGIT_BINS), axis=0)
+            rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
+            prefix = prefix * DIGIT_BINS + digit
+        target = hist_ptr + (rows + (ROUND - 1) * queries + q).to(tl.int64) * DIGIT_BINS
     if ROUND == 4:
         tl.store(out_ptr + q, prefix.to(tl.int64))
     else:
         shift: tl.constexpr = 24 - 8 * ROUND
         start = tl.program_id(0).to(tl.int64) * CHUNK
-        counts = tl.zeros([256], dtype=tl.int32)
+        counts = tl.zeros([DIGIT_BINS], dtype=tl.int32)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             key = tl.load(keys_ptr + row * size + idx, mask=idx < size, other=0)
             match = idx < size
             if ROUND > 0:
                 match = match & ((key >> (shift + 8)) == prefix)
-            counts += tl.histogram(tl.where(match, (key >> shift) & 255, 0), 256)  # (others: bin 0, never read)
-        tl.atomic_add(hist_ptr + (ROUND * queries + q) * 256 + bins, counts, mask=counts != 0, sem="relaxed")
+            counts += tl.histogram(tl.where(match, (key >> shift) & 255, 0), DIGIT_BINS)  # (others: bin 0, never read)
+        tl.atomic_add(target + bins, counts, mask=counts != 0, sem="relaxed")
 
 
-def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int]) -> torch.Tensor:
+def histogram_words(rows: int, queries: int) -> int:
+    """The int32 words of ``order_statistics``' histograms for ``queries`` over ``rows`` rows."""
+    return (rows + 3 * queries) * DIGIT_BINS.value
+
+
+def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int], counted=None) -> torch.Tensor:
     """[Q] int64: the ranks[q]-th largest (0-based) key of row rows[q] of ``keys`` [R, S] (contiguous
     int32 in [0, 2³¹), ranks < S), by a radix select: four rounds of 8-bit digit histograms over
-    the rows, no sort; five launches for every query."""
+    the rows, no sort; five launches for every query. ``counted``: the zeroed int32 histograms
+    (``histogram_words(R, ≥ Q)``) whose round 0 the sampler has already counted (``sample_keys``
+    with ``hist``): four launches."""
     size, count = keys.shape[1], len(rows)
     if not count:
         return torch.empty(0, dtype=torch.int64, device=keys.device)
     table = device_constants([v for row, rank in zip(rows, ranks) for v in (row, rank)], torch.int64, keys.device)
-    hist = torch.zeros(4, count, DIGIT_BINS, dtype=torch.int32, device=keys.device)
+    hist = counted
+    if hist is None:
+        hist = torch.zeros(histogram_words(keys.shape[0], count), dtype=torch.int32, device=keys.device)
     out = torch.empty(count, dtype=torch.int64, device=keys.device)
     chunk = min(ORDER_CHUNK, max(triton.next_power_of_2(size), 16))
-    for round_ in range(5):
-        grid = (triton.cdiv(size, chunk) if round_ < 4 else 1, count)
-        _order_round_kernel[grid](out, hist, keys, table, size, count, ROUND=round_, CHUNK=chunk,
+    for round_ in range(0 if counted is None else 1, 5):
+        grid = (triton.cdiv(size, chunk) if round_ < 4 else 1, count if round_ else keys.shape[0])
+        _order_round_kernel[grid](out, hist, keys, table, size, keys.shape[0], count, ROUND=round_, CHUNK=chunk,
                                   BLOCK=min(ORDER_BLOCK, chunk), num_warps=4)
     return out
 
@@ -274,18 +300,52 @@ def first_reaching(counts, idx, valid, seen, rank, none):
 
 
 @triton.jit
+def resolve_model(found_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, j, n, cap):
+    """selection.py's resolution of model j's bracket pass (ties to the lower index), from the pass's
+    totals [n, 4] (key > hi, == hi, == lo, strictly inside), its candidates stored ``fill`` and the
+    model's k: found[2, j] is TIE = 1 (K = found[0, j] a bracket end, its cutoff the answer to the
+    returned tie query), INSIDE = 0 (K and C: the found[3, j]-th of the found[4, j] candidates in
+    (key desc, index asc) order) or MISSED = 2 (K outside the bracket, or candidates lost past
+    ``cap``). Returns the tie query (key, rank, column); a harmless one where not TIE."""
+    gt = tl.load(totals_ptr + 4 * j)
+    eq_hi = tl.load(totals_ptr + 4 * j + 1)
+    lo = tl.load(lo_ptr + j)
+    hi = tl.load(hi_ptr + j)
+    eq_lo = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 2))
+    inside = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 3))
+    stored = tl.load(fill_ptr + j)
+    k = tl.load(k_ptr + j)
+    at_hi = (k > gt) & (k <= gt + eq_hi)
+    within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (full rate: inside keys all stored)
+    at_lo = (k > gt + eq_hi + inside) & (k <= gt + eq_hi + inside + eq_lo)
+    key = tl.where(at_lo, lo, hi)
+    tl.store(found_ptr + j, key)
+    tl.store(found_ptr + 2 * n + j, tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2)).to(tl.int64))
+    tl.store(found_ptr + 3 * n + j, k - gt - eq_hi)
+    tl.store(found_ptr + 4 * n + j, stored)
+    rank = tl.where(at_lo, k - gt - eq_hi - inside, tl.where(at_hi, k - gt, 1))
+    return key, rank, tl.where(at_lo, 2, 1).to(tl.int64)
+
+
+@triton.jit
 def _tie_find_kernel(out_ptr, sums_ptr, counts_ptr, queries_ptr, base_ptr, tuned, models, blocks, chunks, numel,
+                     found_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, cap,
                      N: tl.constexpr, TUNED_ARE_DELTAS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                     SCAN: tl.constexpr):
+                     SCAN: tl.constexpr, RESOLVE: tl.constexpr):
     """Query q = (key, rank, model, column): out[q] = the flat index of the rank-th element of
     that model whose key is ``key``. Three levels, each one vector scan: the chunk (from the
     chunk ``sums`` [chunks, models, 4]), the block in it (from the bracket pass's per-block
-    counts), the element."""
+    counts), the element. RESOLVE: query q is model q's, from its bracket pass's resolution
+    (``resolve_model``, into ``found``); else row q of ``queries`` [Q, 4]."""
     q = tl.program_id(0)
-    key = tl.load(queries_ptr + q * 4)
-    rank = tl.load(queries_ptr + q * 4 + 1)
-    model = tl.load(queries_ptr + q * 4 + 2)
-    column = tl.load(queries_ptr + q * 4 + 3)
+    if RESOLVE:
+        key, rank, column = resolve_model(found_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, q, models, cap)
+        model = q
+    else:
+        key = tl.load(queries_ptr + q * 4)
+        rank = tl.load(queries_ptr + q * 4 + 1)
+        model = tl.load(queries_ptr + q * 4 + 2)
+        column = tl.load(queries_ptr + q * 4 + 3)
     chunk = tl.zeros([], dtype=tl.int64) + chunks  # (not chunks.to: an argument equal to 1 is a constant)
     before = tl.zeros([], dtype=tl.int64)  # equal keys before the chunk found
     seen = tl.zeros([], dtype=tl.int64)
@@ -320,56 +380,23 @@ def tie_indices(base, tuned, queries, counts, block, tuned_are_deltas):
     return list(_tie_search(base, tuned, table, counts, chunk_sums(counts), block, tuned_are_deltas))
 
 
-def _tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas, out=None) -> torch.Tensor:
+def _tie_search(base, tuned, table, counts, sums, block, tuned_are_deltas, out=None, resolve=()) -> torch.Tensor:
     """[q] int64 (into ``out`` when given): ``tie_indices`` of the queries in the device ``table``
     [q, 4] (key, rank, model, column), from the pass's per-block ``counts`` and their ``chunk_sums``
-    (one launch)."""
-    queries = table.numel() // 4
-    out = torch.empty(queries, dtype=torch.int64, device=base.device) if out is None else out
+    (one launch). ``resolve`` = (found, totals, fill, lo, hi, ks, cap), no table: every model's
+    query from its pass's resolution (``resolve_model``), q = the models."""
     blocks, models, chunks = counts.shape[0], counts.shape[1], sums.shape[0]
+    queries = table.numel() // 4 if table is not None else models
+    out = torch.empty(queries, dtype=torch.int64, device=base.device) if out is None else out
     _tie_find_kernel[(queries,)](
-        out, sums, counts, table, base, tuple(tuned), models, blocks, chunks, base.numel(), N=len(tuned),
-        TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block, CHUNK=TIE_CHUNK, SCAN=1024, num_warps=8,
+        out, sums, counts, out if table is None else table, base, tuple(tuned), models, blocks, chunks, base.numel(),
+        *(resolve or (out,) * 6 + (0,)), N=len(tuned), TUNED_ARE_DELTAS=tuned_are_deltas, BLOCK=block,
+        CHUNK=TIE_CHUNK, SCAN=1024, RESOLVE=bool(resolve), num_warps=8,
     )
     return out
 
 
-INSIDE, TIE, MISSED = 0, 1, 2  # _resolve_kernel's statuses
-
-
-@triton.jit
-def _resolve_kernel(found_ptr, queries_ptr, settled_ptr, totals_ptr, fill_ptr, lo_ptr, hi_ptr, k_ptr, cap,
-                    N: tl.constexpr, LANES: tl.constexpr):
-    """selection.py's resolution of one bracket pass (ties to the lower index) on the device, model
-    j in lane j, from the pass's totals [N, 4] (key > hi, == hi, == lo, strictly inside) and its
-    candidate counts ``fill``: found[2, j] is TIE (K = found[0, j] a bracket end; C the tie
-    search's answer to queries[j] = (K, rank, j, column)), INSIDE (K, C the found[3, j]-th of
-    the found[4, j] candidates in (key desc, index asc) order) or MISSED (K outside the bracket,
-    or candidates lost past ``cap``); settled (int32) is 1 where every model is TIE, else 0. Queries of
-    other models ask for a harmless search."""
-    j = tl.arange(0, LANES)
-    valid = j < N
-    gt = tl.load(totals_ptr + 4 * j, mask=valid, other=0)
-    eq_hi = tl.load(totals_ptr + 4 * j + 1, mask=valid, other=0)
-    lo = tl.load(lo_ptr + j, mask=valid, other=0)
-    hi = tl.load(hi_ptr + j, mask=valid, other=0)
-    eq_lo = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 2, mask=valid, other=0))
-    inside = tl.where(lo == hi, 0, tl.load(totals_ptr + 4 * j + 3, mask=valid, other=0))
-    stored = tl.load(fill_ptr + j, mask=valid, other=0)
-    k = tl.load(k_ptr + j, mask=valid, other=0)
-    at_hi = (k > gt) & (k <= gt + eq_hi)
-    within = (k > gt + eq_hi) & (k <= gt + eq_hi + inside) & (stored <= cap)  # (full rate: inside keys all stored)
-    at_lo = (k > gt + eq_hi + inside) & (k <= gt + eq_hi + inside + eq_lo)
-    status = tl.where(within, 0, tl.where(at_hi | at_lo, 1, 2))  # INSIDE, TIE, MISSED
-    tl.store(settled_ptr, tl.min(tl.where(valid, (status == 1).to(tl.int32), 1), axis=0))
-    tl.store(found_ptr + j, tl.where(at_lo, lo, hi), mask=valid)
-    tl.store(found_ptr + 2 * N + j, status.to(tl.int64), mask=valid)
-    tl.store(found_ptr + 3 * N + j, k - gt - eq_hi, mask=valid)
-    tl.store(found_ptr + 4 * N + j, stored, mask=valid)
-    tl.store(queries_ptr + 4 * j, tl.where(at_lo, lo, hi), mask=valid)
-    tl.store(queries_ptr + 4 * j + 1, tl.where(at_lo, k - gt - eq_hi - inside, tl.where(at_hi, k - gt, 1)), mask=valid)
-    tl.store(queries_ptr + 4 * j + 2, j.to(tl.int64), mask=valid)
-    tl.store(queries_ptr + 4 * j + 3, tl.where(at_lo, 2, 1).to(tl.int64), mask=valid)
+INSIDE, TIE, MISSED = 0, 1, 2  # resolve_model's statuses
 
 
 def bracket_pass(base, tuned, lo, hi, rate, cap, block, tuned_are_deltas, counts, cand, fill):
@@ -395,11 +422,15 @@ class DeviceSelector:
     def __init__(self, base: torch.Tensor, tuned: list[torch.Tensor], tuned_are_deltas: bool):
         self.base, self.tuned, self.tuned_are_deltas = base, list(tuned), tuned_are_deltas
         self.numel, self.device = base.numel(), base.device
-        # then(trim, settled): called once, on the first resolve pass over every model, after that pass's
+        # then(trim, statuses): called once, on the first resolve pass over every model, after that pass's
         # work is queued and before its wait (delta_merge queues its guarded merge there), trim [2N] its keys
-        # then its cutoffs; settled: whether that pass settled every model at a bracket end (trim the results)
+        # then its cutoffs, statuses [N] int64 its models' (every one TIE: trim holds the results); settled:
+        # whether that pass settled every model at a bracket end
         self.then, self.settled = None, False
         self._sample, self._sample_rows = None, []
+        # zeroed with the sample by one memset, each used once: the radix select's histograms (round 0
+        # counted by the sampler) and the first pass's fill counters and totals
+        self._counted, self._pass_zeroed = None, None
 
     def subset(self, rows: list[int]) -> DeviceSelector:
         return DeviceSelector(self.base, [self.tuned[i] for i in rows], self.tuned_are_deltas)
@@ -413,7 +444,10 @@ class DeviceSelector:
         """The rows of [N, size] int32 keys of each model's deltas at random aligned runs, unsorted:
         ``order_statistics`` selects from them (a sort of 2 × 2^20 keys took ~0.1 ms)."""
         runs = _sample_runs(self.numel, size // RUN, RUN, self.device)
-        self._sample = sample_keys(self.base, self.tuned, runs, RUN, self.tuned_are_deltas)
+        n = len(self.tuned)
+        zeroed = torch.zeros(10 * n + histogram_words(n, 2 * n), dtype=torch.int32, device=self.device)
+        self._pass_zeroed, self._counted = zeroed[:10 * n].view(torch.int64), zeroed[10 * n:]
+        self._sample = sample_keys(self.base, self.tuned, runs, RUN, self.tuned_are_deltas, hist=self._counted)
         self._sample_rows = list(self._sample)
         return self._sample_rows
 
@@ -429,8 +463,11 @@ class DeviceSelector:
         order = [(s, p) for back in range(max(map(len, ranks), default=0))
                  for s, r in enumerate(ranks) for p in [len(r) - 1 - back] if p >= 0]
         found = [[None] * len(r) for r in ranks]
+        counted, self._counted = self._counted, None  # (round 0 counted once, sized for 2 queries per row)
+        if len(order) > 2 * len(self._sample_rows):
+            counted = None
         for (s, p), value in zip(order, order_statistics(self._sample, [rows[s] for s, _ in order],
-                                                         [ranks[s][p] for s, p in order])):
+                                                         [ranks[s][p] for s, p in order], counted)):
             found[s][p] = value
         return found
 
@@ -444,9 +481,11 @@ class DeviceSelector:
 
     def pass_buffers(self, n: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A pass's per-block counts [blocks, n, 4] int32, candidates [n, cap] int64, and zeroed
-        (one memset) fill counters [n] int64 and totals [n, 4] int64."""
+        fill counters [n] int64 and totals [n, 4] int64 (the first pass's zeroed with the sample)."""
         device = self.device
-        zeroed = torch.zeros(5 * n, dtype=torch.int64, device=device)
+        zeroed, self._pass_zeroed = self._pass_zeroed, None
+        if zeroed is None or zeroed.numel() < 5 * n:
+            zeroed = torch.zeros(5 * n, dtype=torch.int64, device=device)
         return (torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device),
                 torch.empty(n, cap, dtype=torch.int64, device=device), zeroed[:n], zeroed[n:].view(n, 4))
 
@@ -463,8 +502,9 @@ class DeviceSelector:
 
     def resolve_pass(self, rows: list[int], los: list, his: list, cap: int, ks: list[int]):
         """The bracket pass at full rate and its resolution (ties to the lower index). Queued on the
-        device without a wait: the pass, its totals, the resolve kernel, the tie search for every
-        model; then the one synchronisation (the models' statuses). A model whose K lies strictly
+        device without a wait: the pass, its chunk sums and totals, and one tie search that resolves
+        every model (``resolve_model``) and finds its cutoff; then the one synchronisation (the models'
+        statuses). A model whose K lies strictly
         inside its bracket then takes its candidates' sort (``candidate_ranks``: a few launches,
         only for those models; bf16 deltas mostly resolve at a bracket end). (keys, cutoffs) [N]
         int64 on the device, or None where a model missed."""
@@ -475,18 +515,15 @@ class DeviceSelector:
         bracket_pass(self.base, tuned, lo, hi, device_constants([FULL_RATE] * n, torch.int64, device), cap,
                      self.BLOCK, self.tuned_are_deltas, counts, cand, fill)
         sums = chunk_sums(counts, totals)
-        found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, (cutoffs), statuses, ranks, stored
-        queries = torch.empty(n, 4, dtype=torch.int64, device=device)
-        settled = torch.empty(1, dtype=torch.int32, device=device)
-        _resolve_kernel[(1,)](found, queries, settled, totals, fill, lo, hi, device_constants(ks, torch.int64, device),
-                              cap, N=n, LANES=triton.next_power_of_2(n), num_warps=1)
-        keys, cutoffs = found[0], _tie_search(self.base, tuned, queries, counts, sums, self.BLOCK,
-                                              self.tuned_are_deltas, out=found[1])
+        found = torch.empty(5, n, dtype=torch.int64, device=device)  # keys, cutoffs, statuses, ranks, stored
+        keys, cutoffs = found[0], _tie_search(
+            self.base, tuned, None, counts, sums, self.BLOCK, self.tuned_are_deltas, out=found[1],
+            resolve=(found, totals, fill, lo, hi, device_constants(ks, torch.int64, device), cap))
         verdict = to_host_later(found[2:])
         then = self.then if n == len(self.tuned) else None  # (a pass over every model of the call)
         if then is not None:
             self.then = None
-            then(found[:2].reshape(-1), settled)
+            then(found[:2].reshape(-1), found[2])
         statuses, ranks, stored = verdict()  # the one synchronisation (not with the work ``then`` queued)
         if MISSED in statuses:
             return None
