@@ -2,6 +2,8 @@
 (keep rate, rescale, determinism across thread counts and block sizes)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import backend_device, needs_avx512, with_and_without_avx512
@@ -395,15 +397,18 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
 def test_triton_order_statistics_match_a_sort(size):
     """The radix select of the GPU's sample gives the keys of a descending sort at every queried
     rank: the first and last, repeated rows, on keys of bf16 deltas (few distinct values, equal
-    high digits), on all-equal keys and on uniform 31-bit keys (every digit used)."""
+    high digits), on all-equal keys and on uniform 31-bit keys (every digit used); queries in two
+    halves over the same rows (a bracket's ends: one program per pair) and not."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import magnitude_select as kernels
 
     gen = torch.Generator().manual_seed(size)
     deltas = (0.01 * torch.randn(3, size, generator=gen)).bfloat16().float()
-    for keys in (deltas.view(torch.int32) & 0x7FFFFFFF, torch.full((3, size), 0x3C23D70A, dtype=torch.int32),
-                 torch.randint(0, 2**31, (3, size), generator=gen, dtype=torch.int64).int()):
-        rows, ranks = [0, 2, 1, 2, 0], [0, size - 1, size // 2, size // 3, min(7, size - 1)]
+    plans = [([0, 2, 1, 2, 0], [0, size - 1, size // 2, size // 3, min(7, size - 1)]),
+             ([2, 0, 1, 2, 0, 1], [size // 3, 0, size - 1, min(5, size - 1), size - 1, size // 2])]
+    for (rows, ranks), keys in itertools.product(plans, (
+            deltas.view(torch.int32) & 0x7FFFFFFF, torch.full((3, size), 0x3C23D70A, dtype=torch.int32),
+            torch.randint(0, 2**31, (3, size), generator=gen, dtype=torch.int64).int())):
         ordered = keys.sort(dim=1, descending=True).values
         expected = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
         assert kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks).tolist() == expected

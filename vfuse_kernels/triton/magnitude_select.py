@@ -183,53 +183,79 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas, hist=None):
 
 
 @triton.jit
+def digits_found(hist_ptr, row, rank, q, rows, queries, ROUND: tl.constexpr):
+    """The digits (bits 32 − 8·ROUND … 31) of query q's key (the rank-th largest of its row), from
+    the histograms of rounds 0 … ROUND − 1 (``_order_round_kernel``), and its rank among the keys
+    with those digits."""
+    bins = tl.arange(0, DIGIT_BINS)
+    prefix = tl.zeros([], dtype=tl.int32)
+    for r in tl.static_range(ROUND):
+        if r == 0:
+            counts = tl.load(hist_ptr + row * DIGIT_BINS + bins)
+        else:
+            counts = tl.load(hist_ptr + (rows + (r - 1) * queries + q).to(tl.int64) * DIGIT_BINS + bins)
+        above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0)  # keys of a larger digit
+        digit = tl.min(tl.where(above <= rank, bins, DIGIT_BINS), axis=0)
+        rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
+        prefix = prefix * DIGIT_BINS + digit
+    return prefix, rank
+
+
+@triton.jit
 def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, queries,
-                        ROUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                        ROUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PAIRED: tl.constexpr):
     """Round ROUND of a radix select of the queries [Q, 2] (row, rank) over ``keys`` [R, size]
     int32 in [0, 2³¹): query q asks for the rank-th largest key (0-based) of its row.
 
     ``hist`` holds each row's histogram of its keys' top digit (bits 24…31), [R, 256], then
     per round r = 1…3 and query q the histogram of bits [24 − 8r, 32 − 8r) of the row's keys
-    whose higher bits equal the digits found before. Digit d of round r is the smallest whose
-    keys of larger digits number ≤ rank, and the rank is then counted among d's keys. Only bins
-    above d are read, so keys of other prefixes (and lanes past the row) go to bin 0
-    uncounted-for. Round 0 (program (c, row)) and rounds 1…3 (program (c, q)) add the histogram
-    over the program's CHUNK keys (a privatised ``tl.histogram``, whose ballots do not serialise
-    on equal keys, then one atomic per nonzero bin); ROUND 4 stores the key, the four digits, in
-    out[q]."""
+    whose higher bits equal the digits found before (``digits_found``: digit d of round r is
+    the smallest whose keys of larger digits number ≤ rank, and the rank is then counted among
+    d's keys). Only bins above d are read, so keys of other prefixes (and lanes past the row)
+    go to bin 0 uncounted-for. Round 0 (program (c, row)) and rounds 1…3 (program (c, q)) add
+    the histogram over the program's CHUNK keys (a privatised ``tl.histogram``, whose ballots do
+    not serialise on equal keys, then one atomic per nonzero bin); ROUND 4 stores the key, the
+    four digits, in out[q]. PAIRED: program (c, q) also serves query q + Q/2, of the same row,
+    from the same read of the keys."""
     bins = tl.arange(0, DIGIT_BINS)
     if ROUND == 0:
         row = tl.program_id(1).to(tl.int64)
-        target = hist_ptr + row * DIGIT_BINS
     else:
         q = tl.program_id(1)
         row = tl.load(queries_ptr + 2 * q).to(tl.int64)
-        rank = tl.load(queries_ptr + 2 * q + 1).to(tl.int32)
-        prefix = tl.zeros([], dtype=tl.int32)  # the digits found so far
-        for r in tl.static_range(ROUND):
-            if r == 0:
-                counts = tl.load(hist_ptr + row * DIGIT_BINS + bins)
-            else:
-                counts = tl.load(hist_ptr + (rows + (r - 1) * queries + q).to(tl.int64) * DIGIT_BINS + bins)
-            above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0)  # keys of a larger digit
-            digit = tl.min(tl.where(above <= rank, bins, DIGIT_BINS), axis=0)
-            rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
-            prefix = prefix * DIGIT_BINS + digit
-        target = hist_ptr + (rows + (ROUND - 1) * queries + q).to(tl.int64) * DIGIT_BINS
+        prefix, _ = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * q + 1).to(tl.int32), q, rows, queries,
+                                 ROUND)
+        if PAIRED:
+            pair = q + queries // 2
+            paired, _ = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * pair + 1).to(tl.int32), pair, rows,
+                                     queries, ROUND)
     if ROUND == 4:
         tl.store(out_ptr + q, prefix.to(tl.int64))
+        if PAIRED:
+            tl.store(out_ptr + pair, paired.to(tl.int64))
     else:
         shift: tl.constexpr = 24 - 8 * ROUND
         start = tl.program_id(0).to(tl.int64) * CHUNK
         counts = tl.zeros([DIGIT_BINS], dtype=tl.int32)
+        counts_paired = tl.zeros([DIGIT_BINS], dtype=tl.int32)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             key = tl.load(keys_ptr + row * size + idx, mask=idx < size, other=0)
-            match = idx < size
-            if ROUND > 0:
-                match = match & ((key >> (shift + 8)) == prefix)
-            counts += tl.histogram(tl.where(match, (key >> shift) & 255, 0), DIGIT_BINS)  # (others: bin 0, never read)
-        tl.atomic_add(target + bins, counts, mask=counts != 0, sem="relaxed")
+            digit = (key >> shift) & 255
+            if ROUND == 0:
+                counts += tl.histogram(tl.where(idx < size, digit, 0), DIGIT_BINS)  # (lanes past the row: bin 0)
+            else:  # keys of other prefixes go to bin 0, never read
+                counts += tl.histogram(tl.where((idx < size) & ((key >> (shift + 8)) == prefix), digit, 0), DIGIT_BINS)
+                if PAIRED:
+                    counts_paired += tl.histogram(
+                        tl.where((idx < size) & ((key >> (shift + 8)) == paired), digit, 0), DIGIT_BINS)
+        if ROUND == 0:
+            tl.atomic_add(hist_ptr + row * DIGIT_BINS + bins, counts, mask=counts != 0, sem="relaxed")
+        else:
+            at = hist_ptr + (rows + (ROUND - 1) * queries).to(tl.int64) * DIGIT_BINS
+            tl.atomic_add(at + q * DIGIT_BINS + bins, counts, mask=counts != 0, sem="relaxed")
+            if PAIRED:
+                tl.atomic_add(at + pair * DIGIT_BINS + bins, counts_paired, mask=counts_paired != 0, sem="relaxed")
 
 
 def histogram_words(rows: int, queries: int) -> int:
@@ -242,8 +268,10 @@ def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int], coun
     int32 in [0, 2³¹), ranks < S), by a radix select: four rounds of 8-bit digit histograms over
     the rows, no sort; five launches for every query. ``counted``: the zeroed int32 histograms
     (``histogram_words(R, ≥ Q)``) whose round 0 the sampler has already counted (``sample_keys``
-    with ``hist``): four launches."""
+    with ``hist``): four launches. Where the second half of the queries asks for the rows of the
+    first half (a bracket's two ends), one program serves both: one read of the keys."""
     size, count = keys.shape[1], len(rows)
+    paired = count % 2 == 0 and rows[:count // 2] == rows[count // 2:]
     if not count:
         return torch.empty(0, dtype=torch.int64, device=keys.device)
     table = device_constants([v for row, rank in zip(rows, ranks) for v in (row, rank)], torch.int64, keys.device)
@@ -253,9 +281,10 @@ def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int], coun
     out = torch.empty(count, dtype=torch.int64, device=keys.device)
     chunk = min(ORDER_CHUNK, max(triton.next_power_of_2(size), 16))
     for round_ in range(0 if counted is None else 1, 5):
-        grid = (triton.cdiv(size, chunk) if round_ < 4 else 1, count if round_ else keys.shape[0])
+        grid = (triton.cdiv(size, chunk) if round_ < 4 else 1,
+                (count // 2 if paired else count) if round_ else keys.shape[0])
         _order_round_kernel[grid](out, hist, keys, table, size, keys.shape[0], count, ROUND=round_, CHUNK=chunk,
-                                  BLOCK=min(ORDER_BLOCK, chunk), num_warps=4)
+                                  BLOCK=min(ORDER_BLOCK, chunk), PAIRED=paired, num_warps=4)
     return out
 
 
