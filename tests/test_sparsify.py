@@ -348,6 +348,13 @@ def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data
                             lambda self, rows, los, his, cap, ks: resolve(self, rows, los, his, 16, ks))
     monkeypatch.setattr(kernels, "merge", lambda *args, **kw: launches.append(kw.get("guard") is not None) or
                         merge(*args, **kw))
+    statuses = []  # the device's verdict on each model, as the host reads it
+
+    def recorded(found, later=select_kernels.to_host_later):
+        fetch = later(found)
+        return lambda: (lambda values: statuses.append(values[0]) or values)(fetch())
+
+    monkeypatch.setattr(select_kernels, "to_host_later", recorded)
     device = backend_device("triton")
     for models in (3,) if data == "mixed fp32" else (1, 3):
         if data == "tie-heavy bf16":
@@ -366,11 +373,16 @@ def test_triton_merge_queued_before_the_wait_writes_only_settled_thresholds(data
         expected = vk.delta_merge(base, tuned, weights, method="ties",
                                   thresholds=vk.ties_thresholds(base, tuned, densities))
         launches.clear()
+        statuses.clear()
         got = base.clone()
         vk.delta_merge(got, tuned, weights, method="ties", density=densities, out=got)
         bits = torch.int16 if got.dtype == torch.bfloat16 else torch.int32
         assert torch.equal(got.view(bits), expected.view(bits))
         assert launches == ([True] if settles else [True, False])
+        tie, inside, missed = select_kernels.TIE, select_kernels.INSIDE, select_kernels.MISSED
+        first, rest = {"tie-heavy bf16": (tie, tie), "gaussian fp32": (missed, missed) if starved else (inside, inside),
+                       "mixed fp32": (tie, inside)}[data]
+        assert statuses == [[first] + [rest] * (models - 1)]  # (one resolving pass)
 
 
 def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
@@ -394,14 +406,22 @@ def test_triton_sample_keys_match_the_torch_sampler(monkeypatch):
 
 
 @pytest.mark.parametrize("size", [1, 17, 40_000])  # 40_000: five programs per query
-def test_triton_order_statistics_match_a_sort(size):
+def test_triton_order_statistics_match_a_sort(size, monkeypatch):
     """The radix select of the GPU's sample gives the keys of a descending sort at every queried
     rank: the first and last, repeated rows, on keys of bf16 deltas (few distinct values, equal
     high digits), on all-equal keys and on uniform 31-bit keys (every digit used); queries in two
-    halves over the same rows (a bracket's ends: one program per pair) and not."""
+    halves over the same rows (a bracket's ends: one program per pair) and not; round 0 counted
+    by the select, or before it (in the histograms given, which it then fills: no round 0)."""
     pytest.importorskip("triton")
     from vfuse_kernels.triton import magnitude_select as kernels
 
+    launches, kernel = [], kernels._order_round_kernel  # (round, programs per chunk, paired)
+
+    class Recorded:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["ROUND"], grid[1], kw["PAIRED"])) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(kernels, "_order_round_kernel", Recorded())
     gen = torch.Generator().manual_seed(size)
     deltas = (0.01 * torch.randn(3, size, generator=gen)).bfloat16().float()
     plans = [([0, 2, 1, 2, 0], [0, size - 1, size // 2, size // 3, min(7, size - 1)]),
@@ -411,14 +431,19 @@ def test_triton_order_statistics_match_a_sort(size):
             torch.randint(0, 2**31, (3, size), generator=gen, dtype=torch.int64).int())):
         ordered = keys.sort(dim=1, descending=True).values
         expected = [ordered[row, rank].item() for row, rank in zip(rows, ranks)]
+        programs = len(rows) // 2 if len(rows) == 6 else len(rows)  # (the second plan: pairs)
+        launches.clear()
         assert kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks).tolist() == expected
+        assert launches == [(0, 3, False)] + [(r, programs, len(rows) == 6) for r in range(1, 5)]
         # round 0 counted before (as the sampler does): each row's top-digit histogram, bin 0 not read
         counted = torch.zeros(kernels.histogram_words(3, len(rows)), dtype=torch.int32)
         counted[:3 * 256].view(3, 256).copy_(torch.stack([torch.bincount(row >> 24, minlength=256) for row in keys]))
         counted[0:3 * 256:256] += 12345
-        got = kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks,
-                                       counted.to(backend_device("triton")))
-        assert got.tolist() == expected
+        given = counted.to(backend_device("triton"))
+        launches.clear()
+        assert kernels.order_statistics(keys.to(backend_device("triton")), rows, ranks, given).tolist() == expected
+        assert launches == [(r, programs, len(rows) == 6) for r in range(1, 5)]
+        assert torch.equal(given[:3 * 256].cpu(), counted[:3 * 256]) and given[3 * 256:].any()
 
 
 def test_triton_selection_brackets_every_model_by_one_order_statistics_call(monkeypatch):

@@ -121,10 +121,15 @@ def kernel_configs():
                 RESOLVE=resolve), dict(num_warps=8, enable_fp_fusion=False)
     sig = dict(out_ptr="*i64", hist_ptr="*i32", keys_ptr="*i32", queries_ptr="*i64", size="i32", rows="i32",
                queries="i32")
-    for round_, paired in itertools.product(range(5), (True, False)):  # the sample's order statistics
-        yield f"order_round[{round_},paired={paired}]", magnitude_select._order_round_kernel, sig, dict(
-            ROUND=round_, CHUNK=magnitude_select.ORDER_CHUNK, BLOCK=magnitude_select.ORDER_BLOCK, PAIRED=paired), dict(
-            num_warps=4)
+    for round_ in range(5):  # the sample's order statistics
+        consts = dict(ROUND=round_, CHUNK=magnitude_select.ORDER_CHUNK, BLOCK=magnitude_select.ORDER_BLOCK)
+        for paired in (False, True) if round_ else (False,):
+            yield (f"order_round[{round_},paired={paired}]", magnitude_select._order_round_kernel, sig,
+                   dict(consts, PAIRED=paired), dict(num_warps=4))
+        # one model, one query (a bracket end past the sample's): the JIT makes those 1s constants
+        yield (f"order_round[{round_},rows=queries=1]", magnitude_select._order_round_kernel,
+               {k: v for k, v in sig.items() if k not in ("rows", "queries")},
+               dict(consts, PAIRED=False, rows=1, queries=1), dict(num_warps=4))
     sig = dict(sums_ptr="*i64", totals_ptr="*i64", counts_ptr="*i32", models="i32", blocks="i32")
     for totals in (True, False):
         yield f"chunk_sums[totals={totals}]", magnitude_select._chunk_sums_kernel, sig, dict(

@@ -237,7 +237,8 @@ def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, qu
         shift: tl.constexpr = 24 - 8 * ROUND
         start = tl.program_id(0).to(tl.int64) * CHUNK
         counts = tl.zeros([DIGIT_BINS], dtype=tl.int32)
-        counts_paired = tl.zeros([DIGIT_BINS], dtype=tl.int32)
+        if PAIRED:
+            counts_paired = tl.zeros([DIGIT_BINS], dtype=tl.int32)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             key = tl.load(keys_ptr + row * size + idx, mask=idx < size, other=0)
@@ -251,11 +252,12 @@ def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, qu
                         tl.where((idx < size) & ((key >> (shift + 8)) == paired), digit, 0), DIGIT_BINS)
         if ROUND == 0:
             tl.atomic_add(hist_ptr + row * DIGIT_BINS + bins, counts, mask=counts != 0, sem="relaxed")
-        else:
-            at = hist_ptr + (rows + (ROUND - 1) * queries).to(tl.int64) * DIGIT_BINS
-            tl.atomic_add(at + q * DIGIT_BINS + bins, counts, mask=counts != 0, sem="relaxed")
+        else:  # (q inside the sum: rows and queries may be the JIT's constants 1)
+            at = hist_ptr + (rows + (ROUND - 1) * queries + q).to(tl.int64) * DIGIT_BINS
+            tl.atomic_add(at + bins, counts, mask=counts != 0, sem="relaxed")
             if PAIRED:
-                tl.atomic_add(at + pair * DIGIT_BINS + bins, counts_paired, mask=counts_paired != 0, sem="relaxed")
+                tl.atomic_add(at + (pair - q) * DIGIT_BINS + bins, counts_paired, mask=counts_paired != 0,
+                              sem="relaxed")
 
 
 def histogram_words(rows: int, queries: int) -> int:
@@ -266,7 +268,7 @@ def histogram_words(rows: int, queries: int) -> int:
 def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int], counted=None) -> torch.Tensor:
     """[Q] int64: the ranks[q]-th largest (0-based) key of row rows[q] of ``keys`` [R, S] (contiguous
     int32 in [0, 2³¹), ranks < S), by a radix select: four rounds of 8-bit digit histograms over
-    the rows, no sort; five launches for every query. ``counted``: the zeroed int32 histograms
+    the rows, no sort; five launches for all the queries. ``counted``: the zeroed int32 histograms
     (``histogram_words(R, ≥ Q)``) whose round 0 the sampler has already counted (``sample_keys``
     with ``hist``): four launches. Where the second half of the queries asks for the rows of the
     first half (a bracket's two ends), one program serves both: one read of the keys."""
@@ -284,7 +286,7 @@ def order_statistics(keys: torch.Tensor, rows: list[int], ranks: list[int], coun
         grid = (triton.cdiv(size, chunk) if round_ < 4 else 1,
                 (count // 2 if paired else count) if round_ else keys.shape[0])
         _order_round_kernel[grid](out, hist, keys, table, size, keys.shape[0], count, ROUND=round_, CHUNK=chunk,
-                                  BLOCK=min(ORDER_BLOCK, chunk), PAIRED=paired, num_warps=4)
+                                  BLOCK=min(ORDER_BLOCK, chunk), PAIRED=paired and round_ > 0, num_warps=4)
     return out
 
 
@@ -515,6 +517,7 @@ class DeviceSelector:
         zeroed, self._pass_zeroed = self._pass_zeroed, None
         if zeroed is None or zeroed.numel() < 5 * n:
             zeroed = torch.zeros(5 * n, dtype=torch.int64, device=device)
+        zeroed = zeroed[:5 * n]
         return (torch.empty(-(-self.numel // self.BLOCK), n, 4, dtype=torch.int32, device=device),
                 torch.empty(n, cap, dtype=torch.int64, device=device), zeroed[:n], zeroed[n:].view(n, 4))
 
