@@ -185,8 +185,7 @@ def sample_keys(base, tuned, runs, run, tuned_are_deltas, hist=None):
 @triton.jit
 def digits_found(hist_ptr, row, rank, q, rows, queries, ROUND: tl.constexpr):
     """The digits (bits 32 − 8·ROUND … 31) of query q's key (the rank-th largest of its row), from
-    the histograms of rounds 0 … ROUND − 1 (``_order_round_kernel``), and its rank among the keys
-    with those digits."""
+    the histograms of rounds 0 … ROUND − 1 (``_order_round_kernel``)."""
     bins = tl.arange(0, DIGIT_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     for r in tl.static_range(ROUND):
@@ -198,7 +197,7 @@ def digits_found(hist_ptr, row, rank, q, rows, queries, ROUND: tl.constexpr):
         digit = tl.min(tl.where(above <= rank, bins, DIGIT_BINS), axis=0)
         rank -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
         prefix = prefix * DIGIT_BINS + digit
-    return prefix, rank
+    return prefix
 
 
 @triton.jit
@@ -220,15 +219,17 @@ def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, qu
     bins = tl.arange(0, DIGIT_BINS)
     if ROUND == 0:
         row = tl.program_id(1).to(tl.int64)
+        target = hist_ptr + row * DIGIT_BINS
     else:
         q = tl.program_id(1)
         row = tl.load(queries_ptr + 2 * q).to(tl.int64)
-        prefix, _ = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * q + 1).to(tl.int32), q, rows, queries,
-                                 ROUND)
+        prefix = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * q + 1).to(tl.int32), q, rows, queries, ROUND)
+        # (q inside the sum: rows and queries may be the JIT's constants 1)
+        target = hist_ptr + (rows + (ROUND - 1) * queries + q).to(tl.int64) * DIGIT_BINS
         if PAIRED:
             pair = q + queries // 2
-            paired, _ = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * pair + 1).to(tl.int32), pair, rows,
-                                     queries, ROUND)
+            paired = digits_found(hist_ptr, row, tl.load(queries_ptr + 2 * pair + 1).to(tl.int32), pair, rows,
+                                  queries, ROUND)
     if ROUND == 4:
         tl.store(out_ptr + q, prefix.to(tl.int64))
         if PAIRED:
@@ -241,23 +242,20 @@ def _order_round_kernel(out_ptr, hist_ptr, keys_ptr, queries_ptr, size, rows, qu
             counts_paired = tl.zeros([DIGIT_BINS], dtype=tl.int32)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
-            key = tl.load(keys_ptr + row * size + idx, mask=idx < size, other=0)
+            in_row = idx < size
+            key = tl.load(keys_ptr + row * size + idx, mask=in_row, other=0)
             digit = (key >> shift) & 255
-            if ROUND == 0:
-                counts += tl.histogram(tl.where(idx < size, digit, 0), DIGIT_BINS)  # (lanes past the row: bin 0)
-            else:  # keys of other prefixes go to bin 0, never read
-                counts += tl.histogram(tl.where((idx < size) & ((key >> (shift + 8)) == prefix), digit, 0), DIGIT_BINS)
+            if ROUND == 0:  # (lanes past the row: bin 0, never read)
+                counts += tl.histogram(tl.where(in_row, digit, 0), DIGIT_BINS)
+            else:  # (keys of other prefixes too)
+                high = key >> (shift + 8)
+                counts += tl.histogram(tl.where(in_row & (high == prefix), digit, 0), DIGIT_BINS)
                 if PAIRED:
-                    counts_paired += tl.histogram(
-                        tl.where((idx < size) & ((key >> (shift + 8)) == paired), digit, 0), DIGIT_BINS)
-        if ROUND == 0:
-            tl.atomic_add(hist_ptr + row * DIGIT_BINS + bins, counts, mask=counts != 0, sem="relaxed")
-        else:  # (q inside the sum: rows and queries may be the JIT's constants 1)
-            at = hist_ptr + (rows + (ROUND - 1) * queries + q).to(tl.int64) * DIGIT_BINS
-            tl.atomic_add(at + bins, counts, mask=counts != 0, sem="relaxed")
-            if PAIRED:
-                tl.atomic_add(at + (pair - q) * DIGIT_BINS + bins, counts_paired, mask=counts_paired != 0,
-                              sem="relaxed")
+                    counts_paired += tl.histogram(tl.where(in_row & (high == paired), digit, 0), DIGIT_BINS)
+        tl.atomic_add(target + bins, counts, mask=counts != 0, sem="relaxed")
+        if PAIRED:
+            tl.atomic_add(target + (pair - q) * DIGIT_BINS + bins, counts_paired, mask=counts_paired != 0,
+                          sem="relaxed")
 
 
 def histogram_words(rows: int, queries: int) -> int:
